@@ -1,0 +1,362 @@
+"""The object client: the only module that talks to the network.
+
+`HttpObjectClient` sends the requests `ossfs.protocol.requests` builds over one
+shared ``httpx.AsyncClient`` (running on trio), with a connection pool sized
+to the configured concurrency. It retries with jittered exponential backoff on
+5xx, 429 and 408 answers, connection errors, bodies cut short and stalls (no
+byte for ``stall_timeout`` seconds); everything else surfaces at once as a
+typed `ServiceError`. A ranged GET that breaks half way resumes from the first
+missing byte, so a flaky network costs only what was lost in flight.
+
+The rest of ossfs depends on the `ObjectClient` protocol, so tests can put
+latency or faults in front of a real client.
+
+Must not import: pyfuse3.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+import trio
+
+from ossfs.errors import ServiceError, TransferError
+from ossfs.model import ListPage, ObjectMeta
+from ossfs.protocol import requests as proto
+from ossfs.protocol.xml import XmlError, parse_list_objects_v2
+
+__all__ = [
+    "Sink",
+    "ObjectClient",
+    "ClientConfig",
+    "ClientStats",
+    "RateLimiter",
+    "HttpObjectClient",
+]
+
+log = logging.getLogger(__name__)
+
+# Called with (object offset, bytes) for every chunk of a ranged GET, in order.
+Sink = Callable[[int, bytes], Awaitable[None]]
+
+
+class ObjectClient(Protocol):
+    """What the rest of ossfs needs from an object store."""
+
+    stats: ClientStats
+
+    async def head(self, bucket: str, key: str) -> ObjectMeta: ...
+
+    async def get_range(
+        self, bucket: str, key: str, start: int, end: int, etag: str | None, sink: Sink
+    ) -> int: ...
+
+    async def list_page(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        delimiter: str = "",
+        continuation_token: str | None = None,
+        max_keys: int = 1000,
+    ) -> ListPage: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientConfig:
+    """Transport settings.
+
+    :connections: size of the connection pool (the global concurrency).
+    :attempts: tries per request, the first one included.
+    :backoff_base / backoff_max: seconds; the n-th retry sleeps a random time
+        in ``[0, min(backoff_max, backoff_base * 2**n))`` ("full jitter").
+    :stall_timeout: seconds without a byte before a transfer counts as stalled.
+    :connect_timeout: seconds to open a connection.
+    :rate_limit: bytes per second for all transfers together, or None.
+    """
+
+    connections: int = 16
+    attempts: int = 6
+    backoff_base: float = 0.2
+    backoff_max: float = 8.0
+    stall_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    rate_limit: int | None = None
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """Counters a test or `ossfs status` can read."""
+
+    requests: int = 0
+    retries: int = 0
+    errors: int = 0
+    bytes_received: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "requests": self.requests,
+            "retries": self.retries,
+            "errors": self.errors,
+            "bytes_received": self.bytes_received,
+            "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
+        }
+
+
+class RateLimiter:
+    """A token bucket shared by every transfer of one client (bytes per second)."""
+
+    def __init__(self, rate: int, *, burst: int | None = None) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.burst = burst or max(rate // 4, 64 * 1024)
+        self._tokens = float(self.burst)
+        self._stamp = time.monotonic()
+        self._lock = trio.Lock()
+
+    async def consume(self, n: int) -> None:
+        async with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            self._tokens -= n
+            if self._tokens < 0:
+                await trio.sleep(-self._tokens / self.rate)
+
+
+class _Retryable(Exception):
+    """An attempt failed in a way another attempt may fix."""
+
+    def __init__(self, reason: str, *, received: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.received = received
+
+
+_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_NETWORK_ERRORS = (httpx.TransportError, trio.BrokenResourceError, OSError)
+
+
+class HttpObjectClient:
+    """`ObjectClient` over HTTP(S) with httpx on trio."""
+
+    def __init__(
+        self,
+        endpoint: proto.Endpoint,
+        config: ClientConfig | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.endpoint = endpoint
+        self.config = config or ClientConfig()
+        self.stats = ClientStats()
+        self._clock = clock
+        self._limiter = RateLimiter(self.config.rate_limit) if self.config.rate_limit else None
+        n = max(1, self.config.connections)
+        self._http = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+            timeout=httpx.Timeout(
+                connect=self.config.connect_timeout,
+                read=self.config.stall_timeout,
+                write=self.config.stall_timeout,
+                pool=None,  # waiting for a pooled connection is not a failure
+            ),
+            headers={"User-Agent": "ossfs/0.1", "Accept-Encoding": "identity"},
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> HttpObjectClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -------------------------------------------------------------- retry loop
+
+    async def _backoff(self, attempt: int, what: str, reason: str) -> None:
+        self.stats.retries += 1
+        delay = random.uniform(0, min(self.config.backoff_max,
+                                      self.config.backoff_base * 2**attempt))
+        log.info("retrying %s in %.2fs (attempt %d of %d): %s", what, delay, attempt + 2,
+                 self.config.attempts, reason)
+        await trio.sleep(delay)
+
+    def _count(self, status: int) -> None:
+        self.stats.requests += 1
+        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+
+    def _fail(self, what: str, reason: str) -> TransferError:
+        self.stats.errors += 1
+        return TransferError(f"{what} failed after {self.config.attempts} attempts: {reason}")
+
+    async def _simple(self, what: str, build: Callable[[], proto.HttpRequest],
+                      resource: str) -> httpx.Response:
+        """Send a request without a streamed body, retrying what can be retried."""
+        last = ""
+        for attempt in range(self.config.attempts):
+            req = build()
+            try:
+                resp = await self._http.request(req.method, req.url, headers=req.headers)
+            except _NETWORK_ERRORS as e:
+                self._count(0)
+                last = _describe_network_error(e)
+            else:
+                self._count(resp.status_code)
+                if resp.status_code < 300:
+                    return resp
+                err = proto.error_from_response(resp.status_code, resp.headers, resp.content,
+                                                resource=resource)
+                if resp.status_code not in _RETRY_STATUS:
+                    self.stats.errors += 1
+                    raise err
+                last = str(err)
+            if attempt + 1 < self.config.attempts:
+                await self._backoff(attempt, what, last)
+        raise self._fail(what, last)
+
+    # -------------------------------------------------------------- operations
+
+    def _resource(self, bucket: str, key: str | None = None) -> str:
+        scheme = "s3" if self.endpoint.dialect == "s3" else "oss"
+        return f"{scheme}://{bucket}/{key or ''}"
+
+    async def head(self, bucket: str, key: str) -> ObjectMeta:
+        resource = self._resource(bucket, key)
+        resp = await self._simple(
+            f"HEAD {resource}",
+            lambda: proto.build_head(self.endpoint, bucket, key, now=self._clock()),
+            resource,
+        )
+        return proto.meta_from_head(key, resp.headers)
+
+    async def list_page(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        delimiter: str = "",
+        continuation_token: str | None = None,
+        max_keys: int = 1000,
+    ) -> ListPage:
+        resource = self._resource(bucket) + prefix
+        resp = await self._simple(
+            f"LIST {resource}",
+            lambda: proto.build_list(
+                self.endpoint, bucket, prefix=prefix, delimiter=delimiter,
+                continuation_token=continuation_token, max_keys=max_keys, now=self._clock(),
+            ),
+            self._resource(bucket),
+        )
+        try:
+            return parse_list_objects_v2(resp.content)
+        except XmlError as e:
+            self.stats.errors += 1
+            raise ServiceError(resp.status_code, "MalformedListing", str(e),
+                               resp.headers.get("x-oss-request-id")) from e
+
+    async def get_range(
+        self, bucket: str, key: str, start: int, end: int, etag: str | None, sink: Sink
+    ) -> int:
+        """Stream object bytes ``[start, end)`` into *sink*; return the byte count.
+
+        Every byte reaches the sink once and in order, also across retries:
+        after a broken transfer the next attempt asks only for what is missing.
+        The call returns only when all ``end - start`` bytes were delivered.
+        """
+        resource = self._resource(bucket, key)
+        what = f"GET {resource} bytes {start}-{end - 1}"
+        pos = start
+        last = ""
+        failures = 0  # consecutive attempts that delivered no byte
+        while True:
+            before = pos
+            try:
+                pos = await self._get_once(bucket, key, pos, end, etag, sink, resource)
+                return pos - start
+            except _Retryable as e:
+                pos = before + e.received
+                last = e.reason
+            if pos > before:
+                # The transfer keeps moving: resume at once from the first missing
+                # byte. Only attempts that deliver nothing use up the budget.
+                failures = 0
+                self.stats.retries += 1
+                log.info("resuming %s at byte %d: %s", what, pos, last)
+                continue
+            failures += 1
+            if failures >= self.config.attempts:
+                break
+            await self._backoff(failures - 1, what, last)
+        raise self._fail(what, last)
+
+    async def _get_once(
+        self, bucket: str, key: str, start: int, end: int, etag: str | None, sink: Sink,
+        resource: str,
+    ) -> int:
+        traffic = self.config.rate_limit * 8 if self.config.rate_limit else None
+        req = proto.build_get(self.endpoint, bucket, key, start=start, end=end, etag=etag,
+                              now=self._clock(), traffic_limit=traffic)
+        pos = start
+        try:
+            async with self._http.stream(req.method, req.url, headers=req.headers) as resp:
+                self._count(resp.status_code)
+                if resp.status_code != 206:
+                    body = await resp.aread()
+                    if resp.status_code == 200:
+                        raise ServiceError(200, "RangeIgnored", "the server answered 200 "
+                                           "with the whole object to a ranged GET",
+                                           resp.headers.get("x-oss-request-id"),
+                                           resource=resource)
+                    err = proto.error_from_response(resp.status_code, resp.headers, body,
+                                                    resource=resource)
+                    if resp.status_code in _RETRY_STATUS:
+                        raise _Retryable(str(err))
+                    self.stats.errors += 1
+                    raise err
+                problem = proto.check_content_range(resp.headers, start, end)
+                if problem:
+                    self.stats.errors += 1
+                    raise ServiceError(206, "BadContentRange", problem,
+                                       resp.headers.get("x-oss-request-id"), resource=resource)
+                async for chunk in resp.aiter_raw():
+                    if pos + len(chunk) > end:
+                        raise _Retryable("server sent more bytes than asked", received=0)
+                    if self._limiter is not None:
+                        await self._limiter.consume(len(chunk))
+                    await sink(pos, chunk)
+                    pos += len(chunk)
+                    self.stats.bytes_received += len(chunk)
+        except _NETWORK_ERRORS as e:
+            raise _Retryable(_describe_network_error(e), received=pos - start) from e
+        if pos < end:
+            raise _Retryable(f"body ended after {pos - start} of {end - start} bytes",
+                             received=pos - start)
+        return pos
+
+
+def _describe_network_error(e: BaseException) -> str:
+    if isinstance(e, httpx.ReadTimeout):
+        return "stalled: no data within the stall timeout"
+    if isinstance(e, httpx.ConnectTimeout):
+        return "connect timed out"
+    if isinstance(e, httpx.ConnectError):
+        return f"cannot connect: {e}" if str(e) else "cannot connect"
+    if isinstance(e, httpx.RemoteProtocolError):
+        return f"connection broken: {e}" if str(e) else "connection broken"
+    text = str(e) or type(e).__name__
+    return f"{type(e).__name__}: {text}" if not isinstance(e, httpx.HTTPError) else text

@@ -1,0 +1,217 @@
+"""Configuration: object URLs, endpoints and credentials.
+
+Precedence, highest first: command-line options, environment variables, the
+selected profile of the config file, built-in defaults.
+
+- Object URLs: ``oss://BUCKET/KEY`` (OSS dialect) and ``s3://BUCKET/KEY``.
+- Credentials: ``OSS_ACCESS_KEY_ID`` / ``OSS_ACCESS_KEY_SECRET`` /
+  ``OSS_SESSION_TOKEN`` for OSS, ``AWS_ACCESS_KEY_ID`` /
+  ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` for S3; then the profile;
+  otherwise anonymous access (public buckets).
+- Config file: ``$OSSFS_CONFIG`` or ``~/.config/ossfs/config.toml``; one table
+  per profile (``[default]``, ``[work]`` ...) with ``endpoint``, ``region``,
+  ``dialect``, ``signature_version``, ``path_style``, ``access_key_id``,
+  ``access_key_secret``, ``session_token``. A file that holds a secret and that
+  other users can read is refused.
+
+Secrets are never put in messages, logs or argv.
+
+Must not import: trio, httpx, pyfuse3.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+from urllib.parse import urlsplit
+
+from ossfs.errors import UsageError
+from ossfs.protocol.requests import Dialect, Endpoint
+from ossfs.protocol.signing import Credentials
+
+__all__ = [
+    "ObjectUrl",
+    "parse_object_url",
+    "ConnectionOptions",
+    "resolve_endpoint",
+    "default_config_path",
+    "load_profile",
+]
+
+log = logging.getLogger(__name__)
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,62}$")
+_PROFILE_KEYS = frozenset({
+    "endpoint", "region", "dialect", "signature_version", "path_style",
+    "access_key_id", "access_key_secret", "session_token",
+})
+_SECRET_KEYS = frozenset({"access_key_secret", "session_token"})
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectUrl:
+    """A parsed ``oss://bucket/key`` or ``s3://bucket/key``."""
+
+    scheme: Dialect
+    bucket: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.bucket}/{self.key}"
+
+
+def parse_object_url(text: str) -> ObjectUrl:
+    """Parse an object or prefix URL; raise UsageError with a hint when it is not one."""
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() not in ("oss", "s3"):
+        raise UsageError(f"not an object URL: {text!r} (expected oss://BUCKET/KEY "
+                         "or s3://BUCKET/KEY)")
+    bucket, _, key = rest.partition("/")
+    if not _BUCKET_RE.match(bucket):
+        raise UsageError(f"not a valid bucket name: {bucket!r} in {text!r}")
+    return ObjectUrl(cast(Dialect, scheme.lower()), bucket, key)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionOptions:
+    """What the command line said about the connection (None: not given)."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    dialect: Dialect | None = None
+    signature_version: Literal["v1", "v4"] | None = None
+    path_style: bool | None = None
+    profile: str | None = None
+    config_path: str | None = None
+    anonymous: bool = False
+
+
+def default_config_path(env: Mapping[str, str]) -> Path:
+    if env.get("OSSFS_CONFIG"):
+        return Path(env["OSSFS_CONFIG"])
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "ossfs" / "config.toml"
+
+
+def load_profile(path: Path, name: str, *, required: bool) -> dict[str, Any]:
+    """Read one profile table from the config file.
+
+    A missing file or profile is an error only when *required* (the user named
+    a profile or a file). A file that holds secrets must not be readable by
+    group or others.
+    """
+    try:
+        st = path.stat()
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if required:
+            raise UsageError(f"config file {path} does not exist") from None
+        return {}
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        doc = tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    profile = doc.get(name)
+    if profile is None:
+        if required:
+            known = ", ".join(sorted(k for k, v in doc.items() if isinstance(v, dict))) or "none"
+            raise UsageError(f"profile {name!r} not found in {path} (profiles: {known})")
+        return {}
+    if not isinstance(profile, dict):
+        raise UsageError(f"profile {name!r} in {path} must be a table")
+    unknown = set(profile) - _PROFILE_KEYS
+    if unknown:
+        raise UsageError(f"unknown setting(s) {', '.join(sorted(unknown))} in profile "
+                         f"{name!r} of {path}")
+    if _SECRET_KEYS & set(profile) and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise UsageError(f"config file {path} holds secrets but other users can read it; "
+                         f"run: chmod 600 {path}")
+    return profile
+
+
+def _region_from_host(host: str, dialect: Dialect) -> str | None:
+    if dialect == "oss":
+        m = re.match(r"^(?:[^.]+\.)?oss-([a-z0-9-]+?)(?:-internal)?\.aliyuncs\.com$", host)
+        if m:
+            return m.group(1)
+    else:
+        m = re.match(r"^(?:[^.]+\.)?s3[.-]([a-z0-9-]+)\.amazonaws\.com$", host)
+        if m:
+            return m.group(1)
+    return None
+
+
+def resolve_endpoint(
+    opts: ConnectionOptions, url_scheme: Dialect, env: Mapping[str, str] | None = None
+) -> Endpoint:
+    """Combine options, environment and profile into an `Endpoint`."""
+    env = os.environ if env is None else env
+    required = opts.profile is not None or opts.config_path is not None
+    path = Path(opts.config_path) if opts.config_path else default_config_path(env)
+    profile = load_profile(path, opts.profile or env.get("OSSFS_PROFILE") or "default",
+                           required=required)
+
+    dialect = cast(Dialect, opts.dialect or profile.get("dialect") or url_scheme)
+    if dialect not in ("oss", "s3"):
+        raise UsageError(f"unknown dialect {dialect!r} (use oss or s3)")
+
+    raw = opts.endpoint or profile.get("endpoint")
+    env_region = env.get("OSS_REGION") if dialect == "oss" else env.get("AWS_REGION")
+    region = opts.region or env_region or profile.get("region")
+    if raw:
+        if "://" not in raw:
+            raw = "https://" + raw
+        parts = urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"not an endpoint URL: {raw!r}")
+        if parts.path not in ("", "/") or parts.query:
+            raise UsageError(f"endpoint {raw!r} must not have a path or query")
+        url = f"{parts.scheme}://{parts.netloc}"
+        region = region or _region_from_host(parts.hostname, dialect)
+    else:
+        region = region or ("cn-hangzhou" if dialect == "oss" else "us-east-1")
+        url = (f"https://oss-{region}.aliyuncs.com" if dialect == "oss"
+               else f"https://s3.{region}.amazonaws.com")
+    region = region or ("cn-hangzhou" if dialect == "oss" else "us-east-1")
+
+    sigv = opts.signature_version or profile.get("signature_version") or "v4"
+    if sigv not in ("v1", "v4"):
+        raise UsageError(f"unknown signature version {sigv!r} (use v1 or v4)")
+    path_style = opts.path_style
+    if path_style is None and "path_style" in profile:
+        path_style = bool(profile["path_style"])
+
+    creds = None if opts.anonymous else _credentials(dialect, env, profile)
+    return Endpoint(url=url, dialect=dialect, region=region,
+                    signature_version=cast(Literal["v1", "v4"], sigv),
+                    path_style=path_style, credentials=creds)
+
+
+def _credentials(dialect: Dialect, env: Mapping[str, str],
+                 profile: Mapping[str, Any]) -> Credentials | None:
+    if dialect == "oss":
+        names = ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN")
+    else:
+        names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+    ak, sk, token = (env.get(n) for n in names)
+    if ak or sk:
+        if not (ak and sk):
+            missing = names[1] if ak else names[0]
+            raise UsageError(f"{missing} is not set ({names[0]} and {names[1]} go together)")
+        return Credentials(ak, sk, token or None)
+    if profile.get("access_key_id") or profile.get("access_key_secret"):
+        if not (profile.get("access_key_id") and profile.get("access_key_secret")):
+            raise UsageError("the profile needs both access_key_id and access_key_secret")
+        return Credentials(str(profile["access_key_id"]), str(profile["access_key_secret"]),
+                           profile.get("session_token") or None)
+    log.debug("no credentials found: using anonymous access")
+    return None

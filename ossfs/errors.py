@@ -1,0 +1,167 @@
+"""The exceptions ossfs raises, and how each maps to an errno.
+
+::
+
+    OssfsError                      anything ossfs reports to a user
+    ├── UsageError                  bad command-line input or configuration
+    ├── ServiceError                the object store answered with an error
+    │   ├── NotFoundError           NoSuchKey, NoSuchBucket (ENOENT)
+    │   ├── AccessError             AccessDenied, bad signature or key (EACCES)
+    │   ├── ObjectChangedError      PreconditionFailed on If-Match (ESTALE)
+    │   └── ArchivedObjectError     InvalidObjectState: archive not restored (EIO)
+    ├── TransferError               network failure after all retries (EIO)
+    ├── IntegrityError              a CRC-64 or MD5 does not match (EIO)
+    └── CheckpointError             a checkpoint cannot be used or written
+
+The CLI prints ``str(error)`` as one line and exits non-zero; a traceback is
+only for bugs. The FUSE layer turns these into errnos with `errno_for`.
+
+Must not import: trio, httpx, pyfuse3.
+"""
+
+from __future__ import annotations
+
+import errno
+
+__all__ = [
+    "OssfsError",
+    "UsageError",
+    "ServiceError",
+    "NotFoundError",
+    "AccessError",
+    "ObjectChangedError",
+    "ArchivedObjectError",
+    "TransferError",
+    "IntegrityError",
+    "CheckpointError",
+    "service_error",
+    "errno_for",
+]
+
+
+class OssfsError(Exception):
+    """Base of every error ossfs reports to a user."""
+
+
+class UsageError(OssfsError):
+    """The user asked for something that cannot be done as asked."""
+
+
+class ServiceError(OssfsError):
+    """An error response from the object store.
+
+    :status: HTTP status code (0 when there was no response).
+    :code: the service's error code, e.g. ``NoSuchKey``.
+    :message: the service's message.
+    :request_id: ``x-oss-request-id`` / ``x-amz-request-id`` when known.
+    :ec: OSS's ``EC`` diagnostic code when present.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str = "",
+        request_id: str | None = None,
+        *,
+        ec: str | None = None,
+        resource: str | None = None,
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.ec = ec
+        self.resource = resource
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        text = f"{self.code} (HTTP {self.status})"
+        if self.resource:
+            text += f" on {self.resource}"
+        if self.message:
+            text += f": {self.message}"
+        if self.request_id:
+            text += f" [request id {self.request_id}]"
+        return text
+
+
+class NotFoundError(ServiceError):
+    """The key or the bucket does not exist."""
+
+
+class AccessError(ServiceError):
+    """Access was refused: missing rights, a bad key id or a bad signature."""
+
+
+class ObjectChangedError(ServiceError):
+    """The object changed since its ETag was read (a failed If-Match)."""
+
+
+class ArchivedObjectError(ServiceError):
+    """The object is in an archive storage class and has not been restored."""
+
+
+class TransferError(OssfsError):
+    """The transfer failed after every retry (connection errors, stalls, truncation)."""
+
+
+class IntegrityError(OssfsError):
+    """Downloaded bytes do not match the checksum the service published."""
+
+
+class CheckpointError(OssfsError):
+    """A checkpoint or cache index cannot be used, or cannot be written."""
+
+
+_CODE_CLASSES: dict[str, type[ServiceError]] = {
+    "NoSuchKey": NotFoundError,
+    "NoSuchBucket": NotFoundError,
+    "NotFound": NotFoundError,
+    "AccessDenied": AccessError,
+    "SignatureDoesNotMatch": AccessError,
+    "InvalidAccessKeyId": AccessError,
+    "InvalidSecurityToken": AccessError,
+    "SecurityTokenExpired": AccessError,
+    "ExpiredToken": AccessError,
+    "RequestTimeTooSkewed": AccessError,
+    "Forbidden": AccessError,
+    "PreconditionFailed": ObjectChangedError,
+    "InvalidObjectState": ArchivedObjectError,
+}
+
+
+def service_error(
+    status: int,
+    code: str,
+    message: str = "",
+    request_id: str | None = None,
+    *,
+    ec: str | None = None,
+    resource: str | None = None,
+) -> ServiceError:
+    """Build the most specific `ServiceError` subclass for a code and status."""
+    cls = _CODE_CLASSES.get(code)
+    if cls is None:
+        if status == 404:
+            cls = NotFoundError
+        elif status == 403:
+            cls = AccessError
+        elif status == 412:
+            cls = ObjectChangedError
+        else:
+            cls = ServiceError
+    return cls(status, code, message, request_id, ec=ec, resource=resource)
+
+
+def errno_for(exc: BaseException) -> int:
+    """The errno a filesystem call should fail with for *exc*."""
+    if isinstance(exc, NotFoundError):
+        return errno.ENOENT
+    if isinstance(exc, AccessError):
+        return errno.EACCES
+    if isinstance(exc, ObjectChangedError):
+        return errno.ESTALE
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO

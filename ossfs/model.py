@@ -1,0 +1,183 @@
+"""Value types shared by every layer, and the part arithmetic.
+
+An object version is `ObjectId` (bucket, key, ETag, size). A transfer covers a
+byte range of it cut into fixed, part-aligned pieces of ``part_size`` bytes;
+`PartLayout` does that arithmetic. Sizes on the command line are parsed by
+`parse_size` (``8MiB``, ``64M``, ``100K``).
+
+Must not import: trio, httpx, pyfuse3.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "KiB",
+    "MiB",
+    "GiB",
+    "DEFAULT_PART_SIZE",
+    "MIN_PART_SIZE",
+    "MAX_PART_SIZE",
+    "ObjectMeta",
+    "ObjectId",
+    "ListPage",
+    "PartLayout",
+    "parse_size",
+    "format_size",
+    "parse_range",
+]
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+DEFAULT_PART_SIZE = 8 * MiB
+MIN_PART_SIZE = 100 * KiB
+MAX_PART_SIZE = 5 * GiB
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectMeta:
+    """What a HEAD or a listing entry tells about one object.
+
+    :key: the decoded object key.
+    :size: bytes.
+    :etag: the ETag with its quotes removed.
+    :mtime: Last-Modified, seconds since the epoch.
+    :crc64: ``x-oss-hash-crc64ecma`` when the service sent it.
+    :object_type: ``Normal``, ``Multipart``, ``Appendable`` ... when known.
+    :storage_class: ``Standard``, ``Archive`` ... when known.
+    """
+
+    key: str
+    size: int
+    etag: str
+    mtime: float
+    crc64: int | None = None
+    object_type: str | None = None
+    storage_class: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectId:
+    """One version of one object: parts of one version never serve another."""
+
+    bucket: str
+    key: str
+    etag: str
+    size: int
+
+    @classmethod
+    def of(cls, bucket: str, meta: ObjectMeta) -> ObjectId:
+        return cls(bucket, meta.key, meta.etag, meta.size)
+
+
+@dataclass(frozen=True, slots=True)
+class ListPage:
+    """One page of a ListObjectsV2 answer.
+
+    :objects: the objects on this page, in key order.
+    :prefixes: common prefixes (with their trailing delimiter).
+    :next_token: continuation token, None on the last page.
+    """
+
+    objects: tuple[ObjectMeta, ...]
+    prefixes: tuple[str, ...]
+    next_token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PartLayout:
+    """Parts of ``part_size`` bytes over ``[start, start + length)`` of an object.
+
+    Part ``i`` covers ``[start + i*part_size, min(start + (i+1)*part_size, end))``.
+    A zero-length range has no parts.
+    """
+
+    start: int
+    length: int
+    part_size: int
+
+    def __post_init__(self) -> None:
+        if self.part_size <= 0:
+            raise ValueError("part_size must be positive")
+        if self.start < 0 or self.length < 0:
+            raise ValueError("negative range")
+
+    @property
+    def count(self) -> int:
+        return -(-self.length // self.part_size)
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        """Object offsets ``(first, end_exclusive)`` of part *index*."""
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        first = self.start + index * self.part_size
+        return first, min(first + self.part_size, self.start + self.length)
+
+    def part_length(self, index: int) -> int:
+        first, end = self.bounds(index)
+        return end - first
+
+    def parts_for(self, offset: int, size: int) -> range:
+        """Indexes of the parts that overlap object bytes ``[offset, offset+size)``."""
+        lo = max(offset, self.start)
+        hi = min(offset + size, self.start + self.length)
+        if hi <= lo:
+            return range(0)
+        return range((lo - self.start) // self.part_size,
+                     (hi - 1 - self.start) // self.part_size + 1)
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB, "p": 1024 * 1024 * GiB}
+
+
+def parse_size(text: str) -> int:
+    """Parse ``8MiB``, ``64M``, ``100k``, ``1.5G`` or ``4096`` into bytes.
+
+    Units are binary (``M`` and ``MiB`` both mean 2**20): part sizes and cache
+    caps are always thought of in binary units, and one meaning is simpler
+    than two. Raises ValueError with a readable message.
+    """
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use a number with an optional unit: "
+                         "4096, 100K, 8MiB, 64M, 2G)")
+    number, unit, _ = m.groups()
+    value = float(number) * _UNITS[unit.lower()]
+    if value != int(value):
+        raise ValueError(f"not a whole number of bytes: {text!r}")
+    return int(value)
+
+
+def format_size(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``; for messages and reports."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_range(text: str, size: int) -> tuple[int, int]:
+    """Parse ``START-END`` (inclusive, END optional) against an object of *size* bytes.
+
+    Returns ``(start, length)``. ``100-`` means from 100 to the end; END past
+    the end is clamped, as HTTP ranges are. Raises ValueError when the range
+    is malformed or starts at or past the end of a non-empty object.
+    """
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d*)\s*", text)
+    if not m:
+        raise ValueError(f"not a range: {text!r} (use START-END or START-, in bytes)")
+    start = int(m.group(1))
+    end = int(m.group(2)) if m.group(2) else size - 1
+    if end < start:
+        raise ValueError(f"range {text!r} ends before it starts")
+    if start >= size:
+        raise ValueError(f"range {text!r} starts at or past the end of the object "
+                         f"({size} bytes)")
+    end = min(end, size - 1)
+    return start, end - start + 1
