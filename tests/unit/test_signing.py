@@ -66,7 +66,8 @@ def test_v1_put_string_to_sign() -> None:
 @pytest.mark.parametrize(
     ("query", "expected"),
     [
-        ([("resourceGroup", None), ("non-resousce", "null")], "OSS ak:vkQmfuUDyi1uDi3bKt67oemssIs="),
+        ([("resourceGroup", None), ("non-resousce", "null")],
+         "OSS ak:vkQmfuUDyi1uDi3bKt67oemssIs="),
         ([("resourceGroup", None), ("acl", None)], "OSS ak:x3E5TgOvl/i7PN618s5mEvpJDYk="),
     ],
 )

@@ -1,0 +1,354 @@
+"""The part index: an append-only journal that is also the download checkpoint.
+
+Format (``docs/cache-format.md`` has the full story): UTF-8 text, one record
+per line, every line ``<payload> <crc32 of payload, 8 hex>\\n``::
+
+    ossfs-index 1 {"bucket": ..., "key": ..., "etag": ..., "size": ..., "part_size": ...,
+                   "start": ..., "length": ...}
+    + <part> <length> <crc64 hex>      a part is complete (bytes written before this line)
+    - <part>                           a part is no longer present (evicted, found bad)
+
+The header identifies the object version and the cut into parts; a record
+whose line checksum fails (a torn write) is skipped. The file is never
+rewritten in place: records are appended under an advisory lock, and
+compaction writes a new file and renames it over the old one. Readers notice
+the rename (another inode behind the path) and read the new file from the
+start.
+
+`parse_index` / `format_*` are pure; `IndexFile` does the I/O.
+
+Must not import: trio, httpx, pyfuse3.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+from ossfs.fsutil import write_atomically, write_temp
+
+__all__ = [
+    "MAGIC",
+    "StoreIdentity",
+    "PartRecord",
+    "IndexState",
+    "IndexCorrupt",
+    "parse_index",
+    "format_header",
+    "format_add",
+    "format_drop",
+    "IndexFile",
+]
+
+log = logging.getLogger(__name__)
+
+MAGIC = "ossfs-index"
+VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class StoreIdentity:
+    """What a part store holds: a byte range of one object version, cut into parts.
+
+    Two identities that differ in any field must never share parts.
+    """
+
+    bucket: str
+    key: str
+    etag: str
+    size: int
+    part_size: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class PartRecord:
+    length: int
+    crc64: int
+
+
+@dataclass(slots=True)
+class IndexState:
+    """What a parsed index says.
+
+    :identity: from the header.
+    :parts: present parts by index.
+    :bad_lines: records skipped because their checksum or content was wrong.
+    :records: number of part records read (for deciding when to compact).
+    :consumed: bytes of the file that were parsed (complete lines only).
+    """
+
+    identity: StoreIdentity
+    parts: dict[int, PartRecord]
+    bad_lines: int = 0
+    records: int = 0
+    consumed: int = 0
+
+
+class IndexCorrupt(Exception):
+    """The index header is missing or unreadable: nothing in the file can be trusted."""
+
+
+def _line(payload: str) -> bytes:
+    data = payload.encode()
+    return data + b" %08x\n" % zlib.crc32(data)
+
+
+def _check(line: bytes) -> str | None:
+    """The payload of a complete line (without its newline) whose checksum holds."""
+    payload, sep, crc = line.rpartition(b" ")
+    if not sep or len(crc) != 8:
+        return None
+    try:
+        if int(crc, 16) != zlib.crc32(payload):
+            return None
+        return payload.decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def format_header(identity: StoreIdentity) -> bytes:
+    return _line(f"{MAGIC} {VERSION} " + json.dumps(asdict(identity), sort_keys=True,
+                                                     separators=(",", ":")))
+
+
+def format_add(part: int, record: PartRecord) -> bytes:
+    return _line(f"+ {part} {record.length} {record.crc64:016x}")
+
+
+def format_drop(part: int) -> bytes:
+    return _line(f"- {part}")
+
+
+def _expected_length(identity: StoreIdentity, part: int) -> int | None:
+    count = -(-identity.length // identity.part_size)
+    if not 0 <= part < count:
+        return None
+    return min(identity.part_size, identity.length - part * identity.part_size)
+
+
+def _parse_header(line: bytes) -> StoreIdentity:
+    payload = _check(line)
+    if payload is None:
+        raise IndexCorrupt("header line is damaged")
+    magic, _, rest = payload.partition(" ")
+    version, _, body = rest.partition(" ")
+    if magic != MAGIC:
+        raise IndexCorrupt("not an ossfs index")
+    if version != str(VERSION):
+        raise IndexCorrupt(f"index format version {version} is not supported")
+    try:
+        fields = json.loads(body)
+        identity = StoreIdentity(**fields)
+    except (ValueError, TypeError) as e:
+        raise IndexCorrupt(f"header is unreadable ({e})") from e
+    if identity.part_size <= 0 or identity.length < 0 or identity.start < 0:
+        raise IndexCorrupt("header has impossible values")
+    return identity
+
+
+def apply_records(state: IndexState, data: bytes) -> None:
+    """Apply the complete lines in *data* (which follows ``state.consumed``)."""
+    pos = 0
+    while True:
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            break
+        line = data[pos:nl]
+        pos = nl + 1
+        payload = _check(line)
+        fields = payload.split() if payload else []
+        try:
+            if len(fields) == 4 and fields[0] == "+":
+                part, length, crc = int(fields[1]), int(fields[2]), int(fields[3], 16)
+                if _expected_length(state.identity, part) != length:
+                    raise ValueError("length does not fit the part")
+                state.parts[part] = PartRecord(length, crc)
+                state.records += 1
+            elif len(fields) == 2 and fields[0] == "-":
+                state.parts.pop(int(fields[1]), None)
+                state.records += 1
+            else:
+                raise ValueError("unknown record")
+        except ValueError:
+            state.bad_lines += 1
+    state.consumed += pos
+
+
+def parse_index(data: bytes) -> IndexState:
+    """Parse a whole index file; raise IndexCorrupt when its header is unusable."""
+    nl = data.find(b"\n")
+    if nl < 0:
+        raise IndexCorrupt("index is empty or its header is torn")
+    identity = _parse_header(data[:nl])
+    state = IndexState(identity, {}, consumed=nl + 1)
+    apply_records(state, data[nl + 1:])
+    return state
+
+
+class IndexFile:
+    """One index on disk, shared by any number of processes.
+
+    Appends happen under ``flock(LOCK_EX)`` and always start on a fresh line,
+    so a record torn by a crash can only damage itself. `refresh` reads what
+    other processes appended since the last look.
+    """
+
+    def __init__(self, path: str, state: IndexState, fd: int) -> None:
+        self.path = path
+        self.state = state
+        self._fd = fd
+
+    # ---------------------------------------------------------------- opening
+
+    @classmethod
+    def load(cls, path: str) -> IndexFile | None:
+        """Open and parse an existing index; None when there is none.
+
+        Raises IndexCorrupt when the file exists but its header is unusable.
+        """
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            state = parse_index(_read_from(fd, 0))
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, state, fd)
+
+    @classmethod
+    def create(cls, path: str, identity: StoreIdentity, *, mode: int = 0o600,
+               replace: bool = True) -> IndexFile:
+        """Write a new, empty index for *identity*.
+
+        With ``replace=False`` an index that another process created meanwhile
+        is kept and loaded instead (it may already hold parts).
+        """
+        header = format_header(identity)
+        if replace:
+            write_atomically(path, header, mode)
+        else:
+            tmp = write_temp(path, header, mode)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+            existing = cls.load(path)
+            if existing is not None:
+                return existing
+            return cls.create(path, identity, mode=mode, replace=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        return cls(path, IndexState(identity, {}, consumed=len(header)), fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # ---------------------------------------------------------------- reading
+
+    def _reopen_if_replaced(self) -> bool:
+        """Follow a compaction by another process; True when the file was re-read."""
+        try:
+            on_disk = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(self._fd)
+        if (on_disk.st_ino, on_disk.st_dev) == (mine.st_ino, mine.st_dev):
+            return False
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            state = parse_index(_read_from(fd, 0))
+        except IndexCorrupt:
+            os.close(fd)
+            raise
+        if state.identity != self.state.identity:
+            os.close(fd)
+            raise IndexCorrupt("index was replaced by one for another object version")
+        os.close(self._fd)
+        self._fd, self.state = fd, state
+        return True
+
+    def refresh(self) -> None:
+        """Apply records other processes appended (or follow their compaction)."""
+        if self._reopen_if_replaced():
+            return
+        tail = _read_from(self._fd, self.state.consumed)
+        if tail:
+            apply_records(self.state, tail)
+
+    # ---------------------------------------------------------------- writing
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        while True:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            # A compaction may have renamed a new file over the one we locked; then
+            # the old descriptor is closed (which drops its lock) and we lock anew.
+            if not self._reopen_if_replaced():
+                break
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _append(self, data: bytes) -> None:
+        size = os.fstat(self._fd).st_size
+        if size and os.pread(self._fd, 1, size - 1) != b"\n":
+            # A crash tore the last record: start ours on a new line so that only
+            # the torn one is lost.
+            data = b"\n" + data
+        os.write(self._fd, data)
+
+    def add(self, part: int, record: PartRecord) -> None:
+        """Record that *part* is complete (its bytes must already be written)."""
+        with self._locked():
+            self._append(format_add(part, record))
+            self.refresh()
+        self.state.parts[part] = record
+
+    def drop(self, parts: list[int]) -> None:
+        """Record that *parts* are no longer present."""
+        if not parts:
+            return
+        with self._locked():
+            self._append(b"".join(format_drop(p) for p in parts))
+            self.refresh()
+        for p in parts:
+            self.state.parts.pop(p, None)
+
+    def compact_if_worthwhile(self) -> bool:
+        """Rewrite the index without superseded records when they dominate it."""
+        live = len(self.state.parts)
+        if self.state.records + self.state.bad_lines <= 2 * live + 64:
+            return False
+        with self._locked():
+            self.refresh()
+            body = format_header(self.state.identity) + b"".join(
+                format_add(p, r) for p, r in sorted(self.state.parts.items())
+            )
+            write_atomically(self.path, body, 0o600)
+            # Our fd still points at the old inode; the next operation follows the rename.
+        self.refresh()
+        return True
+
+
+def _read_from(fd: int, offset: int) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)

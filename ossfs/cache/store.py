@@ -1,0 +1,265 @@
+"""A part store: the bytes of one object range in a sparse data file, plus its index.
+
+The same class backs the mount's cache (data and index inside the cache
+directory) and ``ossfs download`` (the data file is the destination's temp
+file, the index is the checkpoint). Bytes are written at their offset; a part
+is recorded in the index only after all its bytes were written, together with
+its CRC-64. On opening, an index that is corrupt, foreign (another object or
+part size) or stale (the object changed) is discarded, with the reason given
+to the caller, and none of its parts are trusted.
+
+Writes are not fsynced part by part (that would halve throughput). Instead
+every recorded part carries its CRC: a part whose bytes did not reach the disk
+before a power loss fails `verify` and is fetched again. Downloads verify all
+recorded parts when they resume; the cache verifies a part the first time a
+process reads it.
+
+Must not import: trio, httpx, pyfuse3.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from ossfs.cache.index import IndexCorrupt, IndexFile, PartRecord, StoreIdentity
+from ossfs.crc import crc64, crc64_of_parts
+from ossfs.fsutil import unlink_quietly
+from ossfs.model import PartLayout
+
+__all__ = ["PartStore", "describe_mismatch", "Discarded"]
+
+log = logging.getLogger(__name__)
+
+# How much of a part to read at once when verifying it.
+_VERIFY_CHUNK = 4 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Discarded:
+    """Why an existing index was not used."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def describe_mismatch(old: StoreIdentity, new: StoreIdentity) -> str:
+    """Explain in a few words why index *old* cannot serve *new*."""
+    if (old.bucket, old.key) != (new.bucket, new.key):
+        return f"it belongs to another object (oss://{old.bucket}/{old.key})"
+    if (old.etag, old.size) != (new.etag, new.size):
+        return (f"the object changed since it was written (ETag {old.etag}, {old.size} bytes "
+                f"then; ETag {new.etag}, {new.size} bytes now)")
+    if old.part_size != new.part_size:
+        return f"it was made with part size {old.part_size}, this run uses {new.part_size}"
+    return (f"it covers bytes {old.start}-{old.start + old.length - 1}, this run wants "
+            f"{new.start}-{new.start + new.length - 1}")
+
+
+class PartStore:
+    """Bytes ``[identity.start, identity.start + identity.length)`` of an object version."""
+
+    def __init__(self, identity: StoreIdentity, data_path: str, data_fd: int,
+                 index: IndexFile | None) -> None:
+        self.identity = identity
+        self.layout = PartLayout(identity.start, identity.length, identity.part_size)
+        self.data_path = data_path
+        self._fd = data_fd
+        self._index = index
+        # Parts that need no index (checkpoints off) are tracked here instead.
+        self._parts: dict[int, PartRecord] = index.state.parts if index else {}
+        # Parts whose bytes this process has checked against their CRC (or wrote itself).
+        self.verified: set[int] = set()
+
+    # ---------------------------------------------------------------- opening
+
+    @classmethod
+    def open(
+        cls,
+        identity: StoreIdentity,
+        data_path: str,
+        index_path: str | None,
+        *,
+        data_mode: int = 0o600,
+        on_discard: Callable[[Discarded], None] | None = None,
+        shared: bool = False,
+    ) -> PartStore:
+        """Open (or create) the store; reuse the index when it matches *identity*.
+
+        *index_path* None means no checkpoint: the data file starts empty.
+        *shared* (the cache) keeps an index another process creates at the same
+        moment instead of replacing it.
+        """
+        index: IndexFile | None = None
+        # True when an index existed but may not be used: then nothing on disk is
+        # trusted, even in a shared cache.
+        discard = False
+        if index_path is not None:
+            try:
+                index = IndexFile.load(index_path)
+            except IndexCorrupt as e:
+                _report(on_discard, Discarded(index_path, f"it is corrupt ({e})"))
+                discard = True
+            if index is not None and index.state.identity != identity:
+                _report(on_discard, Discarded(index_path,
+                                              describe_mismatch(index.state.identity, identity)))
+                discard = True
+            if index is not None and not discard and not os.path.exists(data_path):
+                if index.state.parts:
+                    _report(on_discard, Discarded(index_path, f"its data file {data_path} "
+                                                  "is missing"))
+                discard = True
+            if discard and index is not None:
+                index.close()
+                index = None
+
+        fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, data_mode)
+        try:
+            if index is None:
+                fresh = discard or not shared
+                if fresh:
+                    # Drop the old index before touching the data it describes.
+                    if index_path is not None:
+                        unlink_quietly(index_path)
+                    os.ftruncate(fd, 0)
+                if os.fstat(fd).st_size != identity.length:
+                    os.ftruncate(fd, identity.length)
+                if index_path is not None:
+                    index = IndexFile.create(index_path, identity, replace=fresh)
+            elif os.fstat(fd).st_size != identity.length:
+                os.ftruncate(fd, identity.length)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(identity, data_path, fd, index)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._index is not None:
+            self._index.close()
+
+    @property
+    def index_path(self) -> str | None:
+        return self._index.path if self._index else None
+
+    def fileno(self) -> int:
+        return self._fd
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def parts(self) -> dict[int, PartRecord]:
+        return self._parts
+
+    def is_present(self, part: int) -> bool:
+        return part in self._parts
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.layout.count) if i not in self._parts]
+
+    @property
+    def complete(self) -> bool:
+        return len(self._parts) == self.layout.count
+
+    @property
+    def present_bytes(self) -> int:
+        return sum(r.length for r in self._parts.values())
+
+    def refresh(self) -> None:
+        """See parts that other processes recorded since the last look."""
+        if self._index is not None:
+            self._index.refresh()
+            self._parts = self._index.state.parts
+
+    # ---------------------------------------------------------------- data
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Write object bytes starting at object offset *offset*."""
+        pos = offset - self.identity.start
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, pos)
+            view = view[n:]
+            pos += n
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Read object bytes ``[offset, offset+size)`` from the data file."""
+        return os.pread(self._fd, size, offset - self.identity.start)
+
+    def commit(self, part: int, crc: int) -> None:
+        """Record *part* as complete; its bytes must already be written."""
+        record = PartRecord(self.layout.part_length(part), crc)
+        if self._index is not None:
+            self._index.add(part, record)
+            self._parts = self._index.state.parts
+        else:
+            self._parts[part] = record
+        self.verified.add(part)
+
+    def drop(self, parts: Iterable[int]) -> None:
+        """Forget *parts* (their bytes are no longer trusted or were evicted)."""
+        parts = [p for p in parts if p in self._parts]
+        if self._index is not None:
+            self._index.drop(parts)
+            self._parts = self._index.state.parts
+        else:
+            for p in parts:
+                self._parts.pop(p, None)
+        self.verified.difference_update(parts)
+
+    def part_crc_on_disk(self, part: int) -> int:
+        first, end = self.layout.bounds(part)
+        crc = 0
+        pos = first
+        while pos < end:
+            chunk = self.read(pos, min(_VERIFY_CHUNK, end - pos))
+            if not chunk:
+                break  # the file is shorter than it should be: the CRC will not match
+            crc = crc64(chunk, crc)
+            pos += len(chunk)
+        return crc
+
+    def verify(self, part: int) -> bool:
+        """Check the bytes of a recorded part against its CRC (blocking I/O)."""
+        record = self._parts.get(part)
+        if record is None:
+            return False
+        ok = self.part_crc_on_disk(part) == record.crc64
+        if ok:
+            self.verified.add(part)
+        return ok
+
+    def combined_crc(self) -> int:
+        """CRC-64 of the whole range; every part must be present."""
+        if not self.complete:
+            raise ValueError("not every part is present")
+        return crc64_of_parts((self._parts[i].crc64, self._parts[i].length)
+                              for i in range(self.layout.count))
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+    def compact(self) -> None:
+        if self._index is not None and self._index.compact_if_worthwhile():
+            self._parts = self._index.state.parts
+
+    def remove_index(self) -> None:
+        """Delete the index file (after a successful download)."""
+        if self._index is not None:
+            path = self._index.path
+            self._index.close()
+            self._index = None
+            unlink_quietly(path)
+
+
+def _report(callback: Callable[[Discarded], None] | None, what: Discarded) -> None:
+    log.info("discarding index %s", what)
+    if callback is not None:
+        callback(what)

@@ -1,0 +1,372 @@
+"""The ``ossfs`` command line: argument parsing, messages and exit codes.
+
+Each subcommand turns its arguments into configuration objects and calls the
+module that does the work under ``trio.run``. Errors a user can cause end as
+one line on stderr and a non-zero exit (2 for usage errors, 1 for failures,
+130 when interrupted); a traceback means a bug.
+
+Must not import: pyfuse3 (the mount module is imported only by ``mount``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn, TypeVar
+
+import trio
+
+from ossfs import __version__
+from ossfs.client import ClientConfig, HttpObjectClient
+from ossfs.config import ConnectionOptions, ObjectUrl, parse_object_url, resolve_endpoint
+from ossfs.errors import IntegrityError, OssfsError, UsageError
+from ossfs.model import DEFAULT_PART_SIZE, format_size, parse_range, parse_size
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("ossfs")
+
+T = TypeVar("T")
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+# ------------------------------------------------------------------ argument types
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"ossfs: error: {message}\n")
+
+
+def _add_connection_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection")
+    g.add_argument("--endpoint", metavar="URL",
+                   help="service endpoint, e.g. https://oss-cn-hangzhou.aliyuncs.com or "
+                        "http://127.0.0.1:9000 (default: from the profile, or the region's "
+                        "public endpoint)")
+    g.add_argument("--region", help="region for signing (default: from the endpoint, or "
+                                    "cn-hangzhou / us-east-1)")
+    g.add_argument("--dialect", choices=("oss", "s3"),
+                   help="protocol dialect (default: from the URL scheme oss:// or s3://)")
+    g.add_argument("--signature-version", choices=("v1", "v4"),
+                   help="OSS signature version (default v4)")
+    style = g.add_mutually_exclusive_group()
+    style.add_argument("--path-style", dest="path_style", action="store_const", const=True,
+                       help="address buckets as http://host/BUCKET (default for IP and "
+                            "localhost endpoints)")
+    style.add_argument("--virtual-host", dest="path_style", action="store_const", const=False,
+                       help="address buckets as http://BUCKET.host")
+    g.add_argument("--profile", help="profile of the config file to use (default: "
+                                     "$OSSFS_PROFILE or 'default')")
+    g.add_argument("--config", metavar="FILE",
+                   help="config file (default: $OSSFS_CONFIG or ~/.config/ossfs/config.toml)")
+    g.add_argument("--anonymous", action="store_true",
+                   help="send unsigned requests (public buckets), ignoring any credentials")
+    g.add_argument("--retries", type=_positive_int, default=6, metavar="N",
+                   help="attempts per request before giving up (default 6)")
+    g.add_argument("--stall-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="seconds without a byte before a transfer is retried (default 30)")
+
+
+def _add_logging_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more log output (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ossfs",
+        description="Read Alibaba Cloud OSS and S3-compatible buckets as files: a read-only "
+                    "FUSE mount backed by a resumable part cache, and a resumable parallel "
+                    "downloader.",
+    )
+    parser.add_argument("--version", action="version", version=f"ossfs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("ls", help="list objects and prefixes",
+                       description="List the objects and prefixes under oss://BUCKET/PREFIX "
+                                   "(one level, like ls; -r for everything below).")
+    p.add_argument("url", metavar="oss://BUCKET[/PREFIX]")
+    p.add_argument("-l", "--long", action="store_true", help="show size, date and ETag")
+    p.add_argument("-r", "--recursive", action="store_true", help="list every key below")
+    _add_connection_options(p)
+    _add_logging_options(p)
+
+    p = sub.add_parser("stat", help="show one object's metadata",
+                       description="HEAD one object and print its metadata as JSON.")
+    p.add_argument("url", metavar="oss://BUCKET/KEY")
+    _add_connection_options(p)
+    _add_logging_options(p)
+
+    p = sub.add_parser(
+        "download", help="download one object to a file, resumably and in parallel",
+        description="Download oss://BUCKET/KEY to FILE with parallel ranged GETs. An "
+                    "interrupted download (Ctrl-C, kill, network failure) resumes when the "
+                    "same command runs again; FILE is replaced only by a complete, verified "
+                    "file.")
+    p.add_argument("url", metavar="oss://BUCKET/KEY")
+    p.add_argument("file", nargs="?", metavar="FILE",
+                   help="destination (default: the object's base name in the current "
+                        "directory)")
+    p.add_argument("--part-size", type=_size, default=DEFAULT_PART_SIZE, metavar="SIZE",
+                   help="bytes per part, 100KiB to 5GiB (default 8MiB)")
+    p.add_argument("--threads", type=_positive_int, default=3, metavar="N",
+                   help="parts fetched at once (default 3)")
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="where to keep the checkpoint (default: FILE's directory)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="keep no checkpoint: an interrupted download starts over")
+    p.add_argument("--range", metavar="START-END",
+                   help="download only bytes START to END (inclusive; END may be omitted)")
+    p.add_argument("--limit-rate", type=_size, metavar="BYTES_PER_SEC",
+                   help="cap the bandwidth, e.g. 10M (also sent to OSS as "
+                        "x-oss-traffic-limit)")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    _add_connection_options(p)
+    _add_logging_options(p)
+
+    return parser
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def setup_logging(verbose: int, quiet: bool, stream: Any = None) -> None:
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[
+        min(verbose, 2)]
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("ossfs: %(message)s" if verbose == 0 else
+                                           "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # httpx logs every request at INFO; that is only interesting when debugging.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def connection_options(args: argparse.Namespace) -> ConnectionOptions:
+    return ConnectionOptions(
+        endpoint=args.endpoint, region=args.region, dialect=args.dialect,
+        signature_version=args.signature_version, path_style=args.path_style,
+        profile=args.profile, config_path=args.config, anonymous=args.anonymous,
+    )
+
+
+def make_client(args: argparse.Namespace, url: ObjectUrl, *, connections: int,
+                rate_limit: int | None = None) -> HttpObjectClient:
+    endpoint = resolve_endpoint(connection_options(args), url.scheme)
+    config = ClientConfig(connections=connections, attempts=args.retries,
+                          stall_timeout=args.stall_timeout, rate_limit=rate_limit)
+    return HttpObjectClient(endpoint, config)
+
+
+def run_trio(fn: Callable[[], Awaitable[T]]) -> T:
+    return trio.run(fn)
+
+
+# ------------------------------------------------------------------ commands
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    url = parse_object_url(args.url)
+
+    async def run() -> None:
+        async with make_client(args, url, connections=1) as client:
+            token: str | None = None
+            while True:
+                page = await client.list_page(
+                    url.bucket, prefix=url.key, delimiter="" if args.recursive else "/",
+                    continuation_token=token)
+                for prefix in page.prefixes:
+                    print(f"{'PRE':>12}  {'':19}  {prefix}" if args.long else prefix)
+                for obj in page.objects:
+                    if args.long:
+                        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(obj.mtime))
+                        print(f"{obj.size:>12}  {stamp}  {obj.key}  {obj.etag}")
+                    else:
+                        print(obj.key)
+                sys.stdout.flush()
+                token = page.next_token
+                if token is None:
+                    break
+
+    run_trio(run)
+    return 0
+
+
+def _cmd_stat(args: argparse.Namespace) -> int:
+    url = parse_object_url(args.url)
+    if not url.key:
+        raise UsageError("stat needs an object key: oss://BUCKET/KEY")
+
+    async def run() -> None:
+        async with make_client(args, url, connections=1) as client:
+            meta = await client.head(url.bucket, url.key)
+        out: dict[str, Any] = {
+            "url": str(url),
+            "size": meta.size,
+            "etag": meta.etag,
+            "last_modified": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(meta.mtime)),
+            "crc64ecma": str(meta.crc64) if meta.crc64 is not None else None,
+            "object_type": meta.object_type,
+            "storage_class": meta.storage_class,
+        }
+        print(json.dumps(out, indent=2))
+
+    run_trio(run)
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from ossfs.download import DownloadRequest, download, validate_part_size
+    from ossfs.progress import ProgressBar
+
+    url = parse_object_url(args.url)
+    if not url.key or url.key.endswith("/"):
+        raise UsageError(f"{args.url} names a prefix, not an object (use ossfs materialize "
+                         "for prefixes)")
+    validate_part_size(args.part_size)
+    if args.limit_rate is not None and args.limit_rate < 1024:
+        raise UsageError("--limit-rate must be at least 1K (bytes per second)")
+    file_path = args.file or os.path.basename(url.key)
+    if os.path.isdir(file_path):
+        file_path = os.path.join(file_path, os.path.basename(url.key))
+    rng: tuple[int, int | None] | None = None
+    if args.range:
+        # Parsed again against the object's size once it is known; this catches typos early.
+        try:
+            parse_range(args.range, 1 << 62)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        first, _, last = args.range.partition("-")
+        rng = (int(first), int(last) if last.strip() else None)
+
+    show = not args.no_progress and not args.quiet and sys.stderr.isatty()
+    bar = ProgressBar(0, description=os.path.basename(file_path), enabled=show)
+
+    seen_total: list[int] = []
+
+    def progress(n: int, done: int, total: int) -> None:
+        if seen_total != [total]:
+            # First call, or a restart after the object changed: reset the bar.
+            seen_total[:] = [total]
+            bar.set_total(total)
+            bar.set_done(done)
+        else:
+            bar.update(n)
+
+    request = DownloadRequest(
+        bucket=url.bucket, key=url.key, file_path=file_path, part_size=args.part_size,
+        threads=args.threads, checkpoint_dir=args.checkpoint_dir,
+        enable_checkpoint=not args.no_resume,
+        range_start=rng[0] if rng else None, range_end=rng[1] if rng else None,
+        progress=progress, on_part=bar.set_parts,
+        notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None,
+    )
+
+    async def run() -> Any:
+        async with make_client(args, url, connections=args.threads,
+                               rate_limit=args.limit_rate) as client:
+            return await download(client, request)
+
+    if not args.no_resume:
+        args.interrupt_hint = "run the same command again to resume the download"
+    try:
+        result = run_trio(run)
+    except OssfsError as e:
+        if isinstance(e, (UsageError, IntegrityError)) or args.no_resume:
+            raise
+        raise _with_hint(e) from None
+    finally:
+        bar.close()
+    if not args.quiet:
+        rate = result.bytes_fetched / result.elapsed if result.elapsed > 0 else 0.0
+        check = {"crc64": "CRC-64 verified", "md5": "MD5 verified",
+                 "parts": "per-part CRC-64 (ranged download)"}.get(
+                     result.crc_checked or "", "not verified: no checksum from the service")
+        reuse = f", {result.parts_reused} reused from checkpoint" if result.parts_reused else ""
+        print(f"downloaded {url} to {result.path}: {format_size(result.size)} in "
+              f"{result.elapsed:.1f}s ({format_size(rate)}/s), {result.parts} part(s)"
+              f"{reuse}, {check}", file=sys.stderr)
+    return 0
+
+
+def _with_hint(e: OssfsError) -> OssfsError:
+    """Add the resume hint to a failed download's one-line message."""
+    e.args = (f"{e}; the checkpoint is kept, run the same command again to resume",)
+    return e
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "ls": _cmd_ls,
+    "stat": _cmd_stat,
+    "download": _cmd_download,
+}
+
+
+def register_command(name: str, fn: Callable[[argparse.Namespace], int]) -> None:
+    _COMMANDS[name] = fn
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
+    try:
+        return _COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"ossfs: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OssfsError as e:
+        print(f"ossfs: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("ossfs: interrupted", file=sys.stderr)
+        hint = getattr(args, "interrupt_hint", None)
+        if hint:
+            print(f"ossfs: {hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `ossfs ls | head`: the reader left; that is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -1,0 +1,64 @@
+"""Progress display for long transfers: a tqdm bar on a terminal, nothing otherwise.
+
+Must not import: trio, httpx, pyfuse3.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+__all__ = ["ProgressBar"]
+
+
+class ProgressBar:
+    """Bytes, rate, ETA and a parts counter; silent when *stream* is not a terminal."""
+
+    def __init__(self, total: int, *, description: str = "", parts: int = 0,
+                 stream: TextIO | None = None, enabled: bool | None = None) -> None:
+        stream = stream or sys.stderr
+        if enabled is None:
+            enabled = stream.isatty()
+        self.parts_total = parts
+        self.parts_done = 0
+        self._bar: tqdm[Any] | None = None
+        if enabled:
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                             desc=description, file=stream, dynamic_ncols=True,
+                             miniters=1, mininterval=0.2, smoothing=0.1)
+
+    def set_total(self, total: int, parts: int | None = None) -> None:
+        if parts is not None:
+            self.parts_total = parts
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
+    def update(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def set_done(self, done: int) -> None:
+        if self._bar is not None:
+            self._bar.n = done
+            self._bar.refresh()
+
+    def set_parts(self, done: int, total: int) -> None:
+        self.parts_done, self.parts_total = done, total
+        if self._bar is not None and self.parts_total:
+            self._bar.set_postfix_str(f"parts {self.parts_done}/{self.parts_total}",
+                                      refresh=False)
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the bar."""
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
