@@ -11,6 +11,7 @@ Must not import: pyfuse3 (the mount module is imported only by ``mount``).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from ossfs import __version__
 from ossfs.client import ClientConfig, HttpObjectClient
 from ossfs.config import ConnectionOptions, ObjectUrl, parse_object_url, resolve_endpoint
 from ossfs.errors import IntegrityError, OssfsError, UsageError
-from ossfs.model import DEFAULT_PART_SIZE, format_size, parse_range, parse_size
+from ossfs.model import DEFAULT_PART_SIZE, GiB, format_size, parse_range, parse_size
 
 __all__ = ["main", "build_parser"]
 
@@ -36,6 +37,8 @@ T = TypeVar("T")
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+DEFAULT_CACHE_SIZE = 10 * GiB
 
 
 # ------------------------------------------------------------------ argument types
@@ -65,6 +68,26 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 up to (not including) 1: {text!r}")
+    return value
+
+
+def _octal(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal number: {text!r}") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"not a umask: {text!r}")
     return value
 
 
@@ -163,7 +186,67 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_options(p)
     _add_logging_options(p)
 
+    _add_mount_commands(sub)
     return parser
+
+
+def _add_cache_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cache")
+    g.add_argument("--cache-dir", metavar="DIR",
+                   help="part cache directory (default: ~/.cache/ossfs/<endpoint>/<bucket>)")
+    g.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_SIZE, metavar="SIZE",
+                   help="most bytes the cache may hold, e.g. 50G (default 10GiB)")
+    g.add_argument("--cache-min-free", type=_fraction, default=0.05, metavar="FRACTION",
+                   help="keep at least this fraction of the cache's file system free "
+                        "(default 0.05)")
+    g.add_argument("--part-size", type=_size, default=DEFAULT_PART_SIZE, metavar="SIZE",
+                   help="bytes per cached part (default 8MiB)")
+
+
+def _add_mount_commands(sub: Any) -> None:
+    p = sub.add_parser(
+        "mount", help="mount a bucket (or a prefix of it) read-only",
+        description="Mount oss://BUCKET[/PREFIX] (or s3://...) read-only on MOUNTPOINT. "
+                    "Objects are files, /-separated prefixes are directories. Without "
+                    "--foreground the command returns once the mount is ready.")
+    p.add_argument("url", metavar="oss://BUCKET[/PREFIX]")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    _add_cache_options(p)
+    g = p.add_argument_group("mount")
+    g.add_argument("--threads", type=_positive_int, default=16, metavar="N",
+                   help="connections for all reads together (default 16)")
+    g.add_argument("--read-ahead", type=_size, default=128 << 20, metavar="SIZE",
+                   help="how far ahead of a sequential reader to fetch (default 128MiB)")
+    g.add_argument("--ttl", type=_seconds, default=60.0, metavar="SECONDS",
+                   help="how long listings and attributes are trusted (default 60)")
+    g.add_argument("--negative-ttl", type=_seconds, default=5.0, metavar="SECONDS",
+                   help="how long a missing name is remembered (default 5)")
+    g.add_argument("--uid", type=int, default=os.getuid(), help="owner of every file")
+    g.add_argument("--gid", type=int, default=os.getgid(), help="group of every file")
+    g.add_argument("--umask", type=_octal, default=0o222, metavar="OCTAL",
+                   help="permission bits to clear (default 0222: files 0444, dirs 0555)")
+    g.add_argument("--allow-other", action="store_true",
+                   help="let other users see the mount (needs user_allow_other in "
+                        "/etc/fuse.conf unless root)")
+    g.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground (logs go to stderr)")
+    g.add_argument("--log-file", metavar="FILE", help="write the log here")
+    _add_connection_options(p)
+    _add_logging_options(p)
+
+    p = sub.add_parser("unmount", aliases=["umount"], help="unmount a mount",
+                       description="Unmount MOUNTPOINT (also a dead mount whose process "
+                                   "was killed).")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-z", "--lazy", action="store_true",
+                   help="detach now, finish when the mount is no longer busy")
+    _add_logging_options(p)
+
+    p = sub.add_parser("status", help="show a mount's cache use and request counters",
+                       description="Show what a running mount has cached and fetched.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    _add_logging_options(p)
 
 
 # ------------------------------------------------------------------ helpers
@@ -330,6 +413,108 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_cache_dir(endpoint_url: str, bucket: str) -> str:
+    """~/.cache/ossfs/<host_port>/<bucket>: one cache per endpoint and bucket."""
+    from urllib.parse import urlsplit
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    host = "".join(c if c.isalnum() or c in ".-" else "_" for c in urlsplit(endpoint_url).netloc)
+    return os.path.join(base, "ossfs", host or "default", bucket)
+
+
+def _log_to_file(path: str | None, verbose: int) -> None:
+    """Where a daemonized mount logs: the given file, or nowhere but errors to the file."""
+    if path is None:
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+
+
+def _cmd_mount(args: argparse.Namespace) -> int:
+    from ossfs import mount
+    from ossfs.download import validate_part_size
+
+    url = parse_object_url(args.url)
+    validate_part_size(args.part_size)
+    mountpoint = mount.check_mountpoint(args.mountpoint)
+    endpoint = resolve_endpoint(connection_options(args), url.scheme)
+    cache_dir = args.cache_dir or default_cache_dir(endpoint.url, url.bucket)
+    log_file = os.path.abspath(args.log_file) if args.log_file else None
+    if log_file is None and not args.foreground:
+        # A daemon has no terminal: its log lives beside its cache.
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        log_file = os.path.join(os.path.abspath(cache_dir), "ossfs.log")
+    prefix = url.key.strip("/")
+    config = mount.MountConfig(
+        source=f"{url.scheme}://{url.bucket}/{prefix}", bucket=url.bucket,
+        prefix=prefix + "/" if prefix else "", mountpoint=mountpoint,
+        cache_dir=os.path.abspath(cache_dir), cache_size=args.cache_size,
+        cache_min_free=args.cache_min_free, part_size=args.part_size, threads=args.threads,
+        read_ahead=args.read_ahead, ttl=args.ttl, negative_ttl=args.negative_ttl,
+        uid=args.uid, gid=args.gid, umask=args.umask, allow_other=args.allow_other,
+        foreground=args.foreground, log_file=log_file, profile=args.profile,
+        endpoint=endpoint.url, dialect=endpoint.dialect,
+    )
+    client_config = ClientConfig(connections=args.threads, attempts=args.retries,
+                                 stall_timeout=args.stall_timeout)
+
+    def make() -> HttpObjectClient:
+        return HttpObjectClient(endpoint, client_config)
+
+    def configure_logging(path: str | None) -> None:
+        _log_to_file(path, args.verbose)
+
+    return mount.run(config, make, configure_logging)
+
+
+def _cmd_unmount(args: argparse.Namespace) -> int:
+    from ossfs import mount
+
+    mount.unmount(args.mountpoint, lazy=args.lazy)
+    return 0
+
+
+def read_mount_attr(path: str, name: str) -> dict[str, Any]:
+    """A JSON extended attribute of a running mount's root."""
+    try:
+        raw = os.getxattr(path, f"user.ossfs.{name}")
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP):
+            raise UsageError(f"{path} is not an ossfs mount") from None
+        raise UsageError(f"cannot ask {path}: {e.strerror}") from None
+    result: dict[str, Any] = json.loads(raw)
+    return result
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    path = os.path.abspath(args.mountpoint)
+    if not os.path.ismount(path):
+        raise UsageError(f"{path} is not a mount point")
+    st = read_mount_attr(path, "status")
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 0
+    req = st["requests"]
+    objects = st["objects_cached"]
+    print(f"source:      {st['source']} (pid {st['pid']}, up {st['uptime']:.0f}s)")
+    print(f"cache:       {st['cache_dir']}")
+    print(f"cache use:   {format_size(st['cache_used_bytes'])} of "
+          f"{format_size(st['cache_size_bytes'])}, {len(objects)} object(s), "
+          f"{format_size(st['cache_evicted_bytes'])} evicted")
+    print(f"requests:    {req['requests']} ({req['retries']} retries, {req['errors']} errors), "
+          f"{format_size(req['bytes_received'])} received")
+    print(f"parts:       {st['parts_fetched']} fetched, {format_size(st['bytes_fetched'])}")
+    if st.get("log_file"):
+        print(f"log:         {st['log_file']}")
+    for o in objects:
+        pct = 100.0 * o["cached_bytes"] / o["size"] if o["size"] else 100.0
+        print(f"  {pct:5.1f}%  {format_size(o['cached_bytes']):>10} of "
+              f"{format_size(o['size']):>10}  {o['key']}")
+    return 0
+
+
 def _with_hint(e: OssfsError) -> OssfsError:
     """Add the resume hint to a failed download's one-line message."""
     e.args = (f"{e}; the checkpoint is kept, run the same command again to resume",)
@@ -340,6 +525,10 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ls": _cmd_ls,
     "stat": _cmd_stat,
     "download": _cmd_download,
+    "mount": _cmd_mount,
+    "unmount": _cmd_unmount,
+    "umount": _cmd_unmount,
+    "status": _cmd_status,
 }
 
 

@@ -26,7 +26,7 @@ from typing import Protocol
 import httpx
 import trio
 
-from ossfs.errors import ServiceError, TransferError
+from ossfs.errors import NotFoundError, ServiceError, TransferError
 from ossfs.model import ListPage, ObjectMeta
 from ossfs.protocol import requests as proto
 from ossfs.protocol.xml import XmlError, parse_list_objects_v2
@@ -222,7 +222,9 @@ class HttpObjectClient:
                 err = proto.error_from_response(resp.status_code, resp.headers, resp.content,
                                                 resource=resource)
                 if resp.status_code not in _RETRY_STATUS:
-                    self.stats.errors += 1
+                    if not isinstance(err, NotFoundError):
+                        # A miss is an answer (lookups probe for names), not a failure.
+                        self.stats.errors += 1
                     raise err
                 last = str(err)
             if attempt + 1 < self.config.attempts:

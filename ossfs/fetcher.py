@@ -1,27 +1,35 @@
 """The fetcher owns concurrency: which parts are fetched, when, and how many at once.
 
-Every byte ossfs downloads goes through `Fetcher.ensure`: a mount read, a
-read-ahead guess, ``materialize`` and ``download`` alike. It guarantees:
+Every byte ossfs downloads goes through a *flight*: the one fetch of one part
+of one store. A mount read, a read-ahead guess, ``materialize`` and
+``download`` all use them, and the fetcher guarantees:
 
 - one GET per missing part however many tasks want it (single flight: later
-  callers wait on the first one's event, then look at the store again);
+  callers wait on the first one's flight, then look at the store again);
 - at most ``connections`` GETs at once across everything (a trio
-  `CapacityLimiter`);
+  `CapacityLimiter`); read-ahead may use only part of them, so a reader that
+  must wait always finds a free connection soon;
+- a reader waits only for the bytes it asked for, not the whole part: a flight
+  publishes how far it has written, and `read` returns as soon as its range is
+  on disk;
 - a part is committed to the store's index only after all its bytes are
   written, with the CRC-64 computed as they arrived;
 - a space check (the cache's ``reserve``) before bytes are written.
 
 Rules (from trio): no ``timeout=`` parameters (callers use cancel scopes);
 cancellation leaves no half-recorded part, since a part is recorded last.
+Mount flights run in the mount's nursery, so a reader that gives up (an
+interrupted ``read``) does not cancel a fetch other readers wait on.
 
 Must not import: pyfuse3, httpx.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -29,7 +37,7 @@ from ossfs.cache.store import PartStore
 from ossfs.client import ObjectClient
 from ossfs.crc import crc64
 
-__all__ = ["Fetcher", "ByteCallback", "Reserve"]
+__all__ = ["Fetcher", "ByteCallback", "Reserve", "ReadAhead"]
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +48,52 @@ Reserve = Callable[[PartStore, int, int], Awaitable[None]]
 
 @dataclass(slots=True)
 class _Flight:
-    done: trio.Event
+    """The fetch of one part: how far it got, and how it ended."""
+
+    first: int
+    end: int
+    written: int  # object offset up to which bytes are on disk
+    done: trio.Event = field(default_factory=trio.Event)
+    progress: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
+
+    def advance(self, upto: int) -> None:
+        self.written = upto
+        wake, self.progress = self.progress, trio.Event()
+        wake.set()
+
+    def finish(self, error: BaseException | None) -> None:
+        self.error = error
+        self.done.set()
+        self.progress.set()
+
+
+@dataclass(slots=True)
+class ReadAhead:
+    """Per open file: is the reader sequential, and how far ahead to fetch.
+
+    The window (in parts) starts at 1 and doubles with every sequential read
+    up to ``max_parts``; a read elsewhere resets it. "Sequential" tolerates the
+    reordering of concurrent kernel read requests: anything from a little
+    before to a little after where the last read ended.
+    """
+
+    max_parts: int
+    expected: int = 0
+    window: int = 0
+    sequential_reads: int = 0
+
+    def observe(self, offset: int, size: int, part_size: int) -> int:
+        """Record a read; return how many parts after it to fetch ahead."""
+        slack = max(part_size, 1 << 20)
+        if self.expected - slack <= offset <= self.expected + slack:
+            self.sequential_reads += 1
+            self.window = min(self.max_parts, max(1, self.window * 2))
+        else:
+            self.sequential_reads = 0
+            self.window = 0
+        self.expected = max(self.expected, offset + size) if self.window else offset + size
+        return self.window
 
 
 class Fetcher:
@@ -53,16 +105,28 @@ class Fetcher:
         *,
         connections: int,
         reserve: Reserve | None = None,
+        readahead_share: float = 0.75,
     ) -> None:
         self.client = client
-        self.limiter = trio.CapacityLimiter(max(1, connections))
+        self.connections = max(1, connections)
+        self.limiter = trio.CapacityLimiter(self.connections)
+        # Read-ahead flights also take this one, so guesses never hold every connection.
+        self.readahead_limiter = trio.CapacityLimiter(
+            max(1, min(self.connections - 1, int(self.connections * readahead_share))))
         self._reserve = reserve
         self._flights: dict[tuple[int, int], _Flight] = {}
+        self._nursery: trio.Nursery | None = None
         self.parts_fetched = 0
         self.bytes_fetched = 0
 
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Run background flights (mount reads, read-ahead) in *nursery*."""
+        self._nursery = nursery
+
     def in_flight(self, store: PartStore, part: int) -> bool:
         return (id(store), part) in self._flights
+
+    # ---------------------------------------------------------------- fetch a part
 
     async def ensure(
         self,
@@ -71,54 +135,138 @@ class Fetcher:
         *,
         on_bytes: ByteCallback | None = None,
     ) -> bool:
-        """Make *part* present in *store*; True when this call fetched it.
+        """Make *part* present in *store* in this task; True when this call fetched it.
 
         Raises what the fetch raised (also to tasks that were waiting on the
         same part); a cancelled fetch makes a waiter try on its own.
         """
         while not store.is_present(part):
-            key = (id(store), part)
-            flight = self._flights.get(key)
+            flight = self._flights.get((id(store), part))
             if flight is not None:
                 await flight.done.wait()
-                if flight.error is not None and not isinstance(flight.error, trio.Cancelled):
-                    raise flight.error
+                self._raise_for(flight)
                 continue
-            flight = _Flight(trio.Event())
-            self._flights[key] = flight
-            try:
-                # Another process sharing the store may have fetched it meanwhile.
-                store.refresh()
-                if store.is_present(part):
-                    return False
-                await self._fetch(store, part, on_bytes)
-                return True
-            except BaseException as e:
-                flight.error = e
-                raise
-            finally:
-                del self._flights[key]
-                flight.done.set()
+            flight = self._new_flight(store, part)
+            if flight is None:
+                return False
+            await self._fly(store, part, flight, on_bytes, readahead=False)
+            self._raise_for(flight)
+            return True
         return False
 
-    async def _fetch(self, store: PartStore, part: int, on_bytes: ByteCallback | None) -> None:
-        ident = store.identity
+    def _raise_for(self, flight: _Flight) -> None:
+        if flight.error is not None and not isinstance(flight.error, trio.Cancelled):
+            raise flight.error
+
+    def _new_flight(self, store: PartStore, part: int) -> _Flight | None:
+        """Register a flight for a missing part (None when it turned out present)."""
+        # Another process sharing the store may have fetched it meanwhile.
+        store.refresh()
+        if store.is_present(part):
+            return None
         first, end = store.layout.bounds(part)
+        flight = _Flight(first, end, first)
+        self._flights[(id(store), part)] = flight
+        return flight
+
+    async def _fly(
+        self,
+        store: PartStore,
+        part: int,
+        flight: _Flight,
+        on_bytes: ByteCallback | None,
+        *,
+        readahead: bool,
+    ) -> None:
+        """Fetch one part; record the outcome in *flight* (and re-raise cancellation)."""
+        error: BaseException | None = None
+        try:
+            if readahead:
+                async with self.readahead_limiter:
+                    await self._fetch(store, part, flight, on_bytes)
+            else:
+                await self._fetch(store, part, flight, on_bytes)
+        except trio.Cancelled as e:
+            error = e
+            raise
+        except Exception as e:
+            error = e
+            if not readahead:
+                raise
+            log.debug("read-ahead of part %d of %s failed: %s", part, store.identity.key, e)
+        finally:
+            del self._flights[(id(store), part)]
+            flight.finish(error)
+
+    async def _fetch(self, store: PartStore, part: int, flight: _Flight,
+                     on_bytes: ByteCallback | None) -> None:
+        ident = store.identity
         if self._reserve is not None:
-            await self._reserve(store, part, end - first)
+            await self._reserve(store, part, flight.end - flight.first)
         crc = 0
 
         async def sink(offset: int, data: bytes) -> None:
             nonlocal crc
             store.write(offset, data)
             crc = crc64(data, crc)
+            flight.advance(offset + len(data))
             if on_bytes is not None:
                 on_bytes(len(data))
 
         async with self.limiter:
             # The limiter is taken after the reservation so a task waiting for
             # space does not hold a connection slot.
-            n = await self.client.get_range(ident.bucket, ident.key, first, end, ident.etag, sink)
+            n = await self.client.get_range(ident.bucket, ident.key, flight.first, flight.end,
+                                            ident.etag, sink)
         store.commit(part, crc)
         self.parts_fetched += 1
         self.bytes_fetched += n
+
+    # ---------------------------------------------------------------- background
+
+    def start(self, store: PartStore, part: int, *, readahead: bool = False) -> _Flight | None:
+        """Start fetching *part* in the background unless present or in flight."""
+        if store.is_present(part):
+            return None
+        flight = self._flights.get((id(store), part))
+        if flight is not None:
+            return flight
+        flight = self._new_flight(store, part)
+        if flight is None:
+            return None
+        if self._nursery is None:
+            raise RuntimeError("Fetcher.attach() was not called")
+        self._nursery.start_soon(self._background, store, part, flight, readahead)
+        return flight
+
+    async def _background(self, store: PartStore, part: int, flight: _Flight,
+                          readahead: bool) -> None:
+        # A failure is recorded in the flight; the readers waiting on it raise it.
+        with contextlib.suppress(Exception):
+            await self._fly(store, part, flight, None, readahead=readahead)
+
+    async def wait_for(self, store: PartStore, offset: int, end: int) -> None:
+        """Return once object bytes ``[offset, end)`` are on disk, fetching what is missing.
+
+        Needs `attach`. Raises the error of a failed flight.
+        """
+        for part in store.layout.parts_for(offset, end - offset):
+            _, part_end = store.layout.bounds(part)
+            need = min(end, part_end)
+            while not store.is_present(part):
+                flight = self.start(store, part)
+                if flight is None:
+                    break
+                if flight.written >= need:
+                    break
+                if flight.done.is_set():
+                    self._raise_for(flight)
+                    continue  # cancelled: start again
+                await flight.progress.wait()
+
+    def read_ahead(self, store: PartStore, after_part: int, window: int) -> None:
+        """Fetch up to *window* missing parts after *after_part* in the background."""
+        last = min(store.layout.count - 1, after_part + window)
+        for part in range(after_part + 1, last + 1):
+            if not store.is_present(part) and not self.in_flight(store, part):
+                self.start(store, part, readahead=True)

@@ -1,0 +1,411 @@
+"""The cache directory: one part store per object version, under a size cap.
+
+Layout (``docs/cache-format.md``)::
+
+    ROOT/                     0700
+      FORMAT                  "ossfs-cache 1"
+      objects/ab/<sha256>/    0700, one per object version (bucket, key, ETag, size, part size)
+        data                  0600, sparse: only fetched parts take space
+        index                 0600, the part journal (see ossfs.cache.index)
+
+A key never becomes a path: directories are named by a hash of the version's
+identity, so no key can reach outside ROOT.
+
+Sharing: any number of processes (a mount, ``ossfs materialize``, a second
+mount) use one ROOT at once. A process holds ``flock(LOCK_SH)`` on the
+``data`` file of every store it has open; eviction of another process's store
+needs ``LOCK_EX`` without waiting, so a store somebody reads is never deleted
+under them. Parts fetched by one process reach the others through the index.
+
+Bounds: before a part is written, `CacheDir.reserve` makes room under
+``max_bytes`` and above a free-space floor by evicting least recently used
+data: first whole stores nobody holds, then parts of open stores that no
+reader holds at that moment (punched out of the sparse file). When nothing
+can go, the write proceeds over the cap (one warning), so an object larger
+than the cap still reads correctly.
+
+Must not import: trio, httpx, pyfuse3.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+
+from ossfs.cache.index import IndexCorrupt, IndexFile, StoreIdentity
+from ossfs.cache.store import PartStore
+from ossfs.errors import CheckpointError
+
+__all__ = ["CacheDir", "CachedObjectInfo", "identity_for"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ossfs-cache 1"
+# How often (seconds) the byte count is re-read from disk to include other processes.
+_RESCAN_INTERVAL = 30.0
+# Store directories touched at most this often (seconds) for the LRU order.
+_TOUCH_INTERVAL = 60.0
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Give the blocks of ``[offset, offset+length)`` back to the file system."""
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def identity_for(bucket: str, key: str, etag: str, size: int, part_size: int) -> StoreIdentity:
+    """The identity of a whole-object store in the cache."""
+    return StoreIdentity(bucket=bucket, key=key, etag=etag, size=size, part_size=part_size,
+                         start=0, length=size)
+
+
+def _store_name(identity: StoreIdentity) -> str:
+    blob = json.dumps(asdict(identity), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass(slots=True)
+class _Open:
+    """A store this process has open."""
+
+    store: PartStore
+    directory: str
+    refs: int = 0
+    pins: Counter[int] = field(default_factory=Counter)
+    part_access: dict[int, float] = field(default_factory=dict)
+    touched: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class CachedObjectInfo:
+    bucket: str
+    key: str
+    etag: str
+    size: int
+    cached_bytes: int
+    parts: int
+    parts_present: int
+
+
+class CacheDir:
+    """A cache root shared by processes; see the module docstring."""
+
+    def __init__(self, root: str, *, max_bytes: int, min_free_fraction: float = 0.05) -> None:
+        self.root = os.path.abspath(root)
+        self.max_bytes = max_bytes
+        self.min_free_fraction = min_free_fraction
+        self._objects = os.path.join(self.root, "objects")
+        self._open: dict[str, _Open] = {}
+        self._by_store: dict[int, _Open] = {}
+        self._used = 0
+        self._scanned_at = 0.0
+        self._warned_over = False
+        self.evicted_bytes = 0
+        self._prepare()
+
+    # ---------------------------------------------------------------- set-up
+
+    def _prepare(self) -> None:
+        try:
+            os.makedirs(self._objects, mode=0o700, exist_ok=True)
+            os.chmod(self.root, 0o700)
+        except OSError as e:
+            raise CheckpointError(f"cannot use cache directory {self.root}: {e.strerror}") from e
+        marker = os.path.join(self.root, "FORMAT")
+        try:
+            with open(marker) as f:
+                found = f.read().strip()
+        except FileNotFoundError:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.write(fd, (FORMAT + "\n").encode())
+            os.close(fd)
+            found = FORMAT
+        if found != FORMAT:
+            raise CheckpointError(f"{self.root} holds a cache of another format ({found!r}); "
+                                  "use another --cache-dir or delete it")
+        self.rescan()
+
+    def _dir_for(self, identity: StoreIdentity) -> str:
+        name = _store_name(identity)
+        return os.path.join(self._objects, name[:2], name)
+
+    # ---------------------------------------------------------------- stores
+
+    def acquire(self, identity: StoreIdentity) -> PartStore:
+        """Open the store for *identity* (shared in this process; counted)."""
+        directory = self._dir_for(identity)
+        entry = self._open.get(directory)
+        if entry is None:
+            entry = self._open_store(identity, directory)
+            self._open[directory] = entry
+            self._by_store[id(entry.store)] = entry
+        entry.refs += 1
+        self._touch(entry)
+        return entry.store
+
+    def _open_store(self, identity: StoreIdentity, directory: str) -> _Open:
+        for _ in range(5):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            data = os.path.join(directory, "data")
+            try:
+                store = PartStore.open(identity, data, os.path.join(directory, "index"),
+                                       shared=True,
+                                       on_discard=lambda d: log.warning("cache: %s", d))
+            except FileNotFoundError:
+                continue  # another process evicted the directory just now: try again
+            fcntl.flock(store.fileno(), fcntl.LOCK_SH)
+            # Between open and lock another process may have evicted the store.
+            try:
+                same = os.stat(data).st_ino == os.fstat(store.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return _Open(store, directory)
+            store.close()
+        raise CheckpointError(f"cannot open cache store {directory}")
+
+    def release(self, store: PartStore) -> None:
+        entry = self._by_store.get(id(store))
+        if entry is None:
+            return
+        entry.refs -= 1
+        if entry.refs <= 0:
+            del self._open[entry.directory]
+            del self._by_store[id(store)]
+            store.compact()
+            store.close()
+
+    def close(self) -> None:
+        for entry in list(self._open.values()):
+            entry.store.close()
+        self._open.clear()
+        self._by_store.clear()
+
+    @contextmanager
+    def pinned(self, store: PartStore, parts: range | list[int]) -> Iterator[None]:
+        """Keep *parts* of *store* from being evicted while a reader uses them."""
+        entry = self._by_store[id(store)]
+        now = time.monotonic()
+        for p in parts:
+            entry.pins[p] += 1
+            entry.part_access[p] = now
+        try:
+            yield
+        finally:
+            for p in parts:
+                entry.pins[p] -= 1
+                if entry.pins[p] <= 0:
+                    del entry.pins[p]
+
+    def _touch(self, entry: _Open) -> None:
+        now = time.time()
+        if now - entry.touched > _TOUCH_INTERVAL:
+            entry.touched = now
+            with suppress(OSError):
+                os.utime(entry.directory)
+
+    def note_access(self, store: PartStore, parts: range | list[int]) -> None:
+        entry = self._by_store.get(id(store))
+        if entry is None:
+            return
+        now = time.monotonic()
+        for p in parts:
+            entry.part_access[p] = now
+        self._touch(entry)
+
+    # ---------------------------------------------------------------- accounting
+
+    def _walk(self) -> Iterator[tuple[str, os.stat_result]]:
+        """(store directory, stat of its data file) for every store on disk."""
+        try:
+            shards = os.scandir(self._objects)
+        except FileNotFoundError:
+            return
+        with shards:
+            for shard in shards:
+                if not shard.is_dir(follow_symlinks=False):
+                    continue
+                with os.scandir(shard.path) as stores:
+                    for s in stores:
+                        try:
+                            st = os.stat(os.path.join(s.path, "data"))
+                        except FileNotFoundError:
+                            continue
+                        yield s.path, st
+
+    def rescan(self) -> int:
+        """Recount the bytes the cache holds on disk (all processes)."""
+        self._used = sum(st.st_blocks * 512 for _, st in self._walk())
+        self._scanned_at = time.monotonic()
+        return self._used
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def _free_floor_shortfall(self, incoming: int) -> int:
+        st = os.statvfs(self.root)
+        floor = int(st.f_blocks * st.f_frsize * self.min_free_fraction)
+        free = st.f_bavail * st.f_frsize
+        return max(0, floor - (free - incoming))
+
+    def reserve_sync(self, store: PartStore, part: int, nbytes: int) -> None:
+        """Make room for *nbytes* of *part* in *store* (blocking file-system work)."""
+        if time.monotonic() - self._scanned_at > _RESCAN_INTERVAL:
+            self.rescan()
+        need = max(self._used + nbytes - self.max_bytes, self._free_floor_shortfall(nbytes))
+        if need > 0:
+            freed = self._evict(need, keep=(id(store), part))
+            self._used -= freed
+            if freed < need and not self._warned_over:
+                self._warned_over = True
+                log.warning("cache %s: everything left is in use; going %s over the limit",
+                            self.root, _mib(need - freed))
+        self._used += nbytes
+
+    # ---------------------------------------------------------------- eviction
+
+    def _evict(self, need: int, keep: tuple[int, int]) -> int:
+        freed = 0
+        # 1. Whole stores no process holds, least recently used first.
+        candidates = sorted(
+            ((st_dir_mtime(d), d, st.st_blocks * 512) for d, st in self._walk()
+             if d not in self._open),
+        )
+        for _mtime, directory, size in candidates:
+            if freed >= need:
+                return freed
+            if self._remove_store(directory):
+                freed += size
+        # 2. Parts of stores open here that no reader holds, least recently used first.
+        parts: list[tuple[float, _Open, int]] = []
+        for entry in self._open.values():
+            for p in entry.store.parts:
+                if entry.pins.get(p) or (id(entry.store), p) == keep:
+                    continue
+                parts.append((entry.part_access.get(p, 0.0), entry, p))
+        parts.sort(key=lambda t: t[0])
+        by_entry: dict[int, list[int]] = {}
+        for _t, entry, p in parts:
+            if freed >= need:
+                break
+            by_entry.setdefault(id(entry), []).append(p)
+            freed += entry.store.layout.part_length(p)
+        for entry in list(self._open.values()):
+            chosen = by_entry.get(id(entry))
+            if chosen and not self._evict_parts(entry, chosen):
+                freed -= sum(entry.store.layout.part_length(p) for p in chosen)
+        return max(freed, 0)
+
+    def _remove_store(self, directory: str) -> bool:
+        data = os.path.join(directory, "data")
+        try:
+            fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # another process reads it
+            # Rename first so a process opening the store now starts a fresh one.
+            trash = f"{directory}.evicted-{os.getpid()}"
+            try:
+                os.rename(directory, trash)
+            except OSError:
+                return False
+        finally:
+            os.close(fd)
+        shutil.rmtree(trash, ignore_errors=True)
+        log.debug("cache: evicted %s", directory)
+        return True
+
+    def _evict_parts(self, entry: _Open, parts: list[int]) -> bool:
+        fd = entry.store.fileno()
+        try:
+            # Upgrade our shared lock: it works only if no other process has the store.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        try:
+            entry.store.drop(parts)  # the record goes first: then the bytes
+            for p in parts:
+                first, end = entry.store.layout.bounds(p)
+                try:
+                    _punch_hole(fd, first, end - first)
+                except OSError as e:
+                    if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                        log.warning("cache: the file system cannot punch holes; parts stay "
+                                    "allocated until the object is evicted")
+                        return True
+                    raise
+            self.evicted_bytes += sum(entry.store.layout.part_length(p) for p in parts)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        return True
+
+    # ---------------------------------------------------------------- reporting
+
+    def info_for(self, identity: StoreIdentity) -> CachedObjectInfo | None:
+        """How much of one object version the cache holds (None: nothing)."""
+        directory = self._dir_for(identity)
+        entry = self._open.get(directory)
+        if entry is not None:
+            entry.store.refresh()
+            parts = entry.store.parts
+        else:
+            try:
+                index = IndexFile.load(os.path.join(directory, "index"))
+            except IndexCorrupt:
+                return None
+            if index is None:
+                return None
+            parts = index.state.parts
+            index.close()
+        count = -(-identity.length // identity.part_size)
+        return CachedObjectInfo(identity.bucket, identity.key, identity.etag, identity.size,
+                                sum(r.length for r in parts.values()), count, len(parts))
+
+    def objects(self) -> Iterator[CachedObjectInfo]:
+        """Every object version the cache holds something of."""
+        for directory, _st in self._walk():
+            try:
+                index = IndexFile.load(os.path.join(directory, "index"))
+            except IndexCorrupt:
+                continue
+            if index is None:
+                continue
+            ident, parts = index.state.identity, index.state.parts
+            index.close()
+            count = -(-ident.length // ident.part_size)
+            yield CachedObjectInfo(ident.bucket, ident.key, ident.etag, ident.size,
+                                   sum(r.length for r in parts.values()), count, len(parts))
+
+
+def st_dir_mtime(directory: str) -> float:
+    try:
+        return os.stat(directory).st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"

@@ -1,0 +1,334 @@
+"""The FUSE operations: kernel requests translated to namespace and fetcher calls.
+
+This module only translates. It does no HTTP, no retries and starts no tasks
+of its own: lookups and listings go to `Namespace`, bytes to `Fetcher` and the
+part stores of `CacheDir`. Exceptions become errnos in one place
+(`_errors`). The file system is read-only: every request that would change it
+fails with EROFS.
+
+Per open file the ETag seen at open is pinned: all its bytes come from that
+version (every GET carries If-Match). When the object changes under an open
+file, reads fail with EIO and a log line; the next open sees the new version.
+The kernel page cache is kept across opens while the ETag stays the same.
+
+Must not import: httpx.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pyfuse3
+import trio
+
+from ossfs.cache.cachedir import CacheDir, identity_for
+from ossfs.cache.store import PartStore
+from ossfs.errors import NotFoundError, ObjectChangedError, OssfsError, errno_for
+from ossfs.fetcher import Fetcher, ReadAhead
+from ossfs.namespace import DirReader, Namespace, Node
+
+__all__ = ["Operations", "FsOptions"]
+
+log = logging.getLogger(__name__)
+
+_XATTR_PREFIX = "user.ossfs."
+_FILE_XATTRS = ("etag", "crc64", "cached_bytes", "url")
+_ROOT_XATTRS = ("mount", "status")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FsOptions:
+    """How files look: owner, permissions and how long the kernel may cache them."""
+
+    uid: int
+    gid: int
+    umask: int = 0o222
+    ttl: float = 60.0
+    negative_ttl: float = 5.0
+    part_size: int = 8 << 20
+    read_ahead_parts: int = 16
+
+
+@dataclass(slots=True)
+class _Handle:
+    node: Node
+    store: PartStore
+    url: str
+    readahead: ReadAhead
+
+
+class Operations(pyfuse3.Operations):
+    """A read-only view of a bucket prefix."""
+
+    enable_writeback_cache = False
+
+    def __init__(
+        self,
+        namespace: Namespace,
+        fetcher: Fetcher,
+        cache: CacheDir,
+        options: FsOptions,
+        *,
+        describe: Callable[[], dict[str, Any]],
+        status: Callable[[], dict[str, Any]],
+        has_crc64: bool = True,
+    ) -> None:
+        super().__init__()
+        self.ns = namespace
+        self.fetcher = fetcher
+        self.cache = cache
+        self.opts = options
+        self._describe = describe
+        self._status = status
+        # S3 has no CRC-64 to show; OSS has it on HEAD (not in listings).
+        self._file_xattrs = _FILE_XATTRS if has_crc64 else tuple(
+            n for n in _FILE_XATTRS if n != "crc64")
+        self._handles: dict[int, _Handle] = {}
+        self._dirs: dict[int, tuple[Node, DirReader]] = {}
+        self._next_fh = 1
+        self._last_etag: dict[int, str] = {}
+        self._mounted_at = time.time()
+        self.errors = 0
+
+    # ---------------------------------------------------------------- errors
+
+    @asynccontextmanager
+    async def _errors(self, what: str, path: str) -> AsyncIterator[None]:
+        """The one place where exceptions become errnos."""
+        try:
+            yield
+        except pyfuse3.FUSEError:
+            raise
+        except ObjectChangedError as e:
+            self.errors += 1
+            log.error("%s %s: the object changed while open; reopen to read the new version "
+                      "(%s)", what, path, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OssfsError as e:
+            code = errno_for(e)
+            if code != errno.ENOENT:
+                self.errors += 1
+                log.error("%s %s failed: %s", what, path, e)
+            raise pyfuse3.FUSEError(code) from None
+        except OSError as e:
+            self.errors += 1
+            log.error("%s %s failed: %s", what, path, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+
+    # ---------------------------------------------------------------- attributes
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.inode
+        a.generation = 0
+        a.entry_timeout = self.opts.ttl
+        a.attr_timeout = self.opts.ttl
+        a.st_uid = self.opts.uid
+        a.st_gid = self.opts.gid
+        a.st_blksize = 1 << 20
+        if node.is_dir:
+            a.st_mode = stat.S_IFDIR | (0o777 & ~self.opts.umask)
+            a.st_nlink = 1  # "unknown": tools like find must not count subdirectories
+            a.st_size = 0
+            stamp = self._mounted_at
+        else:
+            meta = node.meta
+            assert meta is not None
+            a.st_mode = stat.S_IFREG | (0o666 & ~self.opts.umask)
+            a.st_nlink = 1
+            a.st_size = meta.size
+            stamp = meta.mtime
+        a.st_blocks = -(-a.st_size // 512)
+        ns = int(stamp * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
+        return a
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        text = os.fsdecode(name)
+        async with self._errors("lookup", text):
+            try:
+                node = await self.ns.lookup(parent_inode, text)
+            except NotFoundError:
+                # A negative entry the kernel may cache for a short while.
+                neg = pyfuse3.EntryAttributes()
+                neg.st_ino = 0
+                neg.entry_timeout = self.opts.negative_ttl
+                return neg
+        node.lookups += 1
+        return self._attrs(node)
+
+    async def getattr(self, inode: int,
+                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        async with self._errors("getattr", str(inode)):
+            return self._attrs(self.ns.node(inode))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            try:
+                self.ns.forget(inode, count)
+            except Exception:  # forget must never raise
+                log.exception("forget %d", inode)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = max(1, self.cache.used_bytes // 4096)
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = self.ns.inode_count
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # ---------------------------------------------------------------- directories
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        async with self._errors("opendir", str(inode)):
+            node = self.ns.node(inode)
+            reader = self.ns.open_dir(inode)
+        fh = self._new_fh()
+        self._dirs[fh] = (node, reader)
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        parent, reader = self._dirs[fh]
+        pos = start_id
+        while True:
+            async with self._errors("readdir", reader.path or "/"):
+                await self.ns.fill(reader, pos)
+            if pos >= len(reader.entries):
+                return
+            for i, entry in self.ns.iter_entries(reader, pos):
+                node = self.ns.remember(parent, entry)
+                if not pyfuse3.readdir_reply(token, os.fsencode(entry.name),
+                                             self._attrs(node), i + 1):
+                    return
+                node.lookups += 1
+                pos = i + 1
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # ---------------------------------------------------------------- files
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    async def open(self, inode: int, flags: int,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self.ns.node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        async with self._errors("open", node.path):
+            node = await self.ns.refresh(node)
+            meta = node.meta
+            assert meta is not None
+            ident = identity_for(self.ns.bucket, meta.key, meta.etag, meta.size,
+                                 self.opts.part_size)
+            store = self.cache.acquire(ident)
+        fh = self._new_fh()
+        url = f"{self.ns.scheme}://{self.ns.bucket}/{meta.key}"
+        self._handles[fh] = _Handle(node, store, url,
+                                    ReadAhead(max_parts=self.opts.read_ahead_parts))
+        keep = self._last_etag.get(inode) == meta.etag
+        self._last_etag[inode] = meta.etag
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handles[fh]
+        store = h.store
+        total = store.identity.size
+        if off >= total or size <= 0:
+            return b""
+        end = min(off + size, total)
+        parts = store.layout.parts_for(off, end - off)
+        window = h.readahead.observe(off, end - off, store.identity.part_size)
+        async with self._errors("read", h.url):
+            with self.cache.pinned(store, parts):
+                if window:
+                    self.fetcher.read_ahead(store, parts[-1], window)
+                await self.fetcher.wait_for(store, off, end)
+                for p in parts:
+                    if store.is_present(p) and p not in store.verified:
+                        await self._verify(store, p, h.url)
+                await self.fetcher.wait_for(store, off, end)
+                data = store.read(off, end - off)
+            self.cache.note_access(store, parts)
+        return data
+
+    async def _verify(self, store: PartStore, part: int, url: str) -> None:
+        """Check a part another process (or an earlier run) cached before serving it."""
+        if not await trio.to_thread.run_sync(store.verify, part):
+            log.warning("%s: cached part %d failed its CRC check; fetching it again", url, part)
+            store.drop([part])
+
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is not None:
+            self.cache.release(h.store)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    # ---------------------------------------------------------------- xattrs
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        node = self.ns.node(inode)
+        if inode == pyfuse3.ROOT_INODE:
+            names: tuple[str, ...] = _ROOT_XATTRS
+        elif node.is_dir:
+            names = ()
+        else:
+            names = self._file_xattrs
+        return [(_XATTR_PREFIX + n).encode() for n in names]
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        key = name.decode(errors="replace")
+        if not key.startswith(_XATTR_PREFIX):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        attr = key[len(_XATTR_PREFIX):]
+        node = self.ns.node(inode)
+        async with self._errors("getxattr", node.path):
+            if inode == pyfuse3.ROOT_INODE and attr in _ROOT_XATTRS:
+                doc = self._describe() if attr == "mount" else self._status()
+                return json.dumps(doc, sort_keys=True).encode()
+            if node.is_dir or attr not in self._file_xattrs:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            meta = node.meta
+            assert meta is not None
+            if attr == "etag":
+                return meta.etag.encode()
+            if attr == "url":
+                return f"{self.ns.scheme}://{self.ns.bucket}/{meta.key}".encode()
+            if attr == "crc64":
+                if meta.crc64 is None:
+                    fresh = await self.ns.client.head(self.ns.bucket, meta.key)
+                    if fresh.etag == meta.etag:
+                        node.meta = meta = fresh
+                if meta.crc64 is None:
+                    raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+                return str(meta.crc64).encode()
+            info = self.cache.info_for(identity_for(self.ns.bucket, meta.key, meta.etag,
+                                                    meta.size, self.opts.part_size))
+            return str(info.cached_bytes if info else 0).encode()
+
+    # ---------------------------------------------------------------- read-only
+
+    async def _erofs(self, *args: Any, **kwargs: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs
+    create = write = setxattr = removexattr = fsync = fsyncdir = _erofs

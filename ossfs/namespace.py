@@ -1,0 +1,333 @@
+"""The namespace: bucket listings seen as directories and files, with inode numbers.
+
+Objects are files; ``/``-separated prefixes are directories, whether implied
+by deeper keys or marked by a ``dir/`` object. Everything comes from
+ListObjectsV2 pages (no HEAD per entry): sizes, ETags and mtimes included.
+
+Rules that decide what a key looks like (``docs/semantics.md``):
+
+- A name that cannot be a POSIX file name is skipped, with one warning per
+  key: ``.``, ``..``, empty (from ``a//b``), longer than 255 bytes, or holding
+  NUL. Names are single path components by construction, so no key can
+  produce a path outside the mount.
+- When a key is both a file and a prefix (``x`` and ``x/...``) the directory
+  wins and the file is hidden (one warning): that hides one object, not a
+  whole tree.
+
+Caches (cachetools): directory listings for ``ttl`` seconds, negative
+lookups for ``negative_ttl``. `DirReader` pages through a listing lazily as
+``readdir`` asks for more, with stable offsets (its position in the list it
+has built), so a directory of 100k objects costs 100 requests and no
+quadratic work; a complete listing is kept for later lookups.
+
+Must not import: pyfuse3, httpx.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import trio
+from cachetools import TTLCache
+
+from ossfs.client import ObjectClient
+from ossfs.errors import NotFoundError
+from ossfs.model import ObjectMeta
+
+__all__ = ["Node", "Namespace", "DirReader", "ROOT_INODE", "valid_name"]
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+_NAME_MAX = 255
+
+
+def valid_name(name: str) -> bool:
+    return (name not in ("", ".", "..") and "\0" not in name
+            and len(name.encode("utf-8", "surrogateescape")) <= _NAME_MAX)
+
+
+@dataclass(slots=True)
+class Node:
+    """One file or directory known to the kernel (or about to be).
+
+    :path: relative to the mount root, no leading or trailing slash ('' is the root).
+    :meta: for files, what the listing (or a HEAD) said; None for directories.
+    :seen: monotonic time `meta` was read.
+    """
+
+    inode: int
+    path: str
+    is_dir: bool
+    meta: ObjectMeta | None
+    seen: float
+    lookups: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+
+@dataclass(slots=True)
+class _Entry:
+    name: str
+    is_dir: bool
+    meta: ObjectMeta | None
+
+
+@dataclass(slots=True)
+class _Listing:
+    entries: dict[str, _Entry]
+    complete: bool
+
+
+@dataclass(slots=True)
+class DirReader:
+    """One open directory: the entries found so far and how to get more.
+
+    Offsets handed to the kernel are positions in `entries`, which only grows,
+    so a ``readdir`` that resumes at an offset never skips or repeats a name.
+    """
+
+    path: str
+    entries: list[_Entry] = field(default_factory=list)
+    token: str | None = None
+    done: bool = False
+    _pending: deque[tuple[str, _Entry]] = field(default_factory=deque)
+    _names: set[str] = field(default_factory=set)
+
+
+class Namespace:
+    """Inodes and listings for one mounted bucket prefix."""
+
+    def __init__(
+        self,
+        client: ObjectClient,
+        bucket: str,
+        prefix: str,
+        *,
+        ttl: float = 60.0,
+        negative_ttl: float = 5.0,
+        max_dirs: int = 4096,
+        scheme: str = "oss",
+    ) -> None:
+        self.client = client
+        self.scheme = scheme
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        root = Node(ROOT_INODE, "", True, None, time.monotonic(), lookups=1)
+        self._nodes: dict[int, Node] = {ROOT_INODE: root}
+        self._by_path: dict[str, int] = {"": ROOT_INODE}
+        self._next_inode = ROOT_INODE + 1
+        self._listings: TTLCache[str, _Listing] = TTLCache(maxsize=max_dirs, ttl=max(ttl, 1e-3))
+        self._negative: TTLCache[str, bool] = TTLCache(maxsize=65536,
+                                                       ttl=max(negative_ttl, 1e-3))
+        self._warned: set[str] = set()
+        self.list_requests = 0
+
+    # ---------------------------------------------------------------- keys
+
+    def key_of(self, path: str) -> str:
+        return self.prefix + path
+
+    def _dir_prefix(self, path: str) -> str:
+        return self.prefix + (path + "/" if path else "")
+
+    def _warn_once(self, key: str, why: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("skipping %s://%s/%s: %s", self.scheme, self.bucket, key, why)
+
+    # ---------------------------------------------------------------- inodes
+
+    def node(self, inode: int) -> Node:
+        try:
+            return self._nodes[inode]
+        except KeyError:
+            raise NotFoundError(404, "NoSuchInode", f"inode {inode} is unknown") from None
+
+    def _node_for(self, path: str, entry: _Entry) -> Node:
+        now = time.monotonic()
+        inode = self._by_path.get(path)
+        if inode is not None:
+            node = self._nodes[inode]
+            if node.is_dir == entry.is_dir:
+                if entry.meta is not None:
+                    node.meta, node.seen = entry.meta, now
+                return node
+            # The key changed kind (file <-> directory): it is a new inode.
+            del self._by_path[path]
+        inode = self._next_inode
+        self._next_inode += 1
+        node = Node(inode, path, entry.is_dir, entry.meta, now)
+        self._nodes[inode] = node
+        self._by_path[path] = inode
+        return node
+
+    def remember(self, parent: Node, entry: _Entry) -> Node:
+        path = f"{parent.path}/{entry.name}" if parent.path else entry.name
+        return self._node_for(path, entry)
+
+    def forget(self, inode: int, count: int) -> None:
+        node = self._nodes.get(inode)
+        if node is None or inode == ROOT_INODE:
+            return
+        node.lookups -= count
+        if node.lookups <= 0:
+            del self._nodes[inode]
+            if self._by_path.get(node.path) == inode:
+                del self._by_path[node.path]
+
+    @property
+    def inode_count(self) -> int:
+        return len(self._nodes)
+
+    # ---------------------------------------------------------------- lookup
+
+    async def lookup(self, parent_inode: int, name: str) -> Node:
+        """Find *name* in a directory; raise NotFoundError when it is not there."""
+        parent = self.node(parent_inode)
+        if not parent.is_dir:
+            raise NotFoundError(404, "NotADirectory", parent.path)
+        if name == ".":
+            return parent
+        if name == "..":
+            return self.node(self._by_path.get(parent.path.rpartition("/")[0], ROOT_INODE))
+        path = f"{parent.path}/{name}" if parent.path else name
+        if not valid_name(name) or path in self._negative:
+            raise NotFoundError(404, "NoSuchKey", path)
+        listing = self._listings.get(parent.path)
+        if listing is not None:
+            entry = listing.entries.get(name)
+            if entry is not None:
+                return self.remember(parent, entry)
+            if listing.complete:
+                self._negative[path] = True
+                raise NotFoundError(404, "NoSuchKey", path)
+        entry = await self._probe(path, name)
+        if entry is None:
+            self._negative[path] = True
+            raise NotFoundError(404, "NoSuchKey", path)
+        return self.remember(parent, entry)
+
+    async def _probe(self, path: str, name: str) -> _Entry | None:
+        """Is *path* a directory (a prefix with something under it) or a file (an object)?"""
+        key = self.key_of(path)
+        found: dict[str, object] = {}
+
+        async def as_dir() -> None:
+            self.list_requests += 1
+            page = await self.client.list_page(self.bucket, prefix=key + "/", delimiter="/",
+                                               max_keys=1)
+            found["dir"] = bool(page.objects or page.prefixes)
+
+        async def as_file() -> None:
+            try:
+                found["file"] = await self.client.head(self.bucket, key)
+            except NotFoundError:
+                found["file"] = None
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(as_dir)
+            nursery.start_soon(as_file)
+        meta = found.get("file")
+        if found.get("dir"):
+            if isinstance(meta, ObjectMeta):
+                self._warn_once(key, "it is also a directory prefix; the directory is shown")
+            return _Entry(name, True, None)
+        if isinstance(meta, ObjectMeta):
+            return _Entry(name, False, meta)
+        return None
+
+    async def refresh(self, node: Node) -> Node:
+        """Re-read a file's metadata when it is older than the TTL (before an open)."""
+        if node.is_dir or time.monotonic() - node.seen < self.ttl:
+            return node
+        meta = await self.client.head(self.bucket, self.key_of(node.path))
+        node.meta, node.seen = meta, time.monotonic()
+        return node
+
+    # ---------------------------------------------------------------- readdir
+
+    def open_dir(self, inode: int) -> DirReader:
+        node = self.node(inode)
+        reader = DirReader(node.path)
+        listing = self._listings.get(node.path)
+        if listing is not None and listing.complete:
+            reader.entries = list(listing.entries.values())
+            reader.done = True
+        return reader
+
+    async def fill(self, reader: DirReader, upto: int) -> None:
+        """Fetch listing pages until *reader* has more than *upto* entries or is done."""
+        while len(reader.entries) <= upto and not reader.done:
+            await self._next_page(reader)
+
+    async def _next_page(self, reader: DirReader) -> None:
+        prefix = self._dir_prefix(reader.path)
+        self.list_requests += 1
+        page = await self.client.list_page(self.bucket, prefix=prefix, delimiter="/",
+                                           continuation_token=reader.token)
+        items: list[tuple[str, _Entry]] = []
+        for obj in page.objects:
+            name = obj.key[len(prefix):]
+            if not obj.key.startswith(prefix) or name == "":
+                continue  # the directory's own marker object
+            if "/" in name:
+                continue  # cannot happen with a delimiter; be safe with odd servers
+            items.append((obj.key, _Entry(name, False, obj)))
+        for p in page.prefixes:
+            name = p[len(prefix):].rstrip("/")
+            if not p.startswith(prefix):
+                continue
+            items.append((p, _Entry(name, True, None)))
+        items.sort(key=lambda t: t[0])
+        for key, entry in items:
+            self._accept(reader, key, entry)
+        reader.token = page.next_token
+        if reader.token is None:
+            while reader._pending:
+                self._emit(reader, reader._pending.popleft()[1])
+            reader.done = True
+            self._listings[reader.path] = _Listing({e.name: e for e in reader.entries}, True)
+        else:
+            partial = self._listings.get(reader.path)
+            if partial is None or not partial.complete:
+                self._listings[reader.path] = _Listing({e.name: e for e in reader.entries},
+                                                       False)
+
+    def _accept(self, reader: DirReader, key: str, entry: _Entry) -> None:
+        # A file "x" waits until no "x/" prefix can follow: keys sort, and "x/" comes
+        # after every "x<c>" with c < "/". Usually the very next item settles it.
+        while reader._pending and reader._pending[0][0] + "/" < key:
+            self._emit(reader, reader._pending.popleft()[1])
+        if not valid_name(entry.name):
+            self._warn_once(key, "the name is not a valid file name")
+            return
+        if entry.is_dir:
+            for i, (pkey, pending) in enumerate(reader._pending):
+                if pending.name == entry.name:
+                    del reader._pending[i]
+                    self._warn_once(pkey, "it is also a directory prefix; the directory "
+                                          "is shown")
+                    break
+            self._emit(reader, entry)
+        else:
+            reader._pending.append((key, entry))
+
+    def _emit(self, reader: DirReader, entry: _Entry) -> None:
+        if entry.name in reader._names:
+            return
+        reader._names.add(entry.name)
+        reader.entries.append(entry)
+
+    def iter_entries(self, reader: DirReader, start: int) -> Iterator[tuple[int, _Entry]]:
+        for i in range(start, len(reader.entries)):
+            yield i, reader.entries[i]
+
