@@ -25,7 +25,7 @@ import trio
 from ossfs import __version__
 from ossfs.client import ClientConfig, HttpObjectClient
 from ossfs.config import ConnectionOptions, ObjectUrl, parse_object_url, resolve_endpoint
-from ossfs.errors import IntegrityError, OssfsError, UsageError
+from ossfs.errors import IntegrityError, OssfsError, UsageError, unwrap_groups
 from ossfs.model import DEFAULT_PART_SIZE, GiB, format_size, parse_range, parse_size
 
 __all__ = ["main", "build_parser"]
@@ -69,6 +69,17 @@ def _seconds(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return value
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a shard: {text!r} (use I/N, e.g. 0/4)") from None
+    if not sep or n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"not a shard: {text!r} (use I/N with 0 <= I < N)")
+    return i, n
 
 
 def _fraction(text: str) -> float:
@@ -231,6 +242,26 @@ def _add_mount_commands(sub: Any) -> None:
     g.add_argument("-f", "--foreground", action="store_true",
                    help="stay in the foreground (logs go to stderr)")
     g.add_argument("--log-file", metavar="FILE", help="write the log here")
+    _add_connection_options(p)
+    _add_logging_options(p)
+
+    p = sub.add_parser(
+        "materialize", help="prefetch objects or prefixes into the cache (resumable)",
+        description="Fetch whole objects into the part cache the mount uses, concurrently "
+                    "and resumably: run it again after an interruption and only what is "
+                    "missing is fetched. TARGET is oss://BUCKET/KEY, oss://BUCKET/PREFIX/ or "
+                    "a file or directory inside a running ossfs mount (its cache is filled).")
+    p.add_argument("target", metavar="TARGET")
+    p.add_argument("--to", metavar="DIR",
+                   help="also write the objects as files under DIR (keys relative to the "
+                        "prefix), reusing cached parts")
+    p.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="take only shard I of N (0 <= I < N): a deterministic split of the "
+                        "objects for a fleet of machines")
+    p.add_argument("--threads", type=_positive_int, default=16, metavar="N",
+                   help="parts fetched at once across all objects (default 16)")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    _add_cache_options(p)
     _add_connection_options(p)
     _add_logging_options(p)
 
@@ -515,6 +546,100 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mount_target(path: str) -> tuple[dict[str, Any], str]:
+    """For a path inside a running mount: the mount's description and the object key."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise UsageError(f"{path} does not exist")
+    root = path
+    while not os.path.ismount(root):
+        parent = os.path.dirname(root)
+        if parent == root:
+            break
+        root = parent
+    info = read_mount_attr(root, "mount")
+    rel = os.path.relpath(path, root)
+    key = info["prefix"] + ("" if rel == "." else rel.replace(os.sep, "/"))
+    if os.path.isdir(path) and key and not key.endswith("/"):
+        key += "/"
+    return info, key
+
+
+def _cmd_materialize(args: argparse.Namespace) -> int:
+    from ossfs.cache.cachedir import CacheDir
+    from ossfs.download import validate_part_size
+    from ossfs.materialize import MaterializeRequest, materialize
+    from ossfs.progress import ProgressBar
+
+    if "://" in args.target:
+        url = parse_object_url(args.target)
+        endpoint = resolve_endpoint(connection_options(args), url.scheme)
+        cache_dir = args.cache_dir or default_cache_dir(endpoint.url, url.bucket)
+        part_size, cache_size = args.part_size, args.cache_size
+        bucket, key = url.bucket, url.key
+    else:
+        info, key = _mount_target(args.target)
+        bucket = info["bucket"]
+        opts = connection_options(args)
+        opts = ConnectionOptions(
+            endpoint=opts.endpoint or info["endpoint"], region=opts.region,
+            dialect=opts.dialect or info["dialect"],
+            signature_version=opts.signature_version, path_style=opts.path_style,
+            profile=opts.profile or info.get("profile"), config_path=opts.config_path,
+            anonymous=opts.anonymous)
+        endpoint = resolve_endpoint(opts, info["dialect"])
+        url = ObjectUrl(info["dialect"], bucket, key)
+        cache_dir, part_size, cache_size = info["cache_dir"], info["part_size"], info[
+            "cache_size"]
+    validate_part_size(part_size)
+    if args.to is not None and not os.path.isdir(args.to):
+        raise UsageError(f"--to: directory {args.to} does not exist")
+    show = not args.no_progress and not args.quiet and sys.stderr.isatty()
+    bar = ProgressBar(0, description="materialize", enabled=show)
+    seen_total: list[int] = []
+
+    def progress(n: int, done: int, total: int) -> None:
+        if seen_total != [total]:
+            seen_total[:] = [total]
+            bar.set_total(total)
+        if n:
+            bar.update(n)
+        else:
+            bar.set_done(done)
+
+    def on_object(done: int, total: int) -> None:
+        bar.set_parts(done, total)
+
+    request = MaterializeRequest(
+        bucket=bucket, key=key, part_size=part_size, threads=args.threads, to_dir=args.to,
+        shard=args.shard, progress=progress, on_object=on_object,
+        notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None)
+    cache = CacheDir(cache_dir, max_bytes=cache_size, min_free_fraction=args.cache_min_free)
+    args.interrupt_hint = "run the same command again to continue where it stopped"
+    config = ClientConfig(connections=args.threads, attempts=args.retries,
+                          stall_timeout=args.stall_timeout)
+
+    async def run() -> Any:
+        async with HttpObjectClient(endpoint, config) as client:
+            return await materialize(client, cache, request)
+
+    try:
+        result = run_trio(run)
+    finally:
+        bar.close()
+        cache.close()
+    for line in result.failed:
+        print(f"ossfs: failed: {line}", file=sys.stderr)
+    if not args.quiet:
+        rate = result.bytes_fetched / result.elapsed if result.elapsed > 0 else 0.0
+        out = f", {result.written} written to {args.to}" if args.to else ""
+        print(f"materialized {result.objects} object(s) of {url} "
+              f"({format_size(result.total_bytes)}) in {result.elapsed:.1f}s: "
+              f"{format_size(result.bytes_fetched)} fetched ({format_size(rate)}/s), "
+              f"{format_size(result.bytes_reused)} already cached{out}", file=sys.stderr)
+    return EXIT_FAILURE if result.failed else 0
+
+
 def _with_hint(e: OssfsError) -> OssfsError:
     """Add the resume hint to a failed download's one-line message."""
     e.args = (f"{e}; the checkpoint is kept, run the same command again to resume",)
@@ -529,6 +654,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "unmount": _cmd_unmount,
     "umount": _cmd_unmount,
     "status": _cmd_status,
+    "materialize": _cmd_materialize,
 }
 
 
@@ -542,7 +668,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
     try:
-        return _COMMANDS[args.command](args)
+        with unwrap_groups():
+            return _COMMANDS[args.command](args)
     except UsageError as e:
         print(f"ossfs: error: {e}", file=sys.stderr)
         return EXIT_USAGE

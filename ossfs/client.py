@@ -33,6 +33,7 @@ from ossfs.protocol.xml import XmlError, parse_list_objects_v2
 
 __all__ = [
     "Sink",
+    "GetResult",
     "ObjectClient",
     "ClientConfig",
     "ClientStats",
@@ -46,6 +47,19 @@ log = logging.getLogger(__name__)
 Sink = Callable[[int, bytes], Awaitable[None]]
 
 
+@dataclass(frozen=True, slots=True)
+class GetResult:
+    """What a ranged GET delivered.
+
+    :nbytes: bytes passed to the sink.
+    :object_crc64: the whole object's CRC-64 when the answer carried it (OSS
+        sends ``x-oss-hash-crc64ecma`` for the whole object even on a ranged GET).
+    """
+
+    nbytes: int
+    object_crc64: int | None = None
+
+
 class ObjectClient(Protocol):
     """What the rest of ossfs needs from an object store."""
 
@@ -55,7 +69,7 @@ class ObjectClient(Protocol):
 
     async def get_range(
         self, bucket: str, key: str, start: int, end: int, etag: str | None, sink: Sink
-    ) -> int: ...
+    ) -> GetResult: ...
 
     async def list_page(
         self,
@@ -273,8 +287,8 @@ class HttpObjectClient:
 
     async def get_range(
         self, bucket: str, key: str, start: int, end: int, etag: str | None, sink: Sink
-    ) -> int:
-        """Stream object bytes ``[start, end)`` into *sink*; return the byte count.
+    ) -> GetResult:
+        """Stream object bytes ``[start, end)`` into *sink*.
 
         Every byte reaches the sink once and in order, also across retries:
         after a broken transfer the next attempt asks only for what is missing.
@@ -285,11 +299,12 @@ class HttpObjectClient:
         pos = start
         last = ""
         failures = 0  # consecutive attempts that delivered no byte
+        crc_box: list[int] = []
         while True:
             before = pos
             try:
-                pos = await self._get_once(bucket, key, pos, end, etag, sink, resource)
-                return pos - start
+                pos = await self._get_once(bucket, key, pos, end, etag, sink, resource, crc_box)
+                return GetResult(pos - start, crc_box[-1] if crc_box else None)
             except _Retryable as e:
                 pos = before + e.received
                 last = e.reason
@@ -308,7 +323,7 @@ class HttpObjectClient:
 
     async def _get_once(
         self, bucket: str, key: str, start: int, end: int, etag: str | None, sink: Sink,
-        resource: str,
+        resource: str, crc_box: list[int],
     ) -> int:
         traffic = self.config.rate_limit * 8 if self.config.rate_limit else None
         req = proto.build_get(self.endpoint, bucket, key, start=start, end=end, etag=etag,
@@ -330,6 +345,9 @@ class HttpObjectClient:
                         raise _Retryable(str(err))
                     self.stats.errors += 1
                     raise err
+                crc = resp.headers.get("x-oss-hash-crc64ecma")
+                if crc and crc.isdigit():
+                    crc_box.append(int(crc))
                 problem = proto.check_content_range(resp.headers, start, end)
                 if problem:
                     self.stats.errors += 1

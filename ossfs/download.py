@@ -37,7 +37,13 @@ import trio
 from ossfs.cache.index import StoreIdentity
 from ossfs.cache.store import Discarded, PartStore
 from ossfs.client import ObjectClient
-from ossfs.errors import CheckpointError, IntegrityError, ObjectChangedError, UsageError
+from ossfs.errors import (
+    CheckpointError,
+    IntegrityError,
+    ObjectChangedError,
+    UsageError,
+    unwrap_groups,
+)
 from ossfs.fetcher import Fetcher
 from ossfs.fsutil import fsync_dir, unlink_quietly
 from ossfs.model import (
@@ -304,9 +310,10 @@ async def _run(
             if request.on_part is not None:
                 request.on_part(parts_done, store.layout.count)
 
-    async with trio.open_nursery() as nursery:
-        for _ in range(min(request.threads, len(missing))):
-            nursery.start_soon(worker)
+    with unwrap_groups():
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(request.threads, len(missing))):
+                nursery.start_soon(worker)
 
     checked = await trio.to_thread.run_sync(_check_integrity, store, meta, temp_path_for(path))
     if checked is None:
@@ -342,14 +349,10 @@ def _check_space(path: str, needed: int) -> None:
 def _check_integrity(store: PartStore, meta: ObjectMeta, temp: str) -> str | None:
     """Compare the download with the service's checksum; drop the parts when it fails."""
     ident = store.identity
-    whole = ident.start == 0 and ident.length == meta.size
-    if not whole:
+    if ident.start != 0 or ident.length != meta.size:
         return "parts"
-    if meta.crc64 is not None:
-        actual = store.combined_crc() if store.layout.count else 0
-        if actual != meta.crc64:
-            _reject(store, f"CRC-64 mismatch: the service says {meta.crc64}, the downloaded "
-                           f"bytes give {actual}")
+    store.server_crc64 = meta.crc64
+    if store.check_crc():
         return "crc64"
     if _MD5_ETAG.match(meta.etag) and meta.object_type in (None, "Normal"):
         # A single-part S3 object's ETag is the MD5 of its content.
@@ -358,19 +361,12 @@ def _check_integrity(store: PartStore, meta: ObjectMeta, temp: str) -> str | Non
             while chunk := f.read(8 << 20):
                 md5.update(chunk)
         if md5.hexdigest().lower() != meta.etag.lower():
-            _reject(store, f"MD5 mismatch: the ETag says {meta.etag}, the downloaded bytes "
-                           f"give {md5.hexdigest()}")
+            store.drop(list(store.parts))
+            raise IntegrityError(f"MD5 mismatch: the ETag says {meta.etag}, the downloaded "
+                                 f"bytes give {md5.hexdigest()}; dropped every part, run "
+                                 "again to fetch them")
         return "md5"
     return None
-
-
-def _reject(store: PartStore, reason: str) -> None:
-    # Parts whose bytes no longer match their own record are certainly bad; when all
-    # match, the corruption came over the wire and no single part can be blamed.
-    bad = [p for p in store.parts if not store.verify(p)] or list(store.parts)
-    store.drop(bad)
-    raise IntegrityError(f"{reason}; dropped {len(bad)} part(s) from the checkpoint, "
-                         "run again to fetch them")
 
 
 def _finish(store: PartStore, path: str, meta: ObjectMeta) -> None:

@@ -22,6 +22,8 @@ Must not import: trio, httpx, pyfuse3.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 __all__ = [
     "OssfsError",
@@ -36,6 +38,8 @@ __all__ = [
     "CheckpointError",
     "service_error",
     "errno_for",
+    "first_error",
+    "unwrap_groups",
 ]
 
 
@@ -152,6 +156,40 @@ def service_error(
         else:
             cls = ServiceError
     return cls(status, code, message, request_id, ec=ec, resource=resource)
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The error to report from a (possibly nested) exception group.
+
+    Concurrent tasks fail together: a Ctrl-C beats everything, then an
+    `OssfsError` (the one a user can act on), then anything else.
+    """
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(exc)
+    for kind in (KeyboardInterrupt, OssfsError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return leaves[0] if leaves else exc
+
+
+@contextmanager
+def unwrap_groups() -> Iterator[None]:
+    """Let the most meaningful error of a nursery's exception group through, alone."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
 
 
 def errno_for(exc: BaseException) -> int:

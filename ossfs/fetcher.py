@@ -216,11 +216,15 @@ class Fetcher:
         async with self.limiter:
             # The limiter is taken after the reservation so a task waiting for
             # space does not hold a connection slot.
-            n = await self.client.get_range(ident.bucket, ident.key, flight.first, flight.end,
-                                            ident.etag, sink)
+            got = await self.client.get_range(ident.bucket, ident.key, flight.first,
+                                              flight.end, ident.etag, sink)
+        if got.object_crc64 is not None:
+            store.server_crc64 = got.object_crc64
         store.commit(part, crc)
         self.parts_fetched += 1
-        self.bytes_fetched += n
+        self.bytes_fetched += got.nbytes
+        if store.complete:
+            store.check_crc()
 
     # ---------------------------------------------------------------- background
 

@@ -29,7 +29,7 @@ import trio
 
 from ossfs.cache.cachedir import CacheDir
 from ossfs.client import ObjectClient
-from ossfs.errors import OssfsError, UsageError
+from ossfs.errors import OssfsError, UsageError, unwrap_groups
 from ossfs.fetcher import Fetcher
 from ossfs.fs import FsOptions, Operations
 from ossfs.namespace import Namespace
@@ -235,7 +235,8 @@ def run(config: MountConfig, make_client: ClientFactory,
 
     code = 0
     try:
-        trio.run(_serve, config, make_client, ready)
+        with unwrap_groups():
+            trio.run(_serve, config, make_client, ready)
     except OssfsError as e:
         log.error("%s", e)
         ready(str(e))

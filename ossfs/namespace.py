@@ -35,7 +35,7 @@ import trio
 from cachetools import TTLCache
 
 from ossfs.client import ObjectClient
-from ossfs.errors import NotFoundError
+from ossfs.errors import NotFoundError, unwrap_groups
 from ossfs.model import ObjectMeta
 
 __all__ = ["Node", "Namespace", "DirReader", "ROOT_INODE", "valid_name"]
@@ -233,9 +233,10 @@ class Namespace:
             except NotFoundError:
                 found["file"] = None
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(as_dir)
-            nursery.start_soon(as_file)
+        with unwrap_groups():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(as_dir)
+                nursery.start_soon(as_file)
         meta = found.get("file")
         if found.get("dir"):
             if isinstance(meta, ObjectMeta):

@@ -199,21 +199,31 @@ class CacheDir:
         self._open.clear()
         self._by_store.clear()
 
-    @contextmanager
-    def pinned(self, store: PartStore, parts: range | list[int]) -> Iterator[None]:
-        """Keep *parts* of *store* from being evicted while a reader uses them."""
+    def pin(self, store: PartStore, parts: range | list[int]) -> None:
+        """Keep *parts* of *store* from being evicted until `unpin`."""
         entry = self._by_store[id(store)]
         now = time.monotonic()
         for p in parts:
             entry.pins[p] += 1
             entry.part_access[p] = now
+
+    def unpin(self, store: PartStore, parts: range | list[int]) -> None:
+        entry = self._by_store.get(id(store))
+        if entry is None:
+            return
+        for p in parts:
+            entry.pins[p] -= 1
+            if entry.pins[p] <= 0:
+                del entry.pins[p]
+
+    @contextmanager
+    def pinned(self, store: PartStore, parts: range | list[int]) -> Iterator[None]:
+        """Keep *parts* of *store* from being evicted while a reader uses them."""
+        self.pin(store, parts)
         try:
             yield
         finally:
-            for p in parts:
-                entry.pins[p] -= 1
-                if entry.pins[p] <= 0:
-                    del entry.pins[p]
+            self.unpin(store, parts)
 
     def _touch(self, entry: _Open) -> None:
         now = time.time()

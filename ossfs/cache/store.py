@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from ossfs.cache.index import IndexCorrupt, IndexFile, PartRecord, StoreIdentity
 from ossfs.crc import crc64, crc64_of_parts
+from ossfs.errors import IntegrityError
 from ossfs.fsutil import unlink_quietly
 from ossfs.model import PartLayout
 
@@ -75,6 +76,10 @@ class PartStore:
         self._parts: dict[int, PartRecord] = index.state.parts if index else {}
         # Parts whose bytes this process has checked against their CRC (or wrote itself).
         self.verified: set[int] = set()
+        # The whole object's CRC-64 as the service published it (OSS), once seen.
+        self.server_crc64: int | None = None
+        # True once the complete store matched server_crc64.
+        self.crc_checked = False
 
     # ---------------------------------------------------------------- opening
 
@@ -242,6 +247,31 @@ class PartStore:
             raise ValueError("not every part is present")
         return crc64_of_parts((self._parts[i].crc64, self._parts[i].length)
                               for i in range(self.layout.count))
+
+    def check_crc(self) -> bool:
+        """Compare the complete range with the service's whole-object CRC-64.
+
+        True when it matched, False when there is nothing to compare with (no
+        CRC from the service, or a store that is not the whole object). On a
+        mismatch the parts are dropped (those whose bytes no longer match
+        their own record, or all of them when the damage came over the wire
+        and no single part can be blamed) and IntegrityError is raised.
+        """
+        ident = self.identity
+        if self.server_crc64 is None or ident.start != 0 or ident.length != ident.size:
+            return False
+        if self.crc_checked:
+            return True
+        actual = self.combined_crc() if self.layout.count else 0
+        if actual == self.server_crc64:
+            self.crc_checked = True
+            return True
+        bad = [p for p in list(self._parts) if not self.verify(p)] or list(self._parts)
+        self.drop(bad)
+        raise IntegrityError(
+            f"{ident.bucket}/{ident.key}: CRC-64 mismatch (the service says "
+            f"{self.server_crc64}, the fetched bytes give {actual}); dropped {len(bad)} "
+            "part(s), run again to fetch them")
 
     def sync(self) -> None:
         os.fsync(self._fd)
