@@ -16,6 +16,7 @@ Must not import: trio, httpx, anything that does I/O.
 from __future__ import annotations
 
 import base64
+import calendar
 import hashlib
 import hmac
 import time
@@ -133,14 +134,14 @@ def oss_v1_string_to_sign(
         (k, v.strip()) for k, v in h.items() if k.startswith("x-oss-")
     )
     canon_headers = "".join(f"{k}:{v}\n" for k, v in oss_headers)
-    subresources = sorted(
-        (k, v) for k, v in query if k in OSS_V1_SUBRESOURCES
-    )
+    # A bare name sorts like an empty value (a name may also repeat).
+    subresources = sorted((k, v or "") for k, v in query if k in OSS_V1_SUBRESOURCES)
     resource = _resource_path(bucket, key)
     if subresources:
         resource += "?" + "&".join(k if not v else f"{k}={v}" for k, v in subresources)
     return "\n".join(
-        [method.upper(), h.get("content-md5", ""), h.get("content-type", ""), date]
+        [method.upper(), h.get("content-md5", "").strip(), h.get("content-type", "").strip(),
+         date.strip()]
     ) + "\n" + canon_headers + resource
 
 
@@ -453,7 +454,7 @@ def check_oss_signature(
                                  f"is {sig_region!r}, expected {region!r}")
         iso = h.get("x-oss-date", "")
         try:
-            signed_at = time.mktime(time.strptime(iso, "%Y%m%dT%H%M%SZ")) - time.timezone
+            signed_at = calendar.timegm(time.strptime(iso, "%Y%m%dT%H%M%SZ"))
         except ValueError as e:
             raise SignatureError("AccessDenied", "missing or bad x-oss-date") from e
         if iso[:8] != date:

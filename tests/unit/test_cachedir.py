@@ -1,0 +1,90 @@
+"""The cache directory: keys never become paths, the cap holds, readers are respected."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+
+from ossfs.cache.cachedir import CacheDir, identity_for
+from ossfs.cache.store import PartStore
+from ossfs.crc import crc64
+
+PART = 64 * 1024
+
+
+def put(cache: CacheDir, store: PartStore, parts: list[int]) -> None:
+    for p in parts:
+        first, end = store.layout.bounds(p)
+        cache.reserve_sync(store, p, end - first)
+        data = os.urandom(end - first)
+        store.write(first, data)
+        store.commit(p, crc64(data))
+
+
+def test_layout_is_private_and_keys_are_hashed(tmp_path: Path) -> None:
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30)
+    store = cache.acquire(identity_for("b", "../../etc/passwd", "E", PART, PART))
+    assert store.data_path.startswith(str(tmp_path / "c" / "objects"))
+    assert "passwd" not in store.data_path
+    assert os.stat(tmp_path / "c").st_mode & 0o777 == 0o700
+    assert os.stat(os.path.dirname(store.data_path)).st_mode & 0o777 == 0o700
+    cache.release(store)
+
+
+def test_lru_objects_are_evicted_first(tmp_path: Path) -> None:
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=6 * PART, min_free_fraction=0.0)
+    stores = []
+    for i in range(3):
+        s = cache.acquire(identity_for("b", f"k{i}", "E", 2 * PART, PART))
+        put(cache, s, [0, 1])
+        cache.release(s)
+        stores.append(s)
+        # Make k0 the least recently used on disk.
+        os.utime(os.path.dirname(s.data_path), (1000 + i, 1000 + i))
+    s = cache.acquire(identity_for("b", "k3", "E", 2 * PART, PART))
+    put(cache, s, [0, 1])
+    keys = sorted(o.key for o in cache.objects())
+    assert keys == ["k1", "k2", "k3"]
+    assert cache.rescan() <= 6 * PART + 4 * 4096
+
+
+def test_object_larger_than_cap_keeps_pinned_parts(tmp_path: Path) -> None:
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=3 * PART, min_free_fraction=0.0)
+    s = cache.acquire(identity_for("b", "huge", "E", 10 * PART, PART))
+    with cache.pinned(s, [0]):
+        put(cache, s, list(range(10)))
+        assert s.is_present(0)  # pinned: never evicted
+    assert len(s.parts) <= 4
+    assert s.is_present(9)  # the newest stays
+    assert cache.rescan() <= 4 * PART + 4 * 4096  # holes were punched
+
+
+def _hold(root: str, ready: object, stop: object) -> None:
+    cache = CacheDir(root, max_bytes=1 << 30)
+    s = cache.acquire(identity_for("b", "held", "E", PART, PART))
+    ready.set()  # type: ignore[attr-defined]
+    stop.wait(20)  # type: ignore[attr-defined]
+    cache.release(s)
+
+
+def test_store_held_by_another_process_is_not_evicted(tmp_path: Path) -> None:
+    root = str(tmp_path / "c")
+    cache = CacheDir(root, max_bytes=1 << 30)
+    s = cache.acquire(identity_for("b", "held", "E", PART, PART))
+    put(cache, s, [0])
+    cache.release(s)
+    ctx = multiprocessing.get_context("fork")
+    ready, stop = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold, args=(root, ready, stop))
+    proc.start()
+    try:
+        assert ready.wait(20)
+        cache.max_bytes = 0  # everything must go, if it can
+        other = cache.acquire(identity_for("b", "new", "E", PART, PART))
+        put(cache, other, [0])
+        assert "held" in {o.key for o in cache.objects()}
+    finally:
+        stop.set()
+        proc.join(20)
+    assert proc.exitcode == 0

@@ -1,0 +1,61 @@
+"""Part arithmetic, sizes and ranges."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ossfs.model import MiB, PartLayout, format_size, parse_range, parse_size
+
+
+def test_layout_edges() -> None:
+    assert PartLayout(0, 0, 8).count == 0
+    assert list(PartLayout(0, 0, 8).parts_for(0, 10)) == []
+    one = PartLayout(0, 1, 8)
+    assert one.count == 1 and one.bounds(0) == (0, 1)
+    exact = PartLayout(0, 16, 8)
+    assert exact.count == 2 and exact.bounds(1) == (8, 16)
+    plus = PartLayout(0, 17, 8)
+    assert plus.count == 3 and plus.bounds(2) == (16, 17) and plus.part_length(2) == 1
+    ranged = PartLayout(100, 20, 8)
+    assert ranged.bounds(0) == (100, 108) and ranged.bounds(2) == (116, 120)
+    assert list(ranged.parts_for(0, 101)) == [0]
+    assert list(ranged.parts_for(107, 2)) == [0, 1]
+    assert list(ranged.parts_for(120, 5)) == []
+    with pytest.raises(IndexError):
+        plus.bounds(3)
+
+
+@given(st.integers(0, 10_000), st.integers(0, 10_000), st.integers(1, 999),
+       st.integers(0, 12_000), st.integers(1, 3000))
+def test_layout_covers_exactly(start: int, length: int, part: int, off: int, size: int) -> None:
+    lay = PartLayout(start, length, part)
+    covered = [lay.bounds(i) for i in range(lay.count)]
+    assert sum(e - s for s, e in covered) == length
+    for (_, e1), (s2, _) in zip(covered, covered[1:], strict=False):
+        assert e1 == s2
+    hit = set(lay.parts_for(off, size))
+    for i, (s, e) in enumerate(covered):
+        assert (i in hit) == (s < off + size and off < e)
+
+
+def test_parse_size() -> None:
+    assert parse_size("8MiB") == 8 * MiB
+    assert parse_size("64M") == 64 * MiB
+    assert parse_size("100k") == 100 * 1024
+    assert parse_size("1.5G") == 3 * 512 * MiB
+    assert parse_size("4096") == 4096
+    for bad in ("", "abc", "-1", "1.3", "5X"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    assert format_size(1536) == "1.5 KiB"
+
+
+def test_parse_range() -> None:
+    assert parse_range("0-9", 100) == (0, 10)
+    assert parse_range("90-", 100) == (90, 10)
+    assert parse_range("90-500", 100) == (90, 10)
+    for bad in ("9-1", "100-", "x-1", "-5"):
+        with pytest.raises(ValueError):
+            parse_range(bad, 100)
