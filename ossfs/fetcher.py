@@ -261,12 +261,13 @@ class Fetcher:
                 flight = self.start(store, part)
                 if flight is None:
                     break
+                while flight.written < need and not flight.done.is_set():
+                    await flight.progress.wait()
                 if flight.written >= need:
                     break
-                if flight.done.is_set():
-                    self._raise_for(flight)
-                    continue  # cancelled: start again
-                await flight.progress.wait()
+                # The flight ended short of our bytes: report its failure; only a
+                # cancelled flight (nobody's fault) is started again.
+                self._raise_for(flight)
 
     def read_ahead(self, store: PartStore, after_part: int, window: int) -> None:
         """Fetch up to *window* missing parts after *after_part* in the background."""

@@ -1,0 +1,41 @@
+"""A local OSS-dialect object server with fault injection, for tests and benchmarks.
+
+::
+
+    from ossfs.testing import Fault, OssTestServer
+
+    with OssTestServer(credentials={"ak": "sk"}) as srv:
+        srv.put("bucket", "dir/a.txt", b"hello")
+        srv.faults.add(Fault("reset", key="dir/a.txt", after_bytes=2))
+        ...  # talk to srv.url
+
+Also a command: ``python -m ossfs.testing serve --help``. See
+``docs/test-server.md``.
+
+Must not import: trio, httpx.
+"""
+
+from __future__ import annotations
+
+from ossfs.testing.faults import BODY_KINDS, Fault, FaultKind, Faults, Op, RequestInfo
+from ossfs.testing.server import SERVER_NAME, OssError, OssTestServer, parse_range, resolve_range
+from ossfs.testing.stats import GetRecord, StatsSnapshot
+from ossfs.testing.store import crc64, nginx_etag
+
+__all__ = [
+    "OssTestServer",
+    "Faults",
+    "Fault",
+    "FaultKind",
+    "Op",
+    "RequestInfo",
+    "BODY_KINDS",
+    "GetRecord",
+    "StatsSnapshot",
+    "OssError",
+    "SERVER_NAME",
+    "parse_range",
+    "resolve_range",
+    "crc64",
+    "nginx_etag",
+]
