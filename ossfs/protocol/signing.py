@@ -478,7 +478,7 @@ def check_oss_signature(
                                  "does not exist in our records.")
         date = h.get("x-oss-date") or h.get("date", "")
         try:
-            signed_at = parsedate_to_datetime(date).timestamp()
+            signed_at = int(parsedate_to_datetime(date).timestamp())
         except (TypeError, ValueError) as e:
             raise SignatureError("AccessDenied", "missing or bad Date header") from e
         if abs(now - signed_at) > MAX_CLOCK_SKEW:
