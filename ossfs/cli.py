@@ -662,8 +662,65 @@ def register_command(name: str, fn: Callable[[argparse.Namespace], int]) -> None
     _COMMANDS[name] = fn
 
 
+# Generic mount options that mount(8) and mount.fuse3 pass along; they mean
+# nothing to a read-only network file system and are accepted silently.
+_IGNORED_MOUNT_OPTIONS = frozenset({
+    "rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
+    "user", "nouser", "users", "owner", "group", "defaults", "nofail", "_netdev", "atime",
+    "noatime", "relatime", "strictatime", "nodiratime", "async", "sync", "silent", "loud",
+})
+_FLAG_MOUNT_OPTIONS = frozenset({
+    "allow_other", "foreground", "anonymous", "path_style", "virtual_host",
+})
+
+
+def mount_helper_argv(argv: list[str]) -> list[str]:
+    """Turn ``SOURCE MOUNTPOINT -o a=b,c`` (how mount.fuse3 and fstab call us) into ``mount``.
+
+    ``-o cache_size=10G,allow_other`` becomes ``--cache-size 10G --allow-other``.
+    Secrets are not accepted as options (they would show in ``ps``): use a
+    profile of the config file (``-o config=/etc/ossfs.toml,profile=NAME``).
+    """
+    if len(argv) < 2 or "://" not in argv[0]:
+        return argv
+    source, mountpoint, rest = argv[0], argv[1], argv[2:]
+    out = ["mount", source, mountpoint]
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg == "-o" and i + 1 < len(rest):
+            groups, i = [rest[i + 1]], i + 2
+        elif arg.startswith("-o") and len(arg) > 2:
+            groups, i = [arg[2:]], i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        for group in groups:
+            for opt in filter(None, group.split(",")):
+                name, sep, value = opt.partition("=")
+                if name in _IGNORED_MOUNT_OPTIONS or name.startswith(("x-", "comment")):
+                    continue
+                flag = "--" + name.replace("_", "-")
+                if name in ("access_key_id", "access_key_secret", "session_token"):
+                    raise UsageError(f"mount option {name} is not accepted (it would show in "
+                                     "ps); use -o config=FILE,profile=NAME")
+                if sep:
+                    out += [flag, value]
+                elif name in _FLAG_MOUNT_OPTIONS:
+                    out.append("-f" if name == "foreground" else flag)
+                else:
+                    raise UsageError(f"unknown mount option {opt!r}")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = mount_helper_argv(argv)
+    except UsageError as e:
+        print(f"ossfs: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))

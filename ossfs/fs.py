@@ -98,6 +98,7 @@ class Operations(pyfuse3.Operations):
         self._last_etag: dict[int, str] = {}
         self._mounted_at = time.time()
         self.errors = 0
+        self.reads = 0  # read requests the kernel sent (page-cache misses)
 
     # ---------------------------------------------------------------- errors
 
@@ -248,6 +249,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        self.reads += 1
         h = self._handles[fh]
         store = h.store
         total = store.identity.size

@@ -154,6 +154,8 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
                 "parts_fetched": fetcher.parts_fetched,
                 "bytes_fetched": fetcher.bytes_fetched,
                 "fs_errors": ops.errors,
+                "fs_reads": ops.reads,
+                "list_requests": ns.list_requests,
                 "log_file": config.log_file,
             }
 
