@@ -123,10 +123,10 @@ def test_reading_while_materialize_runs(server: OssTestServer, tmp_path: Path,
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-    records = server.stats.gets_by_key.get((BUCKET, "models/weights.bin"), ())
+    records = server.stats.gets_by_key["models/weights.bin"]
     sent = sum(g.bytes_sent for g in records)
     # Both processes fetch from one cache: at worst a few parts are fetched twice.
-    assert sent <= len(want) + 8 * MiB
+    assert len(want) <= sent <= len(want) + 8 * MiB
 
 
 def test_big_directory_lists_in_pages(server: OssTestServer, tmp_path: Path,
