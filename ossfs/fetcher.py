@@ -200,6 +200,34 @@ class Fetcher:
 
     async def _fetch(self, store: PartStore, part: int, flight: _Flight,
                      on_bytes: ByteCallback | None) -> None:
+        if not await self._claim(store, part):
+            return  # another process fetched it meanwhile
+        try:
+            store.refresh()
+            if not store.is_present(part):
+                await self._download(store, part, flight, on_bytes)
+        finally:
+            store.unlock_part(part)
+        if store.complete:
+            store.check_crc()
+
+    async def _claim(self, store: PartStore, part: int) -> bool:
+        """Take the cross-process claim on *part*; False when it became present instead.
+
+        Another process (a second mount, ``materialize``) may be fetching the
+        same part of a shared cache: wait for it rather than fetch it twice.
+        """
+        delay = 0.01
+        while not store.try_lock_part(part):
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+            store.refresh()
+            if store.is_present(part):
+                return False
+        return True
+
+    async def _download(self, store: PartStore, part: int, flight: _Flight,
+                        on_bytes: ByteCallback | None) -> None:
         ident = store.identity
         if self._reserve is not None:
             await self._reserve(store, part, flight.end - flight.first)
@@ -223,8 +251,6 @@ class Fetcher:
         store.commit(part, crc)
         self.parts_fetched += 1
         self.bytes_fetched += got.nbytes
-        if store.complete:
-            store.check_crc()
 
     # ---------------------------------------------------------------- background
 

@@ -19,8 +19,11 @@ Must not import: trio, httpx, pyfuse3.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -273,6 +276,15 @@ class PartStore:
             f"{self.server_crc64}, the fetched bytes give {actual}); dropped {len(bad)} "
             "part(s), run again to fetch them")
 
+    def try_lock_part(self, part: int) -> bool:
+        """Claim *part* for fetching across processes; False when another process has it."""
+        first, end = self.layout.bounds(part)
+        return _ofd_lock(self._fd, first - self.identity.start, end - first, fcntl.F_WRLCK)
+
+    def unlock_part(self, part: int) -> None:
+        first, end = self.layout.bounds(part)
+        _ofd_lock(self._fd, first - self.identity.start, end - first, fcntl.F_UNLCK)
+
     def sync(self) -> None:
         os.fsync(self._fd)
 
@@ -287,6 +299,26 @@ class PartStore:
             self._index.close()
             self._index = None
             unlink_quietly(path)
+
+
+# struct flock on Linux x86_64/aarch64: l_type, l_whence, l_start, l_len, l_pid.
+_FLOCK = struct.Struct("hhxxxxqqixxxx")
+
+
+def _ofd_lock(fd: int, start: int, length: int, kind: int) -> bool:
+    """Set or clear an open-file-description lock on a byte range without waiting.
+
+    OFD locks belong to the open file, not the process: they do not vanish
+    when some other descriptor of the file is closed, and they are released by
+    the kernel when their holder dies, so a killed fetcher never blocks others.
+    """
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, start, length, 0))
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
 
 
 def _report(callback: Callable[[Discarded], None] | None, what: Discarded) -> None:
