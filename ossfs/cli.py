@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -277,6 +278,7 @@ def _add_mount_commands(sub: Any) -> None:
                        description="Show what a running mount has cached and fetched.")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.add_argument("--all", action="store_true", help="list every cached object")
     _add_logging_options(p)
 
 
@@ -313,8 +315,32 @@ def make_client(args: argparse.Namespace, url: ObjectUrl, *, connections: int,
     return HttpObjectClient(endpoint, config)
 
 
+class _Terminated(Exception):
+    """SIGTERM or SIGHUP arrived: stop like Ctrl-C, leaving resumable state."""
+
+
 def run_trio(fn: Callable[[], Awaitable[T]]) -> T:
-    return trio.run(fn)
+    """Run a command's coroutine; SIGTERM and SIGHUP end it as Ctrl-C does."""
+
+    async def main() -> T:
+        box: list[T] = []
+
+        async def watch() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+                async for _ in signals:
+                    raise _Terminated()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            box.append(await fn())
+            nursery.cancel_scope.cancel()
+        return box[0]
+
+    try:
+        with unwrap_groups():
+            return trio.run(main)
+    except _Terminated:
+        raise KeyboardInterrupt from None
 
 
 # ------------------------------------------------------------------ commands
@@ -519,6 +545,9 @@ def read_mount_attr(path: str, name: str) -> dict[str, Any]:
     return result
 
 
+_STATUS_OBJECTS = 10
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.mountpoint)
     if not os.path.ismount(path):
@@ -539,10 +568,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"parts:       {st['parts_fetched']} fetched, {format_size(st['bytes_fetched'])}")
     if st.get("log_file"):
         print(f"log:         {st['log_file']}")
-    for o in objects:
+    shown = objects if args.all else sorted(
+        objects, key=lambda o: o["cached_bytes"], reverse=True)[:_STATUS_OBJECTS]
+    for o in shown:
         pct = 100.0 * o["cached_bytes"] / o["size"] if o["size"] else 100.0
         print(f"  {pct:5.1f}%  {format_size(o['cached_bytes']):>10} of "
               f"{format_size(o['size']):>10}  {o['key']}")
+    if len(shown) < len(objects):
+        print(f"  ... and {len(objects) - len(shown)} more (--all lists every object)")
     return 0
 
 
