@@ -8,6 +8,11 @@ byte for ``stall_timeout`` seconds); everything else surfaces at once as a
 typed `ServiceError`. A ranged GET that breaks half way resumes from the first
 missing byte, so a flaky network costs only what was lost in flight.
 
+Object bytes (ranged GETs) travel through `ossfs.wire`, a small HTTP/1.1
+client that reads bodies straight into a reused buffer; HEAD and LIST use
+httpx. When a proxy is configured for the endpoint, GETs use httpx too (wire
+speaks to the endpoint directly).
+
 The rest of ossfs depends on the `ObjectClient` protocol, so tests can put
 latency or faults in front of a real client.
 
@@ -19,13 +24,16 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+import urllib.request
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import httpx
 import trio
 
+from ossfs import __version__, wire
 from ossfs.errors import NotFoundError, ServiceError, TransferError
 from ossfs.model import ListPage, ObjectMeta
 from ossfs.protocol import requests as proto
@@ -43,8 +51,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Called with (object offset, bytes) for every chunk of a ranged GET, in order.
-Sink = Callable[[int, bytes], Awaitable[None]]
+# Called with (object offset, bytes) for every piece of a ranged GET, in order. The
+# view is only valid during the call (its buffer is reused); the sink may return an
+# awaitable, which is awaited before more bytes are read.
+Sink = Callable[[int, memoryview], Awaitable[None] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +168,7 @@ class _Retryable(Exception):
 
 
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_USER_AGENT = f"ossfs/{__version__}"
 _NETWORK_ERRORS = (httpx.TransportError, trio.BrokenResourceError, OSError)
 
 
@@ -178,6 +189,11 @@ class HttpObjectClient:
         self._clock = clock
         self._limiter = RateLimiter(self.config.rate_limit) if self.config.rate_limit else None
         n = max(1, self.config.connections)
+        self._pool: wire.Pool | None = None
+        if not _proxied(endpoint.url):
+            self._pool = wire.Pool(endpoint.url, max_idle=n,
+                                   connect_timeout=self.config.connect_timeout,
+                                   stall=self.config.stall_timeout)
         self._http = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
             timeout=httpx.Timeout(
@@ -186,12 +202,14 @@ class HttpObjectClient:
                 write=self.config.stall_timeout,
                 pool=None,  # waiting for a pooled connection is not a failure
             ),
-            headers={"User-Agent": "ossfs/0.1", "Accept-Encoding": "identity"},
+            headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
             transport=transport,
             follow_redirects=False,
         )
 
     async def aclose(self) -> None:
+        if self._pool is not None:
+            await self._pool.aclose()
         await self._http.aclose()
 
     async def __aenter__(self) -> HttpObjectClient:
@@ -329,44 +347,119 @@ class HttpObjectClient:
         req = proto.build_get(self.endpoint, bucket, key, start=start, end=end, etag=etag,
                               now=self._clock(), traffic_limit=traffic)
         pos = start
-        try:
-            async with self._http.stream(req.method, req.url, headers=req.headers) as resp:
-                self._count(resp.status_code)
-                if resp.status_code != 206:
-                    body = await resp.aread()
-                    if resp.status_code == 200:
-                        raise ServiceError(200, "RangeIgnored", "the server answered 200 "
-                                           "with the whole object to a ranged GET",
-                                           resp.headers.get("x-oss-request-id"),
-                                           resource=resource)
-                    err = proto.error_from_response(resp.status_code, resp.headers, body,
-                                                    resource=resource)
-                    if resp.status_code in _RETRY_STATUS:
-                        raise _Retryable(str(err))
-                    self.stats.errors += 1
-                    raise err
-                crc = resp.headers.get("x-oss-hash-crc64ecma")
-                if crc and crc.isdigit():
-                    crc_box.append(int(crc))
-                problem = proto.check_content_range(resp.headers, start, end)
-                if problem:
-                    self.stats.errors += 1
-                    raise ServiceError(206, "BadContentRange", problem,
-                                       resp.headers.get("x-oss-request-id"), resource=resource)
-                async for chunk in resp.aiter_raw():
-                    if pos + len(chunk) > end:
-                        raise _Retryable("server sent more bytes than asked", received=0)
-                    if self._limiter is not None:
-                        await self._limiter.consume(len(chunk))
-                    await sink(pos, chunk)
-                    pos += len(chunk)
-                    self.stats.bytes_received += len(chunk)
-        except _NETWORK_ERRORS as e:
-            raise _Retryable(_describe_network_error(e), received=pos - start) from e
+
+        async def deliver(data: memoryview) -> None:
+            nonlocal pos
+            if pos + len(data) > end:
+                raise _Retryable("server sent more bytes than asked", received=pos - start)
+            if self._limiter is not None:
+                await self._limiter.consume(len(data))
+            result = sink(pos, data)
+            if result is not None:
+                await result
+            pos += len(data)
+            self.stats.bytes_received += len(data)
+
+        if self._pool is not None:
+            await self._get_wire(req, start, end, resource, crc_box, deliver,
+                                 lambda: pos - start)
+        else:
+            await self._get_httpx(req, start, end, resource, crc_box, deliver,
+                                  lambda: pos - start)
         if pos < end:
             raise _Retryable(f"body ended after {pos - start} of {end - start} bytes",
                              received=pos - start)
         return pos
+
+    def _check_answer(self, status: int, headers: Mapping[str, str], body: bytes | None,
+                      start: int, end: int, resource: str, crc_box: list[int]) -> None:
+        """Raise for anything but a 206 covering exactly ``[start, end)``."""
+        request_id = headers.get("x-oss-request-id") or headers.get("x-amz-request-id")
+        if status != 206:
+            if status == 200:
+                raise ServiceError(200, "RangeIgnored", "the server answered 200 with the "
+                                   "whole object to a ranged GET", request_id,
+                                   resource=resource)
+            err = proto.error_from_response(status, headers, body or b"", resource=resource)
+            if status in _RETRY_STATUS:
+                raise _Retryable(str(err))
+            self.stats.errors += 1
+            raise err
+        crc = headers.get("x-oss-hash-crc64ecma")
+        if crc and crc.isdigit():
+            crc_box.append(int(crc))
+        problem = proto.check_content_range(headers, start, end)
+        if problem:
+            self.stats.errors += 1
+            raise ServiceError(206, "BadContentRange", problem, request_id, resource=resource)
+
+    async def _get_wire(
+        self, req: proto.HttpRequest, start: int, end: int, resource: str,
+        crc_box: list[int], deliver: Callable[[memoryview], Awaitable[None]],
+        received: Callable[[], int],
+    ) -> None:
+        assert self._pool is not None
+        parts = urlsplit(req.url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        headers = list(req.headers.items())
+        if not any(k.lower() == "host" for k, _ in headers):  # S3 signing sets it already
+            headers.insert(0, ("Host", parts.netloc))
+        headers += [("User-Agent", _USER_AGENT), ("Accept-Encoding", "identity")]
+        for attempt in range(2):
+            try:
+                async with self._pool.connection(parts.hostname or "") as conn:
+                    try:
+                        await conn.send(req.method, target, headers)
+                        head = await conn.read_head()
+                    except wire.WireError:
+                        if conn.from_pool and attempt == 0:
+                            # The server closed an idle connection: not a failure.
+                            conn.reusable = False
+                            raise _StaleConnection() from None
+                        raise
+                    self._count(head.status)
+                    if not head.keep_alive:
+                        conn.reusable = False
+                    if head.status != 206:
+                        body = await conn.read_all(head)
+                        self._check_answer(head.status, head.headers, body, start, end,
+                                           resource, crc_box)
+                    self._check_answer(206, head.headers, None, start, end, resource, crc_box)
+                    await conn.read_body(head, lambda _done, data: deliver(data))
+                return
+            except _StaleConnection:
+                continue
+            except wire.WireError as e:
+                raise _Retryable(e.reason, received=received()) from e
+
+    async def _get_httpx(
+        self, req: proto.HttpRequest, start: int, end: int, resource: str,
+        crc_box: list[int], deliver: Callable[[memoryview], Awaitable[None]],
+        received: Callable[[], int],
+    ) -> None:
+        try:
+            async with self._http.stream(req.method, req.url, headers=req.headers) as resp:
+                self._count(resp.status_code)
+                body = await resp.aread() if resp.status_code != 206 else None
+                self._check_answer(resp.status_code, resp.headers, body, start, end, resource,
+                                   crc_box)
+                async for chunk in resp.aiter_raw():
+                    await deliver(memoryview(chunk))
+        except _NETWORK_ERRORS as e:
+            raise _Retryable(_describe_network_error(e), received=received()) from e
+
+
+class _StaleConnection(Exception):
+    """A pooled connection turned out to be closed by the server."""
+
+
+def _proxied(url: str) -> bool:
+    """Whether the environment routes *url* through a proxy (then httpx carries GETs)."""
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    if not (proxies.get(parts.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(parts.hostname or "")
 
 
 def _describe_network_error(e: BaseException) -> str:

@@ -233,7 +233,7 @@ class Fetcher:
             await self._reserve(store, part, flight.end - flight.first)
         crc = 0
 
-        async def sink(offset: int, data: bytes) -> None:
+        def sink(offset: int, data: memoryview) -> None:
             nonlocal crc
             store.write(offset, data)
             crc = crc64(data, crc)
