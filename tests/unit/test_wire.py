@@ -7,6 +7,7 @@ exactly as they would arrive from a real server.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -15,6 +16,7 @@ import pytest
 import trio
 
 from ossfs.wire import READ_SIZE, Pool, WireError
+
 
 @asynccontextmanager
 async def scripted(handler: Callable[[trio.SocketStream, int], object]) -> AsyncIterator[
@@ -33,10 +35,8 @@ def _wrap(handler: Callable[[trio.SocketStream, int], object], accepted: list[in
           ) -> Callable[[trio.SocketStream], object]:
     async def serve(stream: trio.SocketStream) -> None:
         accepted.append(len(accepted))
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await handler(stream, len(accepted) - 1)  # type: ignore[misc]
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
     return serve
 
 
