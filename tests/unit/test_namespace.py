@@ -1,0 +1,129 @@
+"""Listings as directories: naming rules, collisions across pages, lazy paging, lookups."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from ossfs.client import HttpObjectClient
+from ossfs.errors import NotFoundError
+from ossfs.namespace import ROOT_INODE, Namespace
+from ossfs.testing import OssTestServer
+
+BUCKET = "names"
+
+
+@pytest.fixture
+def server() -> Iterator[OssTestServer]:
+    with OssTestServer(credentials={"ak": "sk"}) as srv:
+        yield srv
+
+
+def _client(server: OssTestServer) -> HttpObjectClient:
+    return HttpObjectClient(server.endpoint())
+
+
+async def _all_names(ns: Namespace, inode: int) -> list[tuple[str, bool]]:
+    reader = ns.open_dir(inode)
+    pos = 0
+    out = []
+    while True:
+        await ns.fill(reader, pos)
+        if pos >= len(reader.entries):
+            return out
+        for i, entry in ns.iter_entries(reader, pos):
+            out.append((entry.name, entry.is_dir))
+            pos = i + 1
+
+
+async def test_directory_wins_even_when_pages_split_the_pair(server: OssTestServer) -> None:
+    # "x" and "x/..." with names sorting between them ("x-1", "x.txt"), split over pages
+    # of 2 keys so the file and the prefix arrive in different pages.
+    for key in ["x", "x-1", "x.txt", "x/inner", "y"]:
+        server.put(BUCKET, key, b"1")
+    async with _client(server) as client:
+        ns = Namespace(client, BUCKET, "")
+        reader = ns.open_dir(ROOT_INODE)
+        original = client.list_page
+
+        async def small_pages(*args: object, **kwargs: object) -> object:
+            kwargs["max_keys"] = 2
+            return await original(*args, **kwargs)  # type: ignore[arg-type]
+
+        client.list_page = small_pages  # type: ignore[method-assign]
+        pos = 0
+        names = []
+        while True:
+            await ns.fill(reader, pos)
+            if pos >= len(reader.entries):
+                break
+            names += [(e.name, e.is_dir) for _, e in ns.iter_entries(reader, pos)]
+            pos = len(reader.entries)
+        # readdir order carries no meaning; each name once, the directory shadowing the file.
+        assert len(names) == len(set(names))
+        assert sorted(names) == [("x", True), ("x-1", False), ("x.txt", False), ("y", False)]
+        node = await ns.lookup(ROOT_INODE, "x")
+        assert node.is_dir
+
+
+async def test_invalid_names_are_skipped(server: OssTestServer) -> None:
+    for key in ["ok.txt", "a//b", "dot/./c", "dots/../d", "long/" + "n" * 256,
+                "fine/" + "n" * 255, "dir/", "dir/file"]:
+        server.put(BUCKET, key, b"1")
+    async with _client(server) as client:
+        ns = Namespace(client, BUCKET, "")
+        root = await _all_names(ns, ROOT_INODE)
+        assert ("ok.txt", False) in root and ("dir", True) in root
+        for name in ("a", "dot", "dots", "long", "fine"):
+            node = await ns.lookup(ROOT_INODE, name)
+            names = await _all_names(ns, node.inode)
+            assert names == ([("n" * 255, False)] if name == "fine" else []), name
+        dir_node = await ns.lookup(ROOT_INODE, "dir")
+        assert await _all_names(ns, dir_node.inode) == [("file", False)]  # marker not listed
+        with pytest.raises(NotFoundError):
+            await ns.lookup(ROOT_INODE, "..x")
+
+
+async def test_paging_is_lazy_and_lookups_use_the_listing(server: OssTestServer) -> None:
+    for i in range(2500):
+        server.put(BUCKET, f"big/f{i:05d}", b"x")
+    async with _client(server) as client:
+        ns = Namespace(client, BUCKET, "")
+        big = await ns.lookup(ROOT_INODE, "big")
+        server.reset_stats()
+        reader = ns.open_dir(big.inode)
+        await ns.fill(reader, 0)
+        # The page's last file waits until no same-named prefix can follow it.
+        assert len(reader.entries) == 999 and server.stats.count(op="list") == 1
+        await ns.fill(reader, 2400)
+        assert reader.done and len(reader.entries) == 2500
+        assert server.stats.count(op="list") == 3
+        node = await ns.lookup(big.inode, "f02499")
+        assert node.meta is not None and node.meta.size == 1
+        with pytest.raises(NotFoundError):
+            await ns.lookup(big.inode, "nope")
+        assert server.stats.count() == 3  # both answered from the complete listing
+        again = ns.open_dir(big.inode)
+        assert again.done and len(again.entries) == 2500
+
+
+async def test_prefix_mount_and_probe_lookups(server: OssTestServer) -> None:
+    server.put(BUCKET, "top/sub/a.txt", b"abc")
+    server.put(BUCKET, "top/b.txt", b"b")
+    server.put(BUCKET, "topless", b"c")
+    async with _client(server) as client:
+        ns = Namespace(client, BUCKET, "top", negative_ttl=60)
+        assert sorted(await _all_names(ns, ROOT_INODE)) == [("b.txt", False), ("sub", True)]
+        ns2 = Namespace(client, BUCKET, "top")
+        sub = await ns2.lookup(ROOT_INODE, "sub")  # no listing yet: a probe
+        assert sub.is_dir and sub.path == "sub"
+        a = await ns2.lookup(sub.inode, "a.txt")
+        assert a.meta is not None and a.meta.size == 3 and ns2.key_of(a.path) == "top/sub/a.txt"
+        server.reset_stats()
+        with pytest.raises(NotFoundError):
+            await ns.lookup(ROOT_INODE, "missing")
+        with pytest.raises(NotFoundError):
+            await ns.lookup(ROOT_INODE, "missing")
+        assert server.stats.count() == 0  # the root listing is complete: no probe needed
+        ns.forget(sub.inode, 1)
