@@ -248,3 +248,4 @@ def run(config: MountConfig, make_client: ClientFactory,
         ready(f"{type(e).__name__}: {e}")
         code = 1
     os._exit(code)
+

@@ -11,8 +11,8 @@ Must not import: trio, httpx.
 
 from __future__ import annotations
 
-import calendar
 import time
+from datetime import datetime, timezone
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -48,7 +48,7 @@ class ErrorDocument:
 
 def _local(tag: str) -> str:
     """Drop the ``{namespace}`` S3 puts in front of every tag."""
-    return tag.rsplit("}", 1)[-1]
+    return tag[tag.index("}") + 1:] if tag[:1] == "{" else tag
 
 
 def _children(elem: ET.Element) -> dict[str, ET.Element]:
@@ -68,14 +68,15 @@ def strip_etag(value: str) -> str:
 
 
 def parse_iso8601(text: str) -> float:
-    """``2020-06-22T11:42:32.000Z`` -> seconds since the epoch."""
+    """``2020-06-22T11:42:32.000Z`` -> seconds since the epoch (UTC when no zone is given)."""
     text = text.strip()
-    main, _, frac = text.rstrip("Z").partition(".")
     try:
-        seconds = calendar.timegm(time.strptime(main, "%Y-%m-%dT%H:%M:%S"))
+        stamp = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
     except ValueError as e:
         raise XmlError(f"bad timestamp {text!r}") from e
-    return seconds + (float("0." + frac) if frac.isdigit() else 0.0)
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=timezone.utc)
+    return stamp.timestamp()
 
 
 def format_iso8601(epoch: float) -> str:
