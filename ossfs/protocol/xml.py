@@ -12,10 +12,10 @@ Must not import: trio, httpx.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from urllib.parse import quote, unquote
 from xml.sax.saxutils import escape
 
@@ -75,7 +75,7 @@ def parse_iso8601(text: str) -> float:
     except ValueError as e:
         raise XmlError(f"bad timestamp {text!r}") from e
     if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=timezone.utc)
+        stamp = stamp.replace(tzinfo=UTC)
     return stamp.timestamp()
 
 
