@@ -552,7 +552,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.mountpoint)
     if not os.path.ismount(path):
         raise UsageError(f"{path} is not a mount point")
+    from ossfs.cache.cachedir import cached_objects
+
     st = read_mount_attr(path, "status")
+    st["objects_cached"] = [
+        {"key": o.key, "size": o.size, "cached_bytes": o.cached_bytes, "parts": o.parts,
+         "parts_cached": o.parts_present}
+        for o in sorted(cached_objects(st["cache_dir"]), key=lambda o: o.key)
+        if o.bucket == st.get("bucket")
+    ]
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
         return 0

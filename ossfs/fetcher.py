@@ -123,6 +123,12 @@ class Fetcher:
         """Run background flights (mount reads, read-ahead) in *nursery*."""
         self._nursery = nursery
 
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run a helper task (e.g. one that waits on a flight) in the background nursery."""
+        if self._nursery is None:
+            raise RuntimeError("Fetcher.attach() was not called")
+        self._nursery.start_soon(fn, *args)
+
     def in_flight(self, store: PartStore, part: int) -> bool:
         return (id(store), part) in self._flights
 

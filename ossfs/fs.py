@@ -35,6 +35,7 @@ from ossfs.cache.store import PartStore
 from ossfs.errors import NotFoundError, ObjectChangedError, OssfsError, errno_for
 from ossfs.fetcher import Fetcher, ReadAhead
 from ossfs.namespace import DirReader, Namespace, Node
+from ossfs.prefetch import SiblingPrefetch
 
 __all__ = ["Operations", "FsOptions"]
 
@@ -81,6 +82,7 @@ class Operations(pyfuse3.Operations):
         describe: Callable[[], dict[str, Any]],
         status: Callable[[], dict[str, Any]],
         has_crc64: bool = True,
+        prefetch: SiblingPrefetch | None = None,
     ) -> None:
         super().__init__()
         self.ns = namespace
@@ -89,6 +91,7 @@ class Operations(pyfuse3.Operations):
         self.opts = options
         self._describe = describe
         self._status = status
+        self._prefetch = prefetch
         # S3 has no CRC-64 to show; OSS has it on HEAD (not in listings).
         self._file_xattrs = _FILE_XATTRS if has_crc64 else tuple(
             n for n in _FILE_XATTRS if n != "crc64")
@@ -240,6 +243,8 @@ class Operations(pyfuse3.Operations):
             ident = identity_for(self.ns.bucket, meta.key, meta.etag, meta.size,
                                  self.opts.part_size)
             store = self.cache.acquire(ident)
+            if self._prefetch is not None:
+                self._prefetch.on_open(node)
         fh = self._new_fh()
         url = f"{self.ns.scheme}://{self.ns.bucket}/{meta.key}"
         self._handles[fh] = _Handle(node, store, url,

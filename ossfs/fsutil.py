@@ -26,13 +26,14 @@ def fsync_dir(path: str) -> None:
         os.close(dir_fd)
 
 
-def write_temp(path: str, data: bytes, mode: int) -> str:
-    """Write *data* to a new, fsynced temp file beside *path*; return its name."""
+def write_temp(path: str, data: bytes, mode: int, *, durable: bool = True) -> str:
+    """Write *data* to a new temp file beside *path* (fsynced if *durable*); return its name."""
     tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         os.write(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         unlink_quietly(tmp)
@@ -41,7 +42,13 @@ def write_temp(path: str, data: bytes, mode: int) -> str:
     return tmp
 
 
-def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Replace *path* with *data*: write temp, fsync, rename, fsync the directory."""
-    os.replace(write_temp(path, data, mode), path)
-    fsync_dir(os.path.dirname(path))
+def write_atomically(path: str, data: bytes, mode: int = 0o600, *,
+                     durable: bool = True) -> None:
+    """Replace *path* with *data*: write temp, (fsync), rename, (fsync the directory).
+
+    Not durable is still atomic: readers see the old file or the new one, and
+    a crash may only lose the new one.
+    """
+    os.replace(write_temp(path, data, mode, durable=durable), path)
+    if durable:
+        fsync_dir(os.path.dirname(path))

@@ -33,6 +33,7 @@ from ossfs.errors import OssfsError, UsageError, unwrap_groups
 from ossfs.fetcher import Fetcher
 from ossfs.fs import FsOptions, Operations
 from ossfs.namespace import Namespace
+from ossfs.prefetch import SiblingPrefetch
 
 __all__ = ["MountConfig", "run", "check_mountpoint", "unmount"]
 
@@ -136,7 +137,8 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
             return d
 
         def status() -> dict[str, Any]:
-            objects = sorted(cache.objects(), key=lambda o: o.key)
+            # Kept small (an extended attribute holds at most 64 KiB): the per-object
+            # list is read from the cache directory by `ossfs status` itself.
             return {
                 "source": config.source,
                 "pid": os.getpid(),
@@ -145,16 +147,13 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
                 "cache_used_bytes": cache.rescan(),
                 "cache_size_bytes": cache.max_bytes,
                 "cache_evicted_bytes": cache.evicted_bytes,
-                "objects_cached": [
-                    {"key": o.key, "size": o.size, "cached_bytes": o.cached_bytes,
-                     "parts": o.parts, "parts_cached": o.parts_present}
-                    for o in objects if o.bucket == config.bucket
-                ],
+                "bucket": config.bucket,
                 "requests": client.stats.as_dict(),
                 "parts_fetched": fetcher.parts_fetched,
                 "bytes_fetched": fetcher.bytes_fetched,
                 "fs_errors": ops.errors,
                 "fs_reads": ops.reads,
+                "sibling_prefetches": prefetch.started,
                 "list_requests": ns.list_requests,
                 "log_file": config.log_file,
             }
@@ -163,8 +162,9 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
                             ttl=config.ttl, negative_ttl=config.negative_ttl,
                             part_size=config.part_size,
                             read_ahead_parts=max(1, config.read_ahead // config.part_size))
+        prefetch = SiblingPrefetch(ns, cache, fetcher, config.part_size)
         ops = Operations(ns, fetcher, cache, fs_opts, describe=describe, status=status,
-                         has_crc64=config.dialect == "oss")
+                         has_crc64=config.dialect == "oss", prefetch=prefetch)
         try:
             pyfuse3.init(ops, config.mountpoint, _fuse_options(config))
         except RuntimeError as e:

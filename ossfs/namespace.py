@@ -35,7 +35,7 @@ import trio
 from cachetools import TTLCache
 
 from ossfs.client import ObjectClient
-from ossfs.errors import NotFoundError, unwrap_groups
+from ossfs.errors import NotFoundError, ServiceError, unwrap_groups
 from ossfs.model import ObjectMeta
 
 __all__ = ["Node", "Namespace", "DirReader", "ROOT_INODE", "valid_name"]
@@ -83,6 +83,9 @@ class _Entry:
 class _Listing:
     entries: dict[str, _Entry]
     complete: bool
+    # Files in listing order and their positions, built on first use (read-ahead).
+    files: list[str] | None = None
+    positions: dict[str, int] | None = None
 
 
 @dataclass(slots=True)
@@ -151,6 +154,24 @@ class Namespace:
             return self._nodes[inode]
         except KeyError:
             raise NotFoundError(404, "NoSuchInode", f"inode {inode} is unknown") from None
+
+    def listed_files(self, path: str) -> tuple[list[str], dict[str, int]] | None:
+        """Names of the files of directory *path* in listing order, with their positions.
+
+        Only what a listing already brought (None if the directory was not listed).
+        """
+        listing = self._listings.get(path)
+        if listing is None:
+            return None
+        if listing.files is None or listing.positions is None:
+            listing.files = [e.name for e in listing.entries.values() if not e.is_dir]
+            listing.positions = {name: i for i, name in enumerate(listing.files)}
+        return listing.files, listing.positions
+
+    def listed_meta(self, path: str, name: str) -> ObjectMeta | None:
+        listing = self._listings.get(path)
+        entry = listing.entries.get(name) if listing is not None else None
+        return entry.meta if entry is not None else None
 
     def _node_for(self, path: str, entry: _Entry) -> Node:
         now = time.monotonic()
@@ -231,6 +252,12 @@ class Namespace:
             try:
                 found["file"] = await self.client.head(self.bucket, key)
             except NotFoundError:
+                found["file"] = None
+            except ServiceError as e:
+                if not 300 <= e.status < 400:
+                    raise
+                # A redirect is not an object (e.g. a web server fronting a directory
+                # of files redirects "dir" to "dir/"); the listing decides.
                 found["file"] = None
 
         with unwrap_groups():

@@ -48,7 +48,7 @@ from ossfs.cache.index import IndexCorrupt, IndexFile, StoreIdentity
 from ossfs.cache.store import PartStore
 from ossfs.errors import CheckpointError
 
-__all__ = ["CacheDir", "CachedObjectInfo", "identity_for"]
+__all__ = ["CacheDir", "CachedObjectInfo", "identity_for", "cached_objects"]
 
 log = logging.getLogger(__name__)
 
@@ -396,10 +396,25 @@ class CacheDir:
 
     def objects(self) -> Iterator[CachedObjectInfo]:
         """Every object version the cache holds something of."""
-        for directory, _st in self._walk():
+        return cached_objects(self.root)
+
+
+def cached_objects(root: str) -> Iterator[CachedObjectInfo]:
+    """Every object version a cache root holds something of (read-only; any process)."""
+    objects_dir = os.path.join(root, "objects")
+    try:
+        shards = sorted(os.listdir(objects_dir))
+    except FileNotFoundError:
+        return
+    for shard in shards:
+        try:
+            names = os.listdir(os.path.join(objects_dir, shard))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for name in names:
             try:
-                index = IndexFile.load(os.path.join(directory, "index"))
-            except IndexCorrupt:
+                index = IndexFile.load(os.path.join(objects_dir, shard, name, "index"))
+            except (IndexCorrupt, OSError):
                 continue
             if index is None:
                 continue

@@ -234,10 +234,12 @@ class IndexFile:
         is kept and loaded instead (it may already hold parts).
         """
         header = format_header(identity)
+        # A new, empty index need not survive a crash (losing it loses nothing), so
+        # it is not fsynced: opening thousands of small objects stays cheap.
         if replace:
-            write_atomically(path, header, mode)
+            write_atomically(path, header, mode, durable=False)
         else:
-            tmp = write_temp(path, header, mode)
+            tmp = write_temp(path, header, mode, durable=False)
             try:
                 os.link(tmp, path)
             except FileExistsError:
