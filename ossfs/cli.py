@@ -397,7 +397,12 @@ def _cmd_stat(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from ossfs.download import DownloadRequest, download, validate_part_size
+    from ossfs.download import (
+        DownloadRequest,
+        checkpoint_path_for,
+        download,
+        validate_part_size,
+    )
     from ossfs.progress import ProgressBar
 
     url = parse_object_url(args.url)
@@ -450,12 +455,20 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
     if not args.no_resume:
         args.interrupt_hint = "run the same command again to resume the download"
+    def resumable() -> bool:
+        return not args.no_resume and os.path.exists(
+            checkpoint_path_for(request, os.path.abspath(file_path)))
+
     try:
         result = run_trio(run)
     except OssfsError as e:
-        if isinstance(e, (UsageError, IntegrityError)) or args.no_resume:
+        if isinstance(e, (UsageError, IntegrityError)) or not resumable():
             raise
         raise _with_hint(e) from None
+    except KeyboardInterrupt:
+        if not resumable():
+            args.interrupt_hint = None
+        raise
     finally:
         bar.close()
     if not args.quiet:

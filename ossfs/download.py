@@ -148,13 +148,13 @@ def _resolve_range(request: DownloadRequest, meta: ObjectMeta) -> tuple[int, int
     if request.range_start is None and request.range_end is None:
         return 0, meta.size
     start = request.range_start or 0
+    if start >= meta.size:
+        raise UsageError(f"range starts at byte {start}, past the end of the object "
+                         f"({meta.size} bytes)")
     end = meta.size - 1 if request.range_end in (None, -1) else request.range_end
     assert end is not None
     if start < 0 or end < start:
         raise UsageError(f"invalid range {start}-{end}")
-    if start >= meta.size:
-        raise UsageError(f"range starts at byte {start}, past the end of the object "
-                         f"({meta.size} bytes)")
     end = min(end, meta.size - 1)
     return start, end - start + 1
 
@@ -202,10 +202,17 @@ async def download(client: ObjectClient, request: DownloadRequest) -> DownloadRe
     began = time.monotonic()
     path = _validate(request)
     temp = temp_path_for(path)
+    ckpt = checkpoint_path_for(request, path) if request.enable_checkpoint else None
     notice = request.notice or (lambda msg: log.warning("%s", msg))
-    lock = _Lock(temp)
+    temp_existed = os.path.exists(temp)
+    lock = _Lock(temp)  # creates the temp file when it is missing
     ok = False
     try:
+        if ckpt is not None and not temp_existed and os.path.exists(ckpt):
+            # The checkpoint describes bytes that are gone: trust none of it.
+            notice(f"not resuming from checkpoint {ckpt}: its data file {temp} is missing; "
+                   "starting over")
+            unlink_quietly(ckpt)
         restarts = 0
         while True:
             try:
@@ -219,8 +226,8 @@ async def download(client: ObjectClient, request: DownloadRequest) -> DownloadRe
                 notice(f"oss://{request.bucket}/{request.key} changed during the download; "
                        "starting over")
     finally:
-        if not ok and not request.enable_checkpoint:
-            # Without a checkpoint the partial data can never be resumed.
+        if not ok and (ckpt is None or not os.path.exists(ckpt)):
+            # Without a checkpoint the temp file can never be resumed: leave nothing.
             unlink_quietly(temp)
         lock.close()
 

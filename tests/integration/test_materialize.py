@@ -1,0 +1,357 @@
+"""``ossfs materialize`` against the OSS test server, with the cache and ``--to`` in tmp_path.
+
+What this proves:
+
+- A prefix (or a single object) is fetched into the cache once, part by part,
+  and ``--to DIR`` writes byte-identical files at the keys' paths relative
+  to the prefix, with the objects' mtimes, and nothing else.
+- The cache is the checkpoint: a rerun fetches nothing, a deleted output
+  file is restored from the cache, and after SIGKILL a rerun fetches only the
+  parts the cache does not hold; no output file is ever left half written.
+- ``--shard I/N`` splits the objects into disjoint shards whose union is
+  everything, the same way on every run.
+- Keys that cannot be safe paths under DIR are skipped with a message, and
+  nothing is written outside DIR.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ossfs.cache.cachedir import CacheDir
+from ossfs.testing import Fault, OssTestServer
+from tests.helpers import OSSFS, run_ossfs
+from tests.integration.conftest import settled_stats
+
+KiB = 1024
+MiB = 1024 * KiB
+PART = 100 * KiB
+BUCKET = "bkt"
+
+
+def randbytes(size: int, seed: int) -> bytes:
+    """Reproducible incompressible bytes."""
+    return random.Random(seed).randbytes(size)
+
+
+DATASET: dict[str, bytes] = {
+    "ds/a.txt": b"alpha\n",
+    "ds/empty": b"",
+    "ds/sub/big.bin": randbytes(7 * PART + 123, seed=1),
+    "ds/sub/deeper/c.bin": randbytes(PART + 1, seed=2),
+    "ds/caf\u00e9 name+plus%.txt": b"unicode name\n",
+}
+# Near the prefix but not under it.
+OUTSIDE: dict[str, bytes] = {
+    "dsx/y.txt": b"sibling prefix\n",
+    "other/x.txt": b"elsewhere\n",
+    "ds": b"an object named like the prefix\n",
+}
+
+
+def parts_of(size: int) -> int:
+    """How many 100 KiB parts an object of *size* bytes has."""
+    return -(-size // PART)
+
+
+def materialize(server: OssTestServer, env: dict[str, str], target: str, cache: Path,
+                *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``ossfs materialize TARGET`` against *server* with the cache *cache*."""
+    return run_ossfs("materialize", target, "--cache-dir", str(cache), "--part-size", "100KiB",
+                     "--endpoint", server.url, *args, env=env)
+
+
+def files_under(directory: Path) -> dict[str, bytes]:
+    """Relative path -> content of every file below *directory*."""
+    found: dict[str, bytes] = {}
+    for root, _dirs, names in os.walk(directory):
+        for name in names:
+            path = Path(root) / name
+            found[path.relative_to(directory).as_posix()] = path.read_bytes()
+    return found
+
+
+def gets(server: OssTestServer) -> int:
+    """Object GETs the server has answered (and finished answering)."""
+    return len(settled_stats(server).gets)
+
+
+def succeeded(result: subprocess.CompletedProcess[str]) -> str:
+    """The summary line of a successful run."""
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [x for x in result.stderr.splitlines() if x.startswith("materialized ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def cached_parts(cache: Path) -> dict[str, int]:
+    """Key -> parts the cache holds (read after the writer is gone)."""
+    cd = CacheDir(str(cache), max_bytes=1 << 40)
+    try:
+        return {info.key: info.parts_present for info in cd.objects()}
+    finally:
+        cd.close()
+
+
+@pytest.fixture
+def srv(oss_server: OssTestServer) -> OssTestServer:
+    """The OSS test server holding the dataset and its neighbours."""
+    for key, data in {**DATASET, **OUTSIDE}.items():
+        oss_server.put(BUCKET, key, data, mtime=1_650_000_000)
+    return oss_server
+
+
+# ---------------------------------------------------------------------- prefix and --to
+
+
+def test_prefix_to_dir(srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path) -> None:
+    cache, to = tmp_path / "cache", tmp_path / "to"
+    to.mkdir()
+    line = succeeded(materialize(srv, oss_env, f"oss://{BUCKET}/ds/", cache, "--to", str(to),
+                                 "--threads", "4"))
+    expected = {k.removeprefix("ds/"): v for k, v in DATASET.items()}
+    assert files_under(to) == expected
+    for rel in expected:
+        assert os.stat(to / rel).st_mtime == 1_650_000_000
+    assert f"materialized {len(DATASET)} object(s)" in line
+    # Each part once; nothing outside the prefix.
+    stats = settled_stats(srv)
+    assert set(stats.gets_by_key) == {k for k, v in DATASET.items() if v}
+    for key, records in stats.gets_by_key.items():
+        assert sorted(r.req_start or 0 for r in records) == [
+            i * PART for i in range(parts_of(len(DATASET[key])))]
+    assert stats.bytes_sent == sum(len(v) for v in DATASET.values())
+
+    # A rerun fetches nothing and leaves the files as they are.
+    before = gets(srv)
+    stamps = {rel: os.stat(to / rel).st_mtime_ns for rel in expected}
+    succeeded(materialize(srv, oss_env, f"oss://{BUCKET}/ds/", cache, "--to", str(to)))
+    assert gets(srv) == before
+    assert files_under(to) == expected
+    assert {rel: os.stat(to / rel).st_mtime_ns for rel in expected} == stamps
+
+    # A lost output file comes back from the cache, still without a GET.
+    (to / "sub" / "big.bin").unlink()
+    succeeded(materialize(srv, oss_env, f"oss://{BUCKET}/ds/", cache, "--to", str(to)))
+    assert gets(srv) == before
+    assert files_under(to) == expected
+
+
+def test_cache_first_then_to_dir(srv: OssTestServer, oss_env: dict[str, str],
+                                 tmp_path: Path) -> None:
+    cache, to = tmp_path / "cache", tmp_path / "to"
+    succeeded(materialize(srv, oss_env, f"oss://{BUCKET}/ds/", cache))
+    assert gets(srv) == sum(parts_of(len(v)) for v in DATASET.values())
+    assert cached_parts(cache) == {k: parts_of(len(v)) for k, v in DATASET.items()}
+    before = gets(srv)
+    to.mkdir()
+    succeeded(materialize(srv, oss_env, f"oss://{BUCKET}/ds/", cache, "--to", str(to)))
+    assert gets(srv) == before
+    assert files_under(to) == {k.removeprefix("ds/"): v for k, v in DATASET.items()}
+
+
+def test_single_object(srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path) -> None:
+    cache, to = tmp_path / "cache", tmp_path / "to"
+    to.mkdir()
+    line = succeeded(materialize(srv, oss_env, f"oss://{BUCKET}/ds/sub/big.bin", cache,
+                                 "--to", str(to)))
+    assert "materialized 1 object(s)" in line
+    assert files_under(to) == {"big.bin": DATASET["ds/sub/big.bin"]}
+    assert set(settled_stats(srv).gets_by_key) == {"ds/sub/big.bin"}
+
+
+def test_nothing_to_materialize(srv: OssTestServer, oss_env: dict[str, str],
+                                tmp_path: Path) -> None:
+    result = materialize(srv, oss_env, f"oss://{BUCKET}/no/such/prefix/", tmp_path / "cache")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "ossfs: error:" in result.stderr
+
+
+def test_to_dir_must_exist(srv: OssTestServer, oss_env: dict[str, str],
+                           tmp_path: Path) -> None:
+    result = materialize(srv, oss_env, f"oss://{BUCKET}/ds/", tmp_path / "cache",
+                         "--to", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert gets(srv) == 0
+
+
+# ---------------------------------------------------------------------- kill -9
+
+
+def test_resume_after_kill_9(oss_server: OssTestServer, oss_env: dict[str, str],
+                             tmp_path: Path) -> None:
+    objects = {f"big/obj-{i}.bin": randbytes(2 * MiB + i, seed=10 + i) for i in range(3)}
+    for key, data in objects.items():
+        oss_server.put(BUCKET, key, data)
+    cache, to = tmp_path / "cache", tmp_path / "to"
+    to.mkdir()
+    oss_server.faults.bandwidth = 512 * KiB
+    proc = subprocess.Popen(
+        [*OSSFS, "materialize", f"oss://{BUCKET}/big/", "--cache-dir", str(cache),
+         "--part-size", "100KiB", "--threads", "4", "--to", str(to),
+         "--endpoint", oss_server.url], env=oss_env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while oss_server.stats.bytes_sent < 1 * MiB and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+    # No output file is ever half written under its final name.
+    for rel, content in files_under(to).items():
+        if not rel.endswith(".ossfs-tmp"):
+            assert content == objects["big/" + rel]
+    held = cached_parts(cache)
+    total_parts = sum(parts_of(len(v)) for v in objects.values())
+    missing = total_parts - sum(held.values())
+    assert sum(held.values()) > 0 and missing > 0
+    oss_server.faults.bandwidth = None
+    before = gets(oss_server)  # after the killed run's answers have ended
+    line = succeeded(materialize(oss_server, oss_env, f"oss://{BUCKET}/big/", cache,
+                                 "--to", str(to), "--threads", "4"))
+    assert gets(oss_server) - before == missing
+    assert "already cached" in line
+    assert files_under(to) == {k.removeprefix("big/"): v for k, v in objects.items()}
+
+
+def test_object_replaced_mid_run(oss_server: OssTestServer, oss_env: dict[str, str],
+                                 tmp_path: Path) -> None:
+    """The changed object fails this run (never mixed), the others complete; a rerun
+    brings the new version."""
+    old, new = randbytes(10 * PART, seed=20), randbytes(9 * PART + 5, seed=21)
+    oss_server.put(BUCKET, "mat/changing.bin", old)
+    oss_server.put(BUCKET, "mat/steady.txt", b"steady\n")
+    oss_server.faults.add(Fault("replace", op="get", key="mat/changing.bin", after_bytes=100,
+                                data=new))
+    cache, to = tmp_path / "cache", tmp_path / "to"
+    to.mkdir()
+    result = materialize(oss_server, oss_env, f"oss://{BUCKET}/mat/", cache, "--to", str(to),
+                         "--threads", "2")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    failed = [x for x in result.stderr.splitlines() if x.startswith("ossfs: failed:")]
+    assert len(failed) == 1 and "mat/changing.bin" in failed[0]
+    assert "PreconditionFailed" in failed[0]
+    assert files_under(to) == {"steady.txt": b"steady\n"}
+    succeeded(materialize(oss_server, oss_env, f"oss://{BUCKET}/mat/", cache, "--to", str(to)))
+    assert files_under(to) == {"steady.txt": b"steady\n", "changing.bin": new}
+
+
+def test_two_concurrent_runs_share_the_cache(oss_server: OssTestServer,
+                                             oss_env: dict[str, str], tmp_path: Path) -> None:
+    """Two runs on one cache at once: every part is fetched once, by one of them."""
+    objects = {f"pair/obj-{i}.bin": randbytes(MiB + i, seed=30 + i) for i in range(3)}
+    for key, data in objects.items():
+        oss_server.put(BUCKET, key, data)
+    cache = tmp_path / "cache"
+    oss_server.faults.bandwidth = 1 * MiB
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for i in range(2):
+            to = tmp_path / f"to-{i}"
+            to.mkdir()
+            procs.append(subprocess.Popen(
+                [*OSSFS, "materialize", f"oss://{BUCKET}/pair/", "--cache-dir", str(cache),
+                 "--part-size", "100KiB", "--threads", "4", "--to", str(to),
+                 "--endpoint", oss_server.url],
+                env=oss_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outcomes = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=30)
+    for p, (_, stderr) in zip(procs, outcomes, strict=True):
+        assert p.returncode == 0, stderr
+    expected = {k.removeprefix("pair/"): v for k, v in objects.items()}
+    assert files_under(tmp_path / "to-0") == expected
+    assert files_under(tmp_path / "to-1") == expected
+    assert gets(oss_server) == sum(parts_of(len(v)) for v in objects.values())
+
+
+# ---------------------------------------------------------------------- --shard
+
+
+def test_shards_partition_the_objects(oss_server: OssTestServer, oss_env: dict[str, str],
+                                      tmp_path: Path) -> None:
+    objects = {f"sh/obj-{i:02d}.txt": f"object {i}\n".encode() for i in range(15)}
+    for key, data in objects.items():
+        oss_server.put(BUCKET, key, data)
+    cache = tmp_path / "cache"
+    shards: list[dict[str, bytes]] = []
+    for i in range(3):
+        to = tmp_path / f"shard-{i}"
+        to.mkdir()
+        succeeded(materialize(oss_server, oss_env, f"oss://{BUCKET}/sh/", cache,
+                              "--to", str(to), "--shard", f"{i}/3"))
+        shards.append(files_under(to))
+    union: dict[str, bytes] = {}
+    for i, shard in enumerate(shards):
+        assert shard, f"shard {i} is empty"
+        for j in range(i):
+            assert not set(shard) & set(shards[j])
+        union.update(shard)
+    assert union == {k.removeprefix("sh/"): v for k, v in objects.items()}
+    assert gets(oss_server) == len(objects)  # each object fetched by one shard only
+    # The same split on another run, with another cache.
+    again = tmp_path / "shard-1-again"
+    again.mkdir()
+    succeeded(materialize(oss_server, oss_env, f"oss://{BUCKET}/sh/", tmp_path / "cache2",
+                          "--to", str(again), "--shard", "1/3"))
+    assert files_under(again) == shards[1]
+
+
+@pytest.mark.parametrize("shard", ["3/3", "-1/3", "0/0", "1", "a/b"])
+def test_bad_shard(srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path,
+                   shard: str) -> None:
+    result = materialize(srv, oss_env, f"oss://{BUCKET}/ds/", tmp_path / "cache",
+                         f"--shard={shard}")
+    assert result.returncode == 2
+    assert "shard" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert gets(srv) == 0
+
+
+# ---------------------------------------------------------------------- unsafe keys
+
+
+def test_unsafe_keys_are_skipped(oss_server: OssTestServer, oss_env: dict[str, str],
+                                 tmp_path: Path) -> None:
+    unsafe = ["u/../evil.txt", "u/x/../../evil2.txt", "u/a//b.txt", "u/./dot.txt",
+              "u/link/through.txt"]
+    for key in unsafe:
+        oss_server.put(BUCKET, key, b"must not be written\n")
+    oss_server.put(BUCKET, "u/ok.txt", b"fine\n")
+    outer = tmp_path / "outer"
+    to = outer / "inner"
+    to.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # A symlink inside DIR that leads out of it must not be written through.
+    (to / "link").symlink_to(elsewhere)
+    result = materialize(oss_server, oss_env, f"oss://{BUCKET}/u/", tmp_path / "cache",
+                         "--to", str(to))
+    succeeded(result)
+    for key in unsafe:
+        assert f"skipping {key}" in result.stderr, result.stderr
+    assert files_under(to) == {"ok.txt": b"fine\n"}
+    assert os.listdir(outer) == ["inner"]
+    assert os.listdir(elsewhere) == []
+    written = {name for _, _, names in os.walk(tmp_path) for name in names}
+    assert not {"evil.txt", "evil2.txt", "b.txt", "dot.txt", "through.txt"} & written
