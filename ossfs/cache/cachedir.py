@@ -29,8 +29,6 @@ Must not import: trio, httpx, pyfuse3.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import hashlib
@@ -44,9 +42,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 
+from cachetools import LRUCache
+
 from ossfs.cache.index import IndexCorrupt, IndexFile, StoreIdentity
 from ossfs.cache.store import PartStore
 from ossfs.errors import CheckpointError
+from ossfs.fsutil import punch_hole
 
 __all__ = ["CacheDir", "CachedObjectInfo", "identity_for", "cached_objects"]
 
@@ -57,19 +58,6 @@ FORMAT = "ossfs-cache 1"
 _RESCAN_INTERVAL = 30.0
 # Store directories touched at most this often (seconds) for the LRU order.
 _TOUCH_INTERVAL = 60.0
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    """Give the blocks of ``[offset, offset+length)`` back to the file system."""
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
 
 def identity_for(bucket: str, key: str, etag: str, size: int, part_size: int) -> StoreIdentity:
     """The identity of a whole-object store in the cache."""
@@ -115,6 +103,9 @@ class CacheDir:
         self._objects = os.path.join(self.root, "objects")
         self._open: dict[str, _Open] = {}
         self._by_store: dict[int, _Open] = {}
+        # Parts checked against their CRC, by (store directory, data file inode): kept
+        # when a store is closed, so reopening a file does not check its parts again.
+        self._verified: LRUCache[tuple[str, int], set[int]] = LRUCache(maxsize=16384)
         self._used = 0
         self._scanned_at = 0.0
         self._warned_over = False
@@ -178,6 +169,12 @@ class CacheDir:
             except FileNotFoundError:
                 same = False
             if same:
+                key = (directory, os.fstat(store.fileno()).st_ino)
+                verified = self._verified.get(key)
+                if verified is None:
+                    verified = self._verified[key] = set()
+                verified.intersection_update(store.parts)  # dropped since: check again
+                store.verified = verified
                 return _Open(store, directory)
             store.close()
         raise CheckpointError(f"cannot open cache store {directory}")
@@ -360,7 +357,7 @@ class CacheDir:
             for p in parts:
                 first, end = entry.store.layout.bounds(p)
                 try:
-                    _punch_hole(fd, first, end - first)
+                    punch_hole(fd, first, end - first)
                 except OSError as e:
                     if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                         log.warning("cache: the file system cannot punch holes; parts stay "

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from ossfs.cache.index import IndexCorrupt, IndexFile, PartRecord, StoreIdentity
 from ossfs.crc import crc64, crc64_of_parts
 from ossfs.errors import IntegrityError
-from ossfs.fsutil import unlink_quietly
+from ossfs.fsutil import start_writeback, unlink_quietly
 from ossfs.model import PartLayout
 
 __all__ = ["PartStore", "describe_mismatch", "Discarded"]
@@ -201,9 +201,15 @@ class PartStore:
         """Read object bytes ``[offset, offset+size)`` from the data file."""
         return os.pread(self._fd, size, offset - self.identity.start)
 
+    def read_into(self, offset: int, view: memoryview) -> int:
+        """Read object bytes at *offset* into *view*; return how many were read."""
+        return os.preadv(self._fd, [view], offset - self.identity.start)
+
     def commit(self, part: int, crc: int) -> None:
         """Record *part* as complete; its bytes must already be written."""
         record = PartRecord(self.layout.part_length(part), crc)
+        first, _ = self.layout.bounds(part)
+        start_writeback(self._fd, first - self.identity.start, record.length)
         if self._index is not None:
             self._index.add(part, record)
             self._parts = self._index.state.parts

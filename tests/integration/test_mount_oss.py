@@ -72,8 +72,13 @@ def test_warm_remount_serves_from_disk_without_gets(server: OssTestServer, tmp_p
     assert gets(server) >= 13
     server.reset_stats()
     with mounted(f"oss://{BUCKET}", mnt, *opts(server, tmp_path), env=env):
-        assert (mnt / "models" / "weights.bin").read_bytes() == want
-        assert (mnt / "models" / "weights.bin").read_bytes() == want
+        for _ in range(3):
+            assert (mnt / "models" / "weights.bin").read_bytes() == want
+            subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"],
+                           check=False)
+        # Parts cached by another run are checked against their CRC once each, not on
+        # every reopen.
+        assert status(mnt, env)["parts_verified"] == 13
     assert gets(server) == 0
 
 
@@ -83,6 +88,7 @@ def test_page_cache_is_kept_across_opens(server: OssTestServer, tmp_path: Path,
     with mounted(f"oss://{BUCKET}", mnt, *opts(server, tmp_path), env=env):
         path = mnt / "models" / "weights.bin"
         path.read_bytes()
+        time.sleep(0.5)  # let the kernel's last readahead requests land
         first = status(mnt, env)["fs_reads"]
         assert isinstance(first, int) and first > 0
         for _ in range(3):

@@ -75,6 +75,10 @@ def test_ordinary_tools(tmp_path: Path, moto_endpoint: str, s3_bucket: str,
         ls = subprocess.run(["ls", "-l", str(mnt / "data")], capture_output=True, text=True,
                             check=True).stdout
         assert "big.bin" in ls and "one-part.bin" in ls and "empty.bin" in ls
+        dots = subprocess.run(["ls", "-a", str(mnt / "docs")], capture_output=True, text=True,
+                              check=True).stdout.split()
+        assert dots[:2] == [".", ".."] and "d0" in dots
+        assert os.stat(mnt / "docs" / "..").st_ino == os.stat(mnt).st_ino
         assert sorted(os.listdir(mnt)) == sorted(
             ["data", "docs", "top.txt", "name with spaces+plus.txt", "\u6570\u636e", "marked",
              "clash", "odd"])
