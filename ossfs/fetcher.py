@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ossfs.cache.cachedir import CacheDir
+from ossfs.cache.index import StoreIdentity
 from ossfs.cache.store import PartStore
 from ossfs.client import ObjectClient
 from ossfs.crc import crc64
@@ -115,6 +117,7 @@ class Fetcher:
             max(1, min(self.connections - 1, int(self.connections * readahead_share))))
         self._reserve = reserve
         self._flights: dict[tuple[int, int], _Flight] = {}
+        self._opening: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         self.parts_fetched = 0
         self.bytes_fetched = 0
@@ -122,6 +125,31 @@ class Fetcher:
     def attach(self, nursery: trio.Nursery) -> None:
         """Run background flights (mount reads, read-ahead) in *nursery*."""
         self._nursery = nursery
+
+    async def open_store(self, cache: CacheDir, identity: StoreIdentity) -> PartStore:
+        """`CacheDir.acquire` without blocking the event loop.
+
+        Creating a cache entry is a handful of file-system calls; on a slow disk
+        a directory walk over thousands of small objects would otherwise stall
+        every reader. The work runs in a worker thread, once per store however
+        many tasks ask for it at the same time.
+        """
+        while True:
+            store = cache.reuse(identity)
+            if store is not None:
+                return store
+            key = cache.store_key(identity)
+            opening = self._opening.get(key)
+            if opening is None:
+                break
+            await opening.wait()
+        done = self._opening[key] = trio.Event()
+        try:
+            prepared = await trio.to_thread.run_sync(cache.prepare, identity)
+            return cache.adopt(prepared)
+        finally:
+            del self._opening[key]
+            done.set()
 
     def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         """Run a helper task (e.g. one that waits on a flight) in the background nursery."""

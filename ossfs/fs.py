@@ -42,6 +42,7 @@ __all__ = ["Operations", "FsOptions"]
 log = logging.getLogger(__name__)
 
 _XATTR_PREFIX = "user.ossfs."
+_XATTR_PREFIX_BYTES = _XATTR_PREFIX.encode()
 # The largest read the kernel sends with the default readahead (32 pages) is 128 KiB;
 # the reply buffer is larger, and a bigger request falls back to a fresh buffer.
 _MAX_READ = 1 << 20
@@ -140,6 +141,16 @@ class Operations(pyfuse3.Operations):
     # ---------------------------------------------------------------- attributes
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        # Built once per node and metadata version: `ls -l` of a big directory asks
+        # for thousands. pyfuse3 copies the values into each reply.
+        cached = node.attrs
+        if cached is not None and cached[0] is node.meta:
+            return cast(pyfuse3.EntryAttributes, cached[1])
+        a = self._build_attrs(node)
+        node.attrs = (node.meta, a)
+        return a
+
+    def _build_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.inode
         a.generation = 0
@@ -259,7 +270,7 @@ class Operations(pyfuse3.Operations):
             assert meta is not None
             ident = identity_for(self.ns.bucket, meta.key, meta.etag, meta.size,
                                  self.opts.part_size)
-            store = self.cache.acquire(ident)
+            store = await self.fetcher.open_store(self.cache, ident)
             if self._prefetch is not None:
                 self._prefetch.on_open(node)
         fh = self._new_fh()
@@ -356,9 +367,10 @@ class Operations(pyfuse3.Operations):
         return [(_XATTR_PREFIX + n).encode() for n in names]
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        key = name.decode(errors="replace")
-        if not key.startswith(_XATTR_PREFIX):
+        if not name.startswith(_XATTR_PREFIX_BYTES):
+            # `ls -l` asks every file for security.selinux and system.posix_acl_access.
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        key = name.decode(errors="replace")
         attr = key[len(_XATTR_PREFIX):]
         node = self.ns.node(inode)
         async with self._errors("getxattr", node.path):

@@ -231,8 +231,8 @@ async def materialize(client: ObjectClient, cache: CacheDir,
         nonlocal reused, done_bytes
         async with send:
             for i, meta in enumerate(objects):
-                store = cache.acquire(identity_for(request.bucket, meta.key, meta.etag,
-                                                   meta.size, request.part_size))
+                store = await fetcher.open_store(cache, identity_for(
+                    request.bucket, meta.key, meta.etag, meta.size, request.part_size))
                 stores[i] = store
                 # The whole object stays until it is complete (and written out), even
                 # when it is larger than the cache.

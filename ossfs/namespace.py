@@ -66,6 +66,8 @@ class Node:
     meta: ObjectMeta | None
     seen: float
     lookups: int = 0
+    # The FUSE layer's attributes for `meta`, kept with the meta they were made from.
+    attrs: tuple[ObjectMeta | None, object] | None = None
 
     @property
     def name(self) -> str:

@@ -20,11 +20,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import trio
-
 from ossfs.cache.cachedir import CacheDir, identity_for
-from ossfs.cache.store import PartStore
 from ossfs.fetcher import Fetcher
+from ossfs.model import ObjectMeta
 from ossfs.namespace import Namespace, Node
 
 __all__ = ["SiblingPrefetch"]
@@ -85,20 +83,15 @@ class SiblingPrefetch:
         meta = self.ns.listed_meta(parent, name)
         if meta is None or meta.size == 0 or meta.size > self.part_size:
             return
-        store = self.cache.acquire(identity_for(self.ns.bucket, meta.key, meta.etag, meta.size,
-                                                self.part_size))
-        if store.is_present(0) or self.fetcher.in_flight(store, 0):
-            self.cache.release(store)
-            return
-        flight = self.fetcher.start(store, 0, readahead=True)
-        if flight is None:
-            self.cache.release(store)
-            return
         self.started += 1
-        self.fetcher.spawn(self._release_when_done, store, flight.done)
+        self.fetcher.spawn(self._fetch_one, meta)
 
-    async def _release_when_done(self, store: PartStore, done: trio.Event) -> None:
+    async def _fetch_one(self, meta: ObjectMeta) -> None:
+        identity = identity_for(self.ns.bucket, meta.key, meta.etag, meta.size, self.part_size)
+        store = await self.fetcher.open_store(self.cache, identity)
         try:
-            await done.wait()
+            flight = self.fetcher.start(store, 0, readahead=True)
+            if flight is not None:
+                await flight.done.wait()
         finally:
             self.cache.release(store)

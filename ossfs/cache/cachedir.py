@@ -142,19 +142,27 @@ class CacheDir:
 
     def acquire(self, identity: StoreIdentity) -> PartStore:
         """Open the store for *identity* (shared in this process; counted)."""
-        directory = self._dir_for(identity)
-        entry = self._open.get(directory)
+        return self.reuse(identity) or self.adopt(self.prepare(identity))
+
+    def reuse(self, identity: StoreIdentity) -> PartStore | None:
+        """The store for *identity* if this process has it open (counted), else None."""
+        entry = self._open.get(self._dir_for(identity))
         if entry is None:
-            entry = self._open_store(identity, directory)
-            self._open[directory] = entry
-            self._by_store[id(entry.store)] = entry
+            return None
         entry.refs += 1
         self._touch(entry)
         return entry.store
 
-    def _open_store(self, identity: StoreIdentity, directory: str) -> _Open:
+    def prepare(self, identity: StoreIdentity) -> PartStore:
+        """Open or create a store on disk and lock it for sharing.
+
+        Only file-system work, touching nothing shared in this object, so it may
+        run in a worker thread (creating thousands of small entries is slow on
+        some disks). `adopt` then makes the store this process's own.
+        """
+        directory = self._dir_for(identity)
         for _ in range(5):
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            _make_store_dir(directory)
             data = os.path.join(directory, "data")
             try:
                 store = PartStore.open(identity, data, os.path.join(directory, "index"),
@@ -169,15 +177,36 @@ class CacheDir:
             except FileNotFoundError:
                 same = False
             if same:
-                key = (directory, os.fstat(store.fileno()).st_ino)
-                verified = self._verified.get(key)
-                if verified is None:
-                    verified = self._verified[key] = set()
-                verified.intersection_update(store.parts)  # dropped since: check again
-                store.verified = verified
-                return _Open(store, directory)
+                return store
             store.close()
         raise CheckpointError(f"cannot open cache store {directory}")
+
+    def adopt(self, store: PartStore) -> PartStore:
+        """Take a prepared store into this process's table (counted).
+
+        If the same store was opened meanwhile, the prepared one is closed and
+        the open one is returned.
+        """
+        directory = os.path.dirname(store.data_path)
+        entry = self._open.get(directory)
+        if entry is not None:
+            store.close()
+        else:
+            key = (directory, os.fstat(store.fileno()).st_ino)
+            verified = self._verified.get(key)
+            if verified is None:
+                verified = self._verified[key] = set()
+            verified.intersection_update(store.parts)  # dropped since: check again
+            store.verified = verified
+            entry = self._open[directory] = _Open(store, directory)
+            self._by_store[id(store)] = entry
+        entry.refs += 1
+        self._touch(entry)
+        return entry.store
+
+    def store_key(self, identity: StoreIdentity) -> str:
+        """A name that is the same for every open of one store (for single flight)."""
+        return self._dir_for(identity)
 
     def release(self, store: PartStore) -> None:
         entry = self._by_store.get(id(store))
@@ -420,6 +449,16 @@ def cached_objects(root: str) -> Iterator[CachedObjectInfo]:
             count = -(-ident.length // ident.part_size)
             yield CachedObjectInfo(ident.bucket, ident.key, ident.etag, ident.size,
                                    sum(r.length for r in parts.values()), count, len(parts))
+
+
+def _make_store_dir(directory: str) -> None:
+    """Create ``objects/ab/<hash>`` with one mkdir in the common case (shard exists)."""
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
 
 
 def st_dir_mtime(directory: str) -> float:

@@ -26,12 +26,13 @@ import fcntl
 import json
 import logging
 import os
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-from ossfs.fsutil import write_atomically, write_temp
+from ossfs.fsutil import write_atomically
 
 __all__ = [
     "MAGIC",
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 
 MAGIC = "ossfs-index"
 VERSION = 1
+# How often an empty index (being created by another process) is re-read, 2 ms apart.
+_EMPTY_RETRIES = 25
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,14 +215,22 @@ class IndexFile:
     def load(cls, path: str) -> IndexFile | None:
         """Open and parse an existing index; None when there is none.
 
-        Raises IndexCorrupt when the file exists but its header is unusable.
+        Raises IndexCorrupt when the file exists but its header is unusable. An
+        empty file is one another process is creating this instant: it is read
+        again a few times before it counts as corrupt.
         """
         try:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
-            state = parse_index(_read_from(fd, 0))
+            data = _read_from(fd, 0)
+            for _ in range(_EMPTY_RETRIES):
+                if data:
+                    break
+                time.sleep(0.002)
+                data = _read_from(fd, 0)
+            state = parse_index(data)
         except BaseException:
             os.close(fd)
             raise
@@ -238,19 +249,23 @@ class IndexFile:
         # it is not fsynced: opening thousands of small objects stays cheap.
         if replace:
             write_atomically(path, header, mode, durable=False)
-        else:
-            tmp = write_temp(path, header, mode, durable=False)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass
-            finally:
-                os.unlink(tmp)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+            return cls(path, IndexState(identity, {}, consumed=len(header)), fd)
+        # Created in place with O_EXCL and one small write: a concurrent reader sees no
+        # file, an empty one (and waits, see `load`) or the whole header.
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                         mode)
+        except FileExistsError:
             existing = cls.load(path)
             if existing is not None:
                 return existing
             return cls.create(path, identity, mode=mode, replace=True)
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            os.write(fd, header)
+        except BaseException:
+            os.close(fd)
+            raise
         return cls(path, IndexState(identity, {}, consumed=len(header)), fd)
 
     def close(self) -> None:
