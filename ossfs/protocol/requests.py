@@ -39,6 +39,7 @@ __all__ = [
     "check_content_range",
     "MIN_TRAFFIC_LIMIT",
     "MAX_TRAFFIC_LIMIT",
+    "STATUS_CODES",
 ]
 
 Dialect = Literal["oss", "s3"]
@@ -241,7 +242,8 @@ def meta_from_head(key: str, headers: Mapping[str, str]) -> ObjectMeta:
     )
 
 
-_STATUS_CODES = {
+# The error code to assume for a status when an answer carries no error document.
+STATUS_CODES: dict[int, str] = {
     400: "BadRequest",
     401: "Unauthorized",
     403: "AccessDenied",
@@ -281,7 +283,7 @@ def error_from_response(
         request_id = doc.request_id or request_id
         ec = doc.ec or _header(headers, "x-oss-ec")
     else:
-        code = _STATUS_CODES.get(status, f"HTTP{status}")
+        code = STATUS_CODES.get(status, f"HTTP{status}")
         message = ""
         ec = _header(headers, "x-oss-ec")
         if status == 404 and resource is not None and resource.endswith("/"):

@@ -52,6 +52,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Literal
 
+from ossfs.protocol.requests import STATUS_CODES
+
 __all__ = [
     "FaultKind",
     "Op",
@@ -70,21 +72,8 @@ Op = Literal["head", "get", "list", "other"]
 BODY_KINDS: frozenset[str] = frozenset({"reset", "truncate", "stall", "replace", "corrupt"})
 _KINDS: frozenset[str] = BODY_KINDS | {"status"}
 
-_DEFAULT_CODES: dict[int, str] = {
-    400: "InvalidArgument",
-    403: "AccessDenied",
-    404: "NoSuchKey",
-    405: "MethodNotAllowed",
-    408: "RequestTimeout",
-    409: "Conflict",
-    412: "PreconditionFailed",
-    416: "InvalidRange",
-    429: "TooManyRequests",
-    500: "InternalError",
-    502: "BadGateway",
-    503: "ServiceUnavailable",
-    504: "GatewayTimeout",
-}
+# OSS answers a bad parameter with InvalidArgument rather than the generic code.
+_DEFAULT_CODES: dict[int, str] = {**STATUS_CODES, 400: "InvalidArgument"}
 
 
 def default_error_code(status: int) -> str:

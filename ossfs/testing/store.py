@@ -240,6 +240,7 @@ class Bucket:
     def __init__(self, name: str) -> None:
         self.name = name
         self._lock = threading.Lock()
+        self._meta: dict[str, ObjectMeta] = {}
 
     def head(self, key: str) -> ObjectMeta | None:
         raise NotImplementedError
@@ -264,14 +265,14 @@ class Bucket:
     def list(
         self, *, prefix: str, delimiter: str, after: str | None, max_keys: int
     ) -> ListResult:
-        raise NotImplementedError
+        return list_keys(self.keys(), self._meta, prefix=prefix, delimiter=delimiter,
+                         after=after, max_keys=max_keys)
 
 
 class MemoryBucket(Bucket):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self._data: dict[str, bytes] = {}
-        self._meta: dict[str, ObjectMeta] = {}
         self._sorted: list[str] | None = None
 
     def head(self, key: str) -> ObjectMeta | None:
@@ -331,11 +332,6 @@ class MemoryBucket(Bucket):
                 self._sorted = sorted(self._data)
             return self._sorted
 
-    def list(
-        self, *, prefix: str, delimiter: str, after: str | None, max_keys: int
-    ) -> ListResult:
-        return list_keys(self.keys(), self._meta, prefix=prefix, delimiter=delimiter,
-                         after=after, max_keys=max_keys)
 
 
 class DirectoryBucket(Bucket):
@@ -348,7 +344,6 @@ class DirectoryBucket(Bucket):
             raise NotADirectoryError(root)
         self.crc = crc
         self._crc_cache = crc_cache
-        self._meta: dict[str, ObjectMeta] = {}
         self._sorted: list[str] = []
         self._dirs: dict[str, int] = {}
         self.rescan()
@@ -529,8 +524,3 @@ class DirectoryBucket(Bucket):
         with self._lock:
             return self._sorted
 
-    def list(
-        self, *, prefix: str, delimiter: str, after: str | None, max_keys: int
-    ) -> ListResult:
-        return list_keys(self.keys(), self._meta, prefix=prefix, delimiter=delimiter,
-                         after=after, max_keys=max_keys)
