@@ -22,7 +22,9 @@ Must not import: pyfuse3.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import ssl
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
@@ -189,12 +191,16 @@ class HttpObjectClient:
         self._clock = clock
         self._limiter = RateLimiter(self.config.rate_limit) if self.config.rate_limit else None
         n = max(1, self.config.connections)
+        # One trust store for both stacks: the system's CA bundle, or the one named
+        # by SSL_CERT_FILE / SSL_CERT_DIR.
+        tls = _tls_context() if endpoint.scheme == "https" else None
         self._pool: wire.Pool | None = None
         if not _proxied(endpoint.url):
             self._pool = wire.Pool(endpoint.url, max_idle=n,
                                    connect_timeout=self.config.connect_timeout,
-                                   stall=self.config.stall_timeout)
+                                   stall=self.config.stall_timeout, ssl_context=tls)
         self._http = httpx.AsyncClient(
+            verify=tls if tls is not None else True,
             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
             timeout=httpx.Timeout(
                 connect=self.config.connect_timeout,
@@ -246,6 +252,10 @@ class HttpObjectClient:
                 resp = await self._http.request(req.method, req.url, headers=req.headers)
             except _NETWORK_ERRORS as e:
                 self._count(0)
+                untrusted = wire.certificate_problem(e)
+                if untrusted is not None:
+                    self.stats.errors += 1
+                    raise TransferError(f"{what}: {untrusted}") from None
                 last = _describe_network_error(e)
             else:
                 self._count(resp.status_code)
@@ -430,6 +440,9 @@ class HttpObjectClient:
             except _StaleConnection:
                 continue
             except wire.WireError as e:
+                if e.fatal:
+                    self.stats.errors += 1
+                    raise TransferError(f"GET {resource}: {e.reason}") from None
                 raise _Retryable(e.reason, received=received()) from e
 
     async def _get_httpx(
@@ -451,6 +464,13 @@ class HttpObjectClient:
 
 class _StaleConnection(Exception):
     """A pooled connection turned out to be closed by the server."""
+
+
+def _tls_context() -> ssl.SSLContext:
+    """Verify servers against SSL_CERT_FILE / SSL_CERT_DIR when set, else the system store."""
+    cafile = os.environ.get("SSL_CERT_FILE") or None
+    capath = os.environ.get("SSL_CERT_DIR") or None
+    return ssl.create_default_context(cafile=cafile, capath=capath)
 
 
 def _proxied(url: str) -> bool:

@@ -28,7 +28,8 @@ from urllib.parse import urlsplit
 
 import trio
 
-__all__ = ["WireError", "Head", "Connection", "Pool", "BodySink", "READ_SIZE"]
+__all__ = ["WireError", "Head", "Connection", "Pool", "BodySink", "READ_SIZE",
+           "certificate_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,14 @@ class WireError(Exception):
     """The connection failed (refused, reset, closed early, stalled, bad framing).
 
     :received: body bytes delivered to the sink before the failure.
+    :fatal: no retry can help (the server's TLS certificate is not trusted).
     """
 
-    def __init__(self, reason: str, *, received: int = 0) -> None:
+    def __init__(self, reason: str, *, received: int = 0, fatal: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.received = received
+        self.fatal = fatal
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +258,17 @@ class Connection:
         return b"".join(parts)
 
 
+def certificate_problem(error: BaseException) -> str | None:
+    """A message when *error* (or what caused it) is a failed TLS certificate check."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return (f"the server's TLS certificate is not trusted ({seen.verify_message}); "
+                    "set SSL_CERT_FILE to a CA bundle that signs it")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 async def _call(sink: BodySink, done: int, data: memoryview) -> None:
     result = sink(done, data)
     if result is not None:
@@ -301,19 +315,28 @@ class Pool:
         self._idle: list[Connection] = []
 
     async def _connect(self, host: str) -> Connection:
+        tcp: trio.SocketStream | None = None
         try:
             with trio.fail_after(self.connect_timeout):
                 tcp = await trio.open_tcp_stream(self.host, self.port)
                 tcp.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
-                if self._ssl is not None:
-                    tls = trio.SSLStream(tcp, self._ssl, server_hostname=host)
-                    await tls.do_handshake()
-                    return Connection(tls, None, self.stall)
-        except trio.TooSlowError as e:
-            raise WireError("connect timed out") from e
-        except (OSError, trio.BrokenResourceError) as e:
-            raise WireError(f"cannot connect: {e}") from e
-        return Connection(tcp, tcp.socket, self.stall)
+                if self._ssl is None:
+                    return Connection(tcp, tcp.socket, self.stall)
+                tls = trio.SSLStream(tcp, self._ssl, server_hostname=host)
+                await tls.do_handshake()
+                return Connection(tls, None, self.stall)
+        except BaseException as e:
+            if tcp is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(tcp)
+            if isinstance(e, trio.TooSlowError):
+                raise WireError("connect timed out") from e
+            if isinstance(e, (OSError, trio.BrokenResourceError)):
+                untrusted = certificate_problem(e)
+                if untrusted is not None:
+                    raise WireError(untrusted, fatal=True) from e
+                raise WireError(f"cannot connect: {e}") from e
+            raise
 
     @asynccontextmanager
     async def connection(self, host: str) -> AsyncIterator[Connection]:

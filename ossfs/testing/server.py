@@ -44,6 +44,7 @@ import re
 import secrets
 import socket
 import socketserver
+import ssl
 import struct
 import sys
 import threading
@@ -336,6 +337,14 @@ class _HttpServer(ThreadingHTTPServer):
         self.owner = owner
         super().__init__(address, _Handler)
 
+    def get_request(self) -> tuple[Any, Any]:
+        sock, addr = super().get_request()
+        if self.owner.tls is not None:
+            # The handshake happens on the first read, in the connection's own thread.
+            sock = self.owner.tls.wrap_socket(sock, server_side=True,
+                                             do_handshake_on_connect=False)
+        return sock, addr
+
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host name (getfqdn), which can
         # wait on DNS; the name is never used here.
@@ -626,11 +635,18 @@ class _Handler(BaseHTTPRequestHandler):
         out = sock.fileno()
         view = memoryview(source.data) if isinstance(source, MemorySource) else None
         fd = source.file.fileno() if isinstance(source, FileSource) else -1
+        tls = isinstance(sock, ssl.SSLSocket)  # TLS bytes cannot go through sendfile
         while pos < stop:
             n = min(stop - pos, pacer.chunk())
             pacer.wait(n)
             if view is not None:
                 sent = sock.send(view[pos:pos + n])
+            elif tls:
+                chunk = os.pread(fd, n, pos)
+                if not chunk:
+                    raise _BodyCut("the file is shorter than when the answer started")
+                sock.sendall(chunk)
+                sent = len(chunk)
             else:
                 sent = os.sendfile(out, fd, pos, n)
                 if sent == 0:
@@ -738,6 +754,7 @@ class OssTestServer:
     :crc: send ``x-oss-hash-crc64ecma`` for directory buckets (computed on
         first use and cached); memory objects always have it.
     :faults: the `Faults` to use (default: a new one seeded with *seed*).
+    :tls: serve HTTPS with this server-side context (tests of the TLS paths).
 
     Use as a context manager, or `start` and `stop`.
     """
@@ -752,8 +769,10 @@ class OssTestServer:
         crc: bool = True,
         faults: Faults | None = None,
         seed: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._address = (host, port)
+        self.tls = tls
         self.credentials = dict(credentials) if credentials is not None else None
         self.allow_anonymous = allow_anonymous
         self.crc = crc
@@ -832,8 +851,8 @@ class OssTestServer:
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://{self.host}:{self.port}"
+        """``http://127.0.0.1:PORT`` (``https://`` when serving TLS)."""
+        return f"{'https' if self.tls is not None else 'http'}://{self.host}:{self.port}"
 
     def endpoint(
         self,
