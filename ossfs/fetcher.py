@@ -214,6 +214,7 @@ class Fetcher:
     ) -> None:
         """Fetch one part; record the outcome in *flight* (and re-raise cancellation)."""
         error: BaseException | None = None
+        store.flight_started()
         try:
             if readahead:
                 async with self.readahead_limiter:
@@ -231,6 +232,7 @@ class Fetcher:
         finally:
             del self._flights[(id(store), part)]
             flight.finish(error)
+            store.flight_ended()
 
     async def _fetch(self, store: PartStore, part: int, flight: _Flight,
                      on_bytes: ByteCallback | None) -> None:
@@ -283,6 +285,8 @@ class Fetcher:
         if got.object_crc64 is not None:
             store.server_crc64 = got.object_crc64
         store.commit(part, crc)
+        # Writeback may block when the disk is busy: never in the event loop.
+        await trio.to_thread.run_sync(store.start_writeback, part)
         self.parts_fetched += 1
         self.bytes_fetched += got.nbytes
 

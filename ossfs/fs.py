@@ -111,6 +111,8 @@ class Operations(pyfuse3.Operations):
         # and no read allocates (fresh 128 KiB buffers cost a mapping and page faults).
         self._reply = memoryview(bytearray(_MAX_READ))
         self._verifying: dict[tuple[int, int], trio.Event] = {}
+        # preadv(RWF_NOWAIT) tells page-cache hits from disk reads; off if unsupported.
+        self._nowait = True
         self.verifications = 0  # cached parts checked against their CRC
 
     # ---------------------------------------------------------------- errors
@@ -293,17 +295,20 @@ class Operations(pyfuse3.Operations):
         window = h.readahead.observe(off, end - off, store.identity.part_size)
         verified = store.verified
         if all(p in verified for p in parts):
-            # Everything is on disk and checked: answer without yielding to other tasks,
-            # so nothing can evict the parts between this check and the read.
+            # Everything is on disk and checked. If it is also in the page cache, answer
+            # without yielding to other tasks, so nothing can evict the parts between
+            # this check and the read.
             if window:
                 self.fetcher.read_ahead(store, parts[-1], window)
             try:
-                answer = self._answer(store, off, end)
+                answer = self._cached_answer(store, off, end)
             except OSError as e:
                 async with self._errors("read", h.url):
                     raise e
-            self.cache.note_access(store, parts)
-            return cast(bytes, answer)  # pyfuse3 takes any contiguous buffer
+            if answer is not None:
+                self.cache.note_access(store, parts)
+                return cast(bytes, answer)  # pyfuse3 takes any contiguous buffer
+            window = 0
         async with self._errors("read", h.url):
             with self.cache.pinned(store, parts):
                 if window:
@@ -313,17 +318,38 @@ class Operations(pyfuse3.Operations):
                     if store.is_present(p) and p not in store.verified:
                         await self._verify(store, p, h.url)
                 await self.fetcher.wait_for(store, off, end)
-                answer = self._answer(store, off, end)  # no await after this
+                answer = self._cached_answer(store, off, end)  # no await after this
+                if answer is None:
+                    answer = await self._disk_answer(store, off, end)
             self.cache.note_access(store, parts)
         return cast(bytes, answer)  # pyfuse3 takes any contiguous buffer
 
-    def _answer(self, store: PartStore, off: int, end: int) -> memoryview | bytes:
+    def _cached_answer(self, store: PartStore, off: int, end: int) -> memoryview | None:
+        """The bytes from the page cache, in the shared reply buffer; None if a disk read
+        would be needed (that one must not stall every other request)."""
         size = end - off
         if size > len(self._reply):
-            return store.read(off, size)
+            return None
         view = self._reply[:size]
+        if self._nowait:
+            try:
+                n = store.read_into(off, view, nowait=True)
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait = False  # this file system cannot say; read inline
+            else:
+                return view[:n] if n == size else None
         n = store.read_into(off, view)
         return view[:n]
+
+    async def _disk_answer(self, store: PartStore, off: int, end: int) -> memoryview:
+        """Read from disk in a worker thread, into a buffer of its own."""
+        buf = memoryview(bytearray(end - off))
+        n = await trio.to_thread.run_sync(store.read_into, off, buf)
+        return buf[:n]
 
     async def _verify(self, store: PartStore, part: int, url: str) -> None:
         """Check a part another process (or an earlier run) cached before serving it.

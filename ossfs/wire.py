@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20
 _MAX_HEAD = 64 * 1024
+# A partly filled buffer is handed over once it holds this much and the first byte
+# arrived this long ago (seconds).
+_MIN_HANDOVER = 64 * 1024
+_HANDOVER_DELAY = 0.002
 
 # Called with (bytes so far in this body, view of the new bytes); the view is only
 # valid during the call. May return an awaitable (awaited before reading on).
@@ -110,21 +114,28 @@ class Connection:
             raise WireError("stalled: no data within the stall timeout")
         return n
 
-    async def _fill(self, want: int, sink: BodySink, done: int) -> int:
+    async def _fill(self, want: int, sink: BodySink, done: int) -> tuple[int, bool]:
         """Receive up to *want* bytes into the buffer and hand them to *sink*.
 
-        Returns how many arrived (fewer only at the end of the stream). On a
-        failure the bytes that did arrive are handed over first, so a retry
-        resumes after them; the error carries the new total.
+        Returns how many arrived and whether the stream ended. On a failure the
+        bytes that did arrive are handed over first, so a retry resumes after
+        them; the error carries the new total.
         """
         view = self._view
         filled = 0
+        ended = False
+        started = trio.current_time()
         try:
             while filled < want:
                 n = await self._recv_into(view[filled:want])
                 if n == 0:
+                    ended = True
                     break
                 filled += n
+                # On a fast link the buffer fills in about a millisecond: hand it over
+                # whole. On a slow one, do not keep a reader waiting for a full buffer.
+                if filled >= _MIN_HANDOVER and trio.current_time() - started > _HANDOVER_DELAY:
+                    break
         except WireError as e:
             if filled:
                 await _call(sink, done, view[:filled])
@@ -132,7 +143,7 @@ class Connection:
             raise
         if filled:
             await _call(sink, done, view[:filled])
-        return filled
+        return filled, ended
 
     # ------------------------------------------------------------ request
 
@@ -188,9 +199,9 @@ class Connection:
         done = 0
         while total is None or done < total:
             want = READ_SIZE if total is None else min(READ_SIZE, total - done)
-            filled = await self._fill(want, sink, done)
+            filled, ended = await self._fill(want, sink, done)
             done += filled
-            if filled < want:
+            if ended:
                 if total is None:
                     return done
                 self.reusable = False
@@ -235,10 +246,10 @@ class Connection:
             left = size
             while left:
                 want = min(READ_SIZE, left)
-                filled = await self._fill(want, sink, done)
+                filled, ended = await self._fill(want, sink, done)
                 done += filled
                 left -= filled
-                if filled < want:
+                if ended:
                     self.reusable = False
                     raise WireError("connection closed inside a chunk", received=done)
             await self._readline()  # the CRLF after the chunk

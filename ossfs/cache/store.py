@@ -83,6 +83,10 @@ class PartStore:
         self.server_crc64: int | None = None
         # True once the complete store matched server_crc64.
         self.crc_checked = False
+        # Fetches writing into this store right now; closing waits for them (a closed
+        # descriptor's number can be reused by another file at once).
+        self.flights = 0
+        self._close_when_idle = False
 
     # ---------------------------------------------------------------- opening
 
@@ -147,11 +151,24 @@ class PartStore:
         return cls(identity, data_path, fd, index)
 
     def close(self) -> None:
+        """Close the files, or as soon as the last fetch into the store ends."""
+        if self.flights > 0:
+            self._close_when_idle = True
+            return
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
         if self._index is not None:
             self._index.close()
+
+    def flight_started(self) -> None:
+        self.flights += 1
+
+    def flight_ended(self) -> None:
+        self.flights -= 1
+        if self.flights == 0 and self._close_when_idle:
+            self._close_when_idle = False
+            self.close()
 
     @property
     def index_path(self) -> str | None:
@@ -201,15 +218,17 @@ class PartStore:
         """Read object bytes ``[offset, offset+size)`` from the data file."""
         return os.pread(self._fd, size, offset - self.identity.start)
 
-    def read_into(self, offset: int, view: memoryview) -> int:
-        """Read object bytes at *offset* into *view*; return how many were read."""
-        return os.preadv(self._fd, [view], offset - self.identity.start)
+    def read_into(self, offset: int, view: memoryview, *, nowait: bool = False) -> int:
+        """Read object bytes at *offset* into *view*; return how many were read.
+
+        With *nowait*, only what the page cache holds (BlockingIOError if nothing).
+        """
+        flags = os.RWF_NOWAIT if nowait else 0
+        return os.preadv(self._fd, [view], offset - self.identity.start, flags)
 
     def commit(self, part: int, crc: int) -> None:
         """Record *part* as complete; its bytes must already be written."""
         record = PartRecord(self.layout.part_length(part), crc)
-        first, _ = self.layout.bounds(part)
-        start_writeback(self._fd, first - self.identity.start, record.length)
         if self._index is not None:
             self._index.add(part, record)
             self._parts = self._index.state.parts
@@ -281,6 +300,11 @@ class PartStore:
             f"{ident.bucket}/{ident.key}: CRC-64 mismatch (the service says "
             f"{self.server_crc64}, the fetched bytes give {actual}); dropped {len(bad)} "
             "part(s), run again to fetch them")
+
+    def start_writeback(self, part: int) -> None:
+        """Start writing *part* to disk now (see `ossfs.fsutil.start_writeback`)."""
+        first, end = self.layout.bounds(part)
+        start_writeback(self._fd, first - self.identity.start, end - first)
 
     def try_lock_part(self, part: int) -> bool:
         """Claim *part* for fetching across processes; False when another process has it."""

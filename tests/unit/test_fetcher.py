@@ -1,0 +1,103 @@
+"""The fetcher against the OSS test server: single flight, the connection cap,
+readers that need only their bytes, and a store released while a fetch still writes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from ossfs.cache.cachedir import CacheDir, identity_for
+from ossfs.client import ClientConfig, HttpObjectClient
+from ossfs.fetcher import Fetcher
+from ossfs.testing import OssTestServer
+
+BUCKET = "fetch"
+PART = 256 * 1024
+
+
+@pytest.fixture
+def server() -> Iterator[OssTestServer]:
+    with OssTestServer(credentials={"ak": "sk"}) as srv:
+        srv.put(BUCKET, "obj", os.urandom(8 * PART + 17))
+        yield srv
+
+
+def _ident(server: OssTestServer) -> object:
+    meta = server.head(BUCKET, "obj")
+    assert meta is not None
+    return identity_for(BUCKET, "obj", meta.etag, meta.size, PART)
+
+
+async def test_single_flight_and_connection_cap(server: OssTestServer, tmp_path: Path) -> None:
+    server.faults.latency = 0.05
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30)
+    async with HttpObjectClient(server.endpoint(), ClientConfig(connections=3)) as client:
+        fetcher = Fetcher(client, connections=3)
+        store = cache.acquire(_ident(server))  # type: ignore[arg-type]
+        fetched: list[bool] = []
+
+        async def want(part: int) -> None:
+            fetched.append(await fetcher.ensure(store, part))
+
+        async with trio.open_nursery() as nursery:
+            for part in range(store.layout.count):
+                for _ in range(4):  # four tasks want every part
+                    nursery.start_soon(want, part)
+        assert fetched.count(True) == store.layout.count  # one fetch per part
+        records = server.stats.gets
+        assert len(records) == store.layout.count
+        # Never more than three GETs at once: their time spans overlap three deep at most.
+        assert fetcher.limiter.total_tokens == 3 and fetcher.limiter.borrowed_tokens == 0
+        assert store.read(0, store.identity.size) == server.get(BUCKET, "obj")
+        cache.release(store)
+
+
+async def test_reader_gets_its_bytes_before_the_part_is_done(server: OssTestServer,
+                                                             tmp_path: Path) -> None:
+    server.faults.bandwidth = 256 * 1024  # one part takes about a second
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30)
+    async with HttpObjectClient(server.endpoint()) as client:
+        fetcher = Fetcher(client, connections=2)
+        store = cache.acquire(_ident(server))  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            with trio.fail_after(10):
+                await fetcher.wait_for(store, 0, 4096)
+            assert not store.is_present(0)  # served while the part is still arriving
+            assert store.read(0, 4096) == server.get(BUCKET, "obj")[:4096]
+            nursery.cancel_scope.cancel()
+        cache.release(store)
+
+
+async def test_store_released_mid_flight_stays_open_until_the_fetch_ends(
+        server: OssTestServer, tmp_path: Path) -> None:
+    server.faults.bandwidth = 512 * 1024
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30)
+    async with HttpObjectClient(server.endpoint()) as client:
+        fetcher = Fetcher(client, connections=2)
+        store = cache.acquire(_ident(server))  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            flight = fetcher.start(store, 1, readahead=True)
+            assert flight is not None
+            await trio.sleep(0.05)
+            fd = store.fileno()
+            cache.release(store)  # the reader went away; the read-ahead goes on
+            assert store.fileno() == fd  # not closed under the fetch
+            # A file opened now must not get the store's descriptor number.
+            other = os.open(os.devnull, os.O_RDONLY)
+            assert other != fd
+            os.close(other)
+            with trio.fail_after(20):
+                await flight.done.wait()
+            assert flight.error is None
+        assert store.fileno() == -1  # closed once the fetch ended
+        again = cache.acquire(_ident(server))  # type: ignore[arg-type]
+        assert again.is_present(1)
+        first, end = again.layout.bounds(1)
+        assert again.read(first, end - first) == server.get(BUCKET, "obj")[first:end]
+        cache.release(again)
