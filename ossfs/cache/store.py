@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # How much of a part to read at once when verifying it.
 _VERIFY_CHUNK = 4 << 20
+# Parts at least this large start their writeback as soon as they are complete.
+_EARLY_WRITEBACK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,9 +304,14 @@ class PartStore:
             "part(s), run again to fetch them")
 
     def start_writeback(self, part: int) -> None:
-        """Start writing *part* to disk now (see `ossfs.fsutil.start_writeback`)."""
+        """Start writing *part* to disk now (see `ossfs.fsutil.start_writeback`).
+
+        Only for parts of 1 MiB or more: early writeback keeps a large transfer
+        from piling up dirty pages; for small files it would only add I/O.
+        """
         first, end = self.layout.bounds(part)
-        start_writeback(self._fd, first - self.identity.start, end - first)
+        if end - first >= _EARLY_WRITEBACK:
+            start_writeback(self._fd, first - self.identity.start, end - first)
 
     def try_lock_part(self, part: int) -> bool:
         """Claim *part* for fetching across processes; False when another process has it."""
