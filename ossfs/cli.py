@@ -713,10 +713,6 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-def register_command(name: str, fn: Callable[[argparse.Namespace], int]) -> None:
-    _COMMANDS[name] = fn
-
-
 # Generic mount options that mount(8) and mount.fuse3 pass along; they mean
 # nothing to a read-only network file system and are accepted silently.
 _IGNORED_MOUNT_OPTIONS = frozenset({

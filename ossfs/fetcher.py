@@ -83,16 +83,13 @@ class ReadAhead:
     max_parts: int
     expected: int = 0
     window: int = 0
-    sequential_reads: int = 0
 
     def observe(self, offset: int, size: int, part_size: int) -> int:
         """Record a read; return how many parts after it to fetch ahead."""
         slack = max(part_size, 1 << 20)
         if self.expected - slack <= offset <= self.expected + slack:
-            self.sequential_reads += 1
             self.window = min(self.max_parts, max(1, self.window * 2))
         else:
-            self.sequential_reads = 0
             self.window = 0
         self.expected = max(self.expected, offset + size) if self.window else offset + size
         return self.window
