@@ -380,6 +380,10 @@ class CacheDir:
             # Upgrade our shared lock: it works only if no other process has the store.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            # A failed conversion has already dropped the shared lock (flock(2) converts
+            # by unlocking first): take it back, or another process could evict the
+            # store while this one reads it.
+            fcntl.flock(fd, fcntl.LOCK_SH)
             return False
         try:
             entry.store.drop(parts)  # the record goes first: then the bytes

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import os
 from pathlib import Path
+
+import pytest
 
 from ossfs.cache.cachedir import CacheDir, identity_for
 from ossfs.cache.store import PartStore
@@ -88,3 +91,32 @@ def test_store_held_by_another_process_is_not_evicted(tmp_path: Path) -> None:
         stop.set()
         proc.join(20)
     assert proc.exitcode == 0
+
+
+def test_failed_part_eviction_keeps_our_shared_lock(tmp_path: Path) -> None:
+    # Our own open store, also held by another process: evicting its parts must fail,
+    # and must not cost us the shared lock that keeps others from evicting it.
+    root = str(tmp_path / "c")
+    cache = CacheDir(root, max_bytes=1 << 30, min_free_fraction=0.0)
+    store = cache.acquire(identity_for("b", "held", "E", PART, PART))
+    put(cache, store, [0])
+    ctx = multiprocessing.get_context("fork")
+    ready, stop = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold, args=(root, ready, stop))
+    proc.start()
+    try:
+        assert ready.wait(20)
+        cache.max_bytes = 0
+        other = cache.acquire(identity_for("b", "new", "E", PART, PART))
+        put(cache, other, [0])  # tries (and fails) to punch parts out of "held"
+        assert store.is_present(0)
+    finally:
+        stop.set()
+        proc.join(20)
+    assert proc.exitcode == 0
+    probe = os.open(store.data_path, os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(probe)
