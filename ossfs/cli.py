@@ -428,23 +428,12 @@ def _cmd_download(args: argparse.Namespace) -> int:
     show = not args.no_progress and not args.quiet and sys.stderr.isatty()
     bar = ProgressBar(0, description=os.path.basename(file_path), enabled=show)
 
-    seen_total: list[int] = []
-
-    def progress(n: int, done: int, total: int) -> None:
-        if seen_total != [total]:
-            # First call, or a restart after the object changed: reset the bar.
-            seen_total[:] = [total]
-            bar.set_total(total)
-            bar.set_done(done)
-        else:
-            bar.update(n)
-
     request = DownloadRequest(
         bucket=url.bucket, key=url.key, file_path=file_path, part_size=args.part_size,
         threads=args.threads, checkpoint_dir=args.checkpoint_dir,
         enable_checkpoint=not args.no_resume,
         range_start=rng[0] if rng else None, range_end=rng[1] if rng else None,
-        progress=progress, on_part=bar.set_parts,
+        progress=bar.progress, on_part=bar.set_parts,
         notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None,
     )
 
@@ -493,8 +482,8 @@ def default_cache_dir(endpoint_url: str, bucket: str) -> str:
     return os.path.join(base, "ossfs", host or "default", bucket)
 
 
-def _log_to_file(path: str | None, verbose: int) -> None:
-    """Where a daemonized mount logs: the given file, or nowhere but errors to the file."""
+def _log_to_file(path: str | None) -> None:
+    """Send the log to *path* (a daemonized mount has no terminal); None keeps stderr."""
     if path is None:
         return
     handler = logging.FileHandler(path)
@@ -534,10 +523,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     def make() -> HttpObjectClient:
         return HttpObjectClient(endpoint, client_config)
 
-    def configure_logging(path: str | None) -> None:
-        _log_to_file(path, args.verbose)
-
-    return mount.run(config, make, configure_logging)
+    return mount.run(config, make, _log_to_file)
 
 
 def _cmd_unmount(args: argparse.Namespace) -> int:
@@ -651,23 +637,9 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         raise UsageError(f"--to: directory {args.to} does not exist")
     show = not args.no_progress and not args.quiet and sys.stderr.isatty()
     bar = ProgressBar(0, description="materialize", enabled=show)
-    seen_total: list[int] = []
-
-    def progress(n: int, done: int, total: int) -> None:
-        if seen_total != [total]:
-            seen_total[:] = [total]
-            bar.set_total(total)
-        if n:
-            bar.update(n)
-        else:
-            bar.set_done(done)
-
-    def on_object(done: int, total: int) -> None:
-        bar.set_parts(done, total)
-
     request = MaterializeRequest(
         bucket=bucket, key=key, part_size=part_size, threads=args.threads, to_dir=args.to,
-        shard=args.shard, progress=progress, on_object=on_object,
+        shard=args.shard, progress=bar.progress, on_object=bar.set_parts,
         notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None)
     cache = CacheDir(cache_dir, max_bytes=cache_size, min_free_fraction=args.cache_min_free)
     args.interrupt_hint = "run the same command again to continue where it stopped"

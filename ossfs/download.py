@@ -216,7 +216,8 @@ async def download(client: ObjectClient, request: DownloadRequest) -> DownloadRe
         restarts = 0
         while True:
             try:
-                result = await _attempt(client, request, path, temp, notice, began, restarts)
+                result = await _attempt(client, request, path, temp, ckpt, notice, began,
+                                        restarts)
                 ok = True
                 return result
             except ObjectChangedError:
@@ -237,6 +238,7 @@ async def _attempt(
     request: DownloadRequest,
     path: str,
     temp: str,
+    ckpt: str | None,
     notice: Callable[[str], None],
     began: float,
     restarts: int,
@@ -246,7 +248,6 @@ async def _attempt(
     identity = StoreIdentity(bucket=request.bucket, key=request.key, etag=meta.etag,
                              size=meta.size, part_size=request.part_size,
                              start=start, length=length)
-    ckpt = checkpoint_path_for(request, path) if request.enable_checkpoint else None
 
     def discarded(d: Discarded) -> None:
         notice(f"not resuming from checkpoint {d.path}: {d.reason}; starting over")
@@ -322,7 +323,7 @@ async def _run(
             for _ in range(min(request.threads, len(missing))):
                 nursery.start_soon(worker)
 
-    checked = await trio.to_thread.run_sync(_check_integrity, store, meta, temp_path_for(path))
+    checked = await trio.to_thread.run_sync(_check_integrity, store, meta)
     await trio.to_thread.run_sync(_finish, store, path, meta)
     return DownloadResult(
         path=path,
@@ -351,7 +352,7 @@ def _check_space(path: str, needed: int) -> None:
                          f"{format_size(needed)} needed, {format_size(free)} free")
 
 
-def _check_integrity(store: PartStore, meta: ObjectMeta, temp: str) -> str | None:
+def _check_integrity(store: PartStore, meta: ObjectMeta) -> str | None:
     """Compare the download with the service's checksum; drop the parts when it fails."""
     ident = store.identity
     if ident.start != 0 or ident.length != meta.size:
@@ -362,7 +363,7 @@ def _check_integrity(store: PartStore, meta: ObjectMeta, temp: str) -> str | Non
     if _MD5_ETAG.match(meta.etag) and meta.object_type in (None, "Normal"):
         # A single-part S3 object's ETag is the MD5 of its content.
         md5 = hashlib.md5(usedforsecurity=False)
-        with open(temp, "rb") as f:
+        with open(store.data_path, "rb") as f:
             while chunk := f.read(8 << 20):
                 md5.update(chunk)
         if md5.hexdigest().lower() != meta.etag.lower():

@@ -26,7 +26,6 @@ Must not import: pyfuse3, httpx.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -209,7 +208,7 @@ class Fetcher:
         *,
         readahead: bool,
     ) -> None:
-        """Fetch one part; record the outcome in *flight* (and re-raise cancellation)."""
+        """Fetch one part; record the outcome in *flight*, and raise it."""
         error: BaseException | None = None
         store.flight_started()
         try:
@@ -218,14 +217,9 @@ class Fetcher:
                     await self._fetch(store, part, flight, on_bytes)
             else:
                 await self._fetch(store, part, flight, on_bytes)
-        except trio.Cancelled as e:
+        except BaseException as e:
             error = e
             raise
-        except Exception as e:
-            error = e
-            if not readahead:
-                raise
-            log.debug("read-ahead of part %d of %s failed: %s", part, store.identity.key, e)
         finally:
             del self._flights[(id(store), part)]
             flight.finish(error)
@@ -306,9 +300,12 @@ class Fetcher:
 
     async def _background(self, store: PartStore, part: int, flight: _Flight,
                           readahead: bool) -> None:
-        # A failure is recorded in the flight; the readers waiting on it raise it.
-        with contextlib.suppress(Exception):
+        try:
             await self._fly(store, part, flight, None, readahead=readahead)
+        except Exception as e:
+            # Recorded in the flight: the readers waiting on it raise it.
+            log.debug("background fetch of part %d of %s failed: %s", part,
+                      store.identity.key, e)
 
     async def wait_for(self, store: PartStore, offset: int, end: int) -> None:
         """Return once object bytes ``[offset, end)`` are on disk, fetching what is missing.
@@ -334,5 +331,4 @@ class Fetcher:
         """Fetch up to *window* missing parts after *after_part* in the background."""
         last = min(store.layout.count - 1, after_part + window)
         for part in range(after_part + 1, last + 1):
-            if not store.is_present(part) and not self.in_flight(store, part):
-                self.start(store, part, readahead=True)
+            self.start(store, part, readahead=True)  # nothing if present or in flight

@@ -293,13 +293,14 @@ class Operations(pyfuse3.Operations):
         end = min(off + size, total)
         parts = store.layout.parts_for(off, end - off)
         window = h.readahead.observe(off, end - off, store.identity.part_size)
+        if window:
+            # Flights only start running at this task's next await, after the pin below.
+            self.fetcher.read_ahead(store, parts[-1], window)
         verified = store.verified
         if all(p in verified for p in parts):
             # Everything is on disk and checked. If it is also in the page cache, answer
             # without yielding to other tasks, so nothing can evict the parts between
             # this check and the read.
-            if window:
-                self.fetcher.read_ahead(store, parts[-1], window)
             try:
                 answer = self._cached_answer(store, off, end)
             except OSError as e:
@@ -308,17 +309,15 @@ class Operations(pyfuse3.Operations):
             if answer is not None:
                 self.cache.note_access(store, parts)
                 return cast(bytes, answer)  # pyfuse3 takes any contiguous buffer
-            window = 0
         async with self._errors("read", h.url):
             with self.cache.pinned(store, parts):
-                if window:
-                    self.fetcher.read_ahead(store, parts[-1], window)
                 await self.fetcher.wait_for(store, off, end)
                 for p in parts:
                     if store.is_present(p) and p not in store.verified:
                         await self._verify(store, p, h.url)
                 await self.fetcher.wait_for(store, off, end)
-                answer = self._cached_answer(store, off, end)  # no await after this
+                # The shared reply buffer is returned with no await after it is filled.
+                answer = self._cached_answer(store, off, end)
                 if answer is None:
                     answer = await self._disk_answer(store, off, end)
             self.cache.note_access(store, parts)

@@ -23,6 +23,7 @@ class ProgressBar:
             enabled = stream.isatty()
         self.parts_total = parts
         self.parts_done = 0
+        self._total: int | None = None
         self._bar: tqdm[Any] | None = None
         if enabled:
             self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
@@ -44,6 +45,21 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.n = done
             self._bar.refresh()
+
+    def progress(self, n: int, done: int, total: int) -> None:
+        """A ``(bytes just moved, bytes done, total)`` callback for download and materialize.
+
+        A new total (the first call, or a restart after the object changed)
+        resets the bar; a call with no new bytes reports bytes found already done.
+        """
+        if self._total != total:
+            self._total = total
+            self.set_total(total)
+            self.set_done(done)
+        elif n:
+            self.update(n)
+        else:
+            self.set_done(done)
 
     def set_parts(self, done: int, total: int) -> None:
         self.parts_done, self.parts_total = done, total

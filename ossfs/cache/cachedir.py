@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 
 from cachetools import LRUCache
 
-from ossfs.cache.index import IndexCorrupt, IndexFile, StoreIdentity
+from ossfs.cache.index import IndexCorrupt, IndexFile, PartRecord, StoreIdentity
 from ossfs.cache.store import PartStore
 from ossfs.errors import CheckpointError
 from ossfs.fsutil import punch_hole
@@ -91,6 +91,11 @@ class CachedObjectInfo:
     cached_bytes: int
     parts: int
     parts_present: int
+
+    @classmethod
+    def of(cls, identity: StoreIdentity, parts: dict[int, PartRecord]) -> CachedObjectInfo:
+        return cls(identity.bucket, identity.key, identity.etag, identity.size,
+                   sum(r.length for r in parts.values()), identity.layout.count, len(parts))
 
 
 class CacheDir:
@@ -271,21 +276,12 @@ class CacheDir:
 
     def _walk(self) -> Iterator[tuple[str, os.stat_result]]:
         """(store directory, stat of its data file) for every store on disk."""
-        try:
-            shards = os.scandir(self._objects)
-        except FileNotFoundError:
-            return
-        with shards:
-            for shard in shards:
-                if not shard.is_dir(follow_symlinks=False):
-                    continue
-                with os.scandir(shard.path) as stores:
-                    for s in stores:
-                        try:
-                            st = os.stat(os.path.join(s.path, "data"))
-                        except FileNotFoundError:
-                            continue
-                        yield s.path, st
+        for directory in _store_dirs(self.root):
+            try:
+                st = os.stat(os.path.join(directory, "data"))
+            except FileNotFoundError:
+                continue
+            yield directory, st
 
     def rescan(self) -> int:
         """Recount the bytes the cache holds on disk (all processes)."""
@@ -420,39 +416,44 @@ class CacheDir:
                 return None
             parts = index.state.parts
             index.close()
-        count = -(-identity.length // identity.part_size)
-        return CachedObjectInfo(identity.bucket, identity.key, identity.etag, identity.size,
-                                sum(r.length for r in parts.values()), count, len(parts))
+        return CachedObjectInfo.of(identity, parts)
 
     def objects(self) -> Iterator[CachedObjectInfo]:
         """Every object version the cache holds something of."""
         return cached_objects(self.root)
 
 
-def cached_objects(root: str) -> Iterator[CachedObjectInfo]:
-    """Every object version a cache root holds something of (read-only; any process)."""
-    objects_dir = os.path.join(root, "objects")
+def _store_dirs(root: str) -> Iterator[str]:
+    """Every store directory (``objects/ab/<hash>``) under a cache root."""
     try:
-        shards = sorted(os.listdir(objects_dir))
+        shards = os.scandir(os.path.join(root, "objects"))
     except FileNotFoundError:
         return
-    for shard in shards:
-        try:
-            names = os.listdir(os.path.join(objects_dir, shard))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for name in names:
+    with shards:
+        for shard in shards:
+            if not shard.is_dir(follow_symlinks=False):
+                continue
             try:
-                index = IndexFile.load(os.path.join(objects_dir, shard, name, "index"))
-            except (IndexCorrupt, OSError):
-                continue
-            if index is None:
-                continue
-            ident, parts = index.state.identity, index.state.parts
-            index.close()
-            count = -(-ident.length // ident.part_size)
-            yield CachedObjectInfo(ident.bucket, ident.key, ident.etag, ident.size,
-                                   sum(r.length for r in parts.values()), count, len(parts))
+                stores = os.scandir(shard.path)
+            except FileNotFoundError:
+                continue  # emptied and removed by another process meanwhile
+            with stores:
+                for store in stores:
+                    yield store.path
+
+
+def cached_objects(root: str) -> Iterator[CachedObjectInfo]:
+    """Every object version a cache root holds something of (read-only; any process)."""
+    for directory in _store_dirs(root):
+        try:
+            index = IndexFile.load(os.path.join(directory, "index"))
+        except (IndexCorrupt, OSError):
+            continue
+        if index is None:
+            continue
+        info = CachedObjectInfo.of(index.state.identity, index.state.parts)
+        index.close()
+        yield info
 
 
 def _make_store_dir(directory: str) -> None:

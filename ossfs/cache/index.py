@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from ossfs.fsutil import write_atomically
+from ossfs.model import PartLayout
 
 __all__ = [
     "MAGIC",
@@ -69,6 +70,11 @@ class StoreIdentity:
     part_size: int
     start: int
     length: int
+
+    @property
+    def layout(self) -> PartLayout:
+        """How the range is cut into parts."""
+        return PartLayout(self.start, self.length, self.part_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,10 +137,10 @@ def format_drop(part: int) -> bytes:
 
 
 def _expected_length(identity: StoreIdentity, part: int) -> int | None:
-    count = -(-identity.length // identity.part_size)
-    if not 0 <= part < count:
+    layout = identity.layout
+    if not 0 <= part < layout.count:
         return None
-    return min(identity.part_size, identity.length - part * identity.part_size)
+    return layout.part_length(part)
 
 
 def _parse_header(line: bytes) -> StoreIdentity:

@@ -31,7 +31,6 @@ from ossfs.cache.index import IndexCorrupt, IndexFile, PartRecord, StoreIdentity
 from ossfs.crc import crc64, crc64_of_parts
 from ossfs.errors import IntegrityError
 from ossfs.fsutil import start_writeback, unlink_quietly
-from ossfs.model import PartLayout
 
 __all__ = ["PartStore", "describe_mismatch", "Discarded"]
 
@@ -73,7 +72,7 @@ class PartStore:
     def __init__(self, identity: StoreIdentity, data_path: str, data_fd: int,
                  index: IndexFile | None) -> None:
         self.identity = identity
-        self.layout = PartLayout(identity.start, identity.length, identity.part_size)
+        self.layout = identity.layout
         self.data_path = data_path
         self._fd = data_fd
         self._index = index
