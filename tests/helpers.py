@@ -27,6 +27,15 @@ def run_ossfs(*args: str, env: Mapping[str, str] | None = None, timeout: float =
     return result
 
 
+def summary_line(result: subprocess.CompletedProcess[str], prefix: str) -> str:
+    """The one summary line (starting with *prefix*) of a successful run, no traceback."""
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
 def is_mounted(path: str | os.PathLike[str]) -> bool:
     target = os.path.realpath(path)
     with open("/proc/mounts") as f:

@@ -37,7 +37,7 @@ from ossfs.client import ClientConfig, HttpObjectClient
 from ossfs.download import DownloadRequest, DownloadResult, download
 from ossfs.errors import TransferError
 from ossfs.testing import Fault, OssTestServer, RequestInfo, parse_range
-from tests.helpers import OSSFS, run_ossfs
+from tests.helpers import OSSFS, run_ossfs, summary_line
 from tests.integration.conftest import settled_stats
 
 KiB = 1024
@@ -126,11 +126,7 @@ def error_line(stderr: str) -> str:
 
 def summary(result: subprocess.CompletedProcess[str]) -> str:
     """The summary line of a successful run."""
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("downloaded ")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+    return summary_line(result, "downloaded ")
 
 
 def get_starts(server: OssTestServer, key: str, since: int = 0) -> list[int | None]:

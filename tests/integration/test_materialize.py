@@ -27,7 +27,7 @@ import pytest
 
 from ossfs.cache.cachedir import CacheDir
 from ossfs.testing import Fault, OssTestServer
-from tests.helpers import OSSFS, run_ossfs
+from tests.helpers import OSSFS, run_ossfs, summary_line
 from tests.integration.conftest import settled_stats
 
 KiB = 1024
@@ -85,11 +85,7 @@ def gets(server: OssTestServer) -> int:
 
 def succeeded(result: subprocess.CompletedProcess[str]) -> str:
     """The summary line of a successful run."""
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [x for x in result.stderr.splitlines() if x.startswith("materialized ")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+    return summary_line(result, "materialized ")
 
 
 def cached_parts(cache: Path) -> dict[str, int]:
