@@ -12,6 +12,9 @@
 Also a command: ``python -m ossfs.testing serve --help``. See
 ``docs/test-server.md``.
 
+`ossfs.testing.memory` (not imported here) is an in-memory object client for
+tests of the read path; it is the one module of this package built on trio.
+
 Must not import: trio, httpx.
 """
 
