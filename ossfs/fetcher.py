@@ -13,8 +13,13 @@ of one store. A mount read, a read-ahead guess, ``materialize`` and
   publishes how far it has written, and `read` returns as soon as its range is
   on disk;
 - a part is committed to the store's index only after all its bytes are
-  written, with the CRC-64 computed as they arrived;
-- a space check (the cache's ``reserve``) before bytes are written.
+  written, with the CRC-64 computed as they arrived; the flight ends in the
+  same step (nobody can see a committed part through a flight, which could
+  outlive the part: a stale flight once said "written" for a part eviction
+  had punched meanwhile);
+- room in the cache (the `Budget`) is reserved when a flight is created, in
+  the same step, and given back when it ends: read-ahead that does not fit
+  next to what readers hold is not started at all.
 
 Rules (from trio): no ``timeout=`` parameters (callers use cancel scopes);
 cancellation leaves no half-recorded part, since a part is recorded last.
@@ -29,6 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -38,13 +44,22 @@ from ossfs.cache.store import PartStore
 from ossfs.client import ObjectClient
 from ossfs.crc import crc64
 
-__all__ = ["Fetcher", "ByteCallback", "Reserve", "ReadAhead"]
+__all__ = ["Fetcher", "ByteCallback", "Budget", "ReadAhead"]
 
 log = logging.getLogger(__name__)
 
 ByteCallback = Callable[[int], None]
-# Called before a part's bytes are written: (store, part, nbytes). May evict, may raise.
-Reserve = Callable[[PartStore, int, int], Awaitable[None]]
+
+
+class Budget(Protocol):
+    """The room fetches may take (the cache directory implements it)."""
+
+    def admit(self, store: PartStore, part: int, nbytes: int, *, readahead: bool) -> bool:
+        """Reserve room for a fetch (may evict); False: read-ahead that does not fit."""
+
+    def settle(self, store: PartStore, part: int, nbytes: int, *, written: int,
+               committed: bool, readahead: bool) -> None:
+        """End a reservation: the fetch committed the part, or stopped after *written*."""
 
 
 @dataclass(slots=True)
@@ -54,6 +69,8 @@ class _Flight:
     first: int
     end: int
     written: int  # object offset up to which bytes are on disk
+    readahead: bool = False
+    admitted: bool = False  # room was reserved in the budget (settled when it ends)
     done: trio.Event = field(default_factory=trio.Event)
     progress: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
@@ -102,7 +119,7 @@ class Fetcher:
         client: ObjectClient,
         *,
         connections: int,
-        reserve: Reserve | None = None,
+        budget: Budget | None = None,
         readahead_share: float = 0.75,
     ) -> None:
         self.client = client
@@ -111,7 +128,7 @@ class Fetcher:
         # Read-ahead flights also take this one, so guesses never hold every connection.
         self.readahead_limiter = trio.CapacityLimiter(
             max(1, min(self.connections - 1, int(self.connections * readahead_share))))
-        self._reserve = reserve
+        self._budget = budget
         self._flights: dict[tuple[int, int], _Flight] = {}
         self._opening: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
@@ -153,9 +170,6 @@ class Fetcher:
             raise RuntimeError("Fetcher.attach() was not called")
         self._nursery.start_soon(fn, *args)
 
-    def in_flight(self, store: PartStore, part: int) -> bool:
-        return (id(store), part) in self._flights
-
     # ---------------------------------------------------------------- fetch a part
 
     async def ensure(
@@ -176,10 +190,10 @@ class Fetcher:
                 await flight.done.wait()
                 self._raise_for(flight)
                 continue
-            flight = self._new_flight(store, part)
+            flight = self._new_flight(store, part, readahead=False)
             if flight is None:
                 return False
-            await self._fly(store, part, flight, on_bytes, readahead=False)
+            await self._fly(store, part, flight, on_bytes)
             self._raise_for(flight)
             return True
         return False
@@ -188,14 +202,22 @@ class Fetcher:
         if flight.error is not None and not isinstance(flight.error, trio.Cancelled):
             raise flight.error
 
-    def _new_flight(self, store: PartStore, part: int) -> _Flight | None:
-        """Register a flight for a missing part (None when it turned out present)."""
+    def _new_flight(self, store: PartStore, part: int, *, readahead: bool) -> _Flight | None:
+        """Register a flight for a missing part, with room reserved for it.
+
+        None when the part turned out present, or when it is read-ahead the
+        budget has no room for.
+        """
         # Another process sharing the store may have fetched it meanwhile.
         store.refresh()
         if store.is_present(part):
             return None
         first, end = store.layout.bounds(part)
-        flight = _Flight(first, end, first)
+        flight = _Flight(first, end, first, readahead=readahead)
+        if self._budget is not None:
+            if not self._budget.admit(store, part, end - first, readahead=readahead):
+                return None
+            flight.admitted = True
         self._flights[(id(store), part)] = flight
         return flight
 
@@ -205,25 +227,36 @@ class Fetcher:
         part: int,
         flight: _Flight,
         on_bytes: ByteCallback | None,
-        *,
-        readahead: bool,
     ) -> None:
         """Fetch one part; record the outcome in *flight*, and raise it."""
-        error: BaseException | None = None
         store.flight_started()
         try:
-            if readahead:
+            if flight.readahead:
                 async with self.readahead_limiter:
                     await self._fetch(store, part, flight, on_bytes)
             else:
                 await self._fetch(store, part, flight, on_bytes)
         except BaseException as e:
-            error = e
+            self._land(store, part, flight, e)
             raise
+        else:
+            self._land(store, part, flight, None)
         finally:
-            del self._flights[(id(store), part)]
-            flight.finish(error)
             store.flight_ended()
+
+    def _land(self, store: PartStore, part: int, flight: _Flight,
+              error: BaseException | None) -> None:
+        """End *flight* (once): unregister it, give back its room, wake its waiters."""
+        if flight.done.is_set():
+            return
+        if self._flights.get((id(store), part)) is flight:
+            del self._flights[(id(store), part)]
+        if flight.admitted and self._budget is not None:
+            committed = error is None and store.is_present(part)
+            self._budget.settle(store, part, flight.end - flight.first,
+                                written=flight.written - flight.first,
+                                committed=committed, readahead=flight.readahead)
+        flight.finish(error)
 
     async def _fetch(self, store: PartStore, part: int, flight: _Flight,
                      on_bytes: ByteCallback | None) -> None:
@@ -256,8 +289,6 @@ class Fetcher:
     async def _download(self, store: PartStore, part: int, flight: _Flight,
                         on_bytes: ByteCallback | None) -> None:
         ident = store.identity
-        if self._reserve is not None:
-            await self._reserve(store, part, flight.end - flight.first)
         crc = 0
 
         def sink(offset: int, data: memoryview) -> None:
@@ -269,17 +300,18 @@ class Fetcher:
                 on_bytes(len(data))
 
         async with self.limiter:
-            # The limiter is taken after the reservation so a task waiting for
-            # space does not hold a connection slot.
             got = await self.client.get_range(ident.bucket, ident.key, flight.first,
                                               flight.end, ident.etag, sink)
         if got.object_crc64 is not None:
             store.server_crc64 = got.object_crc64
         store.commit(part, crc)
-        # Writeback may block when the disk is busy: never in the event loop.
-        await trio.to_thread.run_sync(store.start_writeback, part)
         self.parts_fetched += 1
         self.bytes_fetched += got.nbytes
+        # The flight ends with the commit, before anything else can run: from here
+        # on the index speaks for the part (it may be evicted, and fetched again).
+        self._land(store, part, flight, None)
+        # Writeback may block when the disk is busy: never in the event loop.
+        await trio.to_thread.run_sync(store.start_writeback, part)
 
     # ---------------------------------------------------------------- background
 
@@ -290,18 +322,17 @@ class Fetcher:
         flight = self._flights.get((id(store), part))
         if flight is not None:
             return flight
-        flight = self._new_flight(store, part)
-        if flight is None:
-            return None
         if self._nursery is None:
             raise RuntimeError("Fetcher.attach() was not called")
-        self._nursery.start_soon(self._background, store, part, flight, readahead)
+        flight = self._new_flight(store, part, readahead=readahead)
+        if flight is None:
+            return None
+        self._nursery.start_soon(self._background, store, part, flight)
         return flight
 
-    async def _background(self, store: PartStore, part: int, flight: _Flight,
-                          readahead: bool) -> None:
+    async def _background(self, store: PartStore, part: int, flight: _Flight) -> None:
         try:
-            await self._fly(store, part, flight, None, readahead=readahead)
+            await self._fly(store, part, flight, None)
         except Exception as e:
             # Recorded in the flight: the readers waiting on it raise it.
             log.debug("background fetch of part %d of %s failed: %s", part,
@@ -310,7 +341,10 @@ class Fetcher:
     async def wait_for(self, store: PartStore, offset: int, end: int) -> None:
         """Return once object bytes ``[offset, end)`` are on disk, fetching what is missing.
 
-        Needs `attach`. Raises the error of a failed flight.
+        Needs `attach`. Raises the error of a failed flight. The caller must pin
+        the parts first: bytes a running flight has written are trusted only
+        while that flight runs (its part is not in the index, so nothing can
+        evict it); once a flight has ended, only the index counts.
         """
         for part in store.layout.parts_for(offset, end - offset):
             _, part_end = store.layout.bounds(part)
@@ -318,17 +352,21 @@ class Fetcher:
             while not store.is_present(part):
                 flight = self.start(store, part)
                 if flight is None:
-                    break
+                    continue  # present now (or another process has it): look again
                 while flight.written < need and not flight.done.is_set():
                     await flight.progress.wait()
-                if flight.written >= need:
-                    break
-                # The flight ended short of our bytes: report its failure; only a
+                if not flight.done.is_set():
+                    break  # our bytes are written and the part is not recorded yet
+                # Ended: committed (the loop sees it present) or failed. Only a
                 # cancelled flight (nobody's fault) is started again.
                 self._raise_for(flight)
 
     def read_ahead(self, store: PartStore, after_part: int, window: int) -> None:
-        """Fetch up to *window* missing parts after *after_part* in the background."""
+        """Fetch up to *window* missing parts after *after_part* in the background,
+        in order, as far as the budget admits them."""
         last = min(store.layout.count - 1, after_part + window)
         for part in range(after_part + 1, last + 1):
-            self.start(store, part, readahead=True)  # nothing if present or in flight
+            if store.is_present(part) or (id(store), part) in self._flights:
+                continue
+            if self.start(store, part, readahead=True) is None and not store.is_present(part):
+                return  # no room: a later read asks again

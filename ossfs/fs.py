@@ -69,6 +69,9 @@ class _Handle:
     store: PartStore
     url: str
     readahead: ReadAhead
+    # The part a sequential reader is in, pinned until it moves on or closes: read-ahead
+    # for the stream must not evict the part the stream has not finished.
+    position: int | None = None
 
 
 class Operations(pyfuse3.Operations):
@@ -293,8 +296,9 @@ class Operations(pyfuse3.Operations):
         end = min(off + size, total)
         parts = store.layout.parts_for(off, end - off)
         window = h.readahead.observe(off, end - off, store.identity.part_size)
+        self._move_position(h, parts[-1] if window else None)
         if window:
-            # Flights only start running at this task's next await, after the pin below.
+            # Flights start running only at this task's next await, after the pin below.
             self.fetcher.read_ahead(store, parts[-1], window)
         verified = store.verified
         if all(p in verified for p in parts):
@@ -307,9 +311,11 @@ class Operations(pyfuse3.Operations):
                 async with self._errors("read", h.url):
                     raise e
             if answer is not None:
-                self.cache.note_access(store, parts)
+                self.cache.note_access(store, parts, read_to=end)
                 return cast(bytes, answer)  # pyfuse3 takes any contiguous buffer
         async with self._errors("read", h.url):
+            # Pinned from before the first presence check to the end of the read:
+            # no eviction can punch these parts in between.
             with self.cache.pinned(store, parts):
                 await self.fetcher.wait_for(store, off, end)
                 for p in parts:
@@ -320,8 +326,17 @@ class Operations(pyfuse3.Operations):
                 answer = self._cached_answer(store, off, end)
                 if answer is None:
                     answer = await self._disk_answer(store, off, end)
-            self.cache.note_access(store, parts)
+            self.cache.note_access(store, parts, read_to=end)
         return cast(bytes, answer)  # pyfuse3 takes any contiguous buffer
+
+    def _move_position(self, h: _Handle, part: int | None) -> None:
+        if part == h.position:
+            return
+        if part is not None:
+            self.cache.pin(h.store, [part])
+        if h.position is not None:
+            self.cache.unpin(h.store, [h.position])
+        h.position = part
 
     def _cached_answer(self, store: PartStore, off: int, end: int) -> memoryview | None:
         """The bytes from the page cache, in the shared reply buffer; None if a disk read
@@ -374,6 +389,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
         if h is not None:
+            self._move_position(h, None)
             self.cache.release(h.store)
 
     async def flush(self, fh: int) -> None:

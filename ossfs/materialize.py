@@ -165,15 +165,17 @@ async def materialize(client: ObjectClient, cache: CacheDir,
     prefix = request.key if request.key.endswith("/") else (
         request.key.rsplit("/", 1)[0] + "/" if "/" in request.key else "")
     total = sum(o.size for o in objects)
+    largest = max(o.size for o in objects)
     if request.to_dir is None and total > cache.max_bytes:
-        notice(f"{format_size(total)} does not fit in the cache ({format_size(cache.max_bytes)});"
-               " objects fetched first will be evicted again (use --to DIR or a larger "
-               "--cache-size)")
-
-    async def reserve(store: PartStore, part: int, nbytes: int) -> None:
-        cache.reserve_sync(store, part, nbytes)
-
-    fetcher = Fetcher(client, connections=request.threads, reserve=reserve)
+        notice(f"{format_size(total)} does not fit in the cache ({format_size(cache.max_bytes)}):"
+               " the cache keeps its limit, so what is fetched first is evicted again "
+               "(use --to DIR or a larger --cache-size)")
+    elif request.to_dir is not None and largest > cache.max_bytes:
+        notice(f"the largest object ({format_size(largest)}) is larger than the cache "
+               f"({format_size(cache.max_bytes)}): each object passes through the cache "
+               "whole on its way to --to, so the cache goes over its limit while it does "
+               "(use ossfs download for such objects, or a larger --cache-size)")
+    fetcher = Fetcher(client, connections=request.threads, budget=cache)
     done_bytes = 0
     reused = 0
     objects_done = 0
@@ -209,7 +211,8 @@ async def materialize(client: ObjectClient, cache: CacheDir,
         except OSError as e:
             failed.append(f"{meta.key}: cannot write it out: {e}")
         finally:
-            cache.unpin(store, range(store.layout.count))
+            if request.to_dir is not None:
+                cache.unpin(store, range(store.layout.count))
             cache.release(store)
             objects_done += 1
             if request.on_object is not None:
@@ -234,9 +237,11 @@ async def materialize(client: ObjectClient, cache: CacheDir,
                 store = await fetcher.open_store(cache, identity_for(
                     request.bucket, meta.key, meta.etag, meta.size, request.part_size))
                 stores[i] = store
-                # The whole object stays until it is complete (and written out), even
-                # when it is larger than the cache.
-                cache.pin(store, range(store.layout.count))
+                if request.to_dir is not None:
+                    # The whole object stays until it is complete and written out.
+                    # Without --to nothing is pinned: the cache keeps its cap and
+                    # evicts what was fetched first.
+                    cache.pin(store, range(store.layout.count))
                 have = store.present_bytes
                 reused += have
                 done_bytes += have

@@ -122,11 +122,7 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
         await client.list_page(config.bucket, prefix=config.prefix, delimiter="/", max_keys=1)
         cache = CacheDir(config.cache_dir, max_bytes=config.cache_size,
                          min_free_fraction=config.cache_min_free)
-
-        async def reserve(store: Any, part: int, nbytes: int) -> None:
-            cache.reserve_sync(store, part, nbytes)
-
-        fetcher = Fetcher(client, connections=config.threads, reserve=reserve)
+        fetcher = Fetcher(client, connections=config.threads, budget=cache)
         ns = Namespace(client, config.bucket, config.prefix, ttl=config.ttl,
                        negative_ttl=config.negative_ttl, scheme=config.dialect)
         started = time.time()

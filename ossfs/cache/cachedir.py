@@ -17,12 +17,23 @@ mount) use one ROOT at once. A process holds ``flock(LOCK_SH)`` on the
 needs ``LOCK_EX`` without waiting, so a store somebody reads is never deleted
 under them. Parts fetched by one process reach the others through the index.
 
-Bounds: before a part is written, `CacheDir.reserve` makes room under
+Bounds (``docs/cache-format.md``, "Eviction"): every fetch reserves its
+part's bytes with `CacheDir.admit` before anything is written, and gives the
+reservation back with `CacheDir.settle` when it ends. Room is made under
 ``max_bytes`` and above a free-space floor by evicting least recently used
-data: first whole stores nobody holds, then parts of open stores that no
-reader holds at that moment (punched out of the sparse file). When nothing
-can go, the write proceeds over the cap (one warning), so an object larger
-than the cap still reads correctly.
+data: first whole stores nobody holds, then parts of open stores that are
+*free*. A part is held, never punched, while
+
+- a reader has it pinned (from the presence check to the end of its read),
+- it is being fetched (reserved and not yet settled), or
+- read-ahead fetched it and no reader has read it to its end yet (for at
+  most ``HOLD_SECONDS``: a stream that stopped does not hold it forever).
+
+Read-ahead is admitted only when the bytes held plus its part fit in the cap,
+so a guess never evicts what a reader still needs and is never thrown away
+before it is read. A reader's own part is always admitted: when nothing can
+go, the cache goes over the cap by at most one part per connection (logged),
+so an object larger than the cap still reads correctly.
 
 Must not import: trio, httpx, pyfuse3.
 """
@@ -48,6 +59,7 @@ from ossfs.cache.index import IndexCorrupt, IndexFile, PartRecord, StoreIdentity
 from ossfs.cache.store import PartStore
 from ossfs.errors import CheckpointError
 from ossfs.fsutil import punch_hole
+from ossfs.model import format_size
 
 __all__ = ["CacheDir", "CachedObjectInfo", "identity_for", "cached_objects"]
 
@@ -58,6 +70,10 @@ FORMAT = "ossfs-cache 1"
 _RESCAN_INTERVAL = 30.0
 # Store directories touched at most this often (seconds) for the LRU order.
 _TOUCH_INTERVAL = 60.0
+# How long a part fetched ahead of a stream is kept for it without being read.
+HOLD_SECONDS = 60.0
+# An over-the-cap state is logged at most this often (seconds).
+_OVER_LOG_INTERVAL = 30.0
 
 def identity_for(bucket: str, key: str, etag: str, size: int, part_size: int) -> StoreIdentity:
     """The identity of a whole-object store in the cache."""
@@ -79,7 +95,18 @@ class _Open:
     refs: int = 0
     pins: Counter[int] = field(default_factory=Counter)
     part_access: dict[int, float] = field(default_factory=dict)
+    # Parts a stream will read and has not read to their end yet -> when held.
+    ahead: dict[int, float] = field(default_factory=dict)
+    # Parts being fetched (reserved, not settled) -> bytes reserved.
+    fetching: dict[int, int] = field(default_factory=dict)
     touched: float = 0.0
+
+    def held(self, part: int, now: float) -> bool:
+        """Whether eviction must leave *part* alone (see the module docstring)."""
+        if self.pins.get(part) or part in self.fetching:
+            return True
+        since = self.ahead.get(part)
+        return since is not None and now - since < HOLD_SECONDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +140,8 @@ class CacheDir:
         self._verified: LRUCache[tuple[str, int], set[int]] = LRUCache(maxsize=16384)
         self._used = 0
         self._scanned_at = 0.0
-        self._warned_over = False
+        self._over = False
+        self._over_logged = -_OVER_LOG_INTERVAL
         self.evicted_bytes = 0
         self._prepare()
 
@@ -263,13 +291,19 @@ class CacheDir:
             with suppress(OSError):
                 os.utime(entry.directory)
 
-    def note_access(self, store: PartStore, parts: range | list[int]) -> None:
+    def note_access(self, store: PartStore, parts: range | list[int],
+                    read_to: int | None = None) -> None:
+        """Record a read of *parts*; a part read up to its end (*read_to*, an object
+        offset) is no longer held for the stream that fetched it ahead."""
         entry = self._by_store.get(id(store))
         if entry is None:
             return
         now = time.monotonic()
         for p in parts:
             entry.part_access[p] = now
+            if entry.ahead and read_to is not None and p in entry.ahead \
+                    and read_to >= store.layout.bounds(p)[1]:
+                del entry.ahead[p]
         self._touch(entry)
 
     # ---------------------------------------------------------------- accounting
@@ -284,38 +318,115 @@ class CacheDir:
             yield directory, st
 
     def rescan(self) -> int:
-        """Recount the bytes the cache holds on disk (all processes)."""
-        self._used = sum(st.st_blocks * 512 for _, st in self._walk())
+        """Recount the bytes the cache holds on disk (all processes).
+
+        Bytes reserved by fetches still running are counted as used whether or
+        not they have reached the disk yet.
+        """
+        on_disk = sum(st.st_blocks * 512 for _, st in self._walk())
+        self._used = on_disk + self._unwritten_reservations()
         self._scanned_at = time.monotonic()
         return self._used
+
+    def _unwritten_reservations(self) -> int:
+        # Without a byte count per flight, count every reservation whole: the
+        # estimate errs on the side of evicting a little early.
+        return sum(sum(e.fetching.values()) for e in self._open.values())
 
     @property
     def used_bytes(self) -> int:
         return self._used
 
-    def _free_floor_shortfall(self, incoming: int) -> int:
+    def _room(self, incoming: int) -> int:
+        """How many bytes may be in the cache after *incoming* more arrive: the cap,
+        lowered so that the free-space floor is kept."""
         st = os.statvfs(self.root)
         floor = int(st.f_blocks * st.f_frsize * self.min_free_fraction)
         free = st.f_bavail * st.f_frsize
-        return max(0, floor - (free - incoming))
+        # Our own reservations are counted in `_used` but mostly not on disk yet.
+        pending = self._unwritten_reservations()
+        return min(self.max_bytes, self._used - pending + max(0, free - floor))
 
-    def reserve_sync(self, store: PartStore, part: int, nbytes: int) -> None:
-        """Make room for *nbytes* of *part* in *store* (blocking file-system work)."""
+    def held_bytes(self) -> int:
+        """Bytes eviction may not touch now: pinned, being fetched, held for streams."""
+        now = time.monotonic()
+        total = 0
+        for entry in self._open.values():
+            layout = entry.store.layout
+            parts = set(entry.pins) | set(entry.fetching) | {
+                p for p, t in entry.ahead.items() if now - t < HOLD_SECONDS}
+            total += sum(layout.part_length(p) for p in parts if 0 <= p < layout.count)
+        return total
+
+    def admit(self, store: PartStore, part: int, nbytes: int, *, readahead: bool) -> bool:
+        """Reserve room for a fetch of *part*; False (nothing reserved) when it is
+        read-ahead that does not fit next to what is held.
+
+        Blocking file-system work (eviction). Every True must be followed by
+        one `settle` for the same part.
+        """
+        entry = self._by_store.get(id(store))
         if time.monotonic() - self._scanned_at > _RESCAN_INTERVAL:
             self.rescan()
-        need = max(self._used + nbytes - self.max_bytes, self._free_floor_shortfall(nbytes))
+        room = self._room(nbytes)
+        if readahead and self.held_bytes() + nbytes > room:
+            return False
+        if entry is not None:
+            entry.fetching[part] = nbytes
+        need = self._used + nbytes - room
         if need > 0:
-            freed = self._evict(need, keep=(id(store), part))
-            self._used -= freed
-            if freed < need and not self._warned_over:
-                self._warned_over = True
-                log.warning("cache %s: everything left is in use; going %s over the limit",
-                            self.root, _mib(need - freed))
+            self._used -= self._evict(need)
         self._used += nbytes
+        self._note_over(room)
+        return True
+
+    def settle(self, store: PartStore, part: int, nbytes: int, *, written: int,
+               committed: bool, readahead: bool) -> None:
+        """End the reservation `admit` made for *part*.
+
+        *written* is how many of its bytes reached the data file. A fetch that
+        failed part-way has its bytes punched out again unless a reader holds
+        the part (it may be reading what arrived); a committed read-ahead part
+        is held for its stream.
+        """
+        entry = self._by_store.get(id(store))
+        if entry is not None:
+            entry.fetching.pop(part, None)
+            if committed:
+                now = time.monotonic()
+                entry.part_access.setdefault(part, now)
+                if readahead:
+                    entry.ahead.setdefault(part, now)
+        if committed:
+            return
+        self._used -= nbytes
+        if written and (entry is None or not entry.pins.get(part)) and store.fileno() >= 0:
+            first, _ = store.layout.bounds(part)
+            try:
+                punch_hole(store.fileno(), first - store.identity.start, written)
+            except OSError as e:
+                log.debug("cache: cannot punch a failed fetch's bytes: %s", e)
+                self._used += written
+        elif written:
+            self._used += written
+
+    def _note_over(self, room: int) -> None:
+        """Log going over the limit (at most every `_OVER_LOG_INTERVAL`) and coming back."""
+        over = self._used - room
+        now = time.monotonic()
+        if over > 0 and now - self._over_logged >= _OVER_LOG_INTERVAL:
+            self._over_logged = now
+            self._over = True
+            log.warning("cache %s: %s over its limit of %s: everything else is held by "
+                        "readers or fetches in progress; it shrinks back as they end",
+                        self.root, format_size(over), format_size(room))
+        elif over <= 0 and self._over:
+            self._over = False
+            log.info("cache %s: back within its limit", self.root)
 
     # ---------------------------------------------------------------- eviction
 
-    def _evict(self, need: int, keep: tuple[int, int]) -> int:
+    def _evict(self, need: int) -> int:
         freed = 0
         # 1. Whole stores no process holds, least recently used first.
         candidates = sorted(
@@ -327,13 +438,13 @@ class CacheDir:
                 return freed
             if self._remove_store(directory):
                 freed += size
-        # 2. Parts of stores open here that no reader holds, least recently used first.
+        # 2. Parts of stores open here that nothing holds, least recently used first.
+        now = time.monotonic()
         parts: list[tuple[float, _Open, int]] = []
         for entry in self._open.values():
             for p in entry.store.parts:
-                if entry.pins.get(p) or (id(entry.store), p) == keep:
-                    continue
-                parts.append((entry.part_access.get(p, 0.0), entry, p))
+                if not entry.held(p, now):
+                    parts.append((entry.part_access.get(p, 0.0), entry, p))
         parts.sort(key=lambda t: t[0])
         by_entry: dict[int, list[int]] = {}
         for _t, entry, p in parts:
@@ -472,6 +583,3 @@ def st_dir_mtime(directory: str) -> float:
     except FileNotFoundError:
         return 0.0
 
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"

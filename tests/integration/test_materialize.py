@@ -351,3 +351,22 @@ def test_unsafe_keys_are_skipped(oss_server: OssTestServer, oss_env: dict[str, s
     assert os.listdir(elsewhere) == []
     written = {name for _, _, names in os.walk(tmp_path) for name in names}
     assert not {"evil.txt", "evil2.txt", "b.txt", "dot.txt", "through.txt"} & written
+
+
+def test_the_cache_keeps_its_cap_when_the_prefix_does_not_fit(
+        oss_server: OssTestServer, oss_env: dict[str, str], tmp_path: Path) -> None:
+    """Objects larger than the cache, into a 1 MiB cache: said before starting, and
+    the cap holds at the end (plus at most one part per connection)."""
+    sizes = [30 * PART + 7, 3 * PART, 25 * PART]
+    for i, size in enumerate(sizes):
+        oss_server.put(BUCKET, f"big/{i}.bin", randbytes(size, seed=i))
+    cache = tmp_path / "cache"
+    result = materialize(oss_server, oss_env, f"oss://{BUCKET}/big/", cache,
+                         "--cache-size", "1MiB", "--threads", "4")
+    succeeded(result)
+    assert "does not fit in the cache" in result.stderr
+    on_disk = sum(os.stat(os.path.join(d, f)).st_blocks * 512
+                  for d, _, names in os.walk(cache) for f in names if f == "data")
+    assert on_disk <= 1 * MiB + 4 * PART, on_disk
+    # Every part was fetched once: nothing evicted before it was written.
+    assert settled_stats(oss_server).bytes_sent == sum(sizes)

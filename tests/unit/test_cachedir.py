@@ -19,10 +19,12 @@ PART = 64 * 1024
 def put(cache: CacheDir, store: PartStore, parts: list[int]) -> None:
     for p in parts:
         first, end = store.layout.bounds(p)
-        cache.reserve_sync(store, p, end - first)
+        assert cache.admit(store, p, end - first, readahead=False)
         data = os.urandom(end - first)
         store.write(first, data)
         store.commit(p, crc64(data))
+        cache.settle(store, p, end - first, written=end - first, committed=True,
+                     readahead=False)
 
 
 def test_layout_is_private_and_keys_are_hashed(tmp_path: Path) -> None:

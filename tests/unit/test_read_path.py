@@ -1,0 +1,225 @@
+"""The mount's read path without a kernel: `Operations.read` over an in-memory object
+client, with random cache caps, part sizes, read-ahead windows, connection counts and
+read patterns, one reader or several at once. Every byte is compared with the source,
+and the bytes the client sent and the cache's size on disk are checked against their
+bounds (docs/cache-format.md, "Eviction").
+
+trio's autojump clock makes the client's latency free; disk work is real (a cache
+directory under tmp_path).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ossfs.cache.cachedir import CacheDir
+from ossfs.fetcher import Fetcher
+from ossfs.fs import FsOptions, Operations
+from ossfs.namespace import Namespace
+from ossfs.testing.memory import MemoryClient
+
+BUCKET = "bkt"
+KiB = 1 << 10
+MiB = 1 << 20
+
+Read = tuple[int, int]
+
+
+def disk_bytes(root: Path) -> int:
+    """Bytes the cache takes on disk (allocated blocks of every data file)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if name == "data":
+                total += os.stat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+@dataclass(frozen=True)
+class Reader:
+    reads: list[Read]
+    depth: int  # reads in flight at once on the handle (the kernel sends several)
+    sequential: bool
+
+
+@dataclass(frozen=True)
+class Scenario:
+    size: int
+    part_size: int
+    cap: int
+    read_ahead_parts: int
+    connections: int
+    readers: list[Reader]
+    together: bool  # readers run at the same time, or one after another
+
+
+def sequential_reads(size: int, start: int, chunk: int) -> list[Read]:
+    return [(off, min(chunk, size - off)) for off in range(start, size, chunk)]
+
+
+def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
+    """Run the readers of *sc*; assert bytes and bounds; return the client (counters)."""
+    data = random.Random(seed).randbytes(sc.size)
+    client = MemoryClient(latency=0.003, bandwidth=200 * MiB)
+    client.put(BUCKET, "obj", data)
+    cache = CacheDir(str(root), max_bytes=sc.cap, min_free_fraction=0.0)
+    fetcher = Fetcher(client, connections=sc.connections, budget=cache)
+    ns = Namespace(client, BUCKET, "", ttl=60.0, negative_ttl=5.0, scheme="oss")
+    ops = Operations(ns, fetcher, cache,
+                     FsOptions(uid=0, gid=0, part_size=sc.part_size,
+                               read_ahead_parts=sc.read_ahead_parts),
+                     describe=dict, status=dict)
+    # Pinned and in-flight parts may take the cache over its cap: at most the parts
+    # of the reads in progress, the part each stream is in, and one per connection.
+    depth = sum(r.depth for r in sc.readers) if sc.together else max(
+        r.depth for r in sc.readers)
+    span = max(size // sc.part_size + 2 for r in sc.readers for _, size in r.reads)
+    bound = sc.cap + (sc.connections + len(sc.readers) + depth * span) * sc.part_size
+    worst = 0
+
+    async def read_one(fh: int, off: int, size: int) -> None:
+        nonlocal worst
+        got = bytes(await ops.read(fh, off, size))  # copied before any other task runs
+        want = data[off:off + size]
+        if got != want:
+            first = next((i for i, (a, b) in enumerate(zip(got, want, strict=False))
+                          if a != b), min(len(got), len(want)))
+            raise AssertionError(f"read({off}, {size}): wrong bytes from offset "
+                                 f"{off + first} (got {len(got)} bytes)")
+        worst = max(worst, disk_bytes(root))
+
+    async def reader(ino: int, r: Reader) -> None:
+        info = await ops.open(ino, os.O_RDONLY, None)  # type: ignore[arg-type]
+        try:
+            send, receive = trio.open_memory_channel[Read](0)
+
+            async def worker() -> None:
+                async for off, size in receive:
+                    await read_one(info.fh, off, size)
+
+            async with trio.open_nursery() as inner:
+                for _ in range(r.depth):
+                    inner.start_soon(worker)
+                async with send:
+                    for read in r.reads:
+                        await send.send(read)
+        finally:
+            await ops.release(info.fh)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            attrs = await ops.lookup(pyfuse3.ROOT_INODE, b"obj")
+            if sc.together:
+                async with trio.open_nursery() as readers:
+                    for r in sc.readers:
+                        readers.start_soon(reader, attrs.st_ino, r)
+            else:
+                for r in sc.readers:
+                    await reader(attrs.st_ino, r)
+            nursery.cancel_scope.cancel()  # read-ahead nobody waits for
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        cache.close()
+    assert worst <= bound, f"cache took {worst} bytes on disk, bound {bound}"
+    return client
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> Scenario:
+    part_size = draw(st.sampled_from([64 * KiB, 128 * KiB, 256 * KiB, 1 * MiB]))
+    size = draw(st.integers(1, 24)) * part_size + draw(st.integers(0, part_size - 1))
+    cap = draw(st.sampled_from([part_size // 2, part_size, 2 * part_size, 3 * part_size,
+                                size // 4, size // 2, 2 * size])) or 1
+    readers = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["sequential", "random", "backward", "skips"]))
+        chunk = draw(st.sampled_from([4 * KiB, 128 * KiB, 1 * MiB]))
+        start = draw(st.integers(0, size - 1))
+        if kind == "sequential":
+            reads = sequential_reads(size, start, chunk)
+        elif kind == "backward":
+            reads = sequential_reads(size, start, chunk)[::-1]
+        else:
+            rng = random.Random(draw(st.integers(0, 1 << 30)))
+            reads = []
+            off = start
+            for _ in range(draw(st.integers(1, 40))):
+                if kind == "random" or rng.random() < 0.2:
+                    off = rng.randrange(size)
+                reads.append((off, rng.randint(1, 2 * chunk)))
+                off = (off + reads[-1][1]) % size
+        readers.append(Reader(reads, draw(st.integers(1, 3)), kind == "sequential"))
+    return Scenario(size=size, part_size=part_size, cap=cap,
+                    read_ahead_parts=draw(st.integers(1, 16)),
+                    connections=draw(st.integers(1, 8)), readers=readers,
+                    together=draw(st.booleans()))
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    # hypothesis runs many examples per test: one fresh directory each, made here.
+    path = Path(tempfile.mkdtemp(prefix="ossfs-readpath-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+_RUNS = itertools.count()
+EXAMPLES = int(os.environ.get("OSSFS_READPATH_EXAMPLES", "150"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(sc=scenarios(), seed=st.integers(0, 1000))
+def test_every_byte_is_the_objects_under_any_cap(sc: Scenario, seed: int,
+                                                 scratch: Path) -> None:
+    root = scratch / f"cache-{next(_RUNS)}"
+    client = run_scenario(sc, root, seed)
+    if len(sc.readers) == 1 and sc.readers[0].sequential and sc.readers[0].depth == 1:
+        # One stream through an object larger than the cache fetches it about once.
+        read = sc.size - sc.readers[0].reads[0][0]
+        assert client.bytes_sent["obj"] <= 1.25 * read + sc.part_size, (
+            f"fetched {client.bytes_sent['obj']} bytes to read {read}")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("part_size", [64 * KiB, 1 * MiB])
+@pytest.mark.parametrize("cap_parts", [0.5, 1, 2, 5])
+def test_one_stream_through_a_small_cache_fetches_the_object_once(
+        tmp_path: Path, part_size: int, cap_parts: float) -> None:
+    """The shape of the reported failure: read-ahead larger than the cache."""
+    size = 40 * part_size + 123
+    sc = Scenario(size=size, part_size=part_size, cap=int(cap_parts * part_size),
+                  read_ahead_parts=16, connections=8,
+                  readers=[Reader(sequential_reads(size, 0, 128 * KiB), 2, True)],
+                  together=False)
+    client = run_scenario(sc, tmp_path / "cache", seed=7)
+    assert client.bytes_sent["obj"] <= 1.25 * size
+
+
+def test_concurrent_streams_share_a_small_cache(tmp_path: Path) -> None:
+    size = 30 * 256 * KiB + 5
+    streams = [Reader(sequential_reads(size, start, 128 * KiB), 2, True)
+               for start in (0, 0, size // 3, size // 2)]
+    sc = Scenario(size=size, part_size=256 * KiB, cap=3 * 256 * KiB, read_ahead_parts=16,
+                  connections=6, readers=streams, together=True)
+    run_scenario(sc, tmp_path / "cache", seed=3)
