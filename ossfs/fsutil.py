@@ -127,7 +127,7 @@ class UnsafeFileError(OSError):
         return f"{self.path} {self.why}"
 
 
-def _describe(path: str, dir_fd: int | None) -> str:
+def _describe(path: str, dir_fd: int | None, *, want_dir: bool = False) -> str:
     """Why *path* (which just refused to open as ours) is not ours: a few words."""
     try:
         st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
@@ -135,6 +135,8 @@ def _describe(path: str, dir_fd: int | None) -> str:
         return "cannot be opened safely"
     if stat.S_ISLNK(st.st_mode):
         return "is a symbolic link"
+    if want_dir:
+        return "is not a directory"
     if stat.S_ISDIR(st.st_mode):
         return "is a directory"
     return "is not a regular file"
@@ -230,7 +232,7 @@ def _open_dir_at(dir_fd: int, name: str, shown: str) -> int:
                        dir_fd=dir_fd)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise UnsafeFileError(shown, _describe(name, dir_fd)) from None
+            raise UnsafeFileError(shown, _describe(name, dir_fd, want_dir=True)) from None
         raise
 
 
