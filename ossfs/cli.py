@@ -27,6 +27,7 @@ from ossfs import __version__
 from ossfs.client import ClientConfig, HttpObjectClient
 from ossfs.config import ConnectionOptions, ObjectUrl, parse_object_url, resolve_endpoint
 from ossfs.errors import IntegrityError, OssfsError, UsageError, unwrap_groups
+from ossfs.escape import SafeFormatter, printable
 from ossfs.model import DEFAULT_PART_SIZE, GiB, format_size, parse_range, parse_size
 
 __all__ = ["main", "build_parser"]
@@ -289,8 +290,9 @@ def setup_logging(verbose: int, quiet: bool, stream: Any = None) -> None:
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[
         min(verbose, 2)]
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter("ossfs: %(message)s" if verbose == 0 else
-                                           "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # Keys and server text end up in log messages: one record is always one line.
+    handler.setFormatter(SafeFormatter("ossfs: %(message)s" if verbose == 0 else
+                                       "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -356,14 +358,14 @@ def _cmd_ls(args: argparse.Namespace) -> int:
                 page = await client.list_page(
                     url.bucket, prefix=url.key, delimiter="" if args.recursive else "/",
                     continuation_token=token)
-                for prefix in page.prefixes:
+                for prefix in map(printable, page.prefixes):
                     print(f"{'PRE':>12}  {'':19}  {prefix}" if args.long else prefix)
                 for obj in page.objects:
                     if args.long:
                         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(obj.mtime))
-                        print(f"{obj.size:>12}  {stamp}  {obj.key}  {obj.etag}")
+                        print(printable(f"{obj.size:>12}  {stamp}  {obj.key}  {obj.etag}"))
                     else:
-                        print(obj.key)
+                        print(printable(obj.key))
                 sys.stdout.flush()
                 token = page.next_token
                 if token is None:
@@ -467,9 +469,9 @@ def _cmd_download(args: argparse.Namespace) -> int:
                      result.crc_checked or "",
                      "per-part CRC-64 only (the service sent no checksum of the object)")
         reuse = f", {result.parts_reused} reused from checkpoint" if result.parts_reused else ""
-        print(f"downloaded {url} to {result.path}: {format_size(result.size)} in "
-              f"{result.elapsed:.1f}s ({format_size(rate)}/s), {result.parts} part(s)"
-              f"{reuse}, {check}", file=sys.stderr)
+        print(f"downloaded {printable(url)} to {printable(result.path)}: "
+              f"{format_size(result.size)} in {result.elapsed:.1f}s ({format_size(rate)}/s), "
+              f"{result.parts} part(s){reuse}, {check}", file=sys.stderr)
     return 0
 
 
@@ -487,7 +489,7 @@ def _log_to_file(path: str | None) -> None:
     if path is None:
         return
     handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
 
@@ -566,7 +568,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     req = st["requests"]
     objects = st["objects_cached"]
-    print(f"source:      {st['source']} (pid {st['pid']}, up {st['uptime']:.0f}s)")
+    print(f"source:      {printable(st['source'])} (pid {st['pid']}, up {st['uptime']:.0f}s)")
     print(f"cache:       {st['cache_dir']}")
     print(f"cache use:   {format_size(st['cache_used_bytes'])} of "
           f"{format_size(st['cache_size_bytes'])}, {len(objects)} object(s), "
@@ -581,7 +583,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for o in shown:
         pct = 100.0 * o["cached_bytes"] / o["size"] if o["size"] else 100.0
         print(f"  {pct:5.1f}%  {format_size(o['cached_bytes']):>10} of "
-              f"{format_size(o['size']):>10}  {o['key']}")
+              f"{format_size(o['size']):>10}  {printable(o['key'])}")
     if len(shown) < len(objects):
         print(f"  ... and {len(objects) - len(shown)} more (--all lists every object)")
     return 0
@@ -656,11 +658,11 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         bar.close()
         cache.close()
     for line in result.failed:
-        print(f"ossfs: failed: {line}", file=sys.stderr)
+        print(f"ossfs: failed: {printable(line)}", file=sys.stderr)
     if not args.quiet:
         rate = result.bytes_fetched / result.elapsed if result.elapsed > 0 else 0.0
         out = f", {result.written} written to {args.to}" if args.to else ""
-        print(f"materialized {result.objects} object(s) of {url} "
+        print(f"materialized {result.objects} object(s) of {printable(url)} "
               f"({format_size(result.total_bytes)}) in {result.elapsed:.1f}s: "
               f"{format_size(result.bytes_fetched)} fetched ({format_size(rate)}/s), "
               f"{format_size(result.bytes_reused)} already cached{out}", file=sys.stderr)
@@ -742,7 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         argv = mount_helper_argv(argv)
     except UsageError as e:
-        print(f"ossfs: error: {e}", file=sys.stderr)
+        print(f"ossfs: error: {printable(e)}", file=sys.stderr)
         return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -751,10 +753,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with unwrap_groups():
             return _COMMANDS[args.command](args)
     except UsageError as e:
-        print(f"ossfs: error: {e}", file=sys.stderr)
+        print(f"ossfs: error: {printable(e)}", file=sys.stderr)
         return EXIT_USAGE
     except OssfsError as e:
-        print(f"ossfs: error: {e}", file=sys.stderr)
+        print(f"ossfs: error: {printable(e)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("ossfs: interrupted", file=sys.stderr)

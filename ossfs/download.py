@@ -13,7 +13,13 @@ checkpoint directory, FILE's directory by default). Where the SDKs fall short
 - verifies the combined CRC-64 against ``x-oss-hash-crc64ecma`` (and the MD5
   ETag of single-part S3 objects), also when resuming;
 - renames over FILE only on success, leaving an existing FILE untouched on
-  failure, and deletes the checkpoint only then.
+  failure, and deletes the checkpoint only then;
+- never writes through a symbolic link: the temp file is opened with
+  ``O_NOFOLLOW`` and used only when it is a regular file of ours with no other
+  name, a checkpoint that is a link (or not ours) is discarded, and the final
+  rename replaces FILE's name instead of following it;
+- stops on a full disk with `NoSpaceError` naming the file, keeping the temp
+  file and the checkpoint, so the same request resumes once space is freed.
 
 `DownloadRequest` / `download` are the Python API; ``ossfs download`` is a
 thin command around them.
@@ -28,8 +34,9 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -40,12 +47,21 @@ from ossfs.client import ObjectClient
 from ossfs.errors import (
     CheckpointError,
     IntegrityError,
+    NoSpaceError,
     ObjectChangedError,
     UsageError,
     unwrap_groups,
 )
+from ossfs.escape import printable
 from ossfs.fetcher import Fetcher
-from ossfs.fsutil import fsync_dir, unlink_quietly
+from ossfs.fsutil import (
+    UnsafeFileError,
+    disk_full_reason,
+    fsync_dir,
+    is_disk_full,
+    open_private_file,
+    unlink_quietly,
+)
 from ossfs.model import (
     DEFAULT_PART_SIZE,
     MAX_PART_SIZE,
@@ -178,18 +194,95 @@ def _validate(request: DownloadRequest) -> str:
 
 
 class _Lock:
-    """An exclusive lock on the temp file, so two runs never write one destination."""
+    """An exclusive lock on the temp file, so two runs never write one destination.
+
+    Opening it is also the temp file's safety check: it must be a regular file
+    of ours with no other name, never a symbolic link (planted by someone who
+    can write FILE's directory, it would make the download overwrite the file
+    it points to).
+    """
 
     def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            self.fd = open_private_file(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except UnsafeFileError as e:
+            raise UsageError(f"{e}: it is not a temp file of ossfs download, so nothing is "
+                             "written through it (remove it and run again)") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
             raise UsageError(f"another download to {path[:-len(TEMP_SUFFIX)]} is running") from None
 
+    def same_file(self, fd: int) -> bool:
+        """Whether *fd* is the locked temp file (and not what a swapped name points to)."""
+        a, b = os.fstat(self.fd), os.fstat(fd)
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
     def close(self) -> None:
         os.close(self.fd)
+
+
+class _DownloadStore(PartStore):
+    """The download's part store: a full disk becomes `NoSpaceError` naming the file.
+
+    The data file is the temp file, the index is the checkpoint; they may be on
+    different file systems, so the error says which one is full.
+    """
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        try:
+            super().write(offset, data)
+        except OSError as e:
+            if is_disk_full(e):
+                raise _no_space(e, self.data_path) from None
+            raise
+
+    def commit(self, part: int, crc: int) -> None:
+        try:
+            super().commit(part, crc)
+        except OSError as e:
+            if is_disk_full(e):
+                raise _no_space(e, self.index_path or self.data_path) from None
+            raise
+
+    def drop(self, parts: Iterable[int]) -> None:
+        try:
+            super().drop(parts)
+        except OSError as e:
+            if is_disk_full(e):
+                raise _no_space(e, self.index_path or self.data_path) from None
+            raise
+
+
+def _no_space(error: OSError, path: str) -> NoSpaceError:
+    """The one-line error for a full disk (or quota) at *path*."""
+    return NoSpaceError(f"{disk_full_reason(error)} writing {path} (free some space there)",
+                        path=path)
+
+
+def _discard_unsafe_checkpoint(ckpt: str, notice: Callable[[str], None]) -> None:
+    """Remove a checkpoint name that is a symbolic link or not a file of ours.
+
+    Reading or appending to it would follow the link; its records cannot be
+    trusted either. The name is ours (it carries a digest of the request), so
+    removing it is safe; the download then starts over.
+    """
+    try:
+        st = os.lstat(ckpt)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1:
+        return
+    why = ("it is a symbolic link" if stat.S_ISLNK(st.st_mode) else
+           "it is not a regular file" if not stat.S_ISREG(st.st_mode) else
+           "it is not a file of ours")
+    try:
+        os.unlink(ckpt)
+    except IsADirectoryError:
+        raise UsageError(f"checkpoint path {ckpt} is a directory (remove it and run "
+                         "again)") from None
+    notice(f"not resuming from checkpoint {ckpt}: {why}; starting over")
 
 
 async def download(client: ObjectClient, request: DownloadRequest) -> DownloadResult:
@@ -203,11 +296,17 @@ async def download(client: ObjectClient, request: DownloadRequest) -> DownloadRe
     path = _validate(request)
     temp = temp_path_for(path)
     ckpt = checkpoint_path_for(request, path) if request.enable_checkpoint else None
-    notice = request.notice or (lambda msg: log.warning("%s", msg))
-    temp_existed = os.path.exists(temp)
+    say = request.notice or (lambda msg: log.warning("%s", msg))
+
+    def notice(message: str) -> None:
+        say(printable(message))
+
+    temp_existed = os.path.lexists(temp)
     lock = _Lock(temp)  # creates the temp file when it is missing
     ok = False
     try:
+        if ckpt is not None:
+            _discard_unsafe_checkpoint(ckpt, notice)
         if ckpt is not None and not temp_existed and os.path.exists(ckpt):
             # The checkpoint describes bytes that are gone: trust none of it.
             notice(f"not resuming from checkpoint {ckpt}: its data file {temp} is missing; "
@@ -216,8 +315,8 @@ async def download(client: ObjectClient, request: DownloadRequest) -> DownloadRe
         restarts = 0
         while True:
             try:
-                result = await _attempt(client, request, path, temp, ckpt, notice, began,
-                                        restarts)
+                result = await _attempt(client, request, path, temp, ckpt, lock, notice,
+                                        began, restarts)
                 ok = True
                 return result
             except ObjectChangedError:
@@ -239,6 +338,7 @@ async def _attempt(
     path: str,
     temp: str,
     ckpt: str | None,
+    lock: _Lock,
     notice: Callable[[str], None],
     began: float,
     restarts: int,
@@ -253,11 +353,18 @@ async def _attempt(
         notice(f"not resuming from checkpoint {d.path}: {d.reason}; starting over")
 
     try:
-        store = PartStore.open(identity, temp, ckpt, data_mode=0o666, on_discard=discarded)
+        store = _DownloadStore.open(identity, temp, ckpt, data_mode=0o666,
+                                    on_discard=discarded)
     except OSError as e:
+        if is_disk_full(e):
+            raise _no_space(e, ckpt or temp) from None
         raise CheckpointError(f"cannot open {temp} or its checkpoint: {e.strerror}") from e
     try:
-        return await _run(client, request, store, meta, path, notice, began, restarts)
+        if not lock.same_file(store.fileno()):
+            # The name was swapped between our check and the store's open.
+            raise UsageError(f"{temp} was replaced while the download started; nothing is "
+                             "written through it (run again)")
+        return await _run(client, request, store, meta, path, temp, notice, began, restarts)
     except ObjectChangedError:
         # The recorded parts belong to the old version: throw them away now so the
         # restart (or the next run) begins clean.
@@ -273,6 +380,7 @@ async def _run(
     store: PartStore,
     meta: ObjectMeta,
     path: str,
+    temp: str,
     notice: Callable[[str], None],
     began: float,
     restarts: int,
@@ -288,7 +396,7 @@ async def _run(
         reused = sorted(store.parts)
     done = store.present_bytes
     missing = store.missing()
-    _check_space(path, sum(store.layout.part_length(i) for i in missing))
+    _check_space(temp, sum(store.layout.part_length(i) for i in missing))
 
     progress = request.progress
     if progress is not None:
@@ -324,7 +432,7 @@ async def _run(
                 nursery.start_soon(worker)
 
     checked = await trio.to_thread.run_sync(_check_integrity, store, meta)
-    await trio.to_thread.run_sync(_finish, store, path, meta)
+    await trio.to_thread.run_sync(_finish, store, path, temp, meta)
     return DownloadResult(
         path=path,
         size=total,
@@ -344,12 +452,12 @@ def _find_bad_parts(store: PartStore, parts: list[int]) -> list[int]:
     return [p for p in parts if not store.verify(p)]
 
 
-def _check_space(path: str, needed: int) -> None:
-    st = os.statvfs(os.path.dirname(path))
+def _check_space(temp: str, needed: int) -> None:
+    st = os.statvfs(os.path.dirname(temp))
     free = st.f_bavail * st.f_frsize
     if needed > free:
-        raise UsageError(f"not enough free space in {os.path.dirname(path)}: "
-                         f"{format_size(needed)} needed, {format_size(free)} free")
+        raise NoSpaceError(f"no space left for {temp}: {format_size(needed)} more needed, "
+                           f"{format_size(free)} free", path=temp)
 
 
 def _check_integrity(store: PartStore, meta: ObjectMeta) -> str | None:
@@ -363,9 +471,10 @@ def _check_integrity(store: PartStore, meta: ObjectMeta) -> str | None:
     if _MD5_ETAG.match(meta.etag) and meta.object_type in (None, "Normal"):
         # A single-part S3 object's ETag is the MD5 of its content.
         md5 = hashlib.md5(usedforsecurity=False)
-        with open(store.data_path, "rb") as f:
-            while chunk := f.read(8 << 20):
-                md5.update(chunk)
+        pos, end = ident.start, ident.start + ident.length
+        while pos < end and (chunk := store.read(pos, min(8 << 20, end - pos))):
+            md5.update(chunk)
+            pos += len(chunk)
         if md5.hexdigest().lower() != meta.etag.lower():
             store.drop(list(store.parts))
             raise IntegrityError(f"MD5 mismatch: the ETag says {meta.etag}, the downloaded "
@@ -375,11 +484,25 @@ def _check_integrity(store: PartStore, meta: ObjectMeta) -> str | None:
     return None
 
 
-def _finish(store: PartStore, path: str, meta: ObjectMeta) -> None:
-    """Make the temp file durable, give it the object's mtime, rename it over FILE."""
-    store.sync()
+def _finish(store: PartStore, path: str, temp: str, meta: ObjectMeta) -> None:
+    """Make the temp file durable, give it the object's mtime, rename it over FILE.
+
+    rename() replaces whatever FILE is (a symbolic link too) without following
+    it; the temp file's name must still be our file, or FILE would become
+    whatever was swapped in.
+    """
+    try:
+        store.sync()
+    except OSError as e:
+        if is_disk_full(e):
+            raise _no_space(e, temp) from None
+        raise
     if meta.mtime:
         os.utime(store.fileno(), (meta.mtime, meta.mtime))
-    os.replace(store.data_path, path)
+    mine, there = os.fstat(store.fileno()), os.lstat(temp)
+    if (mine.st_dev, mine.st_ino) != (there.st_dev, there.st_ino):
+        raise UsageError(f"{temp} was replaced during the download; {path} is left as it "
+                         "was (run again)")
+    os.replace(temp, path)
     fsync_dir(os.path.dirname(path))
     store.remove_index()

@@ -11,7 +11,8 @@
     │   └── ArchivedObjectError     InvalidObjectState: archive not restored (EIO)
     ├── TransferError               network failure after all retries (EIO)
     ├── IntegrityError              a CRC-64 or MD5 does not match (EIO)
-    └── CheckpointError             a checkpoint cannot be used or written
+    ├── CheckpointError             a checkpoint cannot be used or written
+    └── NoSpaceError                the disk (or quota) for data or a checkpoint is full
 
 The CLI prints ``str(error)`` as one line and exits non-zero; a traceback is
 only for bugs. The FUSE layer turns these into errnos with `errno_for`.
@@ -36,6 +37,7 @@ __all__ = [
     "TransferError",
     "IntegrityError",
     "CheckpointError",
+    "NoSpaceError",
     "service_error",
     "errno_for",
     "first_error",
@@ -116,6 +118,20 @@ class IntegrityError(OssfsError):
 
 class CheckpointError(OssfsError):
     """A checkpoint or cache index cannot be used, or cannot be written."""
+
+
+class NoSpaceError(OssfsError):
+    """No space left on the disk (or quota) a download, checkpoint or cache writes to.
+
+    Raised instead of the bare ``OSError``; what was written and recorded
+    before stays, so the same command resumes once space is freed.
+
+    :path: the file or directory that could not be written.
+    """
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 _CODE_CLASSES: dict[str, type[ServiceError]] = {

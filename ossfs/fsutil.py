@@ -1,5 +1,12 @@
 """Small file-system helpers shared by the cache, downloads and the mount.
 
+Files that ossfs writes beside a user's files (a download's temp file and
+checkpoint, ``materialize --to`` output) may sit in a directory someone else
+can write to. `open_private_file`, `create_exclusive` and `open_subdirectory`
+never follow a symbolic link planted there, and only reuse a regular file
+that belongs to us and has no other name; `is_disk_full` recognises the
+errors of a full disk or quota.
+
 Must not import: trio, httpx, pyfuse3.
 """
 
@@ -10,9 +17,16 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 from typing import Any
 
 __all__ = [
+    "UnsafeFileError",
+    "open_private_file",
+    "create_exclusive",
+    "open_subdirectory",
+    "is_disk_full",
+    "disk_full_reason",
     "unlink_quietly",
     "fsync_dir",
     "write_temp",
@@ -96,3 +110,137 @@ def write_atomically(path: str, data: bytes, mode: int = 0o600, *,
     os.replace(write_temp(path, data, mode, durable=durable), path)
     if durable:
         fsync_dir(os.path.dirname(path))
+
+
+class UnsafeFileError(OSError):
+    """A path ossfs was to write is a symbolic link or a file that is not its own.
+
+    ``str()`` is one line: ``PATH is a symbolic link`` and the like.
+    """
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(errno.EPERM, why, path)
+        self.path = path
+        self.why = why
+
+    def __str__(self) -> str:
+        return f"{self.path} {self.why}"
+
+
+def _describe(path: str, dir_fd: int | None, *, want_dir: bool = False) -> str:
+    """Why *path* (which just refused to open as ours) is not ours: a few words."""
+    try:
+        st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return "cannot be opened safely"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if want_dir:
+        return "is not a directory"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory"
+    return "is not a regular file"
+
+
+def _check_ours(fd: int, path: str) -> None:
+    """Raise UnsafeFileError unless *fd* is a regular file of ours with no other name."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeFileError(path, "is not a regular file")
+    if st.st_uid != os.geteuid():
+        raise UnsafeFileError(path, f"belongs to another user (uid {st.st_uid})")
+    if st.st_nlink > 1:
+        raise UnsafeFileError(path, "has other hard links")
+
+
+def open_private_file(path: str, flags: int, mode: int = 0o600, *,
+                      dir_fd: int | None = None) -> int:
+    """Open (or with ``O_CREAT`` create) *path* as a regular file of ours.
+
+    Never follows a symbolic link in the last component, never blocks on a
+    FIFO, and refuses (UnsafeFileError, an OSError) a file that is not
+    regular, belongs to another user or has other hard links: writing to it
+    would change some other file. Resuming our own temp file works as before.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode,
+                     dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise UnsafeFileError(path, _describe(path, dir_fd)) from None
+        raise
+    try:
+        _check_ours(fd, path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def create_exclusive(path: str, mode: int = 0o600, *, dir_fd: int | None = None) -> int:
+    """Create *path* anew for writing; whatever was at that name (a leftover temp file
+    of an interrupted run, a planted symbolic link) is removed first, never followed."""
+    for _ in range(8):
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                           | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+        except FileExistsError:
+            try:
+                os.unlink(path, dir_fd=dir_fd)  # removes a symlink itself, not its target
+            except FileNotFoundError:
+                pass
+            except IsADirectoryError:
+                raise UnsafeFileError(path, "is a directory") from None
+    raise UnsafeFileError(path, "keeps being re-created by someone else")
+
+
+def open_subdirectory(dir_fd: int, names: list[str], *, shown_as: str,
+                      create: bool = True) -> int:
+    """Open the directory ``dir_fd/names[0]/names[1]/...``, creating what is missing.
+
+    No component may be a symbolic link or anything but a directory
+    (UnsafeFileError, naming the component under *shown_as*, the path
+    *dir_fd* stands for): the result is always inside *dir_fd*, whatever is
+    planted beneath it or swapped in meanwhile. Returns a new descriptor
+    (the caller closes it); *dir_fd* stays open.
+    """
+    fd = os.dup(dir_fd)
+    shown = shown_as
+    try:
+        for name in names:
+            shown = os.path.join(shown, name)
+            try:
+                sub = _open_dir_at(fd, name, shown)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):  # made meanwhile: fine
+                    os.mkdir(name, 0o777, dir_fd=fd)
+                sub = _open_dir_at(fd, name, shown)
+            os.close(fd)
+            fd = sub
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_dir_at(dir_fd: int, name: str, shown: str) -> int:
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeFileError(shown, _describe(name, dir_fd, want_dir=True)) from None
+        raise
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether *error* says the file system (or the user's quota) has no space left."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_reason(error: OSError) -> str:
+    """``no space left on device`` or ``disk quota exceeded``, for a one-line message."""
+    return "disk quota exceeded" if error.errno == errno.EDQUOT else "no space left on device"

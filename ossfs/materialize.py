@@ -9,16 +9,26 @@ the cache serves the new parts at once.
 
 With ``--to DIR`` each object is also written out as a file under DIR (its
 key relative to the prefix), copied from the cache once complete, so parts
-already cached are never fetched again.
+already cached are never fetched again. Nothing is written through a
+symbolic link below DIR: directories are walked one component at a time
+without following links, the temp file is created exclusively, and the final
+rename replaces a link at the file's name instead of writing where it points.
+
+A full disk (the cache's or DIR's) stops the run with `NoSpaceError` naming
+the place; what was fetched and recorded stays, so a rerun after freeing
+space fetches only the rest.
 
 Must not import: pyfuse3.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,9 +38,16 @@ import trio
 from ossfs.cache.cachedir import CacheDir, identity_for
 from ossfs.cache.store import PartStore
 from ossfs.client import ObjectClient
-from ossfs.errors import NotFoundError, OssfsError, UsageError, unwrap_groups
+from ossfs.errors import NoSpaceError, NotFoundError, OssfsError, UsageError, unwrap_groups
+from ossfs.escape import printable
 from ossfs.fetcher import Fetcher
-from ossfs.fsutil import fsync_dir, unlink_quietly
+from ossfs.fsutil import (
+    UnsafeFileError,
+    create_exclusive,
+    disk_full_reason,
+    is_disk_full,
+    open_subdirectory,
+)
 from ossfs.model import ObjectMeta, format_size
 from ossfs.namespace import valid_name
 
@@ -105,54 +122,99 @@ async def list_objects(client: ObjectClient, bucket: str, key: str) -> list[Obje
             return found
 
 
-def _destination(to_dir: str, prefix: str, key: str) -> str | None:
-    """Where object *key* goes under *to_dir*; None when the key is not a safe path."""
+def _destination(prefix: str, key: str) -> list[str] | None:
+    """The path components of object *key* below the output directory; None when the
+    key cannot be a safe relative path (``..``, empty components, overlong names)."""
     rel = key[len(prefix):] if key.startswith(prefix) else key
     parts = rel.split("/")
     if not all(valid_name(p) for p in parts):
         return None
-    path = os.path.join(to_dir, *parts)
-    root = os.path.realpath(to_dir)
-    if os.path.commonpath([root, os.path.realpath(os.path.dirname(path))]) != root:
-        return None  # a symlink inside DIR points elsewhere: never write through it
-    return path
+    return parts
 
 
-def _write_out(store: PartStore, meta: ObjectMeta, path: str) -> bool:
-    """Copy a complete object from the cache to *path* (temp + rename); False if current."""
+_TEMP_SUFFIX = ".ossfs-tmp"
+
+
+def _write_out(store: PartStore, meta: ObjectMeta, to_dir: str, parts: list[str]) -> bool:
+    """Copy a complete object from the cache to ``to_dir/parts...`` (temp + rename).
+
+    Returns False when the file there is already current. Raises UnsafeFileError
+    when a directory on the way is a symbolic link (or not a directory).
+    """
+    root = os.open(to_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        st = os.stat(path)
-        if st.st_size == meta.size and int(st.st_mtime) == int(meta.mtime):
-            return False
-    except FileNotFoundError:
-        pass
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".ossfs-tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        dir_fd = open_subdirectory(root, parts[:-1], shown_as=to_dir)
+    finally:
+        os.close(root)
+    name = parts[-1]
     try:
-        offset = 0
-        while offset < meta.size:
-            n = os.copy_file_range(store.fileno(), fd, meta.size - offset, offset, offset)
-            if n == 0:
-                raise OSError(f"cache file of {meta.key} ended early")
-            offset += n
-        os.fsync(fd)
-        os.utime(fd, (meta.mtime, meta.mtime))
-    except BaseException:
-        os.close(fd)
-        unlink_quietly(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
-    return True
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if (stat.S_ISREG(st.st_mode) and st.st_size == meta.size
+                    and int(st.st_mtime) == int(meta.mtime)):
+                return False
+        except FileNotFoundError:
+            pass
+        tmp = name + _TEMP_SUFFIX
+        fd = create_exclusive(tmp, 0o666, dir_fd=dir_fd)
+        try:
+            _copy(store.fileno(), fd, meta.size, meta.key)
+            os.fsync(fd)
+            os.utime(fd, (meta.mtime, meta.mtime))
+            # rename() replaces whatever has the name (a symlink too), never follows it.
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        finally:
+            os.close(fd)
+        os.fsync(dir_fd)
+        return True
+    finally:
+        os.close(dir_fd)
+
+
+# copy_file_range cannot copy between these (another file system on older kernels).
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+def _copy(src: int, dst: int, size: int, key: str) -> None:
+    """Copy bytes ``[0, size)`` of *src* to *dst* (a new, empty file)."""
+    offset = 0
+    in_kernel = True
+    while offset < size:
+        if in_kernel:
+            try:
+                n = os.copy_file_range(src, dst, size - offset, offset, offset)
+            except OSError as e:
+                if e.errno not in _NO_COPY_RANGE:
+                    raise
+                in_kernel = False
+                os.lseek(dst, offset, os.SEEK_SET)
+                continue
+        else:
+            n = os.sendfile(dst, src, offset, min(size - offset, 8 << 20))
+        if n == 0:
+            raise OSError(errno.EIO, f"cache file of {printable(key)} ended early")
+        offset += n
+
+
+def _no_space(error: OSError, where: str) -> NoSpaceError:
+    return NoSpaceError(f"{disk_full_reason(error)} writing {where}; what is already "
+                        "fetched is kept: free some space and run the same command again "
+                        "to continue", path=where)
 
 
 async def materialize(client: ObjectClient, cache: CacheDir,
                       request: MaterializeRequest) -> MaterializeResult:
     """Run *request*; per-object failures are collected, not raised."""
     began = time.monotonic()
-    notice = request.notice or (lambda m: log.warning("%s", m))
+    say = request.notice or (lambda m: log.warning("%s", m))
+
+    def notice(message: str) -> None:
+        say(printable(message))
+
     if request.shard is not None:
         index, count = request.shard
         if count < 1 or not 0 <= index < count:
@@ -199,17 +261,22 @@ async def materialize(client: ObjectClient, cache: CacheDir,
     async def object_finished(i: int) -> None:
         nonlocal objects_done, written, skipped
         store, meta = stores[i], objects[i]
+        to_dir = request.to_dir
+        dest = _destination(prefix, meta.key)
         try:
-            if i not in object_failed and request.to_dir is not None:
-                dest = _destination(request.to_dir, prefix, meta.key)
+            if i not in object_failed and to_dir is not None:
                 if dest is None:
                     skipped += 1
-                    notice(f"skipping {meta.key}: it cannot be a file name under "
-                           f"{request.to_dir}")
-                elif await trio.to_thread.run_sync(_write_out, store, meta, dest):
+                    notice(f"skipping {meta.key}: it cannot be a file name under {to_dir}")
+                elif await trio.to_thread.run_sync(_write_out, store, meta, to_dir, dest):
                     written += 1
+        except UnsafeFileError as e:
+            skipped += 1
+            notice(f"skipping {meta.key}: {e}; nothing is written through it")
         except OSError as e:
-            failed.append(f"{meta.key}: cannot write it out: {e}")
+            if is_disk_full(e):
+                raise _no_space(e, os.path.join(to_dir or "", *(dest or []))) from None
+            failed.append(printable(f"{meta.key}: cannot write it out: {e}"))
         finally:
             if request.to_dir is not None:
                 cache.unpin(store, range(store.layout.count))
@@ -225,7 +292,12 @@ async def materialize(client: ObjectClient, cache: CacheDir,
             except OssfsError as e:
                 if i not in object_failed:
                     object_failed.add(i)
-                    failed.append(f"{objects[i].key}: {e}")
+                    failed.append(printable(f"{objects[i].key}: {e}"))
+            except OSError as e:
+                if is_disk_full(e):
+                    # Every other part would fail the same way: stop, keep what is cached.
+                    raise _no_space(e, f"the cache {cache.root}") from None
+                raise
             remaining[i] -= 1
             if remaining[i] == 0:
                 await object_finished(i)
@@ -234,8 +306,13 @@ async def materialize(client: ObjectClient, cache: CacheDir,
         nonlocal reused, done_bytes
         async with send:
             for i, meta in enumerate(objects):
-                store = await fetcher.open_store(cache, identity_for(
-                    request.bucket, meta.key, meta.etag, meta.size, request.part_size))
+                try:
+                    store = await fetcher.open_store(cache, identity_for(
+                        request.bucket, meta.key, meta.etag, meta.size, request.part_size))
+                except OSError as e:
+                    if is_disk_full(e):  # creating the store's index
+                        raise _no_space(e, f"the cache {cache.root}") from None
+                    raise
                 stores[i] = store
                 if request.to_dir is not None:
                     # The whole object stays until it is complete and written out.

@@ -1,5 +1,8 @@
 """Progress display for long transfers: a tqdm bar on a terminal, nothing otherwise.
 
+What it shows (the description, the messages written through it) may hold
+object keys: they are escaped with `ossfs.escape.printable`.
+
 Must not import: trio, httpx, pyfuse3.
 """
 
@@ -9,6 +12,8 @@ import sys
 from typing import Any, TextIO
 
 from tqdm import tqdm
+
+from ossfs.escape import printable
 
 __all__ = ["ProgressBar"]
 
@@ -27,7 +32,7 @@ class ProgressBar:
         self._bar: tqdm[Any] | None = None
         if enabled:
             self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc=description, file=stream, dynamic_ncols=True,
+                             desc=printable(description), file=stream, dynamic_ncols=True,
                              miniters=1, mininterval=0.2, smoothing=0.1)
 
     def set_total(self, total: int, parts: int | None = None) -> None:
@@ -69,6 +74,7 @@ class ProgressBar:
 
     def write(self, message: str) -> None:
         """Print a line without breaking the bar."""
+        message = printable(message)
         if self._bar is not None:
             self._bar.write(message, file=sys.stderr)
         else:

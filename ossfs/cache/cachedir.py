@@ -249,8 +249,13 @@ class CacheDir:
         if entry.refs <= 0:
             del self._open[entry.directory]
             del self._by_store[id(store)]
-            store.compact()
-            store.close()
+            try:
+                store.compact()
+            except OSError as e:
+                # Only a tidy-up: the journal stays valid uncompacted (a full disk).
+                log.warning("cache: cannot compact %s: %s", store.index_path, e.strerror)
+            finally:
+                store.close()
 
     def close(self) -> None:
         for entry in list(self._open.values()):

@@ -226,7 +226,7 @@ class IndexFile:
         again a few times before it counts as corrupt.
         """
         try:
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
         try:
@@ -255,7 +255,7 @@ class IndexFile:
         # it is not fsynced: opening thousands of small objects stays cheap.
         if replace:
             write_atomically(path, header, mode, durable=False)
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
             return cls(path, IndexState(identity, {}, consumed=len(header)), fd)
         # Created in place with O_EXCL and one small write: a concurrent reader sees no
         # file, an empty one (and waits, see `load`) or the whole header.
@@ -290,7 +290,7 @@ class IndexFile:
         mine = os.fstat(self._fd)
         if (on_disk.st_ino, on_disk.st_dev) == (mine.st_ino, mine.st_dev):
             return False
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             state = parse_index(_read_from(fd, 0))
         except IndexCorrupt:

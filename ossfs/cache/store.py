@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from ossfs.cache.index import IndexCorrupt, IndexFile, PartRecord, StoreIdentity
 from ossfs.crc import crc64, crc64_of_parts
 from ossfs.errors import IntegrityError
-from ossfs.fsutil import start_writeback, unlink_quietly
+from ossfs.fsutil import open_private_file, start_writeback, unlink_quietly
 
 __all__ = ["PartStore", "describe_mismatch", "Discarded"]
 
@@ -131,7 +131,7 @@ class PartStore:
                 index.close()
                 index = None
 
-        fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, data_mode)
+        fd = open_private_file(data_path, os.O_RDWR | os.O_CREAT, data_mode)
         try:
             if index is None:
                 fresh = discard or not shared
