@@ -6,10 +6,12 @@ part stores of `CacheDir`. Exceptions become errnos in one place
 (`_errors`). The file system is read-only: every request that would change it
 fails with EROFS.
 
-Per open file the ETag seen at open is pinned: all its bytes come from that
-version (every GET carries If-Match). When the object changes under an open
-file, reads fail with EIO and a log line; the next open sees the new version.
-The kernel page cache is kept across opens while the ETag stays the same.
+An inode is one version of an object (`Namespace` gives a new version a new
+inode), so an open file reads one version (every GET carries If-Match) and the
+kernel never mixes pages of two versions, also across processes. When the
+object changes under an open file, reads of what is not cached fail with EIO
+and a log line; the next lookup sees the new version under a new inode. The
+kernel page cache of an inode is always kept across opens.
 
 Must not import: httpx.
 """
@@ -105,7 +107,6 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._dirs: dict[int, tuple[Node, DirReader]] = {}
         self._next_fh = 1
-        self._last_etag: dict[int, str] = {}
         self._mounted_at = time.time()
         self.errors = 0
         self.reads = 0  # read requests the kernel sent (page-cache misses)
@@ -270,7 +271,12 @@ class Operations(pyfuse3.Operations):
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         async with self._errors("open", node.path):
-            node = await self.ns.refresh(node)
+            if await self.ns.refresh(node) is not node:
+                # The object is another version than this inode's. ESTALE makes the
+                # kernel look the name up again (and open the new version's inode).
+                log.info("open %s: the object changed; it gets a new inode",
+                         node.path)
+                raise pyfuse3.FUSEError(errno.ESTALE)
             meta = node.meta
             assert meta is not None
             ident = identity_for(self.ns.bucket, meta.key, meta.etag, meta.size,
@@ -282,9 +288,8 @@ class Operations(pyfuse3.Operations):
         url = f"{self.ns.scheme}://{self.ns.bucket}/{meta.key}"
         self._handles[fh] = _Handle(node, store, url,
                                     ReadAhead(max_parts=self.opts.read_ahead_parts))
-        keep = self._last_etag.get(inode) == meta.etag
-        self._last_etag[inode] = meta.etag
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+        # An inode is one version (`Namespace`): its page cache is always good.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         self.reads += 1

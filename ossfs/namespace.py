@@ -74,6 +74,12 @@ class Node:
         return self.path.rsplit("/", 1)[-1]
 
 
+def _same_version(old: ObjectMeta | None, new: ObjectMeta | None) -> bool:
+    if old is None or new is None:
+        return old is new
+    return (old.etag, old.size) == (new.etag, new.size)
+
+
 @dataclass(slots=True)
 class _Entry:
     name: str
@@ -180,11 +186,14 @@ class Namespace:
         inode = self._by_path.get(path)
         if inode is not None:
             node = self._nodes[inode]
-            if node.is_dir == entry.is_dir:
+            if node.is_dir == entry.is_dir and _same_version(node.meta, entry.meta):
                 if entry.meta is not None:
                     node.meta, node.seen = entry.meta, now
                 return node
-            # The key changed kind (file <-> directory): it is a new inode.
+            # The key changed kind (file <-> directory), or the object is another
+            # version: a new inode. An inode is one version for good, so the kernel
+            # never shares page-cache pages between versions; the old inode lives on
+            # (with its old metadata) while the kernel still holds it.
             del self._by_path[path]
         inode = self._next_inode
         self._next_inode += 1
@@ -276,12 +285,18 @@ class Namespace:
         return None
 
     async def refresh(self, node: Node) -> Node:
-        """Re-read a file's metadata when it is older than the TTL (before an open)."""
+        """Re-read a file's metadata when it is older than the TTL (before an open).
+
+        Returns *node*, or the new node of its path when the object is another
+        version now (the caller's inode then stays the old version's).
+        """
         if node.is_dir or time.monotonic() - node.seen < self.ttl:
             return node
         meta = await self.client.head(self.bucket, self.key_of(node.path))
-        node.meta, node.seen = meta, time.monotonic()
-        return node
+        if _same_version(node.meta, meta):
+            node.meta, node.seen = meta, time.monotonic()
+            return node
+        return self._node_for(node.path, _Entry(node.name, False, meta))
 
     # ---------------------------------------------------------------- readdir
 
