@@ -576,6 +576,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"requests:    {req['requests']} ({req['retries']} retries, {req['errors']} errors), "
           f"{format_size(req['bytes_received'])} received")
     print(f"parts:       {st['parts_fetched']} fetched, {format_size(st['bytes_fetched'])}")
+    if st.get("crc_mismatches"):
+        print(f"integrity:   {st['crc_mismatches']} object(s) whose cached bytes did not match "
+              "the service's CRC-64 (dropped and fetched again; see the log)")
+    if st.get("uncached_bytes"):
+        print(f"uncached:    {format_size(st['uncached_bytes'])} served from the network "
+              "because the cache disk was full")
     if st.get("log_file"):
         print(f"log:         {st['log_file']}")
     shown = objects if args.all else sorted(

@@ -32,30 +32,41 @@ Must not import: pyfuse3, httpx.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
+from cachetools import TTLCache
 
 from ossfs.cache.cachedir import CacheDir
 from ossfs.cache.index import StoreIdentity
 from ossfs.cache.store import PartStore
 from ossfs.client import ObjectClient
 from ossfs.crc import crc64
+from ossfs.errors import IntegrityError, NoSpaceError
+from ossfs.fsutil import is_disk_full
 
 __all__ = ["Fetcher", "ByteCallback", "Budget", "ReadAhead"]
 
 log = logging.getLogger(__name__)
 
 ByteCallback = Callable[[int], None]
+# A part whose fetch failed (after the client's whole retry cycle) fails again at once
+# for this many seconds: the kernel repeats a failed read (its read-ahead request, then
+# the read itself), and each repeat would otherwise run the whole cycle again.
+FAILURE_MEMORY = 10.0
 
 
 class Budget(Protocol):
     """The room fetches may take (the cache directory implements it)."""
 
     def admit(self, store: PartStore, part: int, nbytes: int, *, readahead: bool) -> bool:
-        """Reserve room for a fetch (may evict); False: read-ahead that does not fit."""
+        """Reserve room for a fetch (may evict); False: read-ahead that does not fit.
+
+        Raises NoSpaceError when even a reader's own part cannot be written without
+        going below the free-space floor."""
 
     def settle(self, store: PartStore, part: int, nbytes: int, *, written: int,
                committed: bool, readahead: bool) -> None:
@@ -131,6 +142,13 @@ class Fetcher:
         self._budget = budget
         self._flights: dict[tuple[int, int], _Flight] = {}
         self._opening: dict[str, trio.Event] = {}
+        self._failed: TTLCache[tuple[int, int], BaseException] = TTLCache(
+            maxsize=4096, ttl=FAILURE_MEMORY, timer=trio.current_time)
+        # Called with a store whose complete bytes did not match the service's CRC-64
+        # (its parts are dropped by then): the mount drops the kernel's pages of it.
+        self.on_corrupt: Callable[[PartStore], None] | None = None
+        self.crc_mismatches = 0
+        self.uncached_bytes = 0  # served from the network because the cache disk was full
         self._nursery: trio.Nursery | None = None
         self.parts_fetched = 0
         self.bytes_fetched = 0
@@ -251,6 +269,8 @@ class Fetcher:
             return
         if self._flights.get((id(store), part)) is flight:
             del self._flights[(id(store), part)]
+        if error is not None and not isinstance(error, trio.Cancelled | NoSpaceError):
+            self._failed[(id(store), part)] = error
         if flight.admitted and self._budget is not None:
             committed = error is None and store.is_present(part)
             self._budget.settle(store, part, flight.end - flight.first,
@@ -269,7 +289,24 @@ class Fetcher:
         finally:
             store.unlock_part(part)
         if store.complete:
+            self.check_whole(store, store.server_crc64)
+
+    def check_whole(self, store: PartStore, service_crc64: int | None) -> None:
+        """Compare a complete store with the service's CRC-64 of the object, once.
+
+        On a mismatch the parts are dropped (IntegrityError, counted, logged by
+        the caller), and `on_corrupt` hears of it.
+        """
+        if service_crc64 is None or not store.complete:
+            return
+        store.server_crc64 = service_crc64
+        try:
             store.check_crc()
+        except IntegrityError:
+            self.crc_mismatches += 1
+            if self.on_corrupt is not None:
+                self.on_corrupt(store)
+            raise
 
     async def _claim(self, store: PartStore, part: int) -> bool:
         """Take the cross-process claim on *part*; False when it became present instead.
@@ -293,7 +330,12 @@ class Fetcher:
 
         def sink(offset: int, data: memoryview) -> None:
             nonlocal crc
-            store.write(offset, data)
+            try:
+                store.write(offset, data)
+            except OSError as e:
+                if is_disk_full(e):
+                    raise _no_space(e, store) from e
+                raise
             crc = crc64(data, crc)
             flight.advance(offset + len(data))
             if on_bytes is not None:
@@ -304,7 +346,12 @@ class Fetcher:
                                               flight.end, ident.etag, sink)
         if got.object_crc64 is not None:
             store.server_crc64 = got.object_crc64
-        store.commit(part, crc)
+        try:
+            store.commit(part, crc)
+        except OSError as e:
+            if is_disk_full(e):
+                raise _no_space(e, store) from e
+            raise
         self.parts_fetched += 1
         self.bytes_fetched += got.nbytes
         # The flight ends with the commit, before anything else can run: from here
@@ -324,6 +371,12 @@ class Fetcher:
             return flight
         if self._nursery is None:
             raise RuntimeError("Fetcher.attach() was not called")
+        failed = self._failed.get((id(store), part))
+        if failed is not None:
+            first, end = store.layout.bounds(part)
+            flight = _Flight(first, end, first, readahead=readahead)
+            flight.finish(failed)
+            return flight
         flight = self._new_flight(store, part, readahead=readahead)
         if flight is None:
             return None
@@ -333,6 +386,8 @@ class Fetcher:
     async def _background(self, store: PartStore, part: int, flight: _Flight) -> None:
         try:
             await self._fly(store, part, flight, None)
+        except IntegrityError as e:
+            log.error("%s", e)
         except Exception as e:
             # Recorded in the flight: the readers waiting on it raise it.
             log.debug("background fetch of part %d of %s failed: %s", part,
@@ -361,6 +416,22 @@ class Fetcher:
                 # cancelled flight (nobody's fault) is started again.
                 self._raise_for(flight)
 
+    async def read_uncached(self, store: PartStore, offset: int, end: int) -> bytes:
+        """Object bytes ``[offset, end)`` straight from the service, not cached (the
+        cache disk is full). Still of the store's version: the GET carries If-Match."""
+        ident = store.identity
+        buf = bytearray(end - offset)
+
+        def sink(at: int, data: memoryview) -> None:
+            buf[at - offset:at - offset + len(data)] = data
+
+        async with self.limiter:
+            got = await self.client.get_range(ident.bucket, ident.key, offset, end,
+                                              ident.etag, sink)
+        self.bytes_fetched += got.nbytes
+        self.uncached_bytes += got.nbytes
+        return bytes(buf[:got.nbytes])
+
     def read_ahead(self, store: PartStore, after_part: int, window: int) -> None:
         """Fetch up to *window* missing parts after *after_part* in the background,
         in order, as far as the budget admits them."""
@@ -370,3 +441,8 @@ class Fetcher:
                 continue
             if self.start(store, part, readahead=True) is None and not store.is_present(part):
                 return  # no room: a later read asks again
+
+
+def _no_space(error: OSError, store: PartStore) -> NoSpaceError:
+    return NoSpaceError(f"the cache disk is full ({os.strerror(error.errno or 0)}) writing "
+                        f"{store.data_path}", path=store.data_path)

@@ -31,10 +31,18 @@ from typing import Any, cast
 
 import pyfuse3
 import trio
+from cachetools import LRUCache
 
 from ossfs.cache.cachedir import CacheDir, identity_for
 from ossfs.cache.store import PartStore
-from ossfs.errors import NotFoundError, ObjectChangedError, OssfsError, errno_for
+from ossfs.errors import (
+    IntegrityError,
+    NoSpaceError,
+    NotFoundError,
+    ObjectChangedError,
+    OssfsError,
+    errno_for,
+)
 from ossfs.fetcher import Fetcher, ReadAhead
 from ossfs.namespace import DirReader, Namespace, Node
 from ossfs.prefetch import SiblingPrefetch
@@ -102,6 +110,7 @@ class Operations(pyfuse3.Operations):
         self._status = status
         self._prefetch = prefetch
         # S3 has no CRC-64 to show; OSS has it on HEAD (not in listings).
+        self._has_crc64 = has_crc64
         self._file_xattrs = _FILE_XATTRS if has_crc64 else tuple(
             n for n in _FILE_XATTRS if n != "crc64")
         self._handles: dict[int, _Handle] = {}
@@ -118,6 +127,10 @@ class Operations(pyfuse3.Operations):
         # preadv(RWF_NOWAIT) tells page-cache hits from disk reads; off if unsupported.
         self._nowait = True
         self.verifications = 0  # cached parts checked against their CRC
+        # Inodes whose kernel pages came from bytes that failed the whole-object check:
+        # their next open drops the page cache.
+        self._stale_pages: LRUCache[int, bool] = LRUCache(maxsize=4096)
+        fetcher.on_corrupt = self._drop_pages
 
     # ---------------------------------------------------------------- errors
 
@@ -284,12 +297,18 @@ class Operations(pyfuse3.Operations):
             store = await self.fetcher.open_store(self.cache, ident)
             if self._prefetch is not None:
                 self._prefetch.on_open(node)
+            if store.complete and not store.crc_checked and self._has_crc64:
+                # Cached by another process or run: compare the whole with the
+                # service's CRC-64 once, in the background (a HEAD at most).
+                self.fetcher.spawn(self._check_whole, node, self.cache.reuse(ident))
         fh = self._new_fh()
         url = f"{self.ns.scheme}://{self.ns.bucket}/{meta.key}"
         self._handles[fh] = _Handle(node, store, url,
                                     ReadAhead(max_parts=self.opts.read_ahead_parts))
-        # An inode is one version (`Namespace`): its page cache is always good.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # An inode is one version (`Namespace`): its page cache is good, unless the
+        # cached bytes it came from failed the whole-object check since.
+        keep = self._stale_pages.pop(inode, None) is None
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         self.reads += 1
@@ -322,11 +341,16 @@ class Operations(pyfuse3.Operations):
             # Pinned from before the first presence check to the end of the read:
             # no eviction can punch these parts in between.
             with self.cache.pinned(store, parts):
-                await self.fetcher.wait_for(store, off, end)
-                for p in parts:
-                    if store.is_present(p) and p not in store.verified:
-                        await self._verify(store, p, h.url)
-                await self.fetcher.wait_for(store, off, end)
+                try:
+                    await self.fetcher.wait_for(store, off, end)
+                    for p in parts:
+                        if store.is_present(p) and p not in store.verified:
+                            await self._verify(store, p, h.url)
+                    await self.fetcher.wait_for(store, off, end)
+                except NoSpaceError:
+                    # The cache disk is full and nothing can be evicted: the bytes come
+                    # from the network (same version: If-Match) and are not cached.
+                    return await self.fetcher.read_uncached(store, off, end)
                 # The shared reply buffer is returned with no await after it is filled.
                 answer = self._cached_answer(store, off, end)
                 if answer is None:
@@ -391,6 +415,28 @@ class Operations(pyfuse3.Operations):
             del self._verifying[key]
             done.set()
 
+    async def _check_whole(self, node: Node, store: PartStore | None) -> None:
+        if store is None:
+            return
+        try:
+            crc = await self.ns.object_crc64(node)
+            self.fetcher.check_whole(store, crc)
+        except IntegrityError as e:
+            log.error("%s", e)
+        except OssfsError as e:
+            log.debug("cannot check %s against the service's CRC-64: %s", node.path, e)
+        finally:
+            self.cache.release(store)
+
+    def _drop_pages(self, store: PartStore) -> None:
+        """Cached bytes of *store* were wrong: the kernel's copies of them go too."""
+        inodes = {h.node.inode for h in self._handles.values()
+                  if h.store.identity == store.identity}
+        for inode in inodes:
+            self._stale_pages[inode] = True
+            # Not from the event loop: the kernel may wait for reads this loop serves.
+            self.fetcher.spawn(trio.to_thread.run_sync, _invalidate_pages, inode)
+
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
         if h is not None:
@@ -432,13 +478,10 @@ class Operations(pyfuse3.Operations):
             if attr == "url":
                 return f"{self.ns.scheme}://{self.ns.bucket}/{meta.key}".encode()
             if attr == "crc64":
-                if meta.crc64 is None:
-                    fresh = await self.ns.client.head(self.ns.bucket, meta.key)
-                    if fresh.etag == meta.etag:
-                        node.meta = meta = fresh
-                if meta.crc64 is None:
+                crc = await self.ns.object_crc64(node)
+                if crc is None:
                     raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-                return str(meta.crc64).encode()
+                return str(crc).encode()
             info = self.cache.info_for(identity_for(self.ns.bucket, meta.key, meta.etag,
                                                     meta.size, self.opts.part_size))
             return str(info.cached_bytes if info else 0).encode()
@@ -450,3 +493,10 @@ class Operations(pyfuse3.Operations):
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs
     create = write = setxattr = removexattr = fsync = fsyncdir = _erofs
+
+
+def _invalidate_pages(inode: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(inode)
+    except OSError as e:  # the kernel forgot the inode meanwhile
+        log.debug("cannot invalidate inode %d: %s", inode, e)

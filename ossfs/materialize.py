@@ -289,6 +289,14 @@ async def materialize(client: ObjectClient, cache: CacheDir,
         async for i, store, part in receive:
             try:
                 await fetcher.ensure(store, part, on_bytes=on_bytes)
+            except NoSpaceError as e:
+                # The cache's disk is full (or at its free-space floor): every other part
+                # would fail the same way. Stop; what is cached stays.
+                if isinstance(e.__cause__, OSError):
+                    raise _no_space(e.__cause__, f"the cache {cache.root}") from None
+                raise NoSpaceError(f"{e}; what is already fetched is kept: free some space "
+                                   "and run the same command again to continue",
+                                   path=cache.root) from None
             except OssfsError as e:
                 if i not in object_failed:
                     object_failed.add(i)

@@ -298,6 +298,19 @@ class Namespace:
             return node
         return self._node_for(node.path, _Entry(node.name, False, meta))
 
+    async def object_crc64(self, node: Node) -> int | None:
+        """The service's CRC-64 of *node*'s version (a HEAD when the listing had none);
+        None when the service has none, or the object is another version now."""
+        meta = node.meta
+        if meta is None:
+            return None
+        if meta.crc64 is None:
+            fresh = await self.client.head(self.bucket, meta.key)
+            if not _same_version(meta, fresh):
+                return None
+            node.meta = meta = fresh
+        return meta.crc64
+
     # ---------------------------------------------------------------- readdir
 
     def open_dir(self, inode: int) -> DirReader:

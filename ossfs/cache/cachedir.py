@@ -57,7 +57,7 @@ from cachetools import LRUCache
 
 from ossfs.cache.index import IndexCorrupt, IndexFile, PartRecord, StoreIdentity
 from ossfs.cache.store import PartStore
-from ossfs.errors import CheckpointError
+from ossfs.errors import CheckpointError, NoSpaceError
 from ossfs.fsutil import punch_hole
 from ossfs.model import format_size
 
@@ -92,6 +92,7 @@ class _Open:
 
     store: PartStore
     directory: str
+    version: tuple[str, int]  # (directory, data file inode): what survives a close
     refs: int = 0
     pins: Counter[int] = field(default_factory=Counter)
     part_access: dict[int, float] = field(default_factory=dict)
@@ -138,9 +139,12 @@ class CacheDir:
         # Parts checked against their CRC, by (store directory, data file inode): kept
         # when a store is closed, so reopening a file does not check its parts again.
         self._verified: LRUCache[tuple[str, int], set[int]] = LRUCache(maxsize=16384)
+        # Stores whose complete bytes matched the service's CRC-64 (same key).
+        self._whole_checked: LRUCache[tuple[str, int], bool] = LRUCache(maxsize=16384)
         self._used = 0
         self._scanned_at = 0.0
         self._over = False
+        self._full_logged = -_OVER_LOG_INTERVAL
         self._over_logged = -_OVER_LOG_INTERVAL
         self.evicted_bytes = 0
         self._prepare()
@@ -231,7 +235,8 @@ class CacheDir:
                 verified = self._verified[key] = set()
             verified.intersection_update(store.parts)  # dropped since: check again
             store.verified = verified
-            entry = self._open[directory] = _Open(store, directory)
+            store.crc_checked = self._whole_checked.get(key, False) and store.complete
+            entry = self._open[directory] = _Open(store, directory, key)
             self._by_store[id(store)] = entry
         entry.refs += 1
         self._touch(entry)
@@ -249,6 +254,10 @@ class CacheDir:
         if entry.refs <= 0:
             del self._open[entry.directory]
             del self._by_store[id(store)]
+            if store.crc_checked:
+                self._whole_checked[entry.version] = True
+            else:
+                self._whole_checked.pop(entry.version, None)
             try:
                 store.compact()
             except OSError as e:
@@ -376,14 +385,36 @@ class CacheDir:
         room = self._room(nbytes)
         if readahead and self.held_bytes() + nbytes > room:
             return False
-        if entry is not None:
-            entry.fetching[part] = nbytes
         need = self._used + nbytes - room
         if need > 0:
             self._used -= self._evict(need)
+        if self._free_after(nbytes) < self._floor():
+            # The cap may be exceeded for a reader, the free-space floor never: the
+            # reader is served from the network instead (NoSpaceError).
+            self._note_full()
+            raise NoSpaceError(f"the cache disk {self.root} is full (keeping "
+                               f"{format_size(self._floor())} free)", path=self.root)
+        if entry is not None:
+            entry.fetching[part] = nbytes
         self._used += nbytes
         self._note_over(room)
         return True
+
+    def _floor(self) -> int:
+        st = os.statvfs(self.root)
+        return int(st.f_blocks * st.f_frsize * self.min_free_fraction)
+
+    def _free_after(self, incoming: int) -> int:
+        """Free bytes once *incoming* and every running fetch's bytes have landed."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize - self._unwritten_reservations() - incoming
+
+    def _note_full(self) -> None:
+        now = time.monotonic()
+        if now - self._full_logged >= _OVER_LOG_INTERVAL:
+            self._full_logged = now
+            log.warning("cache %s: the disk is full and nothing more can be evicted; "
+                        "reads are served from the network without caching", self.root)
 
     def settle(self, store: PartStore, part: int, nbytes: int, *, written: int,
                committed: bool, readahead: bool) -> None:

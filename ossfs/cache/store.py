@@ -247,6 +247,8 @@ class PartStore:
             for p in parts:
                 self._parts.pop(p, None)
         self.verified.difference_update(parts)
+        if parts:
+            self.crc_checked = False
 
     def part_crc_on_disk(self, part: int) -> int:
         first, end = self.layout.bounds(part)

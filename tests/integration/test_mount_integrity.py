@@ -9,15 +9,20 @@ sends.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ossfs.testing import OssTestServer
+from ossfs.cache.cachedir import CacheDir, identity_for
+from ossfs.crc import crc64
+from ossfs.testing import Fault, OssTestServer
 from tests.helpers import mounted
 
 pytestmark = pytest.mark.fuse
@@ -104,3 +109,113 @@ def test_concurrent_readers_and_mmap_through_a_small_cache(
         for p in procs:
             assert p.wait(timeout=300) == 0
     assert cache_disk_bytes(cache) <= 10 * MiB + THREADS * 2 * MiB
+
+
+def _status(mnt: Path) -> dict[str, object]:
+    return dict(json.loads(os.getxattr(mnt, "user.ossfs.status")))
+
+
+def _wait_for_status(mnt: Path, field: str, at_least: int) -> dict[str, object]:
+    for _ in range(100):
+        st = _status(mnt)
+        value = st.get(field)
+        if isinstance(value, int) and value >= at_least:
+            return st
+        time.sleep(0.1)
+    raise AssertionError(f"status {field} never reached {at_least}: {st}")
+
+
+def test_a_corrupted_body_is_not_cached_for_good(
+        server: OssTestServer, env: dict[str, str], tmp_path: Path) -> None:
+    """Every GET flips a byte (headers intact): the first read cannot know, but once
+    the object is complete its CRC-64 differs from the service's, the parts and the
+    kernel's pages of them are dropped, and with the server behaving again the next
+    read is exact."""
+    data = os.urandom(4 * MiB + 3)
+    server.put(BUCKET, "flip.bin", data)
+    server.faults.add(Fault("corrupt", op="get", key="flip.bin", offset=1000), times=None)
+    mnt = tmp_path / "m"
+    with mounted(f"oss://{BUCKET}", mnt, "--endpoint", server.url, "--cache-dir",
+                 str(tmp_path / "cache"), "--part-size", "1MiB", env=env,
+                 log=tmp_path / "log"):
+        with contextlib.suppress(OSError):  # EIO is a fine answer too
+            (mnt / "flip.bin").read_bytes()
+        _wait_for_status(mnt, "crc_mismatches", 1)
+        server.faults.clear()
+        assert (mnt / "flip.bin").read_bytes() == data
+        assert (mnt / "flip.bin").read_bytes() == data
+    assert "CRC-64 mismatch" in (tmp_path / "log").read_text()
+
+
+def test_complete_cached_bytes_are_checked_against_the_service_on_open(
+        server: OssTestServer, env: dict[str, str], tmp_path: Path) -> None:
+    """A complete object in the cache whose parts match their own records but not the
+    object (written by a run that never saw the service's CRC-64): the first open
+    compares the whole, drops it, and the bytes read after that are the object's."""
+    data = os.urandom(3 * MiB)
+    meta = server.put(BUCKET, "stale.bin", data)
+    cache_dir = tmp_path / "cache"
+    cache = CacheDir(str(cache_dir), max_bytes=1 << 30)
+    store = cache.acquire(identity_for(BUCKET, "stale.bin", meta.etag, len(data), MiB))
+    bad = bytearray(data)
+    bad[MiB + 5] ^= 0xFF
+    for part in range(3):
+        chunk = bytes(bad[part * MiB:(part + 1) * MiB])
+        store.write(part * MiB, chunk)
+        store.commit(part, crc64(chunk))
+    cache.release(store)
+    cache.close()
+    mnt = tmp_path / "m"
+    with mounted(f"oss://{BUCKET}", mnt, "--endpoint", server.url, "--cache-dir",
+                 str(cache_dir), "--part-size", "1MiB", env=env, log=tmp_path / "log"):
+        with open(mnt / "stale.bin", "rb"):
+            _wait_for_status(mnt, "crc_mismatches", 1)
+        assert (mnt / "stale.bin").read_bytes() == data
+    assert "CRC-64 mismatch" in (tmp_path / "log").read_text()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs for the cache (unmounted afterwards)."""
+    path = tmp_path / "tiny"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("cap", [None, "8MiB"])
+def test_a_cache_disk_smaller_than_the_object(
+        server: OssTestServer, env: dict[str, str], source: Path, tmp_path: Path,
+        tiny_disk: Path, cap: str | None) -> None:
+    """48 MiB through a 16 MiB disk, default read-ahead: exact bytes, the mount
+    stays up, the free-space floor holds, and closing files (index compaction)
+    on the full disk is harmless."""
+    opts = ["--endpoint", server.url, "--cache-dir", str(tiny_disk / "cache"),
+            "--part-size", "4MiB", *(["--cache-size", cap] if cap else [])]
+    mnt = tmp_path / "m"
+    with mounted(f"oss://{BUCKET}", mnt, *opts, env=env, log=tmp_path / "log") as info:
+        for _ in range(2):
+            cmp(mnt / "big/huge.bin", source)
+        st = os.statvfs(tiny_disk)
+        assert st.f_bavail * st.f_frsize >= 0.05 * st.f_blocks * st.f_frsize - 4096
+        assert _status(mnt)["pid"] == info["pid"]  # still the same, living daemon
+    assert "Traceback" not in (tmp_path / "log").read_text()
+
+
+def test_a_full_cache_disk_serves_from_the_network(
+        server: OssTestServer, env: dict[str, str], source: Path, tmp_path: Path,
+        tiny_disk: Path) -> None:
+    """Something else filled the cache's disk: nothing can be evicted, so reads are
+    served from the network without caching (counted), still exact."""
+    (tiny_disk / "ballast").write_bytes(b"\xff" * (15 * MiB))
+    mnt = tmp_path / "m"
+    with mounted(f"oss://{BUCKET}", mnt, "--endpoint", server.url, "--cache-dir",
+                 str(tiny_disk / "cache"), "--part-size", "1MiB", env=env,
+                 log=tmp_path / "log"):
+        cmp(mnt / "big/huge.bin", source)
+        assert int(_status(mnt)["uncached_bytes"]) >= SIZE // 2  # type: ignore[call-overload]
+    assert "served from the network" in (tmp_path / "log").read_text()

@@ -10,6 +10,7 @@ directory under tmp_path).
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import random
@@ -223,3 +224,75 @@ def test_concurrent_streams_share_a_small_cache(tmp_path: Path) -> None:
     sc = Scenario(size=size, part_size=256 * KiB, cap=3 * 256 * KiB, read_ahead_parts=16,
                   connections=6, readers=streams, together=True)
     run_scenario(sc, tmp_path / "cache", seed=3)
+
+
+def _ops(client: MemoryClient, root: Path, **fs: int) -> tuple[Operations, Fetcher]:
+    cache = CacheDir(str(root), max_bytes=1 << 30, min_free_fraction=0.0)
+    fetcher = Fetcher(client, connections=4, budget=cache)
+    ns = Namespace(client, BUCKET, "", ttl=0.0, negative_ttl=0.0, scheme="oss")
+    ops = Operations(ns, fetcher, cache, FsOptions(uid=0, gid=0, part_size=64 * KiB,
+                                                   read_ahead_parts=2, **fs),
+                     describe=dict, status=dict)
+    return ops, fetcher
+
+
+def test_a_failed_part_fails_again_at_once_for_a_while(tmp_path: Path) -> None:
+    """The kernel repeats a failed read; the repeat must not run another retry cycle."""
+    client = MemoryClient(latency=1.0)
+    client.put(BUCKET, "obj", os.urandom(256 * KiB))
+    ops, fetcher = _ops(client, tmp_path / "c")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            attrs = await ops.lookup(pyfuse3.ROOT_INODE, b"obj")
+            info = await ops.open(attrs.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
+            client.fail_every = 1
+            with pytest.raises(pyfuse3.FUSEError):
+                await ops.read(info.fh, 0, 4096)
+            tried = client.gets  # the part, and maybe one read ahead
+            for _ in range(3):
+                with pytest.raises(pyfuse3.FUSEError):
+                    await ops.read(info.fh, 0, 4096)
+            assert client.gets == tried  # remembered: no new retry cycle
+            client.fail_every = 0
+            await trio.sleep(11)
+            assert len(bytes(await ops.read(info.fh, 0, 4096))) == 4096
+            assert client.gets > tried
+            await ops.release(info.fh)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_an_open_of_a_changed_object_gets_a_new_inode(tmp_path: Path) -> None:
+    client = MemoryClient()
+    old, new = os.urandom(200 * KiB), os.urandom(200 * KiB)
+    client.put(BUCKET, "obj", old)
+    ops, fetcher = _ops(client, tmp_path / "c")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            first = await ops.lookup(pyfuse3.ROOT_INODE, b"obj")
+            h1 = await ops.open(first.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
+            assert bytes(await ops.read(h1.fh, 0, 64 * KiB)) == old[:64 * KiB]
+            client.replace(BUCKET, "obj", new)
+            # The kernel still holds the old inode: opening it again says ESTALE, and
+            # the lookup the kernel then makes finds the new version's inode.
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await ops.open(first.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
+            assert e.value.errno == errno.ESTALE
+            second = await ops.lookup(pyfuse3.ROOT_INODE, b"obj")
+            assert second.st_ino != first.st_ino
+            h2 = await ops.open(second.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
+            assert bytes(await ops.read(h2.fh, 0, len(new))) == new
+            # The old open keeps its version: what it cached, or EIO, never new bytes.
+            assert bytes(await ops.read(h1.fh, 0, 64 * KiB)) == old[:64 * KiB]
+            with pytest.raises(pyfuse3.FUSEError):
+                await ops.read(h1.fh, 150 * KiB, 4096)
+            for h in (h1, h2):
+                await ops.release(h.fh)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
