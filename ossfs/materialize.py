@@ -28,7 +28,13 @@ import trio
 from ossfs.cache.cachedir import CacheDir, identity_for
 from ossfs.cache.store import PartStore
 from ossfs.client import ObjectClient
-from ossfs.errors import NotFoundError, OssfsError, UsageError, unwrap_groups
+from ossfs.errors import (
+    NotFoundError,
+    ObjectChangedError,
+    OssfsError,
+    UsageError,
+    unwrap_groups,
+)
 from ossfs.fetcher import Fetcher
 from ossfs.fsutil import fsync_dir, unlink_quietly
 from ossfs.model import ObjectMeta, format_size
@@ -52,6 +58,7 @@ class MaterializeRequest:
     :progress: (bytes just fetched, bytes cached so far, total bytes).
     :on_object: (objects done, objects total) after each object completes.
     :notice: one-line messages for the user.
+    :scheme: ``oss`` or ``s3``, for the URLs in messages.
     """
 
     bucket: str
@@ -63,10 +70,18 @@ class MaterializeRequest:
     progress: Callable[[int, int, int], None] | None = field(default=None, repr=False)
     on_object: Callable[[int, int], None] | None = field(default=None, repr=False)
     notice: Callable[[str], None] | None = field(default=None, repr=False)
+    scheme: str = "oss"
+
+
+# How often an object that changed while it was fetched (a 412 on If-Match) is
+# fetched again in its new version before it counts as failed; as in download.
+RESTARTS = 2
 
 
 @dataclass(frozen=True, slots=True)
 class MaterializeResult:
+    """:objects: objects listed (in the shard); :failed: one line per object that failed."""
+
     objects: int
     total_bytes: int
     bytes_fetched: int
@@ -157,11 +172,19 @@ async def materialize(client: ObjectClient, cache: CacheDir,
         index, count = request.shard
         if count < 1 or not 0 <= index < count:
             raise UsageError(f"shard {index}/{count} does not exist (use I/N with 0 <= I < N)")
-    objects = [o for o in await list_objects(client, request.bucket, request.key)
-               if in_shard(o.key, request.shard)]
-    if not objects:
-        raise NotFoundError(404, "NoSuchKey", "nothing to materialize",
-                            resource=f"{request.bucket}/{request.key}")
+    def url(key: str) -> str:
+        return f"{request.scheme}://{request.bucket}/{key}"
+
+    listed = await list_objects(client, request.bucket, request.key)
+    if not listed:
+        where = url(request.key)
+        raise OssfsError(f"nothing to materialize: no object is {where} or under it"
+                         if request.key and not request.key.endswith("/")
+                         else f"nothing to materialize: no object under {where}")
+    objects = [o for o in listed if in_shard(o.key, request.shard)]
+    if not objects and request.shard is not None:
+        notice(f"shard {request.shard[0]}/{request.shard[1]} holds none of the "
+               f"{len(listed)} object(s) under {url(request.key)}")
     prefix = request.key if request.key.endswith("/") else (
         request.key.rsplit("/", 1)[0] + "/" if "/" in request.key else "")
     total = sum(o.size for o in objects)
@@ -193,6 +216,7 @@ async def materialize(client: ObjectClient, cache: CacheDir,
     remaining: dict[int, int] = {}
     stores: dict[int, PartStore] = {}
     object_failed: set[int] = set()
+    changed: dict[int, str] = {}  # objects replaced while fetched: index -> the error
 
     async def object_finished(i: int) -> None:
         nonlocal objects_done, written, skipped
@@ -207,7 +231,7 @@ async def materialize(client: ObjectClient, cache: CacheDir,
                 elif await trio.to_thread.run_sync(_write_out, store, meta, dest):
                     written += 1
         except OSError as e:
-            failed.append(f"{meta.key}: cannot write it out: {e}")
+            failed.append(f"{url(meta.key)}: cannot write it out: {e}")
         finally:
             cache.unpin(store, range(store.layout.count))
             cache.release(store)
@@ -219,18 +243,23 @@ async def materialize(client: ObjectClient, cache: CacheDir,
         async for i, store, part in receive:
             try:
                 await fetcher.ensure(store, part, on_bytes=on_bytes)
+            except ObjectChangedError as e:
+                if i not in object_failed:
+                    object_failed.add(i)
+                    changed[i] = str(e)
             except OssfsError as e:
                 if i not in object_failed:
                     object_failed.add(i)
-                    failed.append(f"{objects[i].key}: {e}")
+                    failed.append(f"{url(objects[i].key)}: {e}")
             remaining[i] -= 1
             if remaining[i] == 0:
                 await object_finished(i)
 
-    async def feed() -> None:
+    async def feed(indexes: list[int]) -> None:
         nonlocal reused, done_bytes
         async with send:
-            for i, meta in enumerate(objects):
+            for i in indexes:
+                meta = objects[i]
                 store = await fetcher.open_store(cache, identity_for(
                     request.bucket, meta.key, meta.etag, meta.size, request.part_size))
                 stores[i] = store
@@ -250,11 +279,42 @@ async def materialize(client: ObjectClient, cache: CacheDir,
                 for part in missing:
                     await send.send((i, store, part))
 
-    with unwrap_groups():
-        async with trio.open_nursery() as nursery:
-            for _ in range(request.threads):
-                nursery.start_soon(worker)
-            nursery.start_soon(feed)
+    async def run_pass(indexes: list[int]) -> None:
+        nonlocal send, receive
+        send, receive = trio.open_memory_channel[tuple[int, PartStore, int]](
+            request.threads * 2)
+        with unwrap_groups():
+            async with trio.open_nursery() as nursery:
+                for _ in range(request.threads):
+                    nursery.start_soon(worker)
+                nursery.start_soon(feed, indexes)
+
+    await run_pass(list(range(len(objects))))
+    for restart in range(RESTARTS + 1):
+        if not changed:
+            break
+        again = sorted(changed)
+        if restart == RESTARTS:
+            for i in again:
+                failed.append(f"{url(objects[i].key)}: it kept changing while it was fetched "
+                              f"({changed[i]})")
+            break
+        # Replaced since it was listed: fetch the version there now, like download does.
+        retry: list[int] = []
+        for i in again:
+            notice(f"{url(objects[i].key)} changed while it was fetched: starting it over")
+            try:
+                objects[i] = await client.head(request.bucket, objects[i].key)
+            except OssfsError as e:
+                failed.append(f"{url(objects[i].key)}: {e}")
+                continue
+            object_failed.discard(i)
+            objects_done -= 1
+            retry.append(i)
+        changed.clear()
+        total = sum(o.size for o in objects)
+        if retry:
+            await run_pass(retry)
     return MaterializeResult(
         objects=len(objects), total_bytes=total, bytes_fetched=fetcher.bytes_fetched,
         bytes_reused=reused, parts_fetched=fetcher.parts_fetched, written=written,
