@@ -172,14 +172,13 @@ def test_nothing_to_materialize(srv: OssTestServer, oss_env: dict[str, str],
     assert "ossfs: error:" in result.stderr
 
 
-def test_to_dir_must_exist(srv: OssTestServer, oss_env: dict[str, str],
+def test_to_dir_is_created(srv: OssTestServer, oss_env: dict[str, str],
                            tmp_path: Path) -> None:
+    out = tmp_path / "missing" / "deeper"
     result = materialize(srv, oss_env, f"oss://{BUCKET}/ds/", tmp_path / "cache",
-                         "--to", str(tmp_path / "missing"))
-    assert result.returncode == 2
-    assert "does not exist" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert gets(srv) == 0
+                         "--to", str(out))
+    succeeded(result)
+    assert files_under(out) == {k[len("ds/"):]: v for k, v in DATASET.items()}
 
 
 # ---------------------------------------------------------------------- kill -9
