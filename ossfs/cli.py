@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_cache_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cache")
     g.add_argument("--cache-dir", metavar="DIR",
-                   help="part cache directory (default: ~/.cache/ossfs/<endpoint>/<bucket>)")
+                   help="part cache directory (default: ~/.cache/ossfs/<host_port>/<bucket>, "
+                        "under $XDG_CACHE_HOME when set)")
     g.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_SIZE, metavar="SIZE",
                    help="most bytes the cache may hold, e.g. 50G (default 10GiB)")
     g.add_argument("--cache-min-free", type=_fraction, default=0.05, metavar="FRACTION",
