@@ -136,7 +136,8 @@ def test_daemon_mount_failure_shows_the_reason(srv: OssTestServer,
         work.chmod(0o777)
         (work / "mnt").mkdir()
         os.chown(work / "mnt", 65534, 65534)
-        env = dict(oss_env, HOME=str(work), XDG_CACHE_HOME=str(work / "cache"))
+        env = dict(oss_env, HOME=str(work), XDG_CACHE_HOME=str(work / "cache"),
+                   XDG_CONFIG_HOME=str(work / "config"))
         r = subprocess.run([*OSSFS, "mount", f"oss://{BUCKET}", str(work / "mnt"),
                             "--endpoint", srv.url, "--cache-dir", str(work / "cache"),
                             "--allow-other"], env=env, user=65534, group=65534,
