@@ -262,8 +262,8 @@ def _add_mount_commands(sub: Any) -> None:
                     "a file or directory inside a running ossfs mount (its cache is filled).")
     p.add_argument("target", metavar="TARGET")
     p.add_argument("--to", metavar="DIR",
-                   help="also write the objects as files under DIR (keys relative to the "
-                        "prefix), reusing cached parts")
+                   help="also write the objects as files under DIR (created if missing; "
+                        "keys relative to the prefix), reusing cached parts")
     p.add_argument("--shard", type=_shard, metavar="I/N",
                    help="take only shard I of N (0 <= I < N): a deterministic split of the "
                         "objects for a fleet of machines")
