@@ -337,3 +337,12 @@ def test_materialize_messages(srv: OssTestServer, oss_env: dict[str, str],
     a_file.write_text("x")
     r = materialize(srv, oss_env, tmp_path, f"oss://{BUCKET}/dir/", "--to", str(a_file))
     assert "is not a directory" in one_error(r, 2)
+    # A shard that happens to hold none of the objects is done, not failed.
+    from ossfs.materialize import in_shard
+
+    keys = ["dir/a.bin", "dir/b.txt", "dir/sub/c.txt"]
+    empty = next(i for i in range(100) if not any(in_shard(k, (i, 100)) for k in keys))
+    r = materialize(srv, oss_env, tmp_path, f"oss://{BUCKET}/dir/", "--shard", f"{empty}/100")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert f"shard {empty}/100 holds none of the 3 object(s)" in r.stderr
+    assert "materialized 0 object(s)" in r.stderr
