@@ -73,6 +73,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return value
+
+
 def _shard(text: str) -> tuple[int, int]:
     index, sep, count = text.partition("/")
     try:
@@ -136,7 +143,7 @@ def _add_connection_options(p: argparse.ArgumentParser) -> None:
                    help="send unsigned requests (public buckets), ignoring any credentials")
     g.add_argument("--retries", type=_positive_int, default=6, metavar="N",
                    help="attempts per request before giving up (default 6)")
-    g.add_argument("--stall-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+    g.add_argument("--stall-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                    help="seconds without a byte before a transfer is retried (default 30)")
 
 
@@ -206,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_cache_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cache")
     g.add_argument("--cache-dir", metavar="DIR",
-                   help="part cache directory (default: ~/.cache/ossfs/<endpoint>/<bucket>)")
+                   help="part cache directory (default: ~/.cache/ossfs/<host_port>/<bucket>, "
+                        "under $XDG_CACHE_HOME when set)")
     g.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_SIZE, metavar="SIZE",
                    help="most bytes the cache may hold, e.g. 50G (default 10GiB)")
     g.add_argument("--cache-min-free", type=_fraction, default=0.05, metavar="FRACTION",
@@ -255,8 +263,8 @@ def _add_mount_commands(sub: Any) -> None:
                     "a file or directory inside a running ossfs mount (its cache is filled).")
     p.add_argument("target", metavar="TARGET")
     p.add_argument("--to", metavar="DIR",
-                   help="also write the objects as files under DIR (keys relative to the "
-                        "prefix), reusing cached parts")
+                   help="also write the objects as files under DIR (created if missing; "
+                        "keys relative to the prefix), reusing cached parts")
     p.add_argument("--shard", type=_shard, metavar="I/N",
                    help="take only shard I of N (0 <= I < N): a deterministic split of the "
                         "objects for a fleet of machines")
@@ -284,6 +292,17 @@ def _add_mount_commands(sub: Any) -> None:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: the path(s) involved and the reason."""
+    reason = e.strerror or str(e)
+    if e.filename is not None:
+        where = os.fsdecode(e.filename)
+        if e.filename2 is not None:
+            where += f" -> {os.fsdecode(e.filename2)}"
+        return f"{where}: {reason}"
+    return reason
 
 
 def setup_logging(verbose: int, quiet: bool, stream: Any = None) -> None:
@@ -484,6 +503,37 @@ def default_cache_dir(endpoint_url: str, bucket: str) -> str:
     return os.path.join(base, "ossfs", host or "default", bucket)
 
 
+def check_cache_dir(path: str) -> str:
+    """The absolute cache directory, created if missing; a UsageError if it cannot be used."""
+    path = os.path.abspath(path)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"--cache-dir {path} is not a directory") from None
+    except OSError as e:
+        raise UsageError(f"--cache-dir {path} cannot be created: {e.strerror}") from None
+    if not os.path.isdir(path):
+        raise UsageError(f"--cache-dir {path} is not a directory")
+    probe = os.path.join(path, f".ossfs-probe-{os.getpid()}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"--cache-dir {path} is not writable: {e.strerror}") from None
+    return path
+
+
+def check_log_file(path: str) -> str:
+    """The absolute log file, opened once for appending so a bad path fails here."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--log-file {path} cannot be written: {e.strerror}") from None
+    return path
+
+
 def _log_to_file(path: str | None) -> None:
     """Send the log to *path* (a daemonized mount has no terminal); None keeps stderr."""
     if path is None:
@@ -502,12 +552,12 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     validate_part_size(args.part_size)
     mountpoint = mount.check_mountpoint(args.mountpoint)
     endpoint = resolve_endpoint(connection_options(args), url.scheme)
-    cache_dir = args.cache_dir or default_cache_dir(endpoint.url, url.bucket)
-    log_file = os.path.abspath(args.log_file) if args.log_file else None
+    # Checked here, before the daemon forks: there a failure has no terminal to go to.
+    cache_dir = check_cache_dir(args.cache_dir or default_cache_dir(endpoint.url, url.bucket))
+    log_file = check_log_file(args.log_file) if args.log_file else None
     if log_file is None and not args.foreground:
         # A daemon has no terminal: its log lives beside its cache.
-        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-        log_file = os.path.join(os.path.abspath(cache_dir), "ossfs.log")
+        log_file = check_log_file(os.path.join(cache_dir, "ossfs.log"))
     prefix = url.key.strip("/")
     config = mount.MountConfig(
         source=f"{url.scheme}://{url.bucket}/{prefix}", bucket=url.bucket,
@@ -518,6 +568,9 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         uid=args.uid, gid=args.gid, umask=args.umask, allow_other=args.allow_other,
         foreground=args.foreground, log_file=log_file, profile=args.profile,
         endpoint=endpoint.url, dialect=endpoint.dialect,
+        config_path=os.path.abspath(args.config) if args.config else None,
+        region=args.region, signature_version=args.signature_version,
+        path_style=args.path_style, anonymous=args.anonymous,
     )
     client_config = ClientConfig(connections=args.threads, attempts=args.retries,
                                  stall_timeout=args.stall_timeout)
@@ -542,6 +595,10 @@ def read_mount_attr(path: str, name: str) -> dict[str, Any]:
     except OSError as e:
         if e.errno in (errno.ENODATA, errno.ENOTSUP):
             raise UsageError(f"{path} is not an ossfs mount") from None
+        if e.errno == errno.ENOTCONN:
+            from ossfs.mount import dead_mount_message
+
+            raise UsageError(dead_mount_message(path)) from None
         raise UsageError(f"cannot ask {path}: {e.strerror}") from None
     result: dict[str, Any] = json.loads(raw)
     return result
@@ -551,15 +608,19 @@ _STATUS_OBJECTS = 10
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from ossfs import mount
+    from ossfs.cache.cachedir import cached_objects
+
     path = os.path.abspath(args.mountpoint)
+    if mount.is_dead_mount(path):
+        raise UsageError(mount.dead_mount_message(path))
     if not os.path.ismount(path):
         raise UsageError(f"{path} is not a mount point")
-    from ossfs.cache.cachedir import cached_objects
 
     st = read_mount_attr(path, "status")
     st["objects_cached"] = [
-        {"key": o.key, "size": o.size, "cached_bytes": o.cached_bytes, "parts": o.parts,
-         "parts_cached": o.parts_present}
+        {"key": o.key, "etag": o.etag, "size": o.size, "cached_bytes": o.cached_bytes,
+         "parts": o.parts, "parts_cached": o.parts_present}
         for o in sorted(cached_objects(st["cache_dir"]), key=lambda o: o.key)
         if o.bucket == st.get("bucket")
     ]
@@ -586,10 +647,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"log:         {st['log_file']}")
     shown = objects if args.all else sorted(
         objects, key=lambda o: o["cached_bytes"], reverse=True)[:_STATUS_OBJECTS]
+    versions: dict[str, int] = {}
+    for o in objects:
+        versions[o["key"]] = versions.get(o["key"], 0) + 1
     for o in shown:
         pct = 100.0 * o["cached_bytes"] / o["size"] if o["size"] else 100.0
+        # The cache may hold more than one version of a key: the ETag tells them apart.
+        etag = f"  (ETag {o['etag']})" if versions[o["key"]] > 1 else ""
         print(f"  {pct:5.1f}%  {format_size(o['cached_bytes']):>10} of "
-              f"{format_size(o['size']):>10}  {printable(o['key'])}")
+              f"{format_size(o['size']):>10}  {printable(o['key'])}{etag}")
     if len(shown) < len(objects):
         print(f"  ... and {len(objects) - len(shown)} more (--all lists every object)")
     return 0
@@ -597,15 +663,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _mount_target(path: str) -> tuple[dict[str, Any], str]:
     """For a path inside a running mount: the mount's description and the object key."""
+    from ossfs.mount import dead_mount_message, is_dead_mount, mounted_fstype
+
     path = os.path.abspath(path)
-    if not os.path.exists(path):
-        raise UsageError(f"{path} does not exist")
     root = path
-    while not os.path.ismount(root):
+    while mounted_fstype(root) != "fuse.ossfs":
         parent = os.path.dirname(root)
         if parent == root:
-            break
+            raise UsageError(f"{path} is not inside an ossfs mount (give a path in a "
+                             "mount, or oss://BUCKET/PREFIX)")
         root = parent
+    if is_dead_mount(root):
+        raise UsageError(dead_mount_message(root))
+    if not os.path.exists(path):
+        raise UsageError(f"{path} does not exist")
     info = read_mount_attr(root, "mount")
     rel = os.path.relpath(path, root)
     key = info["prefix"] + ("" if rel == "." else rel.replace(os.sep, "/"))
@@ -630,25 +701,40 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         info, key = _mount_target(args.target)
         bucket = info["bucket"]
         opts = connection_options(args)
+        # Connect as the mount does (its config file, profile, signing, addressing),
+        # unless the command line says otherwise.
         opts = ConnectionOptions(
-            endpoint=opts.endpoint or info["endpoint"], region=opts.region,
+            endpoint=opts.endpoint or info["endpoint"],
+            region=opts.region or info.get("region"),
             dialect=opts.dialect or info["dialect"],
-            signature_version=opts.signature_version, path_style=opts.path_style,
-            profile=opts.profile or info.get("profile"), config_path=opts.config_path,
-            anonymous=opts.anonymous)
+            signature_version=opts.signature_version or info.get("signature_version"),
+            path_style=opts.path_style if opts.path_style is not None else info.get(
+                "path_style"),
+            profile=opts.profile or info.get("profile"),
+            config_path=opts.config_path or info.get("config_path"),
+            anonymous=opts.anonymous or bool(info.get("anonymous")))
         endpoint = resolve_endpoint(opts, info["dialect"])
         url = ObjectUrl(info["dialect"], bucket, key)
         cache_dir, part_size, cache_size = info["cache_dir"], info["part_size"], info[
             "cache_size"]
     validate_part_size(part_size)
-    if args.to is not None and not os.path.isdir(args.to):
-        raise UsageError(f"--to: directory {args.to} does not exist")
+    if args.to is not None:
+        try:
+            os.makedirs(args.to, exist_ok=True)
+        except FileExistsError:
+            raise UsageError(f"--to {args.to} is not a directory") from None
+        except OSError as e:
+            raise UsageError(f"--to {args.to} cannot be created: {e.strerror}") from None
+        if not os.path.isdir(args.to):
+            raise UsageError(f"--to {args.to} is not a directory")
+    cache_dir = check_cache_dir(cache_dir)
     show = not args.no_progress and not args.quiet and sys.stderr.isatty()
     bar = ProgressBar(0, description="materialize", enabled=show)
     request = MaterializeRequest(
         bucket=bucket, key=key, part_size=part_size, threads=args.threads, to_dir=args.to,
         shard=args.shard, progress=bar.progress, on_object=bar.set_parts,
-        notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None)
+        notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None,
+        scheme=url.scheme)
     cache = CacheDir(cache_dir, max_bytes=cache_size, min_free_fraction=args.cache_min_free)
     args.interrupt_hint = "run the same command again to continue where it stopped"
     config = ClientConfig(connections=args.threads, attempts=args.retries,
@@ -668,7 +754,10 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     if not args.quiet:
         rate = result.bytes_fetched / result.elapsed if result.elapsed > 0 else 0.0
         out = f", {result.written} written to {args.to}" if args.to else ""
-        print(f"materialized {result.objects} object(s) of {printable(url)} "
+        done = result.objects - len(result.failed)
+        count = (f"{done} of {result.objects} object(s) ({len(result.failed)} failed)"
+                 if result.failed else f"{done} object(s)")
+        print(f"materialized {count} of {printable(url)} "
               f"({format_size(result.total_bytes)}) in {result.elapsed:.1f}s: "
               f"{format_size(result.bytes_fetched)} fetched ({format_size(rate)}/s), "
               f"{format_size(result.bytes_reused)} already cached{out}", file=sys.stderr)
@@ -705,6 +794,14 @@ _FLAG_MOUNT_OPTIONS = frozenset({
 })
 
 
+def _mount_option_strings() -> set[str]:
+    """Every --option that ``ossfs mount`` accepts."""
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices["mount"]._option_string_actions)
+    return set()
+
+
 def mount_helper_argv(argv: list[str]) -> list[str]:
     """Turn ``SOURCE MOUNTPOINT -o a=b,c`` (how mount.fuse3 and fstab call us) into ``mount``.
 
@@ -716,6 +813,7 @@ def mount_helper_argv(argv: list[str]) -> list[str]:
         return argv
     source, mountpoint, rest = argv[0], argv[1], argv[2:]
     out = ["mount", source, mountpoint]
+    known = _mount_option_strings()
     i = 0
     while i < len(rest):
         arg = rest[i]
@@ -736,10 +834,10 @@ def mount_helper_argv(argv: list[str]) -> list[str]:
                 if name in ("access_key_id", "access_key_secret", "session_token"):
                     raise UsageError(f"mount option {name} is not accepted (it would show in "
                                      "ps); use -o config=FILE,profile=NAME")
-                if sep:
-                    out += [flag, value]
-                elif name in _FLAG_MOUNT_OPTIONS:
+                if name in _FLAG_MOUNT_OPTIONS and not sep:
                     out.append("-f" if name == "foreground" else flag)
+                elif sep and flag in known and name not in _FLAG_MOUNT_OPTIONS:
+                    out += [flag, value]
                 else:
                     raise UsageError(f"unknown mount option {opt!r}")
     return out
@@ -764,13 +862,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OssfsError as e:
         print(f"ossfs: error: {printable(e)}", file=sys.stderr)
         return EXIT_FAILURE
+    except BrokenPipeError:
+        # `ossfs ls | head`: the reader left; that is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:
+        # A path the user gave cannot be used (read-only, missing directory, full disk).
+        print(f"ossfs: error: {describe_os_error(e)}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("ossfs: interrupted", file=sys.stderr)
         hint = getattr(args, "interrupt_hint", None)
         if hint:
             print(f"ossfs: {hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # `ossfs ls | head`: the reader left; that is not an error.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0

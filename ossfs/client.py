@@ -240,7 +240,8 @@ class HttpObjectClient:
 
     def _fail(self, what: str, reason: str) -> TransferError:
         self.stats.errors += 1
-        return TransferError(f"{what} failed after {self.config.attempts} attempts: {reason}")
+        n = self.config.attempts
+        return TransferError(f"{what} failed after {n} attempt{'' if n == 1 else 's'}: {reason}")
 
     async def _simple(self, what: str, build: Callable[[], proto.HttpRequest],
                       resource: str) -> httpx.Response:

@@ -6,8 +6,9 @@ selected profile of the config file, built-in defaults.
 - Object URLs: ``oss://BUCKET/KEY`` (OSS dialect) and ``s3://BUCKET/KEY``.
 - Credentials: ``OSS_ACCESS_KEY_ID`` / ``OSS_ACCESS_KEY_SECRET`` /
   ``OSS_SESSION_TOKEN`` for OSS, ``AWS_ACCESS_KEY_ID`` /
-  ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` for S3; then the profile;
-  otherwise anonymous access (public buckets).
+  ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` for S3; then the profile.
+  None at all is an error (it would only show later as AccessDenied) unless
+  anonymous access is asked for (``--anonymous``, public buckets).
 - Config file: ``$OSSFS_CONFIG`` or ``~/.config/ossfs/config.toml``; one table
   per profile (``[default]``, ``[work]`` ...) with ``endpoint``, ``region``,
   ``dialect``, ``signature_version``, ``path_style``, ``access_key_id``,
@@ -157,8 +158,8 @@ def resolve_endpoint(
     env = os.environ if env is None else env
     required = opts.profile is not None or opts.config_path is not None
     path = Path(opts.config_path) if opts.config_path else default_config_path(env)
-    profile = load_profile(path, opts.profile or env.get("OSSFS_PROFILE") or "default",
-                           required=required)
+    profile_name = opts.profile or env.get("OSSFS_PROFILE") or "default"
+    profile = load_profile(path, profile_name, required=required)
 
     dialect = cast(Dialect, opts.dialect or profile.get("dialect") or url_scheme)
     if dialect not in ("oss", "s3"):
@@ -190,7 +191,11 @@ def resolve_endpoint(
     if path_style is None and "path_style" in profile:
         path_style = bool(profile["path_style"])
 
-    creds = None if opts.anonymous else _credentials(dialect, env, profile)
+    creds = None
+    if not opts.anonymous:
+        creds = _credentials(dialect, env, profile)
+        if creds is None:
+            raise UsageError(_no_credentials(dialect, env, path, profile_name))
     return Endpoint(url=url, dialect=dialect, region=region,
                     signature_version=cast(Literal["v1", "v4"], sigv),
                     path_style=path_style, credentials=creds)
@@ -213,5 +218,17 @@ def _credentials(dialect: Dialect, env: Mapping[str, str],
             raise UsageError("the profile needs both access_key_id and access_key_secret")
         return Credentials(str(profile["access_key_id"]), str(profile["access_key_secret"]),
                            profile.get("session_token") or None)
-    log.debug("no credentials found: using anonymous access")
     return None
+
+
+def _no_credentials(dialect: Dialect, env: Mapping[str, str], path: Path, profile: str) -> str:
+    """Why a request would go out unsigned, and what to do about it."""
+    ak, sk = (("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET") if dialect == "oss"
+              else ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+    text = (f"no credentials found ({ak} and {sk}, or access_key_id and access_key_secret "
+            f"in profile {profile!r} of {path}); use --anonymous for a public bucket")
+    other = "AWS_ACCESS_KEY_ID" if dialect == "oss" else "OSS_ACCESS_KEY_ID"
+    if env.get(other):
+        text += (f" ({other} is set, but {dialect}:// URLs and the {dialect} dialect "
+                 f"use {ak})")
+    return text

@@ -7,7 +7,7 @@
     ├── ServiceError                the object store answered with an error
     │   ├── NotFoundError           NoSuchKey, NoSuchBucket (ENOENT)
     │   ├── AccessError             AccessDenied, bad signature or key (EACCES)
-    │   ├── ObjectChangedError      PreconditionFailed on If-Match (ESTALE)
+    │   ├── ObjectChangedError      PreconditionFailed on If-Match (EIO)
     │   └── ArchivedObjectError     InvalidObjectState: archive not restored (EIO)
     ├── TransferError               network failure after all retries (EIO)
     ├── IntegrityError              a CRC-64 or MD5 does not match (EIO)
@@ -215,7 +215,9 @@ def errno_for(exc: BaseException) -> int:
     if isinstance(exc, AccessError):
         return errno.EACCES
     if isinstance(exc, ObjectChangedError):
-        return errno.ESTALE
+        # Not ESTALE: tools take that for a stale NFS handle; the next open sees
+        # the new version (docs/semantics.md).
+        return errno.EIO
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     return errno.EIO

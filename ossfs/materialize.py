@@ -38,7 +38,14 @@ import trio
 from ossfs.cache.cachedir import CacheDir, identity_for
 from ossfs.cache.store import PartStore
 from ossfs.client import ObjectClient
-from ossfs.errors import NoSpaceError, NotFoundError, OssfsError, UsageError, unwrap_groups
+from ossfs.errors import (
+    NoSpaceError,
+    NotFoundError,
+    ObjectChangedError,
+    OssfsError,
+    UsageError,
+    unwrap_groups,
+)
 from ossfs.escape import printable
 from ossfs.fetcher import Fetcher
 from ossfs.fsutil import (
@@ -69,6 +76,7 @@ class MaterializeRequest:
     :progress: (bytes just fetched, bytes cached so far, total bytes).
     :on_object: (objects done, objects total) after each object completes.
     :notice: one-line messages for the user.
+    :scheme: ``oss`` or ``s3``, for the URLs in messages.
     """
 
     bucket: str
@@ -80,10 +88,18 @@ class MaterializeRequest:
     progress: Callable[[int, int, int], None] | None = field(default=None, repr=False)
     on_object: Callable[[int, int], None] | None = field(default=None, repr=False)
     notice: Callable[[str], None] | None = field(default=None, repr=False)
+    scheme: str = "oss"
+
+
+# How often an object that changed while it was fetched (a 412 on If-Match) is
+# fetched again in its new version before it counts as failed; as in download.
+RESTARTS = 2
 
 
 @dataclass(frozen=True, slots=True)
 class MaterializeResult:
+    """:objects: objects listed (in the shard); :failed: one line per object that failed."""
+
     objects: int
     total_bytes: int
     bytes_fetched: int
@@ -219,15 +235,23 @@ async def materialize(client: ObjectClient, cache: CacheDir,
         index, count = request.shard
         if count < 1 or not 0 <= index < count:
             raise UsageError(f"shard {index}/{count} does not exist (use I/N with 0 <= I < N)")
-    objects = [o for o in await list_objects(client, request.bucket, request.key)
-               if in_shard(o.key, request.shard)]
-    if not objects:
-        raise NotFoundError(404, "NoSuchKey", "nothing to materialize",
-                            resource=f"{request.bucket}/{request.key}")
+    def url(key: str) -> str:
+        return f"{request.scheme}://{request.bucket}/{key}"
+
+    listed = await list_objects(client, request.bucket, request.key)
+    if not listed:
+        where = url(request.key)
+        raise OssfsError(f"nothing to materialize: no object is {where} or under it"
+                         if request.key and not request.key.endswith("/")
+                         else f"nothing to materialize: no object under {where}")
+    objects = [o for o in listed if in_shard(o.key, request.shard)]
+    if not objects and request.shard is not None:
+        notice(f"shard {request.shard[0]}/{request.shard[1]} holds none of the "
+               f"{len(listed)} object(s) under {url(request.key)}")
     prefix = request.key if request.key.endswith("/") else (
         request.key.rsplit("/", 1)[0] + "/" if "/" in request.key else "")
     total = sum(o.size for o in objects)
-    largest = max(o.size for o in objects)
+    largest = max((o.size for o in objects), default=0)
     if request.to_dir is None and total > cache.max_bytes:
         notice(f"{format_size(total)} does not fit in the cache ({format_size(cache.max_bytes)}):"
                " the cache keeps its limit, so what is fetched first is evicted again "
@@ -257,6 +281,7 @@ async def materialize(client: ObjectClient, cache: CacheDir,
     remaining: dict[int, int] = {}
     stores: dict[int, PartStore] = {}
     object_failed: set[int] = set()
+    changed: dict[int, str] = {}  # objects replaced while fetched: index -> the error
 
     async def object_finished(i: int) -> None:
         nonlocal objects_done, written, skipped
@@ -276,7 +301,7 @@ async def materialize(client: ObjectClient, cache: CacheDir,
         except OSError as e:
             if is_disk_full(e):
                 raise _no_space(e, os.path.join(to_dir or "", *(dest or []))) from None
-            failed.append(printable(f"{meta.key}: cannot write it out: {e}"))
+            failed.append(printable(f"{url(meta.key)}: cannot write it out: {e}"))
         finally:
             if request.to_dir is not None:
                 cache.unpin(store, range(store.layout.count))
@@ -297,10 +322,14 @@ async def materialize(client: ObjectClient, cache: CacheDir,
                 raise NoSpaceError(f"{e}; what is already fetched is kept: free some space "
                                    "and run the same command again to continue",
                                    path=cache.root) from None
+            except ObjectChangedError as e:
+                if i not in object_failed:
+                    object_failed.add(i)
+                    changed[i] = str(e)
             except OssfsError as e:
                 if i not in object_failed:
                     object_failed.add(i)
-                    failed.append(printable(f"{objects[i].key}: {e}"))
+                    failed.append(printable(f"{url(objects[i].key)}: {e}"))
             except OSError as e:
                 if is_disk_full(e):
                     # Every other part would fail the same way: stop, keep what is cached.
@@ -310,10 +339,11 @@ async def materialize(client: ObjectClient, cache: CacheDir,
             if remaining[i] == 0:
                 await object_finished(i)
 
-    async def feed() -> None:
+    async def feed(indexes: list[int]) -> None:
         nonlocal reused, done_bytes
         async with send:
-            for i, meta in enumerate(objects):
+            for i in indexes:
+                meta = objects[i]
                 try:
                     store = await fetcher.open_store(cache, identity_for(
                         request.bucket, meta.key, meta.etag, meta.size, request.part_size))
@@ -340,11 +370,42 @@ async def materialize(client: ObjectClient, cache: CacheDir,
                 for part in missing:
                     await send.send((i, store, part))
 
-    with unwrap_groups():
-        async with trio.open_nursery() as nursery:
-            for _ in range(request.threads):
-                nursery.start_soon(worker)
-            nursery.start_soon(feed)
+    async def run_pass(indexes: list[int]) -> None:
+        nonlocal send, receive
+        send, receive = trio.open_memory_channel[tuple[int, PartStore, int]](
+            request.threads * 2)
+        with unwrap_groups():
+            async with trio.open_nursery() as nursery:
+                for _ in range(request.threads):
+                    nursery.start_soon(worker)
+                nursery.start_soon(feed, indexes)
+
+    await run_pass(list(range(len(objects))))
+    for restart in range(RESTARTS + 1):
+        if not changed:
+            break
+        again = sorted(changed)
+        if restart == RESTARTS:
+            for i in again:
+                failed.append(f"{url(objects[i].key)}: it kept changing while it was fetched "
+                              f"({changed[i]})")
+            break
+        # Replaced since it was listed: fetch the version there now, like download does.
+        retry: list[int] = []
+        for i in again:
+            notice(f"{url(objects[i].key)} changed while it was fetched: starting it over")
+            try:
+                objects[i] = await client.head(request.bucket, objects[i].key)
+            except OssfsError as e:
+                failed.append(f"{url(objects[i].key)}: {e}")
+                continue
+            object_failed.discard(i)
+            objects_done -= 1
+            retry.append(i)
+        changed.clear()
+        total = sum(o.size for o in objects)
+        if retry:
+            await run_pass(retry)
     return MaterializeResult(
         objects=len(objects), total_bytes=total, bytes_fetched=fetcher.bytes_fetched,
         bytes_reused=reused, parts_fetched=fetcher.parts_fetched, written=written,

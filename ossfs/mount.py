@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -35,7 +36,8 @@ from ossfs.fs import FsOptions, Operations
 from ossfs.namespace import Namespace
 from ossfs.prefetch import SiblingPrefetch
 
-__all__ = ["MountConfig", "run", "check_mountpoint", "unmount"]
+__all__ = ["MountConfig", "run", "check_mountpoint", "unmount", "mounted_fstype",
+           "is_dead_mount", "dead_mount_message"]
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +67,87 @@ class MountConfig:
     profile: str | None
     endpoint: str
     dialect: str
+    # How the connection was configured, so that `ossfs materialize PATH-IN-MOUNT`
+    # finds the same credentials (e.g. a config file named by an fstab line).
+    config_path: str | None = None
+    region: str | None = None
+    signature_version: str | None = None
+    path_style: bool | None = None
+    anonymous: bool = False
+
+
+def mounted_fstype(path: str) -> str | None:
+    """The file system type mounted exactly at *path* (e.g. ``fuse.ossfs``), or None.
+
+    Read from /proc/self/mountinfo, which (unlike stat) still answers for a dead
+    FUSE mount whose process is gone.
+    """
+    want = os.fsencode(os.path.abspath(path))
+    found = None
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index(b"-")
+                # Spaces and the like are octal escapes (\040) in mountinfo.
+                point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]),
+                               fields[4])
+                if point == want:
+                    # The last mount on a path is the visible one.
+                    found = os.fsdecode(fields[sep + 1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return found
+
+
+def is_dead_mount(path: str) -> bool:
+    """Whether *path* is a FUSE mount whose process is gone (ENOTCONN).
+
+    statvfs always asks the file system: stat alone may be answered from the
+    kernel's cached attributes of the root and look alive.
+    """
+    fstype = mounted_fstype(path)
+    if fstype is None or not fstype.startswith("fuse"):
+        return False
+    try:
+        os.statvfs(path)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def dead_mount_message(path: str) -> str:
+    return f"{path} holds a dead mount (its process is gone); run: ossfs unmount {path}"
 
 
 def check_mountpoint(path: str) -> str:
-    """The absolute mountpoint, or a UsageError saying why it cannot be used."""
+    """The absolute mountpoint, or a UsageError saying why it cannot be used.
+
+    A dead ossfs mount (its process was killed) is unmounted first: nothing can
+    be using it any more. Any other dead FUSE mount is left to the user.
+    """
     path = os.path.abspath(path)
+    if is_dead_mount(path):
+        if mounted_fstype(path) != "fuse.ossfs":
+            raise UsageError(f"mountpoint {dead_mount_message(path)}")
+        log.warning("%s held a dead ossfs mount (its process is gone): unmounting it", path)
+        try:
+            unmount(path)
+        except UsageError as e:
+            raise UsageError(f"mountpoint {path} holds a dead ossfs mount that cannot be "
+                             f"unmounted ({e}); run: ossfs unmount -z {path}") from None
     try:
-        st = os.stat(path)
+        os.stat(path)
     except FileNotFoundError:
         raise UsageError(f"mountpoint {path} does not exist") from None
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            raise UsageError(f"mountpoint {path} holds a dead mount (its process is gone); "
-                             f"run: ossfs unmount {path}") from None
+            raise UsageError(f"mountpoint {dead_mount_message(path)}") from None
         raise UsageError(f"mountpoint {path}: {e.strerror}") from None
     if not os.path.isdir(path):
         raise UsageError(f"mountpoint {path} is not a directory")
     if os.path.ismount(path):
         raise UsageError(f"mountpoint {path} is busy: something is already mounted there")
-    del st
     return path
 
 
@@ -92,6 +156,10 @@ def unmount(path: str, *, lazy: bool = False) -> None:
     import subprocess
 
     path = os.path.abspath(path)
+    if mounted_fstype(path) is None:
+        if not os.path.exists(path):
+            raise UsageError(f"cannot unmount {path}: it does not exist")
+        raise UsageError(f"cannot unmount {path}: nothing is mounted there")
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [path]
     try:
         result = subprocess.run(args, capture_output=True, text=True, check=False)
@@ -115,7 +183,8 @@ ClientFactory = Callable[[], ObjectClient]
 
 
 async def _serve(config: MountConfig, make_client: ClientFactory,
-                 ready: Callable[[str | None], None]) -> None:
+                 ready: Callable[[str | None], None]) -> int | None:
+    """Serve the mount; the signal that ended it, None when it was unmounted."""
     client = make_client()
     try:
         # One listing proves the endpoint, the credentials and the bucket.
@@ -171,10 +240,11 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
         log.info("mounted %s on %s", config.source, config.mountpoint)
         ready(None)
         unmounted = False
+        received: list[int] = []
         try:
             async with trio.open_nursery() as nursery:
                 fetcher.attach(nursery)
-                nursery.start_soon(_on_signals, nursery.cancel_scope)
+                nursery.start_soon(_on_signals, nursery.cancel_scope, received)
                 await pyfuse3.main()
                 unmounted = True
                 nursery.cancel_scope.cancel()
@@ -183,17 +253,31 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
             pyfuse3.close(unmount=not unmounted)
             cache.close()
             log.info("unmounted %s", config.mountpoint)
+        return received[0] if received else None
     finally:
         with trio.CancelScope(shield=True):
             await client.aclose()
 
 
-async def _on_signals(scope: trio.CancelScope) -> None:
+async def _on_signals(scope: trio.CancelScope, received: list[int]) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
+            received.append(signum)
             scope.cancel()
             return
+
+
+def _captured(fd: int) -> str:
+    """What was written to *fd* (a memory file): its lines joined, control bytes escaped."""
+    try:
+        size = os.fstat(fd).st_size
+        raw = os.pread(fd, min(size, 4096), 0)
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in raw.decode(errors="replace").splitlines() if ln.strip()]
+    text = "; ".join(lines)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def run(config: MountConfig, make_client: ClientFactory,
@@ -201,8 +285,10 @@ def run(config: MountConfig, make_client: ClientFactory,
     """Mount and serve until unmounted; daemonize first unless in the foreground."""
     if config.foreground:
         configure_logging(config.log_file)
-        trio.run(_serve, config, make_client, lambda error: None)
-        return 0
+        # Ctrl-C: 130 as for every command. SIGTERM and SIGHUP are how a service
+        # manager stops a mount: a clean stop, like an unmount.
+        signum = trio.run(_serve, config, make_client, lambda error: None)
+        return 130 if signum == signal.SIGINT else 0
 
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -223,15 +309,26 @@ def run(config: MountConfig, make_client: ClientFactory,
     os.chdir("/")
     configure_logging(config.log_file)
     devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
+    for fd in (0, 1):
         os.dup2(devnull, fd)
+    # Until the mount is up, stderr goes to a memory file: libfuse and fusermount3
+    # write the reason a mount fails there (not into the exception), and the parent
+    # must be able to show it.
+    early = os.memfd_create("ossfs-mount-stderr")
+    os.dup2(early, 2)
     reported = False
 
     def ready(error: str | None) -> None:
         nonlocal reported
         if not reported:
+            if error is not None:
+                said = _captured(early)
+                if said and said not in error:
+                    error = f"{error} ({said})"
             os.write(write_end, b"ready" if error is None else error.encode())
             os.close(write_end)
+            os.dup2(devnull, 2)
+            os.close(early)
             reported = True
 
     code = 0

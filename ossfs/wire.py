@@ -270,12 +270,18 @@ class Connection:
 
 
 def certificate_problem(error: BaseException) -> str | None:
-    """A message when *error* (or what caused it) is a failed TLS certificate check."""
+    """A message when *error* (or what caused it) is a failed TLS certificate check or
+    handshake: neither is helped by a retry."""
     seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, ssl.SSLCertVerificationError):
             return (f"the server's TLS certificate is not trusted ({seen.verify_message}); "
                     "set SSL_CERT_FILE to a CA bundle that signs it")
+        if isinstance(seen, ssl.SSLError):
+            # No retry helps a handshake that fails this way; the usual cause is an
+            # https:// endpoint (the default when no scheme is given) on a plain-http port.
+            return (f"TLS handshake failed ({seen.reason or seen}); if the endpoint speaks "
+                    "plain HTTP, give it as --endpoint http://HOST:PORT")
         seen = seen.__cause__ or seen.__context__
     return None
 

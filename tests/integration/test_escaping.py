@@ -75,7 +75,7 @@ def test_materialize_escapes_keys_in_messages_and_log(srv: OssTestServer,
     assert result.returncode == 1, result.stderr
     assert_clean(result.stdout + result.stderr, what="materialize output")
     assert "skipping h/skip\\x0a1999-01-01" in result.stderr, result.stderr
-    assert "failed: " + printable(HOSTILE[1]) in result.stderr, result.stderr
+    assert f"failed: oss://{BUCKET}/" + printable(HOSTILE[1]) in result.stderr, result.stderr
     written = {n.encode("utf-8", "surrogateescape") for n in os.listdir(out)}
     assert len(written) == len(HOSTILE)  # the names themselves are kept as they are
 

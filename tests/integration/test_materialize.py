@@ -172,14 +172,13 @@ def test_nothing_to_materialize(srv: OssTestServer, oss_env: dict[str, str],
     assert "ossfs: error:" in result.stderr
 
 
-def test_to_dir_must_exist(srv: OssTestServer, oss_env: dict[str, str],
+def test_to_dir_is_created(srv: OssTestServer, oss_env: dict[str, str],
                            tmp_path: Path) -> None:
+    out = tmp_path / "missing" / "deeper"
     result = materialize(srv, oss_env, f"oss://{BUCKET}/ds/", tmp_path / "cache",
-                         "--to", str(tmp_path / "missing"))
-    assert result.returncode == 2
-    assert "does not exist" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert gets(srv) == 0
+                         "--to", str(out))
+    succeeded(result)
+    assert files_under(out) == {k[len("ds/"):]: v for k, v in DATASET.items()}
 
 
 # ---------------------------------------------------------------------- kill -9
@@ -228,25 +227,38 @@ def test_resume_after_kill_9(oss_server: OssTestServer, oss_env: dict[str, str],
 
 def test_object_replaced_mid_run(oss_server: OssTestServer, oss_env: dict[str, str],
                                  tmp_path: Path) -> None:
-    """The changed object fails this run (never mixed), the others complete; a rerun
-    brings the new version."""
+    """The changed object is started over in its new version (never mixed), as
+    download does; the others complete."""
     old, new = randbytes(10 * PART, seed=20), randbytes(9 * PART + 5, seed=21)
     oss_server.put(BUCKET, "mat/changing.bin", old)
     oss_server.put(BUCKET, "mat/steady.txt", b"steady\n")
     oss_server.faults.add(Fault("replace", op="get", key="mat/changing.bin", after_bytes=100,
                                 data=new))
     cache, to = tmp_path / "cache", tmp_path / "to"
-    to.mkdir()
     result = materialize(oss_server, oss_env, f"oss://{BUCKET}/mat/", cache, "--to", str(to),
                          "--threads", "2")
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    failed = [x for x in result.stderr.splitlines() if x.startswith("ossfs: failed:")]
-    assert len(failed) == 1 and "mat/changing.bin" in failed[0]
-    assert "PreconditionFailed" in failed[0]
-    assert files_under(to) == {"steady.txt": b"steady\n"}
-    succeeded(materialize(oss_server, oss_env, f"oss://{BUCKET}/mat/", cache, "--to", str(to)))
+    succeeded(result)
+    assert f"oss://{BUCKET}/mat/changing.bin changed while it was fetched" in result.stderr
     assert files_under(to) == {"steady.txt": b"steady\n", "changing.bin": new}
+
+
+def test_object_that_keeps_changing_fails_alone(oss_server: OssTestServer,
+                                                oss_env: dict[str, str],
+                                                tmp_path: Path) -> None:
+    oss_server.put(BUCKET, "mat/changing.bin", randbytes(10 * PART, seed=22))
+    oss_server.put(BUCKET, "mat/steady.txt", b"steady\n")
+    for i in range(5):
+        oss_server.faults.add(Fault("replace", op="get", key="mat/changing.bin",
+                                    after_bytes=100, data=randbytes(10 * PART, seed=30 + i)))
+    cache, to = tmp_path / "cache", tmp_path / "to"
+    result = materialize(oss_server, oss_env, f"oss://{BUCKET}/mat/", cache, "--to", str(to),
+                         "--threads", "1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    failed = [x for x in result.stderr.splitlines() if x.startswith("ossfs: failed:")]
+    assert len(failed) == 1 and "mat/changing.bin: it kept changing" in failed[0], failed
+    assert "PreconditionFailed" in failed[0]
+    assert "materialized 1 of 2 object(s) (1 failed)" in result.stderr
+    assert files_under(to) == {"steady.txt": b"steady\n"}
 
 
 def test_two_concurrent_runs_share_the_cache(oss_server: OssTestServer,

@@ -8,7 +8,6 @@ import json
 import mmap
 import os
 import subprocess
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -116,8 +115,9 @@ def test_ordinary_tools(tmp_path: Path, moto_endpoint: str, s3_bucket: str,
         # tar of a subtree, extracted elsewhere, is identical
         archive = tmp_path / "docs.tar"
         subprocess.run(["tar", "-cf", str(archive), "-C", str(mnt), "docs"], check=True)
-        with tarfile.open(archive) as tf:
-            tf.extractall(tmp_path / "untar", filter="data")
+        # (extracted with tar itself: tarfile's extraction filters need Python 3.11.4)
+        (tmp_path / "untar").mkdir()
+        subprocess.run(["tar", "-xf", str(archive), "-C", str(tmp_path / "untar")], check=True)
         for key, body in dataset.items():
             if key.startswith("docs/"):
                 assert (tmp_path / "untar" / key).read_bytes() == body

@@ -20,20 +20,22 @@ def test_object_urls() -> None:
 
 
 def test_endpoint_defaults_and_region_from_host() -> None:
-    ep = resolve_endpoint(ConnectionOptions(), "oss", env={})
+    ep = resolve_endpoint(ConnectionOptions(anonymous=True), "oss", env={})
     assert ep.url == "https://oss-cn-hangzhou.aliyuncs.com" and ep.region == "cn-hangzhou"
     assert ep.credentials is None and not ep.uses_path_style
-    ep = resolve_endpoint(ConnectionOptions(endpoint="oss-eu-central-1-internal.aliyuncs.com"),
+    ep = resolve_endpoint(ConnectionOptions(anonymous=True,
+                                            endpoint="oss-eu-central-1-internal.aliyuncs.com"),
                           "oss", env={})
     assert ep.url == "https://oss-eu-central-1-internal.aliyuncs.com"
     assert ep.region == "eu-central-1"
-    ep = resolve_endpoint(ConnectionOptions(endpoint="http://127.0.0.1:9000"), "s3", env={})
+    ep = resolve_endpoint(ConnectionOptions(anonymous=True, endpoint="http://127.0.0.1:9000"),
+                          "s3", env={})
     assert ep.dialect == "s3" and ep.region == "us-east-1" and ep.uses_path_style
-    ep = resolve_endpoint(ConnectionOptions(endpoint="http://localhost:9000",
+    ep = resolve_endpoint(ConnectionOptions(anonymous=True, endpoint="http://localhost:9000",
                                             path_style=False), "oss", env={})
     assert not ep.uses_path_style
     with pytest.raises(UsageError, match="path"):
-        resolve_endpoint(ConnectionOptions(endpoint="http://h/x"), "oss", env={})
+        resolve_endpoint(ConnectionOptions(anonymous=True, endpoint="http://h/x"), "oss", env={})
 
 
 def test_credentials_from_env_by_dialect() -> None:
@@ -49,6 +51,17 @@ def test_credentials_from_env_by_dialect() -> None:
         resolve_endpoint(ConnectionOptions(), "oss", env={"OSS_ACCESS_KEY_ID": "x"})
 
 
+def test_no_credentials_is_an_error_unless_anonymous(tmp_path: Path) -> None:
+    # Requests would go out unsigned and fail later with a confusing AccessDenied.
+    with pytest.raises(UsageError, match="no credentials found.*OSS_ACCESS_KEY_ID.*--anonymous"):
+        resolve_endpoint(ConnectionOptions(), "oss", env={"HOME": str(tmp_path)})
+    # s3:// with only the OSS_* variables set says which variables it reads.
+    env = {"OSS_ACCESS_KEY_ID": "oak", "OSS_ACCESS_KEY_SECRET": "osk"}
+    with pytest.raises(UsageError, match="AWS_ACCESS_KEY_ID.*OSS_ACCESS_KEY_ID is set"):
+        resolve_endpoint(ConnectionOptions(), "s3", env=env)
+    assert resolve_endpoint(ConnectionOptions(anonymous=True), "s3", env=env).credentials is None
+
+
 def test_profile_file(tmp_path: Path) -> None:
     cfg = tmp_path / "config.toml"
     cfg.write_text('[default]\nendpoint = "http://127.0.0.1:1234"\n'
@@ -56,7 +69,8 @@ def test_profile_file(tmp_path: Path) -> None:
                    'access_key_id = "pak"\naccess_key_secret = "psk"\n')
     cfg.chmod(0o600)
     env = {"OSSFS_CONFIG": str(cfg)}
-    assert resolve_endpoint(ConnectionOptions(), "oss", env=env).url == "http://127.0.0.1:1234"
+    assert resolve_endpoint(ConnectionOptions(anonymous=True), "oss",
+                            env=env).url == "http://127.0.0.1:1234"
     ep = resolve_endpoint(ConnectionOptions(profile="work"), "oss", env=env)
     assert ep.region == "cn-beijing"
     assert ep.credentials is not None and ep.credentials.access_key_id == "pak"
@@ -78,7 +92,8 @@ def test_profile_file_with_secrets_must_be_private(tmp_path: Path) -> None:
         resolve_endpoint(ConnectionOptions(config_path=str(cfg)), "oss", env={})
     assert "s\"" not in str(e.value)
     cfg.write_text('[default]\nendpoint = "http://127.0.0.1:1"\n')  # no secret: fine
-    assert resolve_endpoint(ConnectionOptions(config_path=str(cfg)), "oss", env={}).url
+    assert resolve_endpoint(ConnectionOptions(config_path=str(cfg), anonymous=True), "oss",
+                            env={}).url
 
 
 @pytest.mark.parametrize("text", ["[default]\nbogus = 1\n", "not toml ["])
