@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -330,12 +331,8 @@ class Fetcher:
 
         def sink(offset: int, data: memoryview) -> None:
             nonlocal crc
-            try:
+            with _disk_full_is_no_space(store):
                 store.write(offset, data)
-            except OSError as e:
-                if is_disk_full(e):
-                    raise _no_space(e, store) from e
-                raise
             crc = crc64(data, crc)
             flight.advance(offset + len(data))
             if on_bytes is not None:
@@ -346,12 +343,8 @@ class Fetcher:
                                               flight.end, ident.etag, sink)
         if got.object_crc64 is not None:
             store.server_crc64 = got.object_crc64
-        try:
+        with _disk_full_is_no_space(store):
             store.commit(part, crc)
-        except OSError as e:
-            if is_disk_full(e):
-                raise _no_space(e, store) from e
-            raise
         self.parts_fetched += 1
         self.bytes_fetched += got.nbytes
         # The flight ends with the commit, before anything else can run: from here
@@ -443,6 +436,14 @@ class Fetcher:
                 return  # no room: a later read asks again
 
 
-def _no_space(error: OSError, store: PartStore) -> NoSpaceError:
-    return NoSpaceError(f"the cache disk is full ({os.strerror(error.errno or 0)}) writing "
-                        f"{store.data_path}", path=store.data_path)
+@contextmanager
+def _disk_full_is_no_space(store: PartStore) -> Iterator[None]:
+    """ENOSPC/EDQUOT writing the cache become NoSpaceError (the mount then serves the
+    read from the network); other OSErrors stay as they are."""
+    try:
+        yield
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        raise NoSpaceError(f"the cache disk is full ({os.strerror(e.errno or 0)}) writing "
+                           f"{store.data_path}", path=store.data_path) from e
