@@ -28,7 +28,14 @@ from ossfs.client import ClientConfig, HttpObjectClient
 from ossfs.config import ConnectionOptions, ObjectUrl, parse_object_url, resolve_endpoint
 from ossfs.errors import IntegrityError, OssfsError, UsageError, unwrap_groups
 from ossfs.escape import SafeFormatter, printable
-from ossfs.model import DEFAULT_PART_SIZE, GiB, format_size, parse_range, parse_size
+from ossfs.model import (
+    DEFAULT_CACHE_PART_SIZE,
+    DEFAULT_PART_SIZE,
+    GiB,
+    format_size,
+    parse_range,
+    parse_size,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -220,8 +227,9 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-min-free", type=_fraction, default=0.05, metavar="FRACTION",
                    help="keep at least this fraction of the cache's file system free "
                         "(default 0.05)")
-    g.add_argument("--part-size", type=_size, default=DEFAULT_PART_SIZE, metavar="SIZE",
-                   help="bytes per cached part (default 8MiB)")
+    g.add_argument("--part-size", type=_size, default=DEFAULT_CACHE_PART_SIZE, metavar="SIZE",
+                   help="bytes per cached part: the least a random read fetches "
+                        "(default 1MiB)")
 
 
 def _add_mount_commands(sub: Any) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from ossfs.crc import crc64
 from ossfs.errors import IntegrityError, NoSpaceError
 from ossfs.fsutil import is_disk_full
 
-__all__ = ["Fetcher", "ByteCallback", "Budget", "ReadAhead"]
+__all__ = ["Fetcher", "ByteCallback", "Budget", "Streams"]
 
 log = logging.getLogger(__name__)
 
@@ -99,28 +100,51 @@ class _Flight:
 
 
 @dataclass(slots=True)
-class ReadAhead:
-    """Per open file: is the reader sequential, and how far ahead to fetch.
+class _Stream:
+    expected: int  # object offset where the stream's next read should start
+    consumed: int  # bytes the stream has read so far
+    used: int  # when it last read (a counter, for least recently used)
 
-    The window (in parts) starts at 1 and doubles with every sequential read
-    up to ``max_parts``; a read elsewhere resets it. "Sequential" tolerates the
-    reordering of concurrent kernel read requests: anything from a little
-    before to a little after where the last read ended.
+
+class Streams:
+    """The sequential readers of one object version, whoever they are.
+
+    A stream is a run of reads that each start near where an earlier one
+    ended: one handle's `read` calls, page faults of an mmap, several threads
+    or processes each reading their own range (they share the store). A read
+    continues the stream whose expected offset it is close to (a little
+    before: the kernel's concurrent requests arrive out of order; or ahead: a
+    short skip), else it starts a new one; the least recently used of more
+    than ``max_streams`` is forgotten.
+
+    The read-ahead window of a stream is what it has consumed, up to
+    ``max_window`` bytes: nothing for a single read (a random reader, or
+    ``head``, fetches only what it touches), then growing with what the reader
+    actually takes rather than with the number of requests.
     """
 
-    max_parts: int
-    expected: int = 0
-    window: int = 0
+    def __init__(self, max_window: int, *, max_streams: int = 16,
+                 back_slack: int = 1 << 20, skip: int = 1 << 20) -> None:
+        self.max_window = max_window
+        self.max_streams = max_streams
+        self.back_slack = back_slack
+        self.skip = skip
+        self._streams: list[_Stream] = []
+        self._clock = 0
 
-    def observe(self, offset: int, size: int, part_size: int) -> int:
-        """Record a read; return how many parts after it to fetch ahead."""
-        slack = max(part_size, 1 << 20)
-        if self.expected - slack <= offset <= self.expected + slack:
-            self.window = min(self.max_parts, max(1, self.window * 2))
-        else:
-            self.window = 0
-        self.expected = max(self.expected, offset + size) if self.window else offset + size
-        return self.window
+    def observe(self, offset: int, size: int) -> int:
+        """Record a read of ``[offset, offset+size)``; return the bytes to fetch after it."""
+        self._clock += 1
+        for st in self._streams:
+            if st.expected - self.back_slack <= offset <= st.expected + self.skip:
+                st.consumed += size
+                st.expected = max(st.expected, offset + size)
+                st.used = self._clock
+                return min(self.max_window, st.consumed)
+        if len(self._streams) >= self.max_streams:
+            self._streams.remove(min(self._streams, key=lambda t: t.used))
+        self._streams.append(_Stream(offset + size, size, self._clock))
+        return 0
 
 
 class Fetcher:
@@ -133,6 +157,7 @@ class Fetcher:
         connections: int,
         budget: Budget | None = None,
         readahead_share: float = 0.75,
+        read_ahead: int = 128 << 20,
     ) -> None:
         self.client = client
         self.connections = max(1, connections)
@@ -141,6 +166,9 @@ class Fetcher:
         self.readahead_limiter = trio.CapacityLimiter(
             max(1, min(self.connections - 1, int(self.connections * readahead_share))))
         self._budget = budget
+        self.read_ahead_bytes = read_ahead
+        self._streams: weakref.WeakKeyDictionary[PartStore, Streams] = (
+            weakref.WeakKeyDictionary())
         self._flights: dict[tuple[int, int], _Flight] = {}
         self._opening: dict[str, trio.Event] = {}
         self._failed: TTLCache[tuple[int, int], BaseException] = TTLCache(
@@ -425,11 +453,20 @@ class Fetcher:
         self.uncached_bytes += got.nbytes
         return bytes(buf[:got.nbytes])
 
-    def read_ahead(self, store: PartStore, after_part: int, window: int) -> None:
-        """Fetch up to *window* missing parts after *after_part* in the background,
+    def observe(self, store: PartStore, offset: int, size: int) -> int:
+        """Record a read of *store* by any reader; return its stream's read-ahead window."""
+        streams = self._streams.get(store)
+        if streams is None:
+            streams = self._streams[store] = Streams(self.read_ahead_bytes)
+        return streams.observe(offset, size)
+
+    def read_ahead(self, store: PartStore, offset: int, nbytes: int) -> None:
+        """Fetch the missing parts over ``[offset, offset+nbytes)`` in the background,
         in order, as far as the budget admits them."""
-        last = min(store.layout.count - 1, after_part + window)
-        for part in range(after_part + 1, last + 1):
+        if nbytes <= 0 or offset >= store.identity.start + store.identity.length:
+            return
+        nbytes = min(nbytes, store.identity.start + store.identity.length - offset)
+        for part in store.layout.parts_for(offset, nbytes):
             if store.is_present(part) or (id(store), part) in self._flights:
                 continue
             if self.start(store, part, readahead=True) is None and not store.is_present(part):

@@ -43,7 +43,7 @@ from ossfs.errors import (
     OssfsError,
     errno_for,
 )
-from ossfs.fetcher import Fetcher, ReadAhead
+from ossfs.fetcher import Fetcher
 from ossfs.namespace import DirReader, Namespace, Node
 from ossfs.prefetch import SiblingPrefetch
 
@@ -70,7 +70,6 @@ class FsOptions:
     ttl: float = 60.0
     negative_ttl: float = 5.0
     part_size: int = 8 << 20
-    read_ahead_parts: int = 16
 
 
 @dataclass(slots=True)
@@ -78,7 +77,6 @@ class _Handle:
     node: Node
     store: PartStore
     url: str
-    readahead: ReadAhead
     # The part a sequential reader is in, pinned until it moves on or closes: read-ahead
     # for the stream must not evict the part the stream has not finished.
     position: int | None = None
@@ -303,8 +301,7 @@ class Operations(pyfuse3.Operations):
                 self.fetcher.spawn(self._check_whole, node, self.cache.reuse(ident))
         fh = self._new_fh()
         url = f"{self.ns.scheme}://{self.ns.bucket}/{meta.key}"
-        self._handles[fh] = _Handle(node, store, url,
-                                    ReadAhead(max_parts=self.opts.read_ahead_parts))
+        self._handles[fh] = _Handle(node, store, url)
         # An inode is one version (`Namespace`): its page cache is good, unless the
         # cached bytes it came from failed the whole-object check since.
         keep = self._stale_pages.pop(inode, None) is None
@@ -319,11 +316,11 @@ class Operations(pyfuse3.Operations):
             return b""
         end = min(off + size, total)
         parts = store.layout.parts_for(off, end - off)
-        window = h.readahead.observe(off, end - off, store.identity.part_size)
+        window = self.fetcher.observe(store, off, end - off)
         self._move_position(h, parts[-1] if window else None)
         if window:
             # Flights start running only at this task's next await, after the pin below.
-            self.fetcher.read_ahead(store, parts[-1], window)
+            self.fetcher.read_ahead(store, end, window)
         verified = store.verified
         if all(p in verified for p in parts):
             # Everything is on disk and checked. If it is also in the page cache, answer

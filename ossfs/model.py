@@ -18,6 +18,7 @@ __all__ = [
     "MiB",
     "GiB",
     "DEFAULT_PART_SIZE",
+    "DEFAULT_CACHE_PART_SIZE",
     "MIN_PART_SIZE",
     "MAX_PART_SIZE",
     "ObjectMeta",
@@ -34,6 +35,8 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 
 DEFAULT_PART_SIZE = 8 * MiB
+# The cache's part size (mount, materialize): what one random read fetches at least.
+DEFAULT_CACHE_PART_SIZE = 1 * MiB
 MIN_PART_SIZE = 100 * KiB
 MAX_PART_SIZE = 5 * GiB
 

@@ -191,7 +191,8 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
         await client.list_page(config.bucket, prefix=config.prefix, delimiter="/", max_keys=1)
         cache = CacheDir(config.cache_dir, max_bytes=config.cache_size,
                          min_free_fraction=config.cache_min_free)
-        fetcher = Fetcher(client, connections=config.threads, budget=cache)
+        fetcher = Fetcher(client, connections=config.threads, budget=cache,
+                          read_ahead=config.read_ahead)
         ns = Namespace(client, config.bucket, config.prefix, ttl=config.ttl,
                        negative_ttl=config.negative_ttl, scheme=config.dialect)
         started = time.time()
@@ -228,8 +229,7 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
 
         fs_opts = FsOptions(uid=config.uid, gid=config.gid, umask=config.umask,
                             ttl=config.ttl, negative_ttl=config.negative_ttl,
-                            part_size=config.part_size,
-                            read_ahead_parts=max(1, config.read_ahead // config.part_size))
+                            part_size=config.part_size)
         prefetch = SiblingPrefetch(ns, cache, fetcher, config.part_size)
         ops = Operations(ns, fetcher, cache, fs_opts, describe=describe, status=status,
                          has_crc64=config.dialect == "oss", prefetch=prefetch)

@@ -78,11 +78,10 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
     client = MemoryClient(latency=0.003, bandwidth=200 * MiB)
     client.put(BUCKET, "obj", data)
     cache = CacheDir(str(root), max_bytes=sc.cap, min_free_fraction=0.0)
-    fetcher = Fetcher(client, connections=sc.connections, budget=cache)
+    fetcher = Fetcher(client, connections=sc.connections, budget=cache,
+                      read_ahead=sc.read_ahead_parts * sc.part_size)
     ns = Namespace(client, BUCKET, "", ttl=60.0, negative_ttl=5.0, scheme="oss")
-    ops = Operations(ns, fetcher, cache,
-                     FsOptions(uid=0, gid=0, part_size=sc.part_size,
-                               read_ahead_parts=sc.read_ahead_parts),
+    ops = Operations(ns, fetcher, cache, FsOptions(uid=0, gid=0, part_size=sc.part_size),
                      describe=dict, status=dict)
     # Pinned and in-flight parts may take the cache over its cap: at most the parts
     # of the reads in progress, the part each stream is in, and one per connection.
@@ -226,12 +225,11 @@ def test_concurrent_streams_share_a_small_cache(tmp_path: Path) -> None:
     run_scenario(sc, tmp_path / "cache", seed=3)
 
 
-def _ops(client: MemoryClient, root: Path, **fs: int) -> tuple[Operations, Fetcher]:
+def _ops(client: MemoryClient, root: Path) -> tuple[Operations, Fetcher]:
     cache = CacheDir(str(root), max_bytes=1 << 30, min_free_fraction=0.0)
-    fetcher = Fetcher(client, connections=4, budget=cache)
+    fetcher = Fetcher(client, connections=4, budget=cache, read_ahead=128 * KiB)
     ns = Namespace(client, BUCKET, "", ttl=0.0, negative_ttl=0.0, scheme="oss")
-    ops = Operations(ns, fetcher, cache, FsOptions(uid=0, gid=0, part_size=64 * KiB,
-                                                   read_ahead_parts=2, **fs),
+    ops = Operations(ns, fetcher, cache, FsOptions(uid=0, gid=0, part_size=64 * KiB),
                      describe=dict, status=dict)
     return ops, fetcher
 
