@@ -10,6 +10,7 @@
     │   ├── ObjectChangedError      PreconditionFailed on If-Match (ESTALE)
     │   └── ArchivedObjectError     InvalidObjectState: archive not restored (EIO)
     ├── TransferError               network failure after all retries (EIO)
+    │   └── GaveUpError             a request's whole retry cycle failed (attempts or deadline)
     ├── IntegrityError              a CRC-64 or MD5 does not match (EIO)
     └── CheckpointError             a checkpoint cannot be used or written
 
@@ -34,6 +35,7 @@ __all__ = [
     "ObjectChangedError",
     "ArchivedObjectError",
     "TransferError",
+    "GaveUpError",
     "IntegrityError",
     "CheckpointError",
     "service_error",
@@ -108,6 +110,26 @@ class ArchivedObjectError(ServiceError):
 
 class TransferError(OssfsError):
     """The transfer failed after every retry (connection errors, stalls, truncation)."""
+
+
+class GaveUpError(TransferError):
+    """One request ran its whole retry cycle and failed.
+
+    Raised by the client when the attempts that may be retried are used up or
+    the request's deadline passed (``docs/semantics.md``, "Time bounds"):
+    asking again at once would wait as long again, most likely for nothing.
+
+    :attempts: requests sent in the cycle.
+    :elapsed: seconds the cycle took.
+    :timed_out: the deadline ended it (not the count of attempts).
+    """
+
+    def __init__(self, message: str, *, attempts: int, elapsed: float,
+                 timed_out: bool) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.elapsed = elapsed
+        self.timed_out = timed_out
 
 
 class IntegrityError(OssfsError):

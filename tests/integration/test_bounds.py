@@ -1,0 +1,235 @@
+"""Every wait of the object client has an end (``docs/semantics.md``, "Time bounds").
+
+Against the OSS test server's faults that never end by themselves:
+
+- a body that stalls and then trickles one byte at a time (each byte resets a
+  stall timer), and a server that accepts and never answers: the request's
+  deadline ends them;
+- a transfer that moves a little and breaks, again and again: the retries it
+  earns by moving are capped;
+- a 200 with an endless body to a ranged GET, an error with an endless body,
+  a 206 that sends more than asked, an endless listing page: never read to
+  their end;
+- a slow transfer that keeps moving (server bandwidth cap, client rate
+  limit) is not cut off by the deadline.
+
+The deadlines here are a second or two so that each test is quick; each test
+also has a pytest timeout far above that, which only a hang reaches.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from ossfs.client import ClientConfig, HttpObjectClient
+from ossfs.errors import GaveUpError, ServiceError, TransferError
+from ossfs.testing import Fault, OssTestServer
+from tests.integration.test_client import get_bytes, get_records, pattern
+
+KiB = 1024
+MiB = 1024 * KiB
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def oss(oss_server: OssTestServer) -> OssTestServer:
+    oss_server.put("bkt", "obj", pattern(1 * MiB, seed=3))
+    oss_server.put("bkt", "small", b"0123456789")
+    return oss_server
+
+
+@pytest.fixture(params=["wire", "httpx"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Object bytes go through wire, or through httpx (as behind a proxy)."""
+    return str(request.param)
+
+
+def client_for(server: OssTestServer, config: ClientConfig, transport: str = "wire"
+               ) -> HttpObjectClient:
+    client = HttpObjectClient(server.endpoint(), config)
+    if transport == "httpx":
+        client._pool = None  # what a configured proxy does
+    return client
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A server that accepts connections and never says a word."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+# ------------------------------------------------------------------ deadlines
+
+
+async def test_trickle_is_ended_by_the_deadline(oss: OssTestServer, transport: str) -> None:
+    # One byte every 0.05 s never trips the 5 s stall timer; only a deadline ends it.
+    oss.faults.add(Fault("stall", op="get", key="obj", after_bytes=1000, seconds=0.1,
+                         then="trickle", interval=0.05), times=None)
+    config = ClientConfig(timeout=1.5, stall_timeout=5, backoff_base=0.01, backoff_max=0.02)
+    async with client_for(oss, config, transport) as client:
+        with pytest.raises(GaveUpError) as info:
+            await get_bytes(client, "bkt", "obj", 0, 1 * MiB)
+    assert info.value.timed_out
+    assert "timed out" in str(info.value) and "limit 1.5s" in str(info.value)
+    records = get_records(oss, "obj")
+    # The first attempt delivered 1000 bytes and then trickled; whatever followed,
+    # nowhere near the megabyte asked for was sent.
+    assert records and sum(r.bytes_sent for r in records) < 100 * KiB
+
+
+@pytest.mark.parametrize("op", ["get", "head", "list"])
+async def test_silent_server_is_ended_by_the_deadline(silent_server: str, op: str) -> None:
+    from ossfs.protocol.requests import Endpoint
+
+    endpoint = Endpoint(silent_server, dialect="oss", path_style=True, credentials=None)
+    # Without a deadline: 6 attempts x 30 s stall timeout.
+    config = ClientConfig(timeout=1.0, backoff_base=0.01, backoff_max=0.02)
+    async with HttpObjectClient(endpoint, config) as client:
+        with pytest.raises(GaveUpError) as info:
+            if op == "get":
+                await get_bytes(client, "bkt", "obj", 0, 100)
+            elif op == "head":
+                await client.head("bkt", "obj")
+            else:
+                await client.list_page("bkt")
+    assert info.value.timed_out and info.value.attempts == 1
+    assert "was still waiting for the server" in str(info.value)
+
+
+async def test_a_slow_transfer_that_moves_is_not_cut_off(oss: OssTestServer) -> None:
+    data = pattern(512 * KiB, seed=4)
+    oss.put("bkt", "slow", data)
+    # 256 KiB/s takes about 2 s, well past the 0.5 s timeout; every 16 KiB received
+    # earns a second, so a transfer this fast is never near its deadline.
+    oss.faults.bandwidth = 256 * KiB
+    config = ClientConfig(timeout=0.5, min_speed=16 * KiB, backoff_base=0.01)
+    async with client_for(oss, config) as client:
+        got, _ = await get_bytes(client, "bkt", "slow", 0, len(data))
+    assert got == data
+    assert [r.status for r in get_records(oss, "slow")] == [206]
+
+
+async def test_time_in_the_rate_limiter_and_the_sink_is_not_the_servers(
+        oss: OssTestServer) -> None:
+    data = pattern(256 * KiB, seed=5)
+    oss.put("bkt", "limited", data)
+    # The client's own rate limit (64 KiB/s, about 3 s) and a slow sink hold the
+    # transfer far past the 0.5 s timeout; that is our waiting, not the server's.
+    config = ClientConfig(timeout=0.5, min_speed=0, rate_limit=64 * KiB, backoff_base=0.01)
+    got = bytearray()
+
+    async def slow_sink(offset: int, chunk: memoryview) -> None:
+        assert offset == len(got)
+        got.extend(chunk)
+        await trio.sleep(0.05)
+
+    async with client_for(oss, config) as client:
+        await client.get_range("bkt", "limited", 0, len(data), None, slow_sink)
+    assert bytes(got) == data
+    assert [r.status for r in get_records(oss, "limited")] == [206]
+
+
+# ------------------------------------------------------------------ attempts
+
+
+async def test_retries_earned_by_progress_are_capped(oss: OssTestServer) -> None:
+    # Every answer sends 1000 bytes and then goes silent: each attempt moves, so
+    # without a cap 1 MiB would take over a thousand stall timeouts.
+    oss.faults.add(Fault("stall", op="get", key="obj", after_bytes=1000, seconds=1,
+                         then="close"), times=None)
+    config = ClientConfig(attempts=2, progress_retries=3, stall_timeout=0.2, timeout=60,
+                          backoff_base=0.01, backoff_max=0.02)
+    async with client_for(oss, config) as client:
+        with pytest.raises(GaveUpError) as info:
+            await get_bytes(client, "bkt", "obj", 0, 1 * MiB)
+    assert not info.value.timed_out
+    # 1 first attempt + 3 earned by progress + 1 more (the attempts' budget of 2,
+    # counted again from the last attempt that moved).
+    assert info.value.attempts == 5
+    assert "3 of them resumed" in str(info.value)
+    starts = [r.req_start for r in sorted(get_records(oss, "obj"), key=lambda r: r.req_start)]
+    assert starts == [0, 1000, 2000, 3000, 4000]
+
+
+# ------------------------------------------------------------------ bodies
+
+
+async def test_200_to_a_ranged_get_is_not_read(oss: OssTestServer, transport: str) -> None:
+    oss.faults.add(Fault("endless", op="get", key="obj", answer=200), times=None)
+    async with client_for(oss, ClientConfig(backoff_base=0.01), transport) as client:
+        with pytest.raises(ServiceError) as info:
+            await get_bytes(client, "bkt", "obj", 10, 20)
+        assert client.stats.bytes_received == 0
+    assert info.value.code == "RangeIgnored"
+    assert len(get_records(oss, "obj")) == 1  # not retried
+
+
+async def test_endless_error_body_is_cut(oss: OssTestServer, transport: str) -> None:
+    oss.faults.add(Fault("endless", op="get", key="obj", answer=503), times=None)
+    config = ClientConfig(attempts=3, backoff_base=0.01, backoff_max=0.02)
+    async with client_for(oss, config, transport) as client:
+        with pytest.raises(GaveUpError) as info:
+            await get_bytes(client, "bkt", "obj", 0, 100)
+    assert info.value.attempts == 3 and not info.value.timed_out
+    assert "ServiceUnavailable" in str(info.value)
+    assert [r.status for r in get_records(oss, "obj")] == [503] * 3
+
+
+async def test_206_longer_than_asked_is_not_read_on(oss: OssTestServer,
+                                                    transport: str) -> None:
+    data = oss.get("bkt", "obj")
+    # Right Content-Range, no Content-Length, and bytes that never end.
+    oss.faults.add(Fault("endless", op="get", key="obj", answer=206))
+    async with client_for(oss, ClientConfig(backoff_base=0.01), transport) as client:
+        got, _ = await get_bytes(client, "bkt", "obj", 100, 200_000)
+    assert got == data[100:200_000]
+    # Always an endless 206: the client gives up; it never reads to an end.
+    oss.faults.add(Fault("endless", op="get", key="obj", answer=206), times=None)
+    config = ClientConfig(attempts=2, progress_retries=2, backoff_base=0.01)
+    async with client_for(oss, config, transport) as client:
+        with pytest.raises(TransferError):
+            await get_bytes(client, "bkt", "obj", 100, 200)
+
+
+async def test_206_with_a_wrong_content_length_is_refused(oss: OssTestServer) -> None:
+    # A 206 whose Content-Length is not the range asked: the range header is right,
+    # so only the length gives it away (here: a whole-object length).
+    from ossfs.client import HttpObjectClient as Client
+
+    async with Client(oss.endpoint(), ClientConfig(backoff_base=0.01)) as client:
+        client_check = client._check_answer
+        headers = {"content-range": "bytes 0-9/10", "content-length": "1000000"}
+        with pytest.raises(ServiceError) as info:
+            client_check(206, headers, None, 0, 10, "oss://bkt/small", [])
+    assert info.value.code == "BadContentRange"
+    assert "Content-Length" in str(info.value)
+
+
+async def test_endless_listing_page_is_capped(oss: OssTestServer) -> None:
+    oss.faults.add(Fault("endless", op="list"), times=None)
+    config = ClientConfig(max_list_bytes=256 * KiB, backoff_base=0.01)
+    async with client_for(oss, config) as client:
+        with pytest.raises(ServiceError) as info:
+            await client.list_page("bkt")
+    assert info.value.code == "ListingTooLarge"
+    assert oss.stats.count(op="list") == 1  # not retried: it would be the same again
+
+
+async def test_endless_error_to_a_listing_is_cut(oss: OssTestServer) -> None:
+    oss.faults.add(Fault("endless", op="list", answer=503), times=None)
+    config = ClientConfig(attempts=2, backoff_base=0.01, backoff_max=0.02)
+    async with client_for(oss, config) as client:
+        with pytest.raises(GaveUpError):
+            await client.list_page("bkt")
+    assert oss.stats.count(op="list") == 2
