@@ -11,6 +11,7 @@
     │   └── ArchivedObjectError     InvalidObjectState: archive not restored (EIO)
     ├── TransferError               network failure after all retries (EIO)
     │   └── GaveUpError             a request's whole retry cycle failed (attempts or deadline)
+    ├── ListingError                a listing loops, goes back, or is too long (EIO)
     ├── IntegrityError              a CRC-64 or MD5 does not match (EIO)
     └── CheckpointError             a checkpoint cannot be used or written
 
@@ -36,6 +37,7 @@ __all__ = [
     "ArchivedObjectError",
     "TransferError",
     "GaveUpError",
+    "ListingError",
     "IntegrityError",
     "CheckpointError",
     "service_error",
@@ -130,6 +132,15 @@ class GaveUpError(TransferError):
         self.attempts = attempts
         self.elapsed = elapsed
         self.timed_out = timed_out
+
+
+class ListingError(OssfsError):
+    """A listing cannot be followed to its end.
+
+    The service's pages loop or go back (a continuation token that repeats,
+    keys that do not increase), or a directory has more entries than the mount
+    may hold.
+    """
 
 
 class IntegrityError(OssfsError):

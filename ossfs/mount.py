@@ -32,7 +32,7 @@ from ossfs.client import ObjectClient
 from ossfs.errors import OssfsError, UsageError, unwrap_groups
 from ossfs.fetcher import Fetcher
 from ossfs.fs import FsOptions, Operations
-from ossfs.namespace import Namespace
+from ossfs.namespace import DEFAULT_MAX_DIR_ENTRIES, Namespace
 from ossfs.prefetch import SiblingPrefetch
 
 __all__ = ["MountConfig", "run", "check_mountpoint", "unmount"]
@@ -65,6 +65,7 @@ class MountConfig:
     profile: str | None
     endpoint: str
     dialect: str
+    max_dir_entries: int = DEFAULT_MAX_DIR_ENTRIES
 
 
 def check_mountpoint(path: str) -> str:
@@ -128,7 +129,8 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
 
         fetcher = Fetcher(client, connections=config.threads, reserve=reserve)
         ns = Namespace(client, config.bucket, config.prefix, ttl=config.ttl,
-                       negative_ttl=config.negative_ttl, scheme=config.dialect)
+                       negative_ttl=config.negative_ttl, scheme=config.dialect,
+                       max_dir_entries=config.max_dir_entries)
         started = time.time()
 
         def describe() -> dict[str, Any]:

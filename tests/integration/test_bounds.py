@@ -11,7 +11,12 @@ Against the OSS test server's faults that never end by themselves:
   a 206 that sends more than asked, an endless listing page: never read to
   their end;
 - a slow transfer that keeps moving (server bandwidth cap, client rate
-  limit) is not cut off by the deadline.
+  limit) is not cut off by the deadline;
+- listings whose continuation token repeats, whose keys do not increase, or
+  that never end: a clear error, and a directory of the mount holds at most
+  ``--max-dir-entries`` entries;
+- ``ossfs ls`` and ``ossfs download`` against these, a silent server and 503
+  on every request end with one line and exit 1; so does a mount read.
 
 The deadlines here are a second or two so that each test is quick; each test
 also has a pytest timeout far above that, which only a hang reaches.
@@ -19,15 +24,22 @@ also has a pytest timeout far above that, which only a hang reaches.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from ossfs.client import ClientConfig, HttpObjectClient
-from ossfs.errors import GaveUpError, ServiceError, TransferError
-from ossfs.testing import Fault, OssTestServer
+from ossfs.errors import GaveUpError, ListingError, ServiceError, TransferError
+from ossfs.model import ListPage, ObjectMeta
+from ossfs.namespace import ROOT_INODE, ListingGuard, Namespace
+from ossfs.testing import Fault, OssTestServer, RequestInfo
+from tests.helpers import mounted, run_ossfs
 from tests.integration.test_client import get_bytes, get_records, pattern
 
 KiB = 1024
@@ -233,3 +245,212 @@ async def test_endless_error_to_a_listing_is_cut(oss: OssTestServer) -> None:
         with pytest.raises(GaveUpError):
             await client.list_page("bkt")
     assert oss.stats.count(op="list") == 2
+
+
+# ------------------------------------------------------------------ listings
+
+
+def _prefix_is(prefix: str) -> Callable[[RequestInfo], bool]:
+    return lambda info: dict(info.query).get("prefix") == prefix
+
+
+def _keys(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}k{i:05d}" for i in range(n)]
+
+
+@pytest.fixture
+def listed(oss_server: OssTestServer) -> OssTestServer:
+    for key in _keys("dir/", 2500):
+        oss_server.put("bkt", key, b"x")
+    oss_server.put("bkt", "dir/sub/x", b"x")
+    return oss_server
+
+
+async def _read_dir(ns: Namespace, path: str) -> list[str]:
+    node = ns.node(ROOT_INODE)
+    for name in filter(None, path.split("/")):
+        node = await ns.lookup(node.inode, name)
+    reader = ns.open_dir(node.inode)
+    pos = 0
+    names: list[str] = []
+    while True:
+        await ns.fill(reader, pos)
+        if pos >= len(reader.entries):
+            return names
+        for i, entry in ns.iter_entries(reader, pos):
+            names.append(entry.name)
+            pos = i + 1
+
+
+async def test_a_directory_listing_that_moves_forward_is_whole(listed: OssTestServer) -> None:
+    async with HttpObjectClient(listed.endpoint(), ClientConfig()) as client:
+        ns = Namespace(client, "bkt", "", max_dir_entries=2501)
+        names = await _read_dir(ns, "dir")
+    assert names == [k.removeprefix("dir/") for k in _keys("dir/", 2500)] + ["sub"]
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("token_loop", "the continuation token repeats"),
+    ("keys_repeat", "page 2 starts at 'dir/k00000', not after 'dir/k00999'"),
+])
+async def test_a_directory_listing_that_loops_fails(listed: OssTestServer, kind: str,
+                                                   expected: str) -> None:
+    listed.faults.add(Fault(kind, when=_prefix_is("dir/")), times=None)  # type: ignore[arg-type]
+    async with HttpObjectClient(listed.endpoint(), ClientConfig()) as client:
+        ns = Namespace(client, "bkt", "")
+        with pytest.raises(ListingError) as info:
+            await _read_dir(ns, "dir")
+        assert "the listing of oss://bkt/dir/ does not move forward" in str(info.value)
+        assert expected in str(info.value)
+        # The directory stays failed for that reader, without more requests.
+        reader = ns.open_dir((await ns.lookup(ROOT_INODE, "dir")).inode)
+        before = listed.stats.count(op="list")
+        with pytest.raises(ListingError):
+            await ns.fill(reader, 10**9)
+        with pytest.raises(ListingError):
+            await ns.fill(reader, 10**9)
+        assert listed.stats.count(op="list") - before == 2
+
+
+async def test_a_listing_that_never_ends_is_capped(listed: OssTestServer) -> None:
+    listed.faults.add(Fault("endless_listing", when=_prefix_is("dir/")), times=None)
+    async with HttpObjectClient(listed.endpoint(), ClientConfig()) as client:
+        ns = Namespace(client, "bkt", "", max_dir_entries=2500)
+        node = await ns.lookup(ROOT_INODE, "dir")
+        reader = ns.open_dir(node.inode)
+        with pytest.raises(ListingError) as info:
+            await ns.fill(reader, 10**9)
+    assert "oss://bkt/dir/ has more than 2500 entries" in str(info.value)
+    assert len(reader.entries) + len(reader._pending) <= 2500
+
+
+def test_listing_guard_rules() -> None:
+    def page(keys: list[str], token: str | None, prefixes: tuple[str, ...] = ()) -> ListPage:
+        return ListPage(tuple(ObjectMeta(k, 1, "e", 0.0) for k in keys), prefixes, token)
+
+    guard = ListingGuard("oss://b/")
+    guard.check(page(["a", "b/"], "t1", ("c/",)), None)
+    guard.check(page([], "t2"), "t1")  # an empty page is allowed
+    guard.check(page(["d"], "t3", ("c0/",)), "t2")
+    guard.check(page([], None), "t3")
+    with pytest.raises(ListingError, match="continuation token repeats"):
+        ListingGuard("oss://b/").check(page(["a"], "t"), "t")
+    guard = ListingGuard("oss://b/")
+    guard.check(page(["a"], "t1"), None)
+    guard.check(page([], "t2"), "t1")
+    with pytest.raises(ListingError, match="continuation token repeats"):
+        guard.check(page([], "t2"), "t2")
+    guard = ListingGuard("oss://b/", max_empty_pages=3)
+    with pytest.raises(ListingError, match="3 pages in a row have no entries"):
+        for i in range(10):
+            guard.check(page([], f"t{i + 1}"), f"t{i}" if i else None)
+    guard = ListingGuard("oss://b/")
+    guard.check(page(["b"], "t1"), None)
+    with pytest.raises(ListingError, match="page 2 starts at 'a'"):
+        guard.check(page(["a", "c"], "t2"), "t1")
+    guard = ListingGuard("oss://b/")
+    guard.check(page([], "t1", ("x/",)), None)
+    with pytest.raises(ListingError, match="not after 'x/'"):
+        guard.check(page(["x/"], None), "t1")
+
+
+# ------------------------------------------------------------------ commands
+
+
+def _cli(server_url: str, env: dict[str, str], *args: str) -> Any:
+    # The timeout only ends a hang of the code before these bounds existed.
+    return run_ossfs(*args, "--endpoint", server_url, env=env, timeout=60)
+
+
+def _one_error_line(result: Any) -> str:
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    lines = [x for x in result.stderr.splitlines() if x.startswith("ossfs: error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(("kind", "args", "expected"), [
+    ("token_loop", ["ls", "oss://bkt/dir/"], "continuation token repeats"),
+    ("keys_repeat", ["ls", "-r", "oss://bkt/dir/"], "page 2 starts at"),
+])
+def test_ls_of_a_listing_that_loops(listed: OssTestServer, oss_env: dict[str, str],
+                                    kind: str, args: list[str], expected: str) -> None:
+    listed.faults.add(Fault(kind), times=None)  # type: ignore[arg-type]
+    result = _cli(listed.url, oss_env, *args)
+    line = _one_error_line(result)
+    assert "does not move forward" in line and expected in line
+    # What came before the loop was printed once.
+    assert len(result.stdout.splitlines()) == 1000
+
+
+def test_ls_and_download_against_a_silent_server(silent_server: str, oss_env: dict[str, str],
+                                                 tmp_path: Path) -> None:
+    result = _cli(silent_server, oss_env, "ls", "oss://bkt/", "--timeout", "2")
+    assert "timed out after" in _one_error_line(result)
+    result = _cli(silent_server, oss_env, "download", "oss://bkt/obj",
+                  str(tmp_path / "obj"), "--timeout", "2")
+    assert "timed out after" in _one_error_line(result)
+    assert not (tmp_path / "obj").exists()
+
+
+def test_ls_and_download_against_503_forever(oss: OssTestServer, oss_env: dict[str, str],
+                                             tmp_path: Path) -> None:
+    oss.faults.add(Fault("status", status=503), times=None)
+    result = _cli(oss.url, oss_env, "ls", "oss://bkt/")
+    assert "failed after 6 attempts" in _one_error_line(result)
+    result = _cli(oss.url, oss_env, "download", "oss://bkt/obj", str(tmp_path / "obj"))
+    assert "failed after 6 attempts" in _one_error_line(result)
+
+
+def test_download_of_a_trickle(oss: OssTestServer, oss_env: dict[str, str],
+                               tmp_path: Path) -> None:
+    oss.faults.add(Fault("stall", op="get", after_bytes=1000, seconds=0.1, then="trickle",
+                         interval=0.05), times=None)
+    result = _cli(oss.url, oss_env, "download", "oss://bkt/obj", str(tmp_path / "obj"),
+                  "--timeout", "2", "--no-progress")
+    line = _one_error_line(result)
+    assert "timed out after" in line
+    assert not (tmp_path / "obj").exists()
+
+
+@pytest.mark.fuse
+def test_mount_directory_that_loops_or_never_ends(listed: OssTestServer,
+                                                   oss_env: dict[str, str],
+                                                   tmp_path: Path) -> None:
+    for key in _keys("endless/", 3):
+        listed.put("bkt", key, b"x")
+    for key in _keys("loop/", 3):
+        listed.put("bkt", key, b"x")
+    listed.faults.add(Fault("endless_listing", when=_prefix_is("endless/")), times=None)
+    listed.faults.add(Fault("token_loop", when=_prefix_is("loop/")), times=None)
+    mnt = tmp_path / "mnt"
+    log = tmp_path / "mount.log"
+    with mounted("oss://bkt", mnt, "--endpoint", listed.url, "--cache-dir",
+                 str(tmp_path / "cache"), "--max-dir-entries", "3000", env=oss_env, log=log):
+        with pytest.raises(OSError) as info:
+            os.listdir(mnt / "endless")
+        assert info.value.errno == errno.EIO
+        with pytest.raises(OSError) as info:
+            os.listdir(mnt / "loop")
+        assert info.value.errno == errno.EIO
+        # The rest of the mount is fine.
+        assert len(os.listdir(mnt / "dir")) == 2501
+    text = log.read_text()
+    assert "oss://bkt/endless/ has more than 3000 entries" in text
+    assert "the listing of oss://bkt/loop/ does not move forward" in text
+
+
+@pytest.mark.fuse
+def test_mount_read_of_a_trickle_ends(oss: OssTestServer, oss_env: dict[str, str],
+                                      tmp_path: Path) -> None:
+    oss.faults.add(Fault("stall", op="get", key="obj", after_bytes=1000, seconds=0.1,
+                         then="trickle", interval=0.05), times=None)
+    mnt = tmp_path / "mnt"
+    with mounted("oss://bkt", mnt, "--endpoint", oss.url, "--cache-dir",
+                 str(tmp_path / "cache"), "--timeout", "2", env=oss_env):
+        with pytest.raises(OSError) as info:
+            (mnt / "obj").read_bytes()
+        assert info.value.errno == errno.EIO
+        oss.faults.clear()
+        assert (mnt / "obj").read_bytes() == oss.get("bkt", "obj")
