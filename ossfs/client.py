@@ -11,8 +11,9 @@ missing byte, so a flaky network costs only what was lost in flight.
 Every wait ends. One call (``head``, ``list_page``, ``get_range``) is one
 *retry cycle* with a hard end:
 
-- at most ``attempts`` attempts that deliver nothing, and at most
-  ``progress_retries`` more that are earned by delivering bytes;
+- at most ``attempts`` attempts in a row that deliver nothing, at most
+  ``progress_retries`` retries earned by delivering bytes, and never more
+  than ``attempts + progress_retries`` attempts in all;
 - a deadline ``timeout`` seconds after the cycle starts, moved later by one
   second for every ``min_speed`` bytes received (a slow transfer that moves
   is not cut off; a trickle, which resets any stall timer, is) and by the time
@@ -326,7 +327,7 @@ class HttpObjectClient:
             return False
         self.stats.retries += 1
         log.info("retrying %s in %.2fs (attempt %d of %d): %s", cycle.what, delay,
-                 cycle.attempts + 1, self.config.attempts, cycle.last)
+                 cycle.failures + 1, self.config.attempts, cycle.last)
         await trio.sleep(delay)
         return True
 
@@ -464,6 +465,8 @@ class HttpObjectClient:
                 except _Retryable as e:
                     pos = before + e.received
                     cycle.last = e.reason
+                if cycle.attempts >= self.config.attempts + self.config.progress_retries:
+                    break  # the hard cap, however the attempts went
                 if pos > before and cycle.resumed < self.config.progress_retries:
                     # The transfer moves: resume at once from the first missing byte.
                     # Such retries do not use up the attempts, but they are counted too.

@@ -166,12 +166,27 @@ async def test_retries_earned_by_progress_are_capped(oss: OssTestServer) -> None
         with pytest.raises(GaveUpError) as info:
             await get_bytes(client, "bkt", "obj", 0, 1 * MiB)
     assert not info.value.timed_out
-    # 1 first attempt + 3 earned by progress + 1 more (the attempts' budget of 2,
-    # counted again from the last attempt that moved).
+    # The first attempt and 3 resumed after it moved; then moving earns nothing more,
+    # and 2 attempts use up the budget: 5, which is also the hard cap (2 + 3).
     assert info.value.attempts == 5
     assert "3 of them resumed" in str(info.value)
     starts = [r.req_start for r in sorted(get_records(oss, "obj"), key=lambda r: r.req_start)]
     assert starts == [0, 1000, 2000, 3000, 4000]
+
+
+async def test_attempts_are_capped_in_all(oss: OssTestServer) -> None:
+    # Moving and failing by turns: moving keeps resetting the count of failures in
+    # a row, so only the cap on attempts in all (attempts + progress_retries) ends it.
+    for _ in range(20):
+        oss.faults.add(Fault("truncate", op="get", key="obj", after_bytes=1000))
+        oss.faults.add(Fault("reset", op="get", key="obj", after_bytes=0))
+    config = ClientConfig(attempts=2, progress_retries=4, backoff_base=0.01,
+                          backoff_max=0.02)
+    async with client_for(oss, config) as client:
+        with pytest.raises(GaveUpError) as info:
+            await get_bytes(client, "bkt", "obj", 0, 1 * MiB)
+    assert info.value.attempts == 6 and not info.value.timed_out
+    assert len(get_records(oss, "obj")) == 6
 
 
 # ------------------------------------------------------------------ bodies
