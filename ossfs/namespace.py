@@ -24,7 +24,8 @@ Listings are checked as they are followed (`ListingGuard`): a continuation
 token that comes back, keys that do not increase from page to page, or page
 after page with nothing on it is an error, not a loop; and one directory
 holds at most ``max_dir_entries`` entries, so a listing that never ends
-cannot grow memory without bound (about 400 bytes an entry).
+cannot grow memory without bound (a listed entry costs the mount about
+1.3 KiB, inodes and attributes included).
 
 Must not import: pyfuse3, httpx.
 """
