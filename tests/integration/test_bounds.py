@@ -15,7 +15,7 @@ Against the OSS test server's faults that never end by themselves:
 - listings whose continuation token repeats, whose keys do not increase, or
   that never end: a clear error, and a directory of the mount holds at most
   ``--max-dir-entries`` entries;
-- ``ossfs ls`` and ``ossfs download`` against these, a silent server and 503
+- ``ossfs ls``, ``materialize`` and ``download`` against these, a silent server and 503
   on every request end with one line and exit 1; so does a mount read.
 
 The deadlines here are a second or two so that each test is quick; each test
@@ -397,6 +397,15 @@ def test_ls_of_a_listing_that_loops(listed: OssTestServer, oss_env: dict[str, st
     assert "does not move forward" in line and expected in line
     # What came before the loop was printed once.
     assert len(result.stdout.splitlines()) == 1000
+
+
+def test_materialize_of_a_listing_that_loops(listed: OssTestServer, oss_env: dict[str, str],
+                                            tmp_path: Path) -> None:
+    listed.faults.add(Fault("token_loop"), times=None)
+    result = _cli(listed.url, oss_env, "materialize", "oss://bkt/dir/", "--cache-dir",
+                  str(tmp_path / "cache"), "--no-progress")
+    line = _one_error_line(result)
+    assert "bkt/dir/ does not move forward" in line and "token repeats" in line
 
 
 def test_ls_and_download_against_a_silent_server(silent_server: str, oss_env: dict[str, str],
