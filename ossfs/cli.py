@@ -36,6 +36,7 @@ from ossfs.model import (
     parse_range,
     parse_size,
 )
+from ossfs.namespace import DEFAULT_MAX_DIR_ENTRIES, ListingGuard
 
 __all__ = ["main", "build_parser"]
 
@@ -152,6 +153,9 @@ def _add_connection_options(p: argparse.ArgumentParser) -> None:
                    help="attempts per request before giving up (default 6)")
     g.add_argument("--stall-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                    help="seconds without a byte before a transfer is retried (default 30)")
+    g.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                   help="seconds one request may take with all its retries, plus 1 s per "
+                        "64KiB it received (default 60)")
 
 
 def _add_logging_options(p: argparse.ArgumentParser) -> None:
@@ -250,6 +254,11 @@ def _add_mount_commands(sub: Any) -> None:
                    help="how long listings and attributes are trusted (default 60)")
     g.add_argument("--negative-ttl", type=_seconds, default=5.0, metavar="SECONDS",
                    help="how long a missing name is remembered (default 5)")
+    g.add_argument("--max-dir-entries", type=_positive_int, default=DEFAULT_MAX_DIR_ENTRIES,
+                   metavar="N",
+                   help="most entries one directory may hold; a longer listing fails "
+                        "with EIO (default 1000000; each listed entry costs the mount about "
+                        "1.3KiB of memory)")
     g.add_argument("--uid", type=int, default=os.getuid(), help="owner of every file")
     g.add_argument("--gid", type=int, default=os.getgid(), help="group of every file")
     g.add_argument("--umask", type=_octal, default=0o222, metavar="OCTAL",
@@ -340,7 +349,8 @@ def make_client(args: argparse.Namespace, url: ObjectUrl, *, connections: int,
                 rate_limit: int | None = None) -> HttpObjectClient:
     endpoint = resolve_endpoint(connection_options(args), url.scheme)
     config = ClientConfig(connections=connections, attempts=args.retries,
-                          stall_timeout=args.stall_timeout, rate_limit=rate_limit)
+                          stall_timeout=args.stall_timeout, timeout=args.timeout,
+                          rate_limit=rate_limit)
     return HttpObjectClient(endpoint, config)
 
 
@@ -381,10 +391,12 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     async def run() -> None:
         async with make_client(args, url, connections=1) as client:
             token: str | None = None
+            guard = ListingGuard(f"{url.scheme}://{url.bucket}/{url.key}")
             while True:
                 page = await client.list_page(
                     url.bucket, prefix=url.key, delimiter="" if args.recursive else "/",
                     continuation_token=token)
+                guard.check(page, token)
                 for prefix in map(printable, page.prefixes):
                     print(f"{'PRE':>12}  {'':19}  {prefix}" if args.long else prefix)
                 for obj in page.objects:
@@ -579,9 +591,10 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         config_path=os.path.abspath(args.config) if args.config else None,
         region=args.region, signature_version=args.signature_version,
         path_style=args.path_style, anonymous=args.anonymous,
+        max_dir_entries=args.max_dir_entries,
     )
     client_config = ClientConfig(connections=args.threads, attempts=args.retries,
-                                 stall_timeout=args.stall_timeout)
+                                 stall_timeout=args.stall_timeout, timeout=args.timeout)
 
     def make() -> HttpObjectClient:
         return HttpObjectClient(endpoint, client_config)
@@ -746,7 +759,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     cache = CacheDir(cache_dir, max_bytes=cache_size, min_free_fraction=args.cache_min_free)
     args.interrupt_hint = "run the same command again to continue where it stopped"
     config = ClientConfig(connections=args.threads, attempts=args.retries,
-                          stall_timeout=args.stall_timeout)
+                          stall_timeout=args.stall_timeout, timeout=args.timeout)
 
     async def run() -> Any:
         async with HttpObjectClient(endpoint, config) as client:

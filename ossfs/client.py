@@ -8,6 +8,23 @@ byte for ``stall_timeout`` seconds); everything else surfaces at once as a
 typed `ServiceError`. A ranged GET that breaks half way resumes from the first
 missing byte, so a flaky network costs only what was lost in flight.
 
+Every wait ends. One call (``head``, ``list_page``, ``get_range``) is one
+*retry cycle* with a hard end:
+
+- at most ``attempts`` attempts in a row that deliver nothing, at most
+  ``progress_retries`` retries earned by delivering bytes, and never more
+  than ``attempts + progress_retries`` attempts in all;
+- a deadline ``timeout`` seconds after the cycle starts, moved later by one
+  second for every ``min_speed`` bytes received (a slow transfer that moves
+  is not cut off; a trickle, which resets any stall timer, is) and by the time
+  spent in the caller's sink and the rate limiter (our waits, not the
+  server's). Nothing arriving at all: the cycle ends after ``timeout``;
+- no body is read further than needed: an error document up to 64 KiB, a
+  listing page up to ``max_list_bytes``, a 206 up to the range asked, and a
+  200 to a ranged GET not at all.
+
+When a cycle fails it raises `GaveUpError` (a `TransferError`).
+
 Object bytes (ranged GETs) travel through `ossfs.wire`, a small HTTP/1.1
 client that reads bodies straight into a reused buffer; HEAD and LIST use
 httpx. When a proxy is configured for the endpoint, GETs use httpx too (wire
@@ -22,12 +39,14 @@ Must not import: pyfuse3.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import ssl
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -36,7 +55,7 @@ import httpx
 import trio
 
 from ossfs import __version__, wire
-from ossfs.errors import NotFoundError, ServiceError, TransferError
+from ossfs.errors import GaveUpError, NotFoundError, ServiceError, TransferError
 from ossfs.model import ListPage, ObjectMeta
 from ossfs.protocol import requests as proto
 from ossfs.protocol.xml import XmlError, parse_list_objects_v2
@@ -101,20 +120,30 @@ class ClientConfig:
     """Transport settings.
 
     :connections: size of the connection pool (the global concurrency).
-    :attempts: tries per request, the first one included.
+    :attempts: tries per request that deliver nothing, the first one included.
+    :progress_retries: further tries a GET earns by delivering bytes (a
+        transfer that keeps breaking but moves resumes at once, this often).
     :backoff_base / backoff_max: seconds; the n-th retry sleeps a random time
         in ``[0, min(backoff_max, backoff_base * 2**n))`` ("full jitter").
     :stall_timeout: seconds without a byte before a transfer counts as stalled.
     :connect_timeout: seconds to open a connection.
+    :timeout: seconds a request (its whole retry cycle) may take, plus one
+        second per ``min_speed`` bytes it received.
+    :min_speed: bytes per second that earn a request more time (0: none).
+    :max_list_bytes: the largest listing page accepted (bytes of XML).
     :rate_limit: bytes per second for all transfers together, or None.
     """
 
     connections: int = 16
     attempts: int = 6
+    progress_retries: int = 20
     backoff_base: float = 0.2
     backoff_max: float = 8.0
     stall_timeout: float = 30.0
     connect_timeout: float = 10.0
+    timeout: float = 60.0
+    min_speed: int = 64 * 1024
+    max_list_bytes: int = 8 << 20
     rate_limit: int | None = None
 
 
@@ -169,7 +198,71 @@ class _Retryable(Exception):
         self.received = received
 
 
+class _Cycle:
+    """The retry cycle of one request: its attempts, and a deadline that moves.
+
+    ``scope`` is entered around the whole cycle; its deadline starts at
+    ``timeout`` seconds from now and moves later as bytes arrive (`earn`) and
+    while the caller's own code runs (`paused`).
+    """
+
+    def __init__(self, config: ClientConfig, what: str) -> None:
+        self.config = config
+        self.what = what
+        self.started = trio.current_time()
+        self.scope = trio.CancelScope(deadline=self.started + config.timeout)
+        self.attempts = 0  # requests sent
+        self.failures = 0  # consecutive attempts that delivered nothing
+        self.resumed = 0  # retries earned by delivering bytes
+        self.received = 0
+        self.last = ""
+
+    def earn(self, nbytes: int) -> None:
+        self.received += nbytes
+        if self.config.min_speed > 0:
+            self.scope.deadline += nbytes / self.config.min_speed
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop the clock while our side (a sink, the rate limiter) holds the transfer."""
+        saved = self.scope.deadline
+        self.scope.deadline = math.inf
+        began = trio.current_time()
+        try:
+            yield
+        finally:
+            self.scope.deadline = saved + (trio.current_time() - began)
+
+    def fits(self, delay: float) -> bool:
+        """Whether sleeping *delay* seconds leaves the deadline ahead."""
+        return trio.current_time() + delay < self.scope.deadline
+
+    def gave_up(self, why: str) -> GaveUpError:
+        elapsed = trio.current_time() - self.started
+        timed_out = self.scope.cancelled_caught or why == "deadline"
+        last = self.last or "no answer"
+        if self.scope.cancelled_caught:
+            last = f"attempt {self.attempts} was still waiting for the server" + (
+                f"; before that: {self.last}" if self.last else "")
+        if timed_out:
+            limit = f"{self.config.timeout:g}s"
+            if self.received and self.config.min_speed > 0:
+                limit += f" + {self.received / self.config.min_speed:.0f}s earned by " \
+                         f"{self.received} bytes"
+            text = (f"{self.what} timed out after {elapsed:.1f}s and {self.attempts} "
+                    f"attempt{'s' if self.attempts != 1 else ''} (limit {limit}): {last}")
+        else:
+            text = f"{self.what} failed after {self.attempts} attempts"
+            if self.resumed:
+                text += f" ({self.resumed} of them resumed a transfer that had moved)"
+            text += f": {last}"
+        return GaveUpError(text, attempts=self.attempts, elapsed=elapsed,
+                           timed_out=timed_out)
+
+
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# The most of an error document ever read; the rest is not waited for.
+_ERROR_BODY_LIMIT = 64 * 1024
 _USER_AGENT = f"ossfs/{__version__}"
 _NETWORK_ERRORS = (httpx.TransportError, trio.BrokenResourceError, OSError)
 
@@ -226,53 +319,85 @@ class HttpObjectClient:
 
     # -------------------------------------------------------------- retry loop
 
-    async def _backoff(self, attempt: int, what: str, reason: str) -> None:
+    async def _backoff(self, cycle: _Cycle) -> bool:
+        """Sleep before the next attempt; False when that would pass the deadline."""
+        n = cycle.failures - 1
+        delay = random.uniform(0, min(self.config.backoff_max, self.config.backoff_base * 2**n))
+        if not cycle.fits(delay):
+            return False
         self.stats.retries += 1
-        delay = random.uniform(0, min(self.config.backoff_max,
-                                      self.config.backoff_base * 2**attempt))
-        log.info("retrying %s in %.2fs (attempt %d of %d): %s", what, delay, attempt + 2,
-                 self.config.attempts, reason)
+        log.info("retrying %s in %.2fs (attempt %d of %d): %s", cycle.what, delay,
+                 cycle.failures + 1, self.config.attempts, cycle.last)
         await trio.sleep(delay)
+        return True
 
     def _count(self, status: int) -> None:
         self.stats.requests += 1
         self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
 
-    def _fail(self, what: str, reason: str) -> TransferError:
+    def _give_up(self, cycle: _Cycle, why: str) -> GaveUpError:
         self.stats.errors += 1
-        n = self.config.attempts
-        return TransferError(f"{what} failed after {n} attempt{'' if n == 1 else 's'}: {reason}")
+        return cycle.gave_up(why)
 
     async def _simple(self, what: str, build: Callable[[], proto.HttpRequest],
-                      resource: str) -> httpx.Response:
-        """Send a request without a streamed body, retrying what can be retried."""
-        last = ""
-        for attempt in range(self.config.attempts):
-            req = build()
-            try:
-                resp = await self._http.request(req.method, req.url, headers=req.headers)
-            except _NETWORK_ERRORS as e:
-                self._count(0)
-                untrusted = wire.certificate_problem(e)
-                if untrusted is not None:
-                    self.stats.errors += 1
-                    raise TransferError(f"{what}: {untrusted}") from None
-                last = _describe_network_error(e)
-            else:
-                self._count(resp.status_code)
-                if resp.status_code < 300:
-                    return resp
-                err = proto.error_from_response(resp.status_code, resp.headers, resp.content,
-                                                resource=resource)
-                if resp.status_code not in _RETRY_STATUS:
-                    if not isinstance(err, NotFoundError):
-                        # A miss is an answer (lookups probe for names), not a failure.
-                        self.stats.errors += 1
-                    raise err
-                last = str(err)
-            if attempt + 1 < self.config.attempts:
-                await self._backoff(attempt, what, last)
-        raise self._fail(what, last)
+                      resource: str, *, body_limit: int = 0
+                      ) -> tuple[int, httpx.Headers, bytes]:
+        """Send a request whose answer body is small, retrying what can be retried.
+
+        Returns status, headers and body of a 2xx answer. A body longer than
+        *body_limit* is an error (a listing page that does not end).
+        """
+        cycle = _Cycle(self.config, what)
+        why = "attempts"
+        with cycle.scope:
+            while True:
+                cycle.attempts += 1
+                req = build()
+                try:
+                    answer = await self._simple_once(req, cycle, resource, body_limit)
+                except _Retryable as e:
+                    cycle.last = e.reason
+                else:
+                    return answer
+                cycle.failures += 1
+                if cycle.failures >= self.config.attempts:
+                    break
+                if not await self._backoff(cycle):
+                    why = "deadline"
+                    break
+        raise self._give_up(cycle, why)
+
+    async def _simple_once(self, req: proto.HttpRequest, cycle: _Cycle, resource: str,
+                           body_limit: int) -> tuple[int, httpx.Headers, bytes]:
+        try:
+            async with self._http.stream(req.method, req.url, headers=req.headers) as resp:
+                status = resp.status_code
+                self._count(status)
+                ok = status < 300
+                limit = body_limit if ok else _ERROR_BODY_LIMIT
+                body, whole = await _read_capped(resp, limit, cycle)
+        except _NETWORK_ERRORS as e:
+            self._count(0)
+            untrusted = wire.certificate_problem(e)
+            if untrusted is not None:
+                self.stats.errors += 1
+                raise TransferError(f"{cycle.what}: {untrusted}") from None
+            raise _Retryable(_describe_network_error(e)) from e
+        if ok:
+            if not whole:
+                self.stats.errors += 1
+                raise ServiceError(status, "ListingTooLarge",
+                                   f"the answer is longer than {body_limit} bytes; a listing "
+                                   "page is never that long",
+                                   _request_id(resp.headers), resource=resource)
+            return status, resp.headers, body
+        err = proto.error_from_response(status, resp.headers, body, resource=resource)
+        if status not in _RETRY_STATUS:
+            if not isinstance(err, NotFoundError):
+                # A miss is an answer (lookups probe for names), not a failure.
+                self.stats.errors += 1
+            raise err
+        raise _Retryable(str(err))
 
     # -------------------------------------------------------------- operations
 
@@ -282,12 +407,12 @@ class HttpObjectClient:
 
     async def head(self, bucket: str, key: str) -> ObjectMeta:
         resource = self._resource(bucket, key)
-        resp = await self._simple(
+        _, headers, _ = await self._simple(
             f"HEAD {resource}",
             lambda: proto.build_head(self.endpoint, bucket, key, now=self._clock()),
             resource,
         )
-        return proto.meta_from_head(key, resp.headers)
+        return proto.meta_from_head(key, headers)
 
     async def list_page(
         self,
@@ -299,20 +424,21 @@ class HttpObjectClient:
         max_keys: int = 1000,
     ) -> ListPage:
         resource = self._resource(bucket) + prefix
-        resp = await self._simple(
+        status, headers, body = await self._simple(
             f"LIST {resource}",
             lambda: proto.build_list(
                 self.endpoint, bucket, prefix=prefix, delimiter=delimiter,
                 continuation_token=continuation_token, max_keys=max_keys, now=self._clock(),
             ),
             self._resource(bucket),
+            body_limit=self.config.max_list_bytes,
         )
         try:
-            return parse_list_objects_v2(resp.content)
+            return parse_list_objects_v2(body)
         except XmlError as e:
             self.stats.errors += 1
-            raise ServiceError(resp.status_code, "MalformedListing", str(e),
-                               resp.headers.get("x-oss-request-id")) from e
+            raise ServiceError(status, "MalformedListing", str(e),
+                               _request_id(headers)) from e
 
     async def get_range(
         self, bucket: str, key: str, start: int, end: int, etag: str | None, sink: Sink
@@ -324,35 +450,42 @@ class HttpObjectClient:
         The call returns only when all ``end - start`` bytes were delivered.
         """
         resource = self._resource(bucket, key)
-        what = f"GET {resource} bytes {start}-{end - 1}"
+        cycle = _Cycle(self.config, f"GET {resource} bytes {start}-{end - 1}")
         pos = start
-        last = ""
-        failures = 0  # consecutive attempts that delivered no byte
         crc_box: list[int] = []
-        while True:
-            before = pos
-            try:
-                pos = await self._get_once(bucket, key, pos, end, etag, sink, resource, crc_box)
-                return GetResult(pos - start, crc_box[-1] if crc_box else None)
-            except _Retryable as e:
-                pos = before + e.received
-                last = e.reason
-            if pos > before:
-                # The transfer keeps moving: resume at once from the first missing
-                # byte. Only attempts that deliver nothing use up the budget.
-                failures = 0
-                self.stats.retries += 1
-                log.info("resuming %s at byte %d: %s", what, pos, last)
-                continue
-            failures += 1
-            if failures >= self.config.attempts:
-                break
-            await self._backoff(failures - 1, what, last)
-        raise self._fail(what, last)
+        why = "attempts"
+        with cycle.scope:
+            while True:
+                cycle.attempts += 1
+                before = pos
+                try:
+                    pos = await self._get_once(bucket, key, pos, end, etag, sink, resource,
+                                               crc_box, cycle)
+                    return GetResult(pos - start, crc_box[-1] if crc_box else None)
+                except _Retryable as e:
+                    pos = before + e.received
+                    cycle.last = e.reason
+                if cycle.attempts >= self.config.attempts + self.config.progress_retries:
+                    break  # the hard cap, however the attempts went
+                if pos > before and cycle.resumed < self.config.progress_retries:
+                    # The transfer moves: resume at once from the first missing byte.
+                    # Such retries do not use up the attempts, but they are counted too.
+                    cycle.failures = 0
+                    cycle.resumed += 1
+                    self.stats.retries += 1
+                    log.info("resuming %s at byte %d: %s", cycle.what, pos, cycle.last)
+                    continue
+                cycle.failures += 1
+                if cycle.failures >= self.config.attempts:
+                    break
+                if not await self._backoff(cycle):
+                    why = "deadline"
+                    break
+        raise self._give_up(cycle, why)
 
     async def _get_once(
         self, bucket: str, key: str, start: int, end: int, etag: str | None, sink: Sink,
-        resource: str, crc_box: list[int],
+        resource: str, crc_box: list[int], cycle: _Cycle,
     ) -> int:
         traffic = self.config.rate_limit * 8 if self.config.rate_limit else None
         req = proto.build_get(self.endpoint, bucket, key, start=start, end=end, etag=etag,
@@ -362,21 +495,24 @@ class HttpObjectClient:
         async def deliver(data: memoryview) -> None:
             nonlocal pos
             if pos + len(data) > end:
+                # Not read any further: such a body may never end.
                 raise _Retryable("server sent more bytes than asked", received=pos - start)
-            if self._limiter is not None:
-                await self._limiter.consume(len(data))
-            result = sink(pos, data)
-            if result is not None:
-                await result
+            with cycle.paused():
+                if self._limiter is not None:
+                    await self._limiter.consume(len(data))
+                result = sink(pos, data)
+                if result is not None:
+                    await result
             pos += len(data)
             self.stats.bytes_received += len(data)
+            cycle.earn(len(data))
 
         if self._pool is not None:
             await self._get_wire(req, start, end, resource, crc_box, deliver,
                                  lambda: pos - start)
         else:
             await self._get_httpx(req, start, end, resource, crc_box, deliver,
-                                  lambda: pos - start)
+                                  lambda: pos - start, cycle)
         if pos < end:
             raise _Retryable(f"body ended after {pos - start} of {end - start} bytes",
                              received=pos - start)
@@ -400,6 +536,10 @@ class HttpObjectClient:
         if crc and crc.isdigit():
             crc_box.append(int(crc))
         problem = proto.check_content_range(headers, start, end)
+        length = headers.get("content-length")
+        if problem is None and length is not None and length.strip() != str(end - start):
+            problem = (f"Content-Length {length[:40]!r} does not match the requested "
+                       f"{end - start} bytes")
         if problem:
             self.stats.errors += 1
             raise ServiceError(206, "BadContentRange", problem, request_id, resource=resource)
@@ -431,8 +571,12 @@ class HttpObjectClient:
                     self._count(head.status)
                     if not head.keep_alive:
                         conn.reusable = False
+                    if head.status == 200:
+                        conn.discard()  # the whole object (or an endless body): not read
+                        self._check_answer(200, head.headers, None, start, end, resource,
+                                           crc_box)
                     if head.status != 206:
-                        body = await conn.read_all(head)
+                        body = await conn.read_all(head, limit=_ERROR_BODY_LIMIT)
                         self._check_answer(head.status, head.headers, body, start, end,
                                            resource, crc_box)
                     self._check_answer(206, head.headers, None, start, end, resource, crc_box)
@@ -449,18 +593,38 @@ class HttpObjectClient:
     async def _get_httpx(
         self, req: proto.HttpRequest, start: int, end: int, resource: str,
         crc_box: list[int], deliver: Callable[[memoryview], Awaitable[None]],
-        received: Callable[[], int],
+        received: Callable[[], int], cycle: _Cycle,
     ) -> None:
         try:
             async with self._http.stream(req.method, req.url, headers=req.headers) as resp:
                 self._count(resp.status_code)
-                body = await resp.aread() if resp.status_code != 206 else None
+                body = None
+                if resp.status_code not in (200, 206):  # a 200 is not read at all
+                    body, _ = await _read_capped(resp, _ERROR_BODY_LIMIT, cycle)
                 self._check_answer(resp.status_code, resp.headers, body, start, end, resource,
                                    crc_box)
                 async for chunk in resp.aiter_raw():
                     await deliver(memoryview(chunk))
         except _NETWORK_ERRORS as e:
             raise _Retryable(_describe_network_error(e), received=received()) from e
+
+
+async def _read_capped(resp: httpx.Response, limit: int, cycle: _Cycle) -> tuple[bytes, bool]:
+    """At most *limit* bytes of a streamed body, and whether that was all of it."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in resp.aiter_bytes():
+        cycle.earn(len(chunk))
+        take = min(len(chunk), limit - size)
+        parts.append(chunk[:take])
+        size += take
+        if take < len(chunk):
+            return b"".join(parts), False  # the rest is left unread; the connection closes
+    return b"".join(parts), True
+
+
+def _request_id(headers: Mapping[str, str]) -> str | None:
+    return headers.get("x-oss-request-id") or headers.get("x-amz-request-id")
 
 
 class _StaleConnection(Exception):

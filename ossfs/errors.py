@@ -10,6 +10,8 @@
     │   ├── ObjectChangedError      PreconditionFailed on If-Match (EIO)
     │   └── ArchivedObjectError     InvalidObjectState: archive not restored (EIO)
     ├── TransferError               network failure after all retries (EIO)
+    │   └── GaveUpError             a request's whole retry cycle failed (attempts or deadline)
+    ├── ListingError                a listing loops, goes back, or is too long (EIO)
     ├── IntegrityError              a CRC-64 or MD5 does not match (EIO)
     ├── CheckpointError             a checkpoint cannot be used or written
     └── NoSpaceError                the disk (or quota) for data or a checkpoint is full
@@ -35,6 +37,8 @@ __all__ = [
     "ObjectChangedError",
     "ArchivedObjectError",
     "TransferError",
+    "GaveUpError",
+    "ListingError",
     "IntegrityError",
     "CheckpointError",
     "NoSpaceError",
@@ -110,6 +114,35 @@ class ArchivedObjectError(ServiceError):
 
 class TransferError(OssfsError):
     """The transfer failed after every retry (connection errors, stalls, truncation)."""
+
+
+class GaveUpError(TransferError):
+    """One request ran its whole retry cycle and failed.
+
+    Raised by the client when the attempts that may be retried are used up or
+    the request's deadline passed (``docs/semantics.md``, "Time bounds"):
+    asking again at once would wait as long again, most likely for nothing.
+
+    :attempts: requests sent in the cycle.
+    :elapsed: seconds the cycle took.
+    :timed_out: the deadline ended it (not the count of attempts).
+    """
+
+    def __init__(self, message: str, *, attempts: int, elapsed: float,
+                 timed_out: bool) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.elapsed = elapsed
+        self.timed_out = timed_out
+
+
+class ListingError(OssfsError):
+    """A listing cannot be followed to its end.
+
+    The service's pages loop or go back (a continuation token that repeats,
+    keys that do not increase), or a directory has more entries than the mount
+    may hold.
+    """
 
 
 class IntegrityError(OssfsError):

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
-from cachetools import TTLCache
 
 from ossfs.cache.cachedir import CacheDir
 from ossfs.cache.index import StoreIdentity
@@ -55,10 +54,6 @@ __all__ = ["Fetcher", "ByteCallback", "Budget", "Streams"]
 log = logging.getLogger(__name__)
 
 ByteCallback = Callable[[int], None]
-# A part whose fetch failed (after the client's whole retry cycle) fails again at once
-# for this many seconds: the kernel repeats a failed read (its read-ahead request, then
-# the read itself), and each repeat would otherwise run the whole cycle again.
-FAILURE_MEMORY = 10.0
 
 
 class Budget(Protocol):
@@ -171,8 +166,6 @@ class Fetcher:
             weakref.WeakKeyDictionary())
         self._flights: dict[tuple[int, int], _Flight] = {}
         self._opening: dict[str, trio.Event] = {}
-        self._failed: TTLCache[tuple[int, int], BaseException] = TTLCache(
-            maxsize=4096, ttl=FAILURE_MEMORY, timer=trio.current_time)
         # Called with a store whose complete bytes did not match the service's CRC-64
         # (its parts are dropped by then): the mount drops the kernel's pages of it.
         self.on_corrupt: Callable[[PartStore], None] | None = None
@@ -298,8 +291,6 @@ class Fetcher:
             return
         if self._flights.get((id(store), part)) is flight:
             del self._flights[(id(store), part)]
-        if error is not None and not isinstance(error, trio.Cancelled | NoSpaceError):
-            self._failed[(id(store), part)] = error
         if flight.admitted and self._budget is not None:
             committed = error is None and store.is_present(part)
             self._budget.settle(store, part, flight.end - flight.first,
@@ -392,12 +383,6 @@ class Fetcher:
             return flight
         if self._nursery is None:
             raise RuntimeError("Fetcher.attach() was not called")
-        failed = self._failed.get((id(store), part))
-        if failed is not None:
-            first, end = store.layout.bounds(part)
-            flight = _Flight(first, end, first, readahead=readahead)
-            flight.finish(failed)
-            return flight
         flight = self._new_flight(store, part, readahead=readahead)
         if flight is None:
             return None

@@ -26,7 +26,7 @@ import stat
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pyfuse3
@@ -57,6 +57,11 @@ _XATTR_PREFIX_BYTES = _XATTR_PREFIX.encode()
 # the reply buffer is larger, and a bigger request falls back to a fresh buffer.
 _MAX_READ = 1 << 20
 _FILE_XATTRS = ("etag", "crc64", "cached_bytes", "url")
+# A read that needs a part whose fetch failed for the same open file less than this many
+# seconds ago fails at once: the kernel repeats a failed read (its read-ahead request,
+# then the read itself), and each repeat would otherwise run a whole retry cycle again.
+# A new open tries again at once.
+FAILURE_MEMORY = 10.0
 _ROOT_XATTRS = ("mount", "status")
 
 
@@ -80,6 +85,8 @@ class _Handle:
     # The part a sequential reader is in, pinned until it moves on or closes: read-ahead
     # for the stream must not evict the part the stream has not finished.
     position: int | None = None
+    # Parts whose fetch failed for this open file: part -> (trio time, error).
+    failed: dict[int, tuple[float, OssfsError]] = field(default_factory=dict)
 
 
 class Operations(pyfuse3.Operations):
@@ -334,7 +341,7 @@ class Operations(pyfuse3.Operations):
             if answer is not None:
                 self.cache.note_access(store, parts, read_to=end)
                 return cast(bytes, answer)  # pyfuse3 takes any contiguous buffer
-        async with self._errors("read", h.url):
+        async with self._errors("read", h.url), self._remember_failure(h, parts):
             # Pinned from before the first presence check to the end of the read:
             # no eviction can punch these parts in between.
             with self.cache.pinned(store, parts):
@@ -354,6 +361,22 @@ class Operations(pyfuse3.Operations):
                     answer = await self._disk_answer(store, off, end)
             self.cache.note_access(store, parts, read_to=end)
         return cast(bytes, answer)  # pyfuse3 takes any contiguous buffer
+
+    @asynccontextmanager
+    async def _remember_failure(self, h: _Handle, parts: Sequence[int]) -> AsyncIterator[None]:
+        now = trio.current_time()
+        for p in parts:
+            failed = h.failed.get(p)
+            if failed is not None and now - failed[0] < FAILURE_MEMORY:
+                raise failed[1]
+        try:
+            yield
+        except NoSpaceError:
+            raise
+        except OssfsError as e:
+            for p in parts:
+                h.failed[p] = (now, e)
+            raise
 
     def _move_position(self, h: _Handle, part: int | None) -> None:
         if part == h.position:

@@ -56,7 +56,7 @@ from ossfs.fsutil import (
     open_subdirectory,
 )
 from ossfs.model import ObjectMeta, format_size
-from ossfs.namespace import valid_name
+from ossfs.namespace import ListingGuard, valid_name
 
 __all__ = ["MaterializeRequest", "MaterializeResult", "materialize", "in_shard", "list_objects"]
 
@@ -129,8 +129,10 @@ async def list_objects(client: ObjectClient, bucket: str, key: str) -> list[Obje
             key += "/"
     found: list[ObjectMeta] = []
     token: str | None = None
+    guard = ListingGuard(f"{bucket}/{key}")
     while True:
         page = await client.list_page(bucket, prefix=key, continuation_token=token)
+        guard.check(page, token)
         # "dir/" marker objects are directories, not data.
         found.extend(o for o in page.objects if not o.key.endswith("/"))
         token = page.next_token

@@ -33,7 +33,7 @@ from ossfs.client import ObjectClient
 from ossfs.errors import OssfsError, UsageError, unwrap_groups
 from ossfs.fetcher import Fetcher
 from ossfs.fs import FsOptions, Operations
-from ossfs.namespace import Namespace
+from ossfs.namespace import DEFAULT_MAX_DIR_ENTRIES, Namespace
 from ossfs.prefetch import SiblingPrefetch
 
 __all__ = ["MountConfig", "run", "check_mountpoint", "unmount", "mounted_fstype",
@@ -74,6 +74,7 @@ class MountConfig:
     signature_version: str | None = None
     path_style: bool | None = None
     anonymous: bool = False
+    max_dir_entries: int = DEFAULT_MAX_DIR_ENTRIES
 
 
 def mounted_fstype(path: str) -> str | None:
@@ -194,7 +195,8 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
         fetcher = Fetcher(client, connections=config.threads, budget=cache,
                           read_ahead=config.read_ahead)
         ns = Namespace(client, config.bucket, config.prefix, ttl=config.ttl,
-                       negative_ttl=config.negative_ttl, scheme=config.dialect)
+                       negative_ttl=config.negative_ttl, scheme=config.dialect,
+                       max_dir_entries=config.max_dir_entries)
         started = time.time()
 
         def describe() -> dict[str, Any]:

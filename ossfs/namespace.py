@@ -20,6 +20,13 @@ lookups for ``negative_ttl``. `DirReader` pages through a listing lazily as
 has built), so a directory of 100k objects costs 100 requests and no
 quadratic work; a complete listing is kept for later lookups.
 
+Listings are checked as they are followed (`ListingGuard`): a continuation
+token that comes back, keys that do not increase from page to page, or page
+after page with nothing on it is an error, not a loop; and one directory
+holds at most ``max_dir_entries`` entries, so a listing that never ends
+cannot grow memory without bound (a listed entry costs the mount about
+1.3 KiB, inodes and attributes included).
+
 Must not import: pyfuse3, httpx.
 """
 
@@ -35,20 +42,74 @@ import trio
 from cachetools import TTLCache
 
 from ossfs.client import ObjectClient
-from ossfs.errors import NotFoundError, ServiceError, unwrap_groups
-from ossfs.model import ObjectMeta
+from ossfs.errors import ListingError, NotFoundError, ServiceError, unwrap_groups
+from ossfs.model import ListPage, ObjectMeta
 
-__all__ = ["Node", "Namespace", "DirReader", "ROOT_INODE", "valid_name"]
+__all__ = ["Node", "Namespace", "DirReader", "ListingGuard", "ROOT_INODE",
+           "DEFAULT_MAX_DIR_ENTRIES", "valid_name"]
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 _NAME_MAX = 255
+# The most entries one directory of the mount may hold (``--max-dir-entries``).
+DEFAULT_MAX_DIR_ENTRIES = 1_000_000
+# Pages in a row with nothing on them before a listing counts as running in place.
+_MAX_EMPTY_PAGES = 1000
 
 
 def valid_name(name: str) -> bool:
     return (name not in ("", ".", "..") and "\0" not in name
             and len(name.encode("utf-8", "surrogateescape")) <= _NAME_MAX)
+
+
+class ListingGuard:
+    """Checks that a listing followed page by page moves forward.
+
+    Call `check` with every page and the token that asked for it. It raises
+    `ListingError` when:
+
+    - the next continuation token is the one just sent, or one sent since the
+      last page that had entries (a loop: the same page for ever);
+    - a page's keys and prefixes do not all come after those of the pages
+      before it (the service lists in key order; a listing that goes back is
+      repeating itself, whatever its tokens say);
+    - more than 1000 pages in a row have no entries at all.
+
+    It keeps only the last key and the tokens of the current run of empty
+    pages, so a listing of any length costs it constant memory.
+    """
+
+    def __init__(self, resource: str, *, max_empty_pages: int = _MAX_EMPTY_PAGES) -> None:
+        self.resource = resource
+        self.max_empty_pages = max_empty_pages
+        self.pages = 0
+        self._last: str | None = None
+        self._empty_tokens: set[str] = set()
+
+    def _fail(self, what: str) -> ListingError:
+        return ListingError(f"the listing of {self.resource} does not move forward: {what}")
+
+    def check(self, page: ListPage, sent_token: str | None) -> None:
+        self.pages += 1
+        nxt = page.next_token
+        if nxt is not None and (nxt == sent_token or nxt in self._empty_tokens):
+            raise self._fail(f"the continuation token repeats (page {self.pages})")
+        names = [o.key for o in page.objects] + list(page.prefixes)
+        if names:
+            first = min(names)
+            if self._last is not None and first <= self._last:
+                raise self._fail(f"page {self.pages} starts at {first!r}, not after "
+                                 f"{self._last!r} where page {self.pages - 1} ended")
+            self._last = max(names)
+            self._empty_tokens.clear()
+        if nxt is None:
+            return
+        if not names:
+            if sent_token is not None:
+                self._empty_tokens.add(sent_token)
+            if len(self._empty_tokens) >= self.max_empty_pages:
+                raise self._fail(f"{self.max_empty_pages} pages in a row have no entries")
 
 
 @dataclass(slots=True)
@@ -108,8 +169,14 @@ class DirReader:
     entries: list[_Entry] = field(default_factory=list)
     token: str | None = None
     done: bool = False
+    guard: ListingGuard | None = None
+    # Why the listing cannot go on (raised again by every later `fill`).
+    error: ListingError | None = None
     _pending: deque[tuple[str, _Entry]] = field(default_factory=deque)
     _names: set[str] = field(default_factory=set)
+    # The incomplete listing this reader publishes for lookups, and how much of it.
+    _partial: _Listing | None = None
+    _published: int = 0
 
 
 class Namespace:
@@ -124,6 +191,7 @@ class Namespace:
         ttl: float = 60.0,
         negative_ttl: float = 5.0,
         max_dirs: int = 4096,
+        max_dir_entries: int = DEFAULT_MAX_DIR_ENTRIES,
         scheme: str = "oss",
     ) -> None:
         self.client = client
@@ -132,6 +200,7 @@ class Namespace:
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.ttl = ttl
         self.negative_ttl = negative_ttl
+        self.max_dir_entries = max_dir_entries
         root = Node(ROOT_INODE, "", True, None, time.monotonic(), lookups=1)
         self._nodes: dict[int, Node] = {ROOT_INODE: root}
         self._by_path: dict[str, int] = {"": ROOT_INODE}
@@ -325,13 +394,31 @@ class Namespace:
     async def fill(self, reader: DirReader, upto: int) -> None:
         """Fetch listing pages until *reader* has more than *upto* entries or is done."""
         while len(reader.entries) <= upto and not reader.done:
-            await self._next_page(reader)
+            if reader.error is not None:
+                raise reader.error
+            try:
+                await self._next_page(reader)
+            except ListingError as e:
+                reader.error = e  # the same again on every later call, with no request
+                raise
+
+    def _resource(self, path: str) -> str:
+        return f"{self.scheme}://{self.bucket}/{self._dir_prefix(path)}"
 
     async def _next_page(self, reader: DirReader) -> None:
         prefix = self._dir_prefix(reader.path)
+        if reader.guard is None:
+            reader.guard = ListingGuard(self._resource(reader.path))
         self.list_requests += 1
+        sent = reader.token
         page = await self.client.list_page(self.bucket, prefix=prefix, delimiter="/",
-                                           continuation_token=reader.token)
+                                           continuation_token=sent)
+        reader.guard.check(page, sent)
+        held = len(reader.entries) + len(reader._pending)
+        if held + len(page.objects) + len(page.prefixes) > self.max_dir_entries:
+            raise ListingError(f"{self._resource(reader.path)} has more than "
+                               f"{self.max_dir_entries} entries, the most one directory of "
+                               "the mount may hold (--max-dir-entries)")
         items: list[tuple[str, _Entry]] = []
         for obj in page.objects:
             name = obj.key[len(prefix):]
@@ -357,8 +444,15 @@ class Namespace:
         else:
             partial = self._listings.get(reader.path)
             if partial is None or not partial.complete:
-                self._listings[reader.path] = _Listing({e.name: e for e in reader.entries},
-                                                       False)
+                # Published as it grows (each page adds only its own entries).
+                if reader._partial is None:
+                    reader._partial = _Listing({}, False)
+                listing = reader._partial
+                for entry in reader.entries[reader._published:]:
+                    listing.entries[entry.name] = entry
+                reader._published = len(reader.entries)
+                listing.files = listing.positions = None
+                self._listings[reader.path] = listing
 
     def _accept(self, reader: DirReader, key: str, entry: _Entry) -> None:
         # A file "x" waits until no "x/" prefix can follow: keys sort, and "x/" comes

@@ -254,19 +254,36 @@ class Connection:
                     raise WireError("connection closed inside a chunk", received=done)
             await self._readline()  # the CRLF after the chunk
 
-    async def read_all(self, head: Head, *, limit: int = 1 << 20) -> bytes:
-        """The whole (small) body, e.g. an error document."""
+    async def read_all(self, head: Head, *, limit: int = 64 * 1024) -> bytes:
+        """A small body, e.g. an error document: at most *limit* bytes of it.
+
+        A longer body is not read to its end (it may never end): reading stops
+        after *limit* bytes and the connection is not reused.
+        """
         parts: list[bytes] = []
         size = 0
 
         def keep(_offset: int, data: memoryview) -> None:
             nonlocal size
-            size += len(data)
-            if size <= limit:
-                parts.append(bytes(data))
+            take = min(len(data), limit - size)
+            parts.append(bytes(data[:take]))
+            size += take
+            if take < len(data):
+                raise _Enough()
 
-        await self.read_body(head, keep)
+        try:
+            await self.read_body(head, keep)
+        except _Enough:
+            self.reusable = False
         return b"".join(parts)
+
+    def discard(self) -> None:
+        """Leave the body unread: the connection cannot carry another request."""
+        self.reusable = False
+
+
+class _Enough(Exception):
+    """A capped read has what it wanted."""
 
 
 def certificate_problem(error: BaseException) -> str | None:

@@ -26,7 +26,9 @@ Fault kinds:
     Declare the full Content-Length, send ``after_bytes``, close cleanly (FIN).
 ``stall``
     Send ``after_bytes``, go silent for ``seconds``, then ``then``:
-    ``continue`` the body, ``close`` cleanly or ``reset``.
+    ``continue`` the body, ``close`` cleanly, ``reset``, or ``trickle`` the
+    rest one byte every ``interval`` seconds (each byte resets a client's
+    stall timer; only a total deadline ends such an answer).
 ``replace``
     After ``after_bytes`` of the body are sent, replace the stored object with
     ``data`` (default: the old content with every byte inverted) and a newer
@@ -35,10 +37,33 @@ Fault kinds:
 ``corrupt``
     Invert ``length`` bytes starting at body offset ``offset`` while keeping
     every header, so the CRC-64 of the body no longer matches.
+``endless``
+    Answer ``answer`` (default 200) with a body that never ends (no
+    Content-Length, close-delimited): a 200 sends the object's bytes over and
+    over (a ranged GET answered with the whole object, and more), a 206 the
+    right Content-Range and then more bytes than asked, an error status an
+    error document whose message never ends, a listing an XML document whose
+    entries never end. It goes on until the client hangs up or the server
+    stops.
 
-The body kinds (all but ``status``) are matched only by answers that carry a
-body: a GET of an object (200 or 206) or a listing (``replace`` only objects).
-Offsets (``after_bytes``, ``offset``) count bytes of the body, not of the object.
+Listing kinds (matched only by listings; the answer is well formed):
+
+``token_loop``
+    The page says it is truncated and its ``NextContinuationToken`` is the
+    token the request sent (the first page: a token that leads back to the
+    first page), so a client that follows tokens loops for ever.
+``keys_repeat``
+    Every page is the first page again, marked truncated, with a new token
+    each time: the keys do not increase and the listing never ends.
+``endless_listing``
+    Pages of made-up objects (``PREFIX`` + ``endless-000000000001`` ...)
+    that always say truncated: keys increase and tokens are new, but the
+    listing never ends.
+
+The body kinds are matched only by answers that carry a body: a GET of an
+object (200 or 206) or a listing (``replace`` only objects, the listing kinds
+only listings). Offsets (``after_bytes``, ``offset``) count bytes of the body,
+not of the object.
 
 Must not import: trio, httpx, http.server (this module only decides; the
 server carries the faults out).
@@ -61,15 +86,19 @@ __all__ = [
     "Fault",
     "Faults",
     "BODY_KINDS",
+    "LISTING_KINDS",
     "default_error_code",
 ]
 
-FaultKind = Literal["status", "reset", "truncate", "stall", "replace", "corrupt"]
+FaultKind = Literal["status", "reset", "truncate", "stall", "replace", "corrupt", "endless",
+                    "token_loop", "keys_repeat", "endless_listing"]
 # What a request asks for: object HEAD, object GET, bucket listing, or anything
 # else (PUT, GET of the service root, ...).
 Op = Literal["head", "get", "list", "other"]
 
-BODY_KINDS: frozenset[str] = frozenset({"reset", "truncate", "stall", "replace", "corrupt"})
+LISTING_KINDS: frozenset[str] = frozenset({"token_loop", "keys_repeat", "endless_listing"})
+BODY_KINDS: frozenset[str] = frozenset({"reset", "truncate", "stall", "replace", "corrupt",
+                                        "endless"}) | LISTING_KINDS
 _KINDS: frozenset[str] = BODY_KINDS | {"status"}
 
 # OSS answers a bad parameter with InvalidArgument rather than the generic code.
@@ -130,7 +159,10 @@ class Fault:
     after_bytes: int = 0
     # stall
     seconds: float = 0.0
-    then: Literal["continue", "close", "reset"] = "continue"
+    then: Literal["continue", "close", "reset", "trickle"] = "continue"
+    interval: float = 0.1  # stall with then="trickle": seconds between bytes
+    # endless
+    answer: int = 200
     # replace
     data: bytes | None = None
     # corrupt
@@ -144,8 +176,14 @@ class Fault:
             raise ValueError(f"a status fault needs an error status, not {self.status}")
         if self.after_bytes < 0 or self.offset < 0 or self.length < 1 or self.seconds < 0:
             raise ValueError("after_bytes, offset and seconds must be >= 0, length >= 1")
-        if self.then not in ("continue", "close", "reset"):
-            raise ValueError(f"then must be continue, close or reset, not {self.then!r}")
+        if self.then not in ("continue", "close", "reset", "trickle"):
+            raise ValueError(f"then must be continue, close, reset or trickle, "
+                             f"not {self.then!r}")
+        if self.interval <= 0:
+            raise ValueError("interval must be > 0")
+        if not 200 <= self.answer <= 599 or 300 <= self.answer < 400:
+            raise ValueError(f"an endless answer needs a 2xx, 4xx or 5xx status, "
+                             f"not {self.answer}")
 
     @property
     def error_code(self) -> str:
@@ -255,6 +293,8 @@ class Faults:
                 if (f.kind in BODY_KINDS) != body:
                     continue
                 if f.kind == "replace" and info.op != "get":
+                    continue
+                if f.kind in LISTING_KINDS and info.op != "list":
                     continue
                 if not f.matches(info):
                     continue

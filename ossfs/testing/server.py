@@ -62,7 +62,14 @@ from ossfs.model import ObjectMeta
 from ossfs.protocol.requests import Endpoint
 from ossfs.protocol.signing import Credentials, SignatureError, check_oss_signature
 from ossfs.protocol.xml import format_iso8601, render_error, render_list_objects
-from ossfs.testing.faults import Fault, Faults, Op, RequestInfo, default_error_code
+from ossfs.testing.faults import (
+    LISTING_KINDS,
+    Fault,
+    Faults,
+    Op,
+    RequestInfo,
+    default_error_code,
+)
 from ossfs.testing.stats import GetRecord, Stats, StatsSnapshot
 from ossfs.testing.store import (
     INVERT,
@@ -70,6 +77,7 @@ from ossfs.testing.store import (
     CrcCache,
     DirectoryBucket,
     FileSource,
+    ListResult,
     MemoryBucket,
     MemorySource,
     http_date,
@@ -267,6 +275,20 @@ def _decode_token(token: str) -> str:
     except (binascii.Error, UnicodeDecodeError, ValueError) as e:
         raise OssError(400, "InvalidArgument", "The continuation token provided is "
                        "incorrect.") from e
+
+
+_ENDLESS_MTIME = 1_700_000_000.0
+
+
+def _endless_page(prefix: str, after: str | None, max_keys: int) -> ListResult:
+    """A page of the made-up listing that never ends (the ``endless_listing`` fault)."""
+    base = prefix + "endless-"
+    first = 1
+    if after and after.startswith(base) and after[len(base):].isdigit():
+        first = int(after[len(base):]) + 1
+    keys = [f"{base}{n:012d}" for n in range(first, first + max(1, max_keys))]
+    objects = tuple(ObjectMeta(k, 1, "0" * 32, _ENDLESS_MTIME) for k in keys)
+    return ListResult(objects, (), keys[-1])
 
 
 def _object_headers(meta: ObjectMeta) -> list[tuple[str, str]]:
@@ -553,6 +575,10 @@ class _Handler(BaseHTTPRequestHandler):
             fault = self._owner.faults.take(info, body=True)
             if fault is not None and self._record is not None:
                 self._record["fault"] = fault.kind
+            if fault is not None and fault.kind == "endless":
+                self._send_endless(fault, _object_headers(meta), start, end, meta.size,
+                                   obj.source)
+                return
 
             def replace() -> None:
                 new = bucket.replace(key, fault.data if fault is not None else None)
@@ -622,6 +648,8 @@ class _Handler(BaseHTTPRequestHandler):
             owner._stopping.wait(fault.seconds)
             if fault.then == "continue":
                 send_to(length)
+            elif fault.then == "trickle":
+                self._trickle(source, start + pacer.sent, end, fault.interval, pacer)
             else:
                 self._abort(reset=fault.then == "reset")
         else:  # reset, truncate
@@ -653,6 +681,57 @@ class _Handler(BaseHTTPRequestHandler):
                     raise _BodyCut("the file is shorter than when the answer started")
             pos += sent
             pacer.sent += sent
+
+    def _trickle(self, source: MemorySource | FileSource, pos: int, stop: int,
+                 interval: float, pacer: _Pacer) -> None:
+        """Send object bytes [pos, stop) one at a time, *interval* seconds apart."""
+        sock = self.connection
+        stopping = self._owner._stopping
+        while pos < stop and not stopping.wait(interval):
+            sock.sendall(_read(source, pos, pos + 1))
+            pos += 1
+            pacer.sent += 1
+        if pos < stop:
+            self._abort(reset=False)  # the server is stopping
+
+    def _send_endless(self, fault: Fault, headers: list[tuple[str, str]], start: int,
+                      end: int, size: int, source: MemorySource | FileSource | None) -> None:
+        """Answer ``fault.answer`` with a body that never ends (see `Faults`)."""
+        status = fault.answer
+        self.close_connection = True  # a close-delimited body ends only with the connection
+        pacer = self._pacer = _Pacer(self._owner.faults, self._owner._stopping)
+        if status >= 400:
+            code = default_error_code(status)
+            head = self._head(status, [("Content-Type", "application/xml")])
+            prefix = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                      "<Message>").encode()
+            filler = b"endless " * 8192
+        elif source is None:  # a listing
+            head = self._head(status, [("Content-Type", "application/xml")])
+            prefix = (b'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult>'
+                      b"<IsTruncated>true</IsTruncated>")
+            filler = (b"<Contents><Key>endless</Key><Size>1</Size><ETag>&quot;0&quot;</ETag>"
+                      b"<LastModified>2024-01-01T00:00:00.000Z</LastModified></Contents>") * 512
+        else:
+            if status == 206:
+                headers = [*headers, ("Content-Range", f"bytes {start}-{end - 1}/{size}")]
+                first = start
+            else:
+                first = 0
+            head = self._head(status, headers)
+            prefix = b""
+            data = _read(source, 0, size) if size <= (1 << 20) else _read(source, 0, 1 << 20)
+            data = data or b"\0"
+            piece = data[first % len(data):] + data[:first % len(data)]
+            filler = piece * max(1, (64 * 1024) // len(piece))
+        sock = self.connection
+        sock.sendall(head + prefix)
+        stopping = self._owner._stopping
+        while not stopping.is_set():
+            pacer.wait(len(filler))
+            sock.sendall(filler)
+            pacer.sent += len(filler)
+        self._abort(reset=False)
 
     def _abort(self, *, reset: bool) -> None:
         """End the connection now: with an RST (*reset*) or a clean close."""
@@ -701,8 +780,28 @@ class _Handler(BaseHTTPRequestHandler):
         marker = params.get("marker") or None
         # V2 resumes after the token (which wins) or start-after; V1 after the marker.
         after = (_decode_token(token) if token else start_after) if v2 else marker
-        result = bucket.list(prefix=prefix, delimiter=delimiter, after=after, max_keys=max_keys)
-        next_after = result.next_after
+        fault = self._owner.faults.take(info, body=True)
+        if fault is not None and fault.kind == "endless":
+            self._send_endless(fault, [], 0, 0, 0, None)
+            return
+        if fault is not None and fault.kind == "keys_repeat":
+            after = start_after if v2 else None
+        if fault is not None and fault.kind == "endless_listing":
+            result = _endless_page(prefix, after, max_keys)
+        else:
+            result = bucket.list(prefix=prefix, delimiter=delimiter, after=after,
+                                 max_keys=max_keys)
+        next_token = None
+        if result.next_after:
+            next_token = _encode_token(result.next_after) if v2 else result.next_after
+        if fault is not None and fault.kind == "token_loop":
+            # Back to where this page started: the same page, for ever. A key
+            # is never "\0", so the first page comes again after it.
+            next_token = token or (_encode_token("\0") if v2 else "\0")
+        elif fault is not None and fault.kind == "keys_repeat":
+            # The first page again, under a token never sent before.
+            seen = len(_decode_token(token)) if token and v2 else 0
+            next_token = _encode_token("\0" * (seen + 1)) if v2 else "\0" * (seen + 1)
         body = render_list_objects(
             bucket=bucket.name,
             prefix=prefix,
@@ -710,7 +809,7 @@ class _Handler(BaseHTTPRequestHandler):
             max_keys=max_keys,
             objects=result.objects,
             prefixes=result.prefixes,
-            next_token=(_encode_token(next_after) if v2 else next_after) if next_after else None,
+            next_token=next_token,
             continuation_token=token,
             start_after=start_after,
             encoding_url=encoding == "url",
@@ -718,7 +817,8 @@ class _Handler(BaseHTTPRequestHandler):
             marker=marker,
         )
         headers = [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))]
-        fault = self._owner.faults.take(info, body=True)
+        if fault is not None and fault.kind in LISTING_KINDS:
+            fault = None  # carried out above: the answer itself is well formed
         self._send_body(self._head(200, headers), MemorySource(body), 0, len(body), fault)
 
     def _list_buckets(self) -> None:

@@ -428,6 +428,102 @@ def test_stall_trips_a_read_timeout(srv: OssTestServer) -> None:
         assert time.monotonic() - started >= 0.2
 
 
+def test_stall_then_trickle(srv: OssTestServer, client: httpx.Client) -> None:
+    srv.faults.add(Fault("stall", key="obj", after_bytes=100, seconds=0.1, then="trickle",
+                         interval=0.01))
+    received = bytearray()
+    with client.stream("GET", "/b/obj") as r:
+        for chunk in r.iter_raw():
+            received += chunk
+            if len(received) >= 105:
+                break
+    # Everything sent is the object's bytes, in order; the trickle sends one byte a write.
+    assert bytes(received) == DATA[:len(received)]
+    # A trickle that runs to its end delivers the whole object.
+    srv.faults.add(Fault("stall", key="obj", after_bytes=990, seconds=0, then="trickle",
+                         interval=0.001))
+    assert client.get("/b/obj").content == DATA
+
+
+@pytest.mark.parametrize("answer", [200, 206, 503])
+def test_endless_body(srv: OssTestServer, client: httpx.Client, answer: int) -> None:
+    srv.faults.add(Fault("endless", key="obj", answer=answer))
+    received = bytearray()
+    with client.stream("GET", "/b/obj", headers={"Range": "bytes=10-19"}) as r:
+        assert r.status_code == answer
+        assert "content-length" not in r.headers
+        for chunk in r.iter_raw():
+            received += chunk
+            if len(received) > 3 * len(DATA):
+                break
+    assert len(received) > 3 * len(DATA)  # far more than the object, and still going
+    if answer == 200:
+        assert bytes(received[:3000]) == DATA * 3  # the object, over and over
+    elif answer == 206:
+        assert r.headers["content-range"] == "bytes 10-19/1000"
+        assert bytes(received[:10]) == DATA[10:20]
+    else:
+        assert received.startswith(b'<?xml version="1.0" encoding="UTF-8"?>\n<Error>'
+                                   b"<Code>ServiceUnavailable</Code>")
+    assert client.get("/b/obj").content == DATA  # one shot
+    # A listing too.
+    srv.faults.add(Fault("endless", op="list"))
+    received.clear()
+    with client.stream("GET", "/b/", params={"list-type": "2"}) as r:
+        assert r.status_code == 200
+        for chunk in r.iter_raw():
+            received += chunk
+            if len(received) > 1 << 20:
+                break
+    assert received.count(b"<Contents>") > 1000
+
+
+def _page_of_two(client: httpx.Client, token: str | None) -> tuple[list[str], str | None]:
+    params = {"list-type": "2", "max-keys": "2"}
+    if token:
+        params["continuation-token"] = token
+    page = parse_list_objects_v2(client.get("/b/", params=params).content)
+    return [o.key for o in page.objects], page.next_token
+
+
+def test_listing_faults(srv: OssTestServer, client: httpx.Client) -> None:
+    first = ["big", "empty"]
+    # token_loop: the first page, then the same token (and page) for ever.
+    srv.faults.add(Fault("token_loop"), times=None)
+    keys, token = _page_of_two(client, None)
+    assert keys == first and token is not None
+    for _ in range(3):
+        keys, again = _page_of_two(client, token)
+        assert (keys, again) == (first, token)
+    srv.faults.clear()
+    # From a later page, that page for ever.
+    _, token = _page_of_two(client, None)
+    srv.faults.add(Fault("token_loop"), times=None)
+    keys, again = _page_of_two(client, token)
+    assert (keys, again) == (["obj"], token)
+    srv.faults.clear()
+    # keys_repeat: the first page with a new token every time.
+    srv.faults.add(Fault("keys_repeat"), times=None)
+    tokens: set[str | None] = set()
+    token = None
+    for _ in range(4):
+        keys, token = _page_of_two(client, token)
+        assert keys == first and token not in tokens
+        tokens.add(token)
+    srv.faults.clear()
+    # endless_listing: made-up keys that increase, never the end.
+    srv.faults.add(Fault("endless_listing"), times=None)
+    seen: list[str] = []
+    token = None
+    for _ in range(4):
+        keys, token = _page_of_two(client, token)
+        assert token is not None
+        seen += keys
+    assert seen == [f"endless-{n:012d}" for n in range(1, 9)]
+    srv.faults.clear()
+    assert _page_of_two(client, None) == (first, _page_of_two(client, None)[1])
+
+
 def test_replace_during_a_read(srv: OssTestServer, client: httpx.Client) -> None:
     old = client.head("/b/big").headers["etag"]
     new_data = b"new content"
