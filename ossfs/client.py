@@ -252,7 +252,8 @@ class _Cycle:
             text = (f"{self.what} timed out after {elapsed:.1f}s and {self.attempts} "
                     f"attempt{'s' if self.attempts != 1 else ''} (limit {limit}): {last}")
         else:
-            text = f"{self.what} failed after {self.attempts} attempts"
+            text = (f"{self.what} failed after {self.attempts} "
+                    f"attempt{'s' if self.attempts != 1 else ''}")
             if self.resumed:
                 text += f" ({self.resumed} of them resumed a transfer that had moved)"
             text += f": {last}"

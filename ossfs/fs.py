@@ -374,8 +374,9 @@ class Operations(pyfuse3.Operations):
         except NoSpaceError:
             raise
         except OssfsError as e:
+            failed_at = trio.current_time()  # not `now`: the fetch may have taken a minute
             for p in parts:
-                h.failed[p] = (now, e)
+                h.failed[p] = (failed_at, e)
             raise
 
     def _move_position(self, h: _Handle, part: int | None) -> None:

@@ -239,6 +239,7 @@ def test_a_failed_part_fails_again_at_once_for_a_while(tmp_path: Path) -> None:
     client = MemoryClient(latency=1.0)
     client.put(BUCKET, "obj", os.urandom(256 * KiB))
     ops, fetcher = _ops(client, tmp_path / "c")
+    slow = 30.0  # a failure takes a whole retry cycle to arrive
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -246,6 +247,7 @@ def test_a_failed_part_fails_again_at_once_for_a_while(tmp_path: Path) -> None:
             attrs = await ops.lookup(pyfuse3.ROOT_INODE, b"obj")
             info = await ops.open(attrs.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
             client.fail_every = 1
+            client.latency = slow
             with pytest.raises(pyfuse3.FUSEError):
                 await ops.read(info.fh, 0, 4096)
             tried = client.gets  # the part, and maybe one read ahead
