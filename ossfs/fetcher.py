@@ -54,6 +54,8 @@ __all__ = ["Fetcher", "ByteCallback", "Budget", "Streams"]
 log = logging.getLogger(__name__)
 
 ByteCallback = Callable[[int], None]
+# The most one read-ahead GET asks for (a run of consecutive parts).
+MAX_RUN_BYTES = 16 << 20
 
 
 class Budget(Protocol):
@@ -447,15 +449,135 @@ class Fetcher:
 
     def read_ahead(self, store: PartStore, offset: int, nbytes: int) -> None:
         """Fetch the missing parts over ``[offset, offset+nbytes)`` in the background,
-        in order, as far as the budget admits them."""
-        if nbytes <= 0 or offset >= store.identity.start + store.identity.length:
+        in order, as far as the budget admits them.
+
+        Consecutive missing parts are fetched by one GET each run (a *run*
+        flight): the cache's part size stays small, so a random reader fetches
+        little, while a stream's GETs grow with its window, up to
+        `MAX_RUN_BYTES`, so their number stays small.
+        """
+        end = store.identity.start + store.identity.length
+        if nbytes <= 0 or offset >= end or self._nursery is None:
             return
-        nbytes = min(nbytes, store.identity.start + store.identity.length - offset)
+        nbytes = min(nbytes, end - offset)
+        run_limit = max(store.layout.part_size, min(MAX_RUN_BYTES, nbytes // 4))
+        wanted = [p for p in store.layout.parts_for(offset, nbytes)
+                  if not store.is_present(p) and (id(store), p) not in self._flights]
+        if not wanted:
+            return
+        # Wait until a whole run is missing, unless the reader is about to need it:
+        # a window that grows by one read at a time would otherwise mean one GET per part.
+        frontier, _ = store.layout.bounds(wanted[0])
+        if (len(wanted) * store.layout.part_size < run_limit
+                and frontier - offset > run_limit and wanted[-1] != store.layout.count - 1):
+            return
+        run: list[tuple[int, _Flight]] = []
         for part in store.layout.parts_for(offset, nbytes):
             if store.is_present(part) or (id(store), part) in self._flights:
+                self._launch_run(store, run)
+                run = []
                 continue
-            if self.start(store, part, readahead=True) is None and not store.is_present(part):
-                return  # no room: a later read asks again
+            flight = self._new_flight(store, part, readahead=True)
+            if flight is None:
+                if store.is_present(part):
+                    continue
+                break  # no room: a later read asks again
+            run.append((part, flight))
+            if len(run) * store.layout.part_size >= run_limit:
+                self._launch_run(store, run)
+                run = []
+        self._launch_run(store, run)
+
+    def _launch_run(self, store: PartStore, run: list[tuple[int, _Flight]]) -> None:
+        if not run:
+            return
+        assert self._nursery is not None
+        if len(run) == 1:
+            self._nursery.start_soon(self._background, store, run[0][0], run[0][1])
+        else:
+            self._nursery.start_soon(self._background_run, store, list(run))
+
+    async def _background_run(self, store: PartStore, run: list[tuple[int, _Flight]]) -> None:
+        """Fetch consecutive parts with one GET; each part is committed, and its flight
+        ends, as soon as its last byte is written."""
+        store.flight_started()
+        claimed: list[tuple[int, _Flight]] = []
+        error: BaseException | None = None
+        try:
+            async with self.readahead_limiter:
+                # Only the leading parts nobody else (another process) is fetching, and
+                # that are still missing: a run is one contiguous range.
+                store.refresh()
+                for part, flight in run:
+                    if store.is_present(part) or not store.try_lock_part(part):
+                        break
+                    claimed.append((part, flight))
+                if claimed:
+                    await self._download_run(store, claimed)
+        except BaseException as e:
+            error = e
+            if not isinstance(e, trio.Cancelled):
+                log.debug("read-ahead of parts %d-%d of %s failed: %s", run[0][0],
+                          run[-1][0], store.identity.key, e)
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            for part, _flight in claimed:
+                store.unlock_part(part)
+            for part, flight in run:
+                # Not reached (or unclaimed): waiters look at the store again, and a
+                # reader that needs the part starts a flight of its own.
+                self._land(store, part, flight, error)
+            store.flight_ended()
+        if store.complete:
+            try:
+                self.check_whole(store, store.server_crc64)
+            except IntegrityError as e:
+                log.error("%s", e)
+
+    async def _download_run(self, store: PartStore, run: list[tuple[int, _Flight]]) -> None:
+        ident = store.identity
+        index = 0
+        crc = 0
+
+        def sink(offset: int, data: memoryview) -> Awaitable[None] | None:
+            nonlocal index, crc
+            done: list[int] = []
+            while data:
+                part, flight = run[index]
+                take = min(len(data), flight.end - offset)
+                piece = data[:take]
+                with _disk_full_is_no_space(store):
+                    store.write(offset, piece)
+                crc = crc64(piece, crc)
+                offset += take
+                data = data[take:]
+                flight.advance(offset)
+                if offset == flight.end:
+                    with _disk_full_is_no_space(store):
+                        store.commit(part, crc)
+                    self.parts_fetched += 1
+                    self._land(store, part, flight, None)
+                    done.append(part)
+                    index += 1
+                    crc = 0
+            if done:
+                return trio.to_thread.run_sync(_start_writeback, store, done)
+            return None
+
+        first = run[0][1].first
+        last = run[-1][1].end
+        async with self.limiter:
+            got = await self.client.get_range(ident.bucket, ident.key, first, last,
+                                              ident.etag, sink)
+        if got.object_crc64 is not None:
+            store.server_crc64 = got.object_crc64
+        self.bytes_fetched += got.nbytes
+
+
+def _start_writeback(store: PartStore, parts: list[int]) -> None:
+    for part in parts:
+        store.start_writeback(part)
 
 
 @contextmanager
