@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -77,11 +78,11 @@ class MountConfig:
     max_dir_entries: int = DEFAULT_MAX_DIR_ENTRIES
 
 
-def mounted_fstype(path: str) -> str | None:
-    """The file system type mounted exactly at *path* (e.g. ``fuse.ossfs``), or None.
+def _mountinfo(path: str) -> tuple[str, str] | None:
+    """(file system type, ``major:minor``) of what is mounted exactly at *path*.
 
     Read from /proc/self/mountinfo, which (unlike stat) still answers for a dead
-    FUSE mount whose process is gone.
+    FUSE mount whose process is gone, and asks nothing of a live one.
     """
     want = os.fsencode(os.path.abspath(path))
     found = None
@@ -95,10 +96,37 @@ def mounted_fstype(path: str) -> str | None:
                                fields[4])
                 if point == want:
                     # The last mount on a path is the visible one.
-                    found = os.fsdecode(fields[sep + 1])
+                    found = (os.fsdecode(fields[sep + 1]), os.fsdecode(fields[2]))
     except (OSError, ValueError, IndexError):
         return None
     return found
+
+
+def mounted_fstype(path: str) -> str | None:
+    """The file system type mounted exactly at *path* (e.g. ``fuse.ossfs``), or None."""
+    info = _mountinfo(path)
+    return info[0] if info else None
+
+
+# The kernel's read-ahead for the mount (its backing device's read_ahead_kb). The
+# default 128 KiB makes the kernel send reads of 128-256 KiB; at 1 MiB (the most one
+# FUSE request carries) a sequential read costs a quarter of the requests, and a warm
+# cached read ran at 4.7x the speed (305 -> 1422 MB/s, 512 MiB, page cache dropped).
+KERNEL_READ_AHEAD_KB = 1024
+
+
+def tune_kernel_read_ahead(path: str, kb: int = KERNEL_READ_AHEAD_KB) -> bool:
+    """Set the mount's kernel read-ahead (needs root; best effort: False if not set)."""
+    info = _mountinfo(path)
+    if info is None:
+        return False
+    try:
+        with open(f"/sys/class/bdi/{info[1]}/read_ahead_kb", "w") as f:
+            f.write(str(kb))
+    except OSError as e:
+        log.debug("cannot set the kernel read-ahead of %s: %s", path, e)
+        return False
+    return True
 
 
 def is_dead_mount(path: str) -> bool:
@@ -247,6 +275,7 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
             async with trio.open_nursery() as nursery:
                 fetcher.attach(nursery)
                 nursery.start_soon(_on_signals, nursery.cancel_scope, received)
+                nursery.start_soon(_after_init, config.mountpoint)
                 await pyfuse3.main()
                 unmounted = True
                 nursery.cancel_scope.cancel()
@@ -259,6 +288,20 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
     finally:
         with trio.CancelScope(shield=True):
             await client.aclose()
+
+
+async def _after_init(mountpoint: str) -> None:
+    """Set the kernel read-ahead once the kernel has our INIT answer (which would lower
+    it again): a stat from a worker thread returns only after that."""
+
+    def stat_then_tune() -> None:
+        with suppress(OSError):
+            os.stat(mountpoint)
+        if tune_kernel_read_ahead(mountpoint):
+            log.debug("kernel read-ahead of %s set to %d KiB", mountpoint,
+                      KERNEL_READ_AHEAD_KB)
+
+    await trio.to_thread.run_sync(stat_then_tune, abandon_on_cancel=True)
 
 
 async def _on_signals(scope: trio.CancelScope, received: list[int]) -> None:

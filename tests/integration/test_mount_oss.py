@@ -226,3 +226,23 @@ def test_start_up_failures_are_clear(server: OssTestServer, tmp_path: Path,
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = run_ossfs("status", str(tmp_path), env=env)
     assert r.returncode == 2 and "not a mount" in r.stderr
+
+
+def test_the_kernel_sends_reads_of_up_to_1_mib(server: OssTestServer, tmp_path: Path,
+                                               env: dict[str, str]) -> None:
+    """The mount raises the kernel's read-ahead for itself, so a sequential read comes
+    in requests of 1 MiB (the default 128 KiB read-ahead meant 128-256 KiB)."""
+    mnt = tmp_path / "mnt"
+    with mounted(f"oss://{BUCKET}", mnt, *opts(server, tmp_path), env=env):
+        dev = os.stat(mnt).st_dev
+        setting = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        for _ in range(50):
+            if setting.read_text().strip() == "1024":
+                break
+            time.sleep(0.1)
+        assert setting.read_text().strip() == "1024"
+        before = status(mnt, env)["fs_reads"]
+        size = len((mnt / "models" / "weights.bin").read_bytes())
+        reads = status(mnt, env)["fs_reads"]
+        assert isinstance(before, int) and isinstance(reads, int)
+        assert reads - before <= size // (1 << 20) + 2
