@@ -1,9 +1,10 @@
 """The FUSE operations: kernel requests translated to namespace and fetcher calls.
 
-This module only translates. It does no HTTP, no retries and starts no tasks
-of its own: lookups and listings go to `Namespace`, bytes to `Fetcher` and the
-part stores of `CacheDir`. Exceptions become errnos in one place
-(`_errors`). The file system is read-only: every request that would change it
+This module only translates. It does no HTTP, no retries and holds no read
+strategy: lookups and listings go to `Namespace`, reads to the open file's
+`OpenFile` (`ossfs.reader`: pins, checks, read-ahead, the reply buffer), the
+background check of a cached object's CRC-64 to `Fetcher`. Exceptions become
+errnos in one place (`_errors`). The file system is read-only: every request that would change it
 fails with EROFS.
 
 An inode is one version of an object (`Namespace` gives a new version a new
@@ -26,7 +27,7 @@ import stat
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import pyfuse3
@@ -37,7 +38,6 @@ from ossfs.cache.cachedir import CacheDir, identity_for
 from ossfs.cache.store import PartStore
 from ossfs.errors import (
     IntegrityError,
-    NoSpaceError,
     NotFoundError,
     ObjectChangedError,
     OssfsError,
@@ -46,6 +46,7 @@ from ossfs.errors import (
 from ossfs.fetcher import Fetcher
 from ossfs.namespace import DirReader, Namespace, Node
 from ossfs.prefetch import SiblingPrefetch
+from ossfs.reader import OpenFile, Reader
 
 __all__ = ["Operations", "FsOptions"]
 
@@ -53,15 +54,7 @@ log = logging.getLogger(__name__)
 
 _XATTR_PREFIX = "user.ossfs."
 _XATTR_PREFIX_BYTES = _XATTR_PREFIX.encode()
-# The largest read the kernel sends with the default readahead (32 pages) is 128 KiB;
-# the reply buffer is larger, and a bigger request falls back to a fresh buffer.
-_MAX_READ = 1 << 20
 _FILE_XATTRS = ("etag", "crc64", "cached_bytes", "url")
-# A read that needs a part whose fetch failed for the same open file less than this many
-# seconds ago fails at once: the kernel repeats a failed read (its read-ahead request,
-# then the read itself), and each repeat would otherwise run a whole retry cycle again.
-# A new open tries again at once.
-FAILURE_MEMORY = 10.0
 _ROOT_XATTRS = ("mount", "status")
 
 
@@ -80,13 +73,11 @@ class FsOptions:
 @dataclass(slots=True)
 class _Handle:
     node: Node
-    store: PartStore
-    url: str
-    # The part a sequential reader is in, pinned until it moves on or closes: read-ahead
-    # for the stream must not evict the part the stream has not finished.
-    position: int | None = None
-    # Parts whose fetch failed for this open file: part -> (trio time, error).
-    failed: dict[int, tuple[float, OssfsError]] = field(default_factory=dict)
+    file: OpenFile
+
+    @property
+    def store(self) -> PartStore:
+        return self.file.store
 
 
 class Operations(pyfuse3.Operations):
@@ -124,14 +115,7 @@ class Operations(pyfuse3.Operations):
         self._mounted_at = time.time()
         self.errors = 0
         self.reads = 0  # read requests the kernel sent (page-cache misses)
-        # Every read answer is built here. pyfuse3 copies it into the reply as soon as
-        # `read` returns, before any other task runs, so one buffer serves all reads
-        # and no read allocates (fresh 128 KiB buffers cost a mapping and page faults).
-        self._reply = memoryview(bytearray(_MAX_READ))
-        self._verifying: dict[tuple[int, int], trio.Event] = {}
-        # preadv(RWF_NOWAIT) tells page-cache hits from disk reads; off if unsupported.
-        self._nowait = True
-        self.verifications = 0  # cached parts checked against their CRC
+        self.reader = Reader(fetcher, cache)
         # Inodes whose kernel pages came from bytes that failed the whole-object check:
         # their next open drops the page cache.
         self._stale_pages: LRUCache[int, bool] = LRUCache(maxsize=4096)
@@ -308,7 +292,7 @@ class Operations(pyfuse3.Operations):
                 self.fetcher.spawn(self._check_whole, node, self.cache.reuse(ident))
         fh = self._new_fh()
         url = f"{self.ns.scheme}://{self.ns.bucket}/{meta.key}"
-        self._handles[fh] = _Handle(node, store, url)
+        self._handles[fh] = _Handle(node, self.reader.open(store, url))
         # An inode is one version (`Namespace`): its page cache is good, unless the
         # cached bytes it came from failed the whole-object check since.
         keep = self._stale_pages.pop(inode, None) is None
@@ -317,124 +301,8 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         self.reads += 1
         h = self._handles[fh]
-        store = h.store
-        total = store.identity.size
-        if off >= total or size <= 0:
-            return b""
-        end = min(off + size, total)
-        parts = store.layout.parts_for(off, end - off)
-        window = self.fetcher.observe(store, off, end - off)
-        self._move_position(h, parts[-1] if window else None)
-        if window:
-            # Flights start running only at this task's next await, after the pin below.
-            self.fetcher.read_ahead(store, end, window)
-        verified = store.verified
-        if all(p in verified for p in parts):
-            # Everything is on disk and checked. If it is also in the page cache, answer
-            # without yielding to other tasks, so nothing can evict the parts between
-            # this check and the read.
-            try:
-                answer = self._cached_answer(store, off, end)
-            except OSError as e:
-                async with self._errors("read", h.url):
-                    raise e
-            if answer is not None:
-                self.cache.note_access(store, parts, read_to=end)
-                return cast(bytes, answer)  # pyfuse3 takes any contiguous buffer
-        async with self._errors("read", h.url), self._remember_failure(h, parts):
-            # Pinned from before the first presence check to the end of the read:
-            # no eviction can punch these parts in between.
-            with self.cache.pinned(store, parts):
-                try:
-                    await self.fetcher.wait_for(store, off, end)
-                    for p in parts:
-                        if store.is_present(p) and p not in store.verified:
-                            await self._verify(store, p, h.url)
-                    await self.fetcher.wait_for(store, off, end)
-                except NoSpaceError:
-                    # The cache disk is full and nothing can be evicted: the bytes come
-                    # from the network (same version: If-Match) and are not cached.
-                    return await self.fetcher.read_uncached(store, off, end)
-                # The shared reply buffer is returned with no await after it is filled.
-                answer = self._cached_answer(store, off, end)
-                if answer is None:
-                    answer = await self._disk_answer(store, off, end)
-            self.cache.note_access(store, parts, read_to=end)
-        return cast(bytes, answer)  # pyfuse3 takes any contiguous buffer
-
-    @asynccontextmanager
-    async def _remember_failure(self, h: _Handle, parts: Sequence[int]) -> AsyncIterator[None]:
-        now = trio.current_time()
-        for p in parts:
-            failed = h.failed.get(p)
-            if failed is not None and now - failed[0] < FAILURE_MEMORY:
-                raise failed[1]
-        try:
-            yield
-        except NoSpaceError:
-            raise
-        except OssfsError as e:
-            failed_at = trio.current_time()  # not `now`: the fetch may have taken a minute
-            for p in parts:
-                h.failed[p] = (failed_at, e)
-            raise
-
-    def _move_position(self, h: _Handle, part: int | None) -> None:
-        if part == h.position:
-            return
-        if part is not None:
-            self.cache.pin(h.store, [part])
-        if h.position is not None:
-            self.cache.unpin(h.store, [h.position])
-        h.position = part
-
-    def _cached_answer(self, store: PartStore, off: int, end: int) -> memoryview | None:
-        """The bytes from the page cache, in the shared reply buffer; None if a disk read
-        would be needed (that one must not stall every other request)."""
-        size = end - off
-        if size > len(self._reply):
-            return None
-        view = self._reply[:size]
-        if self._nowait:
-            try:
-                n = store.read_into(off, view, nowait=True)
-            except BlockingIOError:
-                return None
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                self._nowait = False  # this file system cannot say; read inline
-            else:
-                return view[:n] if n == size else None
-        n = store.read_into(off, view)
-        return view[:n]
-
-    async def _disk_answer(self, store: PartStore, off: int, end: int) -> memoryview:
-        """Read from disk in a worker thread, into a buffer of its own."""
-        buf = memoryview(bytearray(end - off))
-        n = await trio.to_thread.run_sync(store.read_into, off, buf)
-        return buf[:n]
-
-    async def _verify(self, store: PartStore, part: int, url: str) -> None:
-        """Check a part another process (or an earlier run) cached before serving it.
-
-        Once per part: concurrent readers of one part wait for the same check.
-        """
-        key = (id(store), part)
-        running = self._verifying.get(key)
-        if running is not None:
-            await running.wait()
-            return
-        done = self._verifying[key] = trio.Event()
-        self.verifications += 1
-        try:
-            if not await trio.to_thread.run_sync(store.verify, part):
-                log.warning("%s: cached part %d failed its CRC check; fetching it again",
-                            url, part)
-                store.drop([part])
-        finally:
-            del self._verifying[key]
-            done.set()
+        async with self._errors("read", h.file.url):
+            return cast(bytes, await h.file.read(off, size))  # any contiguous buffer
 
     async def _check_whole(self, node: Node, store: PartStore | None) -> None:
         if store is None:
@@ -461,7 +329,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
         if h is not None:
-            self._move_position(h, None)
+            h.file.close()
             self.cache.release(h.store)
 
     async def flush(self, fh: int) -> None:

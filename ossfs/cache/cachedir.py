@@ -288,6 +288,17 @@ class CacheDir:
             entry.pins[p] -= 1
             if entry.pins[p] <= 0:
                 del entry.pins[p]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Back under the cap as soon as what held the cache over it lets go: going over
+        is for the parts readers and fetches hold, never a state that stays."""
+        if self._used <= self.max_bytes:
+            return
+        room = self._room(0)
+        if self._used > room:
+            self._used -= self._evict(self._used - room)
+        self._note_over(room)
 
     @contextmanager
     def pinned(self, store: PartStore, parts: range | list[int]) -> Iterator[None]:
@@ -434,6 +445,7 @@ class CacheDir:
                 if readahead:
                     entry.ahead.setdefault(part, now)
         if committed:
+            self._trim()
             return
         self._used -= nbytes
         if written and (entry is None or not entry.pins.get(part)) and store.fileno() >= 0:

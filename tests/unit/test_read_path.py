@@ -135,6 +135,11 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
 
     try:
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        # At rest (every reader done) the cap holds again; a cap smaller than one
+        # part holds that part.
+        rest = disk_bytes(root)
+        assert rest <= max(sc.cap, sc.part_size) + 8192, (
+            f"{rest} bytes cached at rest, cap {sc.cap}")
     finally:
         cache.close()
     assert worst <= bound, f"cache took {worst} bytes on disk, bound {bound}"

@@ -1,0 +1,214 @@
+"""Reads of open files: what a FUSE ``read`` does between the kernel and the cache.
+
+`Reader` is one per mount; `Reader.open` makes an `OpenFile` per open file.
+`OpenFile.read(offset, size)` returns the object's bytes for that range:
+
+- **fast path**: every part is in the store and checked against its CRC, and
+  the bytes are in the page cache: they are copied into the one shared reply
+  buffer without yielding to another task, so nothing can evict them between
+  the check and the copy;
+- **slow path**: the parts are pinned (docs/cache-format.md, "Eviction"), the
+  fetcher makes them present (a reader waits only for its own bytes), a part
+  another process cached is checked once (one check however many readers),
+  then the bytes are read from the page cache, or from disk in a worker
+  thread;
+- a full cache disk: the bytes come from the network, not cached;
+- a part whose fetch failed for this open file fails again at once for
+  `FAILURE_MEMORY` seconds (the kernel repeats a failed read; a new open tries
+  again);
+- read-ahead: every read is shown to the fetcher's stream detector, and a
+  sequential stream's part is pinned until the stream moves on.
+
+Errors are raised as they are (OssfsError, OSError); the FUSE layer maps them.
+
+Must not import: pyfuse3, httpx.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from ossfs.cache.cachedir import CacheDir
+from ossfs.cache.store import PartStore
+from ossfs.errors import NoSpaceError, OssfsError
+from ossfs.fetcher import Fetcher
+
+__all__ = ["Reader", "OpenFile", "FAILURE_MEMORY", "MAX_READ"]
+
+log = logging.getLogger(__name__)
+
+# The largest read the kernel sends: 1 MiB (256 pages, with the mount's read-ahead
+# raised to match). A bigger request falls back to a buffer of its own.
+MAX_READ = 1 << 20
+# A read that needs a part whose fetch failed for the same open file less than this many
+# seconds ago fails at once: the kernel repeats a failed read (its read-ahead request,
+# then the read itself), and each repeat would otherwise run a whole retry cycle again.
+# A new open tries again at once.
+FAILURE_MEMORY = 10.0
+
+
+class Reader:
+    """What the open files of one mount share: the fetcher, the cache, the reply buffer,
+    the single flight of part checks, and counters."""
+
+    def __init__(self, fetcher: Fetcher, cache: CacheDir) -> None:
+        self.fetcher = fetcher
+        self.cache = cache
+        # Every read answer is built here. pyfuse3 copies it into the reply as soon as
+        # `read` returns, before any other task runs, so one buffer serves all reads
+        # and no read allocates (fresh buffers cost a mapping and page faults).
+        self._reply = memoryview(bytearray(MAX_READ))
+        self._verifying: dict[tuple[int, int], trio.Event] = {}
+        # preadv(RWF_NOWAIT) tells page-cache hits from disk reads; off if unsupported.
+        self._nowait = True
+        self.verifications = 0  # cached parts checked against their CRC
+
+    def open(self, store: PartStore, url: str) -> OpenFile:
+        return OpenFile(self, store, url)
+
+    # ---------------------------------------------------------------- answers
+
+    def cached_answer(self, store: PartStore, off: int, end: int) -> memoryview | None:
+        """The bytes from the page cache, in the shared reply buffer; None if a disk read
+        would be needed (that one must not stall every other request)."""
+        size = end - off
+        if size > len(self._reply):
+            return None
+        view = self._reply[:size]
+        if self._nowait:
+            try:
+                n = store.read_into(off, view, nowait=True)
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait = False  # this file system cannot say; read inline
+            else:
+                return view[:n] if n == size else None
+        n = store.read_into(off, view)
+        return view[:n]
+
+    async def disk_answer(self, store: PartStore, off: int, end: int) -> memoryview:
+        """Read from disk in a worker thread, into a buffer of its own."""
+        buf = memoryview(bytearray(end - off))
+        n = await trio.to_thread.run_sync(store.read_into, off, buf)
+        return buf[:n]
+
+    async def verify(self, store: PartStore, part: int, url: str) -> None:
+        """Check a part another process (or an earlier run) cached before serving it.
+
+        Once per part: concurrent readers of one part wait for the same check.
+        """
+        key = (id(store), part)
+        running = self._verifying.get(key)
+        if running is not None:
+            await running.wait()
+            return
+        done = self._verifying[key] = trio.Event()
+        self.verifications += 1
+        try:
+            if not await trio.to_thread.run_sync(store.verify, part):
+                log.warning("%s: cached part %d failed its CRC check; fetching it again",
+                            url, part)
+                store.drop([part])
+        finally:
+            del self._verifying[key]
+            done.set()
+
+
+@dataclass(slots=True, eq=False)
+class OpenFile:
+    """The reads of one open file of one object version (see the module docstring)."""
+
+    reader: Reader
+    store: PartStore
+    url: str
+    # The part a sequential reader is in, pinned until it moves on or closes: read-ahead
+    # for the stream must not evict the part the stream has not finished.
+    position: int | None = None
+    # Parts whose fetch failed for this open file: part -> (trio time, error).
+    failed: dict[int, tuple[float, OssfsError]] = field(default_factory=dict)
+
+    async def read(self, off: int, size: int) -> bytes | memoryview:
+        """Object bytes ``[off, off+size)`` (fewer at the end of the object).
+
+        A memoryview into the shared reply buffer is valid until the next await.
+        """
+        store = self.store
+        total = store.identity.size
+        if off >= total or size <= 0:
+            return b""
+        end = min(off + size, total)
+        parts = store.layout.parts_for(off, end - off)
+        fetcher, cache, reader = self.reader.fetcher, self.reader.cache, self.reader
+        window = fetcher.observe(store, off, end - off)
+        self._move_position(parts[-1] if window else None)
+        if window:
+            # Flights start running only at this task's next await, after the pin below.
+            fetcher.read_ahead(store, end, window)
+        verified = store.verified
+        if all(p in verified for p in parts):
+            # Everything is on disk and checked. If it is also in the page cache, answer
+            # without yielding to other tasks, so nothing can evict the parts between
+            # this check and the read.
+            answer = reader.cached_answer(store, off, end)
+            if answer is not None:
+                cache.note_access(store, parts, read_to=end)
+                return answer
+        async with self._remember_failure(parts):
+            # Pinned from before the first presence check to the end of the read:
+            # no eviction can punch these parts in between.
+            with cache.pinned(store, parts):
+                try:
+                    await fetcher.wait_for(store, off, end)
+                    for p in parts:
+                        if store.is_present(p) and p not in store.verified:
+                            await reader.verify(store, p, self.url)
+                    await fetcher.wait_for(store, off, end)
+                except NoSpaceError:
+                    # The cache disk is full and nothing can be evicted: the bytes come
+                    # from the network (same version: If-Match) and are not cached.
+                    return await fetcher.read_uncached(store, off, end)
+                # The shared reply buffer is returned with no await after it is filled.
+                answer = reader.cached_answer(store, off, end)
+                if answer is None:
+                    answer = await reader.disk_answer(store, off, end)
+            cache.note_access(store, parts, read_to=end)
+        return answer
+
+    def close(self) -> None:
+        self._move_position(None)
+
+    @asynccontextmanager
+    async def _remember_failure(self, parts: Sequence[int]) -> AsyncIterator[None]:
+        now = trio.current_time()
+        for p in parts:
+            failed = self.failed.get(p)
+            if failed is not None and now - failed[0] < FAILURE_MEMORY:
+                raise failed[1]
+        try:
+            yield
+        except NoSpaceError:
+            raise
+        except OssfsError as e:
+            failed_at = trio.current_time()  # not `now`: the fetch may have taken a minute
+            for p in parts:
+                self.failed[p] = (failed_at, e)
+            raise
+
+    def _move_position(self, part: int | None) -> None:
+        if part == self.position:
+            return
+        cache = self.reader.cache
+        if part is not None:
+            cache.pin(self.store, [part])
+        if self.position is not None:
+            cache.unpin(self.store, [self.position])
+        self.position = part
