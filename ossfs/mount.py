@@ -244,6 +244,7 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
         try:
             async with trio.open_nursery() as nursery:
                 fetcher.attach(nursery)
+                ns.attach(nursery)
                 nursery.start_soon(_on_signals, nursery.cancel_scope, received)
                 await pyfuse3.main()
                 unmounted = True
