@@ -58,6 +58,8 @@ _XATTR_PREFIX_BYTES = _XATTR_PREFIX.encode()
 _MAX_READ = 1 << 20
 _FILE_XATTRS = ("etag", "crc64", "cached_bytes", "url")
 _ROOT_XATTRS = ("mount", "status")
+# After this many objects in a row without a CRC-64 the service is taken to have none.
+_NO_CRC_AFTER = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,6 +113,7 @@ class Operations(pyfuse3.Operations):
         self._prefetch = prefetch
         # S3 has no CRC-64 to show; OSS has it on HEAD (not in listings).
         self._has_crc64 = has_crc64
+        self._crc_missing = 0  # objects in a row the service had no CRC-64 for
         self._file_xattrs = _FILE_XATTRS if has_crc64 else tuple(
             n for n in _FILE_XATTRS if n != "crc64")
         self._handles: dict[int, _Handle] = {}
@@ -420,6 +423,19 @@ class Operations(pyfuse3.Operations):
             return
         try:
             crc = await self.ns.object_crc64(node)
+            if crc is None:
+                # Nothing to compare with (the service keeps no CRC-64 of this object):
+                # not asked again at every open of it (that was a HEAD per open). A
+                # service that has none for several objects in a row has none at all
+                # (an OSS-compatible store): no more HEADs for it.
+                store.crc_checked = True
+                self._crc_missing += 1
+                if self._crc_missing == _NO_CRC_AFTER and self._has_crc64:
+                    log.info("the service sends no CRC-64 of its objects: cached objects "
+                             "are checked against their own part CRCs only")
+                    self._has_crc64 = False
+                return
+            self._crc_missing = 0
             self.fetcher.check_whole(store, crc)
         except IntegrityError as e:
             log.error("%s", e)
