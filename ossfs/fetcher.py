@@ -40,7 +40,7 @@ from typing import Protocol
 import trio
 from cachetools import TTLCache
 
-from ossfs.cache.cachedir import CacheDir
+from ossfs.cache.cachedir import CacheDir, is_small
 from ossfs.cache.index import StoreIdentity
 from ossfs.cache.store import PartStore
 from ossfs.client import ObjectClient
@@ -169,6 +169,9 @@ class Fetcher:
             store = cache.reuse(identity)
             if store is not None:
                 return store
+            if is_small(identity):
+                # One file (ossfs.cache.small): opening it costs less than a thread hop.
+                return cache.acquire(identity)
             key = cache.store_key(identity)
             opening = self._opening.get(key)
             if opening is None:

@@ -24,6 +24,7 @@ import logging
 import os
 import stat
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -122,6 +123,9 @@ class Operations(pyfuse3.Operations):
         self._mounted_at = time.time()
         self.errors = 0
         self.reads = 0  # read requests the kernel sent (page-cache misses)
+        # Requests the kernel sent, by operation (status shows them: how many round
+        # trips a file costs).
+        self.requests: Counter[str] = Counter()
         # Every read answer is built here. pyfuse3 copies it into the reply as soon as
         # `read` returns, before any other task runs, so one buffer serves all reads
         # and no read allocates (fresh 128 KiB buffers cost a mapping and page faults).
@@ -200,6 +204,7 @@ class Operations(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        self.requests["lookup"] += 1
         text = os.fsdecode(name)
         async with self._errors("lookup", text):
             try:
@@ -215,6 +220,7 @@ class Operations(pyfuse3.Operations):
 
     async def getattr(self, inode: int,
                       ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        self.requests["getattr"] += 1
         async with self._errors("getattr", str(inode)):
             return self._attrs(self.ns.node(inode))
 
@@ -238,6 +244,7 @@ class Operations(pyfuse3.Operations):
     # ---------------------------------------------------------------- directories
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self.requests["opendir"] += 1
         async with self._errors("opendir", str(inode)):
             node = self.ns.node(inode)
             reader = self.ns.open_dir(inode)
@@ -246,6 +253,7 @@ class Operations(pyfuse3.Operations):
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        self.requests["readdir"] += 1
         # Offsets: 1 after ".", 2 after "..", then 3 + position in the listing.
         parent, reader = self._dirs[fh]
         if start_id < 2:
@@ -281,6 +289,7 @@ class Operations(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self.requests["open"] += 1
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self.ns.node(inode)
@@ -454,13 +463,14 @@ class Operations(pyfuse3.Operations):
             self.fetcher.spawn(trio.to_thread.run_sync, _invalidate_pages, inode)
 
     async def release(self, fh: int) -> None:
+        self.requests["release"] += 1
         h = self._handles.pop(fh, None)
         if h is not None:
             self._move_position(h, None)
             self.cache.release(h.store)
 
     async def flush(self, fh: int) -> None:
-        return None
+        self.requests["flush"] += 1
 
     # ---------------------------------------------------------------- xattrs
 
@@ -475,6 +485,7 @@ class Operations(pyfuse3.Operations):
         return [(_XATTR_PREFIX + n).encode() for n in names]
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self.requests["getxattr"] += 1
         if not name.startswith(_XATTR_PREFIX_BYTES):
             # `ls -l` asks every file for security.selinux and system.posix_acl_access.
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

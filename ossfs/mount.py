@@ -180,6 +180,8 @@ def _fuse_options(config: MountConfig) -> set[str]:
 
 
 ClientFactory = Callable[[], ObjectClient]
+# How often a mount recounts the bytes in its cache (other processes write to it too).
+_COUNT_INTERVAL = 30.0
 
 
 async def _serve(config: MountConfig, make_client: ClientFactory,
@@ -218,6 +220,7 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
                 "bytes_fetched": fetcher.bytes_fetched,
                 "fs_errors": ops.errors,
                 "fs_reads": ops.reads,
+                "fs_requests": dict(ops.requests),
                 "parts_verified": ops.verifications,
                 "crc_mismatches": fetcher.crc_mismatches,
                 "uncached_bytes": fetcher.uncached_bytes,
@@ -245,6 +248,8 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
             async with trio.open_nursery() as nursery:
                 fetcher.attach(nursery)
                 ns.attach(nursery)
+                cache.background_scan = True
+                nursery.start_soon(_count_cache, cache)
                 nursery.start_soon(_on_signals, nursery.cancel_scope, received)
                 await pyfuse3.main()
                 unmounted = True
@@ -258,6 +263,19 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
     finally:
         with trio.CancelScope(shield=True):
             await client.aclose()
+
+
+async def _count_cache(cache: CacheDir) -> None:
+    """Recount the cache's bytes in a worker thread, now and every 30 s.
+
+    The mount is ready before the first count ends: with 100k cached objects a
+    walk of the cache takes a while, and a reader should not wait for it. (Until
+    then the cache counts only what this mount fetches.)
+    """
+    while True:
+        on_disk = await trio.to_thread.run_sync(cache.measure)
+        cache.apply_scan(on_disk)
+        await trio.sleep(_COUNT_INTERVAL)
 
 
 async def _on_signals(scope: trio.CancelScope, received: list[int]) -> None:

@@ -52,10 +52,20 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 
 from cachetools import LRUCache
 
 from ossfs.cache.index import IndexCorrupt, IndexFile, PartRecord, StoreIdentity
+from ossfs.cache.small import (
+    SUFFIX,
+    TMP_PREFIX,
+    SmallStore,
+    SmallTrailer,
+    read_trailer,
+    remove_small,
+    small_name,
+)
 from ossfs.cache.store import PartStore
 from ossfs.errors import CheckpointError, NoSpaceError
 from ossfs.fsutil import punch_hole
@@ -74,6 +84,11 @@ _TOUCH_INTERVAL = 60.0
 HOLD_SECONDS = 60.0
 # An over-the-cap state is logged at most this often (seconds).
 _OVER_LOG_INTERVAL = 30.0
+# Eviction of whole stores frees up to this much more than asked (and 2% of the cap
+# at most), so that a cache of many small objects is walked rarely.
+_EVICT_EXTRA = 64 << 20
+# A small object's named temp file (only without O_TMPFILE) older than this is debris.
+_STALE_TEMP = 3600.0
 
 def identity_for(bucket: str, key: str, etag: str, size: int, part_size: int) -> StoreIdentity:
     """The identity of a whole-object store in the cache."""
@@ -81,6 +96,7 @@ def identity_for(bucket: str, key: str, etag: str, size: int, part_size: int) ->
                          start=0, length=size)
 
 
+@lru_cache(maxsize=65536)
 def _store_name(identity: StoreIdentity) -> str:
     blob = json.dumps(asdict(identity), sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
@@ -147,6 +163,10 @@ class CacheDir:
         self._full_logged = -_OVER_LOG_INTERVAL
         self._over_logged = -_OVER_LOG_INTERVAL
         self.evicted_bytes = 0
+        self._shards: set[str] = set()
+        # Set by a mount that recounts usage in a worker thread (`measure`/`apply_scan`):
+        # then nothing here walks the whole cache in the caller's thread.
+        self.background_scan = False
         self._prepare()
 
     # ---------------------------------------------------------------- set-up
@@ -169,11 +189,21 @@ class CacheDir:
         if found != FORMAT:
             raise CheckpointError(f"{self.root} holds a cache of another format ({found!r}); "
                                   "use another --cache-dir or delete it")
-        self.rescan()
+        # No walk of the cache here: with 100k small objects that takes a while. The
+        # first `admit` counts (or a mount's background scan, see `background_scan`).
+        self._scanned_at = -_RESCAN_INTERVAL
 
     def _dir_for(self, identity: StoreIdentity) -> str:
-        name = _store_name(identity)
+        """Where the store of *identity* lives: a file for a small object (one part at
+        most, see `ossfs.cache.small`), a directory otherwise."""
+        name = small_name(identity) if is_small(identity) else _store_name(identity)
         return os.path.join(self._objects, name[:2], name)
+
+    def _shard(self, path: str) -> None:
+        shard = os.path.dirname(path)
+        if shard not in self._shards:
+            os.makedirs(shard, mode=0o700, exist_ok=True)
+            self._shards.add(shard)
 
     # ---------------------------------------------------------------- stores
 
@@ -198,6 +228,10 @@ class CacheDir:
         some disks). `adopt` then makes the store this process's own.
         """
         directory = self._dir_for(identity)
+        if is_small(identity):
+            self._shard(directory)
+            return SmallStore.open_small(identity, directory,
+                                         on_discard=lambda d: log.warning("cache: %s", d))
         for _ in range(5):
             _make_store_dir(directory)
             data = os.path.join(directory, "data")
@@ -224,12 +258,13 @@ class CacheDir:
         If the same store was opened meanwhile, the prepared one is closed and
         the open one is returned.
         """
-        directory = os.path.dirname(store.data_path)
+        directory = _entry_path(store)
         entry = self._open.get(directory)
         if entry is not None:
             store.close()
         else:
-            key = (directory, os.fstat(store.fileno()).st_ino)
+            st = os.fstat(store.fileno())
+            key = (directory, st.st_ino)
             verified = self._verified.get(key)
             if verified is None:
                 verified = self._verified[key] = set()
@@ -237,6 +272,9 @@ class CacheDir:
             store.verified = verified
             store.crc_checked = self._whole_checked.get(key, False) and store.complete
             entry = self._open[directory] = _Open(store, directory, key)
+            if isinstance(store, SmallStore):
+                # Its LRU time is the file's own mtime: no utime if it is recent.
+                entry.touched = st.st_mtime
             self._by_store[id(store)] = entry
         entry.refs += 1
         self._touch(entry)
@@ -323,13 +361,20 @@ class CacheDir:
     # ---------------------------------------------------------------- accounting
 
     def _walk(self) -> Iterator[tuple[str, os.stat_result]]:
-        """(store directory, stat of its data file) for every store on disk."""
-        for directory in _store_dirs(self.root):
-            try:
-                st = os.stat(os.path.join(directory, "data"))
-            except FileNotFoundError:
-                continue
-            yield directory, st
+        """(store path, stat of its data) for every store on disk: a store directory and
+        its data file, or a small object's file."""
+        return _walk(self.root)
+
+    def measure(self) -> int:
+        """The bytes the cache holds on disk, all processes (a walk of the whole cache;
+        touches nothing in this object, so it may run in a worker thread)."""
+        return sum(st.st_blocks * 512 for _, st in _walk(self.root))
+
+    def apply_scan(self, on_disk: int) -> int:
+        """Take a `measure` result as the bytes in use (plus running fetches)."""
+        self._used = on_disk + self._unwritten_reservations()
+        self._scanned_at = time.monotonic()
+        return self._used
 
     def rescan(self) -> int:
         """Recount the bytes the cache holds on disk (all processes).
@@ -337,10 +382,7 @@ class CacheDir:
         Bytes reserved by fetches still running are counted as used whether or
         not they have reached the disk yet.
         """
-        on_disk = sum(st.st_blocks * 512 for _, st in self._walk())
-        self._used = on_disk + self._unwritten_reservations()
-        self._scanned_at = time.monotonic()
-        return self._used
+        return self.apply_scan(self.measure())
 
     def _unwritten_reservations(self) -> int:
         # Without a byte count per flight, count every reservation whole: the
@@ -380,7 +422,7 @@ class CacheDir:
         one `settle` for the same part.
         """
         entry = self._by_store.get(id(store))
-        if time.monotonic() - self._scanned_at > _RESCAN_INTERVAL:
+        if not self.background_scan and time.monotonic() - self._scanned_at > _RESCAN_INTERVAL:
             self.rescan()
         room = self._room(nbytes)
         if readahead and self.held_bytes() + nbytes > room:
@@ -434,6 +476,10 @@ class CacheDir:
                 if readahead:
                     entry.ahead.setdefault(part, now)
         if committed:
+            if isinstance(store, SmallStore):
+                # Its file holds a trailer too, and takes whole blocks: count what it takes.
+                with suppress(OSError):
+                    self._used += os.fstat(store.fileno()).st_blocks * 512 - nbytes
             return
         self._used -= nbytes
         if written and (entry is None or not entry.pins.get(part)) and store.fileno() >= 0:
@@ -464,16 +510,21 @@ class CacheDir:
 
     def _evict(self, need: int) -> int:
         freed = 0
-        # 1. Whole stores no process holds, least recently used first.
+        # 1. Whole stores no process holds, least recently used first. A little more
+        # than needed goes, so that a cache of many small objects is not walked for
+        # every object that arrives.
+        want = need + min(self.max_bytes // 50, _EVICT_EXTRA)
         candidates = sorted(
-            ((st_dir_mtime(d), d, st.st_blocks * 512) for d, st in self._walk()
-             if d not in self._open),
+            (st.st_mtime, path, st.st_blocks * 512) for path, st in self._walk()
+            if path not in self._open
         )
-        for _mtime, directory, size in candidates:
-            if freed >= need:
+        for _mtime, path, size in candidates:
+            if freed >= want:
                 return freed
-            if self._remove_store(directory):
+            if self._remove_store(path):
                 freed += size
+        if freed >= need:
+            return freed
         # 2. Parts of stores open here that nothing holds, least recently used first.
         now = time.monotonic()
         parts: list[tuple[float, _Open, int]] = []
@@ -495,6 +546,11 @@ class CacheDir:
         return max(freed, 0)
 
     def _remove_store(self, directory: str) -> bool:
+        if directory.endswith(SUFFIX):
+            if remove_small(directory):
+                log.debug("cache: evicted %s", directory)
+                return True
+            return False
         data = os.path.join(directory, "data")
         try:
             fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
@@ -519,6 +575,8 @@ class CacheDir:
 
     def _evict_parts(self, entry: _Open, parts: list[int]) -> bool:
         fd = entry.store.fileno()
+        if isinstance(entry.store, SmallStore):
+            return self._evict_small(entry)
         try:
             # Upgrade our shared lock: it works only if no other process has the store.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -545,6 +603,22 @@ class CacheDir:
             fcntl.flock(fd, fcntl.LOCK_SH)
         return True
 
+    def _evict_small(self, entry: _Open) -> bool:
+        store = entry.store
+        fd = store.fileno()
+        assert isinstance(store, SmallStore)
+        if store.published:
+            try:
+                # Our shared lock upgraded: works only if no other process has it open.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fcntl.flock(fd, fcntl.LOCK_SH)  # a failed conversion dropped it
+                return False
+        size = store.layout.part_length(0)
+        store.drop([0])  # unlinks the file; this process's descriptor stays readable
+        self.evicted_bytes += size
+        return True
+
     # ---------------------------------------------------------------- reporting
 
     def info_for(self, identity: StoreIdentity) -> CachedObjectInfo | None:
@@ -554,6 +628,9 @@ class CacheDir:
         if entry is not None:
             entry.store.refresh()
             parts = entry.store.parts
+        elif directory.endswith(SUFFIX):
+            found = _small_info(directory)
+            return found if found is not None and found.etag == identity.etag else None
         else:
             try:
                 index = IndexFile.load(os.path.join(directory, "index"))
@@ -571,7 +648,9 @@ class CacheDir:
 
 
 def _store_dirs(root: str) -> Iterator[str]:
-    """Every store directory (``objects/ab/<hash>``) under a cache root."""
+    """Every store (``objects/ab/<hash>`` directory or ``<hash>.o`` small-object file)
+    under a cache root. Named temp files of small objects are skipped, and removed when
+    a crash left them (older than `_STALE_TEMP` seconds)."""
     try:
         shards = os.scandir(os.path.join(root, "objects"))
     except FileNotFoundError:
@@ -586,12 +665,52 @@ def _store_dirs(root: str) -> Iterator[str]:
                 continue  # emptied and removed by another process meanwhile
             with stores:
                 for store in stores:
+                    if store.name.startswith(TMP_PREFIX):
+                        _remove_stale_temp(store.path)
+                        continue
                     yield store.path
+
+
+def _remove_stale_temp(path: str) -> None:
+    with suppress(OSError):
+        if time.time() - os.stat(path).st_mtime > _STALE_TEMP:
+            os.unlink(path)
+
+
+def _walk(root: str) -> Iterator[tuple[str, os.stat_result]]:
+    for path in _store_dirs(root):
+        try:
+            st = os.stat(path if path.endswith(SUFFIX) else os.path.join(path, "data"))
+        except FileNotFoundError:
+            continue
+        yield path, st
+
+
+def _small_info(path: str) -> CachedObjectInfo | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        trailer = read_trailer(fd, os.fstat(fd).st_size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if not isinstance(trailer, SmallTrailer):
+        return None
+    return CachedObjectInfo(trailer.bucket, trailer.key, trailer.etag, trailer.size,
+                            trailer.size, 1 if trailer.size else 0, 1 if trailer.size else 0)
 
 
 def cached_objects(root: str) -> Iterator[CachedObjectInfo]:
     """Every object version a cache root holds something of (read-only; any process)."""
     for directory in _store_dirs(root):
+        if directory.endswith(SUFFIX):
+            found = _small_info(directory)
+            if found is not None:
+                yield found
+            continue
         try:
             index = IndexFile.load(os.path.join(directory, "index"))
         except (IndexCorrupt, OSError):
@@ -611,6 +730,17 @@ def _make_store_dir(directory: str) -> None:
         pass
     except FileNotFoundError:
         os.makedirs(directory, mode=0o700, exist_ok=True)
+
+
+def is_small(identity: StoreIdentity) -> bool:
+    """Whether the cache keeps *identity* as one file (`ossfs.cache.small`)."""
+    return (identity.start == 0 and identity.length == identity.size
+            and identity.size <= identity.part_size)
+
+
+def _entry_path(store: PartStore) -> str:
+    """The name of a store's place in the cache: its file or its directory."""
+    return store.data_path if isinstance(store, SmallStore) else os.path.dirname(store.data_path)
 
 
 def st_dir_mtime(directory: str) -> float:
