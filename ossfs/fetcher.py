@@ -42,7 +42,7 @@ from cachetools import TTLCache
 
 from ossfs.cache.cachedir import CacheDir, is_small
 from ossfs.cache.index import StoreIdentity
-from ossfs.cache.store import PartStore
+from ossfs.cache.store import EARLY_WRITEBACK, PartStore
 from ossfs.client import ObjectClient
 from ossfs.crc import crc64
 from ossfs.errors import IntegrityError, NoSpaceError
@@ -360,8 +360,10 @@ class Fetcher:
         # The flight ends with the commit, before anything else can run: from here
         # on the index speaks for the part (it may be evicted, and fetched again).
         self._land(store, part, flight, None)
-        # Writeback may block when the disk is busy: never in the event loop.
-        await trio.to_thread.run_sync(store.start_writeback, part)
+        # Writeback may block when the disk is busy: never in the event loop. (Small
+        # parts have none: no thread hop for them.)
+        if flight.end - flight.first >= EARLY_WRITEBACK:
+            await trio.to_thread.run_sync(store.start_writeback, part)
 
     # ---------------------------------------------------------------- background
 

@@ -309,7 +309,9 @@ class Operations(pyfuse3.Operations):
             store = await self.fetcher.open_store(self.cache, ident)
             if self._prefetch is not None:
                 self._prefetch.on_open(node)
-            if store.complete and not store.crc_checked and self._has_crc64:
+            if store.complete and not store.crc_checked and store.server_crc64 is None \
+                    and self._has_crc64:
+                # (A store with server_crc64 was fetched here: the fetch checks it.)
                 # Cached by another process or run: compare the whole with the
                 # service's CRC-64 once, in the background (a HEAD at most).
                 self.fetcher.spawn(self._check_whole, node, self.cache.reuse(ident))

@@ -270,7 +270,8 @@ class CacheDir:
                 verified = self._verified[key] = set()
             verified.intersection_update(store.parts)  # dropped since: check again
             store.verified = verified
-            store.crc_checked = self._whole_checked.get(key, False) and store.complete
+            store.crc_checked = (store.crc_checked or self._whole_checked.get(key, False)) \
+                and store.complete
             entry = self._open[directory] = _Open(store, directory, key)
             if isinstance(store, SmallStore):
                 # Its LRU time is the file's own mtime: no utime if it is recent.

@@ -78,12 +78,17 @@ class SmallTrailer:
     etag: str
     size: int
     crc64: int
+    # The CRC-64 matched the one the service sent with the object when it was fetched.
+    checked: bool = False
 
 
-def _encode_trailer(identity: StoreIdentity, crc: int) -> bytes:
-    body = json.dumps({"bucket": identity.bucket, "key": identity.key, "etag": identity.etag,
-                       "size": identity.size, "crc64": f"{crc:016x}"},
-                      sort_keys=True, separators=(",", ":")).encode()
+def _encode_trailer(identity: StoreIdentity, crc: int, checked: bool) -> bytes:
+    doc: dict[str, object] = {"bucket": identity.bucket, "key": identity.key,
+                              "etag": identity.etag, "size": identity.size,
+                              "crc64": f"{crc:016x}"}
+    if checked:
+        doc["checked"] = True
+    body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     footer = b"%08x %08x" % (len(body), zlib.crc32(body)) + _FOOTER_MAGIC
     assert len(footer) == _FOOTER_LEN
     return body + footer
@@ -109,7 +114,8 @@ def read_trailer(fd: int, file_size: int) -> SmallTrailer | str:
     try:
         doc = json.loads(body)
         trailer = SmallTrailer(str(doc["bucket"]), str(doc["key"]), str(doc["etag"]),
-                               int(doc["size"]), int(doc["crc64"], 16))
+                               int(doc["size"]), int(doc["crc64"], 16),
+                               doc.get("checked") is True)
     except (ValueError, KeyError, TypeError):
         return "its trailer is damaged"
     if trailer.size != start:
@@ -121,9 +127,12 @@ class SmallStore(PartStore):
     """The cache entry of an object of at most one part (see the module docstring)."""
 
     def __init__(self, identity: StoreIdentity, path: str, fd: int, published: bool,
-                 record: PartRecord | None) -> None:
+                 record: PartRecord | None, checked: bool = False) -> None:
         super().__init__(identity, path, fd, None)
         self._published = published
+        # The bytes matched the service's CRC-64 when they were fetched (trailer): the
+        # first read still checks them against their own CRC, no HEAD is needed.
+        self.crc_checked = checked and record is not None
         # The named temp file being fetched into (only without O_TMPFILE).
         self._temp_path: str | None = None
         self._retired: list[int] = []
@@ -138,15 +147,15 @@ class SmallStore(PartStore):
         """Find the entry at *path* or start an unpublished one; lock it for sharing."""
         found = _open_published(identity, path, on_discard)
         if found is not None:
-            fd, record = found
-            return cls(identity, path, fd, True, record)
+            fd, record, checked = found
+            return cls(identity, path, fd, True, record, checked)
         fd, temp = _new_temp(path)
         store = cls(identity, path, fd, False, None)
         store._temp_path = temp
         if not store.layout.count:
             # An empty object has nothing to fetch: it is complete, and cached, at once.
             try:
-                store._write_trailer(0)
+                store._write_trailer(0, False)
                 store._publish()
             except BaseException:
                 store.close()
@@ -162,7 +171,8 @@ class SmallStore(PartStore):
         found = _open_published(self.identity, self.data_path, None)
         if found is None:
             return
-        fd, record = found
+        fd, record, checked = found
+        self.crc_checked = checked
         if self._temp_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._temp_path)
@@ -180,14 +190,15 @@ class SmallStore(PartStore):
         """Write the trailer and publish the file under its name: one link."""
         if part != 0 or not self.layout.count:
             raise IndexError(part)
-        self._write_trailer(crc)
+        checked = self.server_crc64 is not None and self.server_crc64 == crc
+        self._write_trailer(crc, checked)
         if not self._published:
             self._publish()
         self._parts[0] = PartRecord(self.identity.size, crc)
         self.verified.add(0)
 
-    def _write_trailer(self, crc: int) -> None:
-        view = memoryview(_encode_trailer(self.identity, crc))
+    def _write_trailer(self, crc: int, checked: bool) -> None:
+        view = memoryview(_encode_trailer(self.identity, crc, checked))
         pos = self.identity.size
         while view:
             n = os.pwrite(self._fd, view, pos)
@@ -271,8 +282,9 @@ class SmallStore(PartStore):
 
 def _open_published(identity: StoreIdentity, path: str,
                     on_discard: Callable[[Discarded], None] | None
-                    ) -> tuple[int, PartRecord] | None:
-    """The published entry at *path* (descriptor locked shared, and its record), or None."""
+                    ) -> tuple[int, PartRecord, bool] | None:
+    """The published entry at *path* (descriptor locked shared, its record, and whether
+    it matched the service's CRC-64), or None."""
     try:
         fd = open_private_file(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -285,7 +297,7 @@ def _open_published(identity: StoreIdentity, path: str,
             seen = StoreIdentity(trailer.bucket, trailer.key, trailer.etag, trailer.size,
                                  identity.part_size, 0, trailer.size)
             if seen == identity:
-                return fd, PartRecord(trailer.size, trailer.crc64)
+                return fd, PartRecord(trailer.size, trailer.crc64), trailer.checked
             why = describe_mismatch(seen, identity)
         else:
             why = trailer
