@@ -472,7 +472,10 @@ class Operations(pyfuse3.Operations):
             self.cache.release(h.store)
 
     async def flush(self, fh: int) -> None:
+        # Nothing to flush on a read-only file system. ENOSYS tells the kernel never to
+        # send FLUSH again: every close() waited for one round trip of it.
         self.requests["flush"] += 1
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     # ---------------------------------------------------------------- xattrs
 

@@ -14,10 +14,12 @@ Must not import: httpx (the client is made by the caller's factory).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import re
+import resource
 import signal
 import sys
 import time
@@ -180,6 +182,12 @@ def _fuse_options(config: MountConfig) -> set[str]:
 
 
 ClientFactory = Callable[[], ObjectClient]
+# Request loops pyfuse3 keeps waiting for the kernel. With its default of one, every
+# request of a busy mount started a new loop (a task and a fresh request buffer) and
+# ended another: that was about half the cost of a cached `ls -l` entry or open.
+_FUSE_WORKERS = 16
+# Recently closed small objects kept open for quick re-opens (ossfs.cache.cachedir).
+_KEEP_IDLE = 1024
 # How often a mount recounts the bytes in its cache (other processes write to it too).
 _COUNT_INTERVAL = 30.0
 
@@ -191,8 +199,9 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
     try:
         # One listing proves the endpoint, the credentials and the bucket.
         await client.list_page(config.bucket, prefix=config.prefix, delimiter="/", max_keys=1)
+        _raise_fd_limit()
         cache = CacheDir(config.cache_dir, max_bytes=config.cache_size,
-                         min_free_fraction=config.cache_min_free)
+                         min_free_fraction=config.cache_min_free, keep_idle=_KEEP_IDLE)
         fetcher = Fetcher(client, connections=config.threads, budget=cache)
         ns = Namespace(client, config.bucket, config.prefix, ttl=config.ttl,
                        negative_ttl=config.negative_ttl, scheme=config.dialect)
@@ -251,7 +260,7 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
                 cache.background_scan = True
                 nursery.start_soon(_count_cache, cache)
                 nursery.start_soon(_on_signals, nursery.cancel_scope, received)
-                await pyfuse3.main()
+                await pyfuse3.main(min_tasks=_FUSE_WORKERS)
                 unmounted = True
                 nursery.cancel_scope.cancel()
         finally:
@@ -263,6 +272,15 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
     finally:
         with trio.CancelScope(shield=True):
             await client.aclose()
+
+
+def _raise_fd_limit() -> None:
+    """Allow as many open files as the system lets this user (idle small objects are
+    kept open, and every open file and fetch holds one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def _count_cache(cache: CacheDir) -> None:

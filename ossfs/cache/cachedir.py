@@ -48,7 +48,7 @@ import logging
 import os
 import shutil
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
@@ -87,6 +87,8 @@ _OVER_LOG_INTERVAL = 30.0
 # Eviction of whole stores frees up to this much more than asked (and 2% of the cap
 # at most), so that a cache of many small objects is walked rarely.
 _EVICT_EXTRA = 64 << 20
+# Closed small objects kept open (`keep_idle`) hold at most this many bytes.
+_IDLE_MAX_BYTES = 64 << 20
 # A small object's named temp file (only without O_TMPFILE) older than this is debris.
 _STALE_TEMP = 3600.0
 
@@ -145,7 +147,8 @@ class CachedObjectInfo:
 class CacheDir:
     """A cache root shared by processes; see the module docstring."""
 
-    def __init__(self, root: str, *, max_bytes: int, min_free_fraction: float = 0.05) -> None:
+    def __init__(self, root: str, *, max_bytes: int, min_free_fraction: float = 0.05,
+                 keep_idle: int = 0) -> None:
         self.root = os.path.abspath(root)
         self.max_bytes = max_bytes
         self.min_free_fraction = min_free_fraction
@@ -164,6 +167,10 @@ class CacheDir:
         self._over_logged = -_OVER_LOG_INTERVAL
         self.evicted_bytes = 0
         self._shards: set[str] = set()
+        # Complete small stores nobody uses, kept open (oldest first; see `release`).
+        self.keep_idle = keep_idle
+        self._idle: OrderedDict[str, _Open] = OrderedDict()
+        self._idle_bytes = 0
         # Set by a mount that recounts usage in a worker thread (`measure`/`apply_scan`):
         # then nothing here walks the whole cache in the caller's thread.
         self.background_scan = False
@@ -216,6 +223,9 @@ class CacheDir:
         entry = self._open.get(self._dir_for(identity))
         if entry is None:
             return None
+        if entry.refs <= 0:
+            self._idle.pop(entry.directory, None)
+            self._idle_bytes -= entry.store.identity.size
         entry.refs += 1
         self._touch(entry)
         return entry.store
@@ -290,26 +300,46 @@ class CacheDir:
         if entry is None:
             return
         entry.refs -= 1
-        if entry.refs <= 0:
-            del self._open[entry.directory]
-            del self._by_store[id(store)]
-            if store.crc_checked:
-                self._whole_checked[entry.version] = True
-            else:
-                self._whole_checked.pop(entry.version, None)
-            try:
-                store.compact()
-            except OSError as e:
-                # Only a tidy-up: the journal stays valid uncompacted (a full disk).
-                log.warning("cache: cannot compact %s: %s", store.index_path, e.strerror)
-            finally:
-                store.close()
+        if entry.refs > 0:
+            return
+        size = store.identity.size
+        if isinstance(store, SmallStore) and store.complete and self.keep_idle > 0 \
+                and size <= _IDLE_MAX_BYTES // 16:
+            # Kept open for a while: opening it again is then a dictionary lookup (a
+            # tree of small files is opened again and again by grep, make, git).
+            self._idle[entry.directory] = entry
+            self._idle_bytes += size
+            while self._idle and (len(self._idle) > self.keep_idle
+                                  or self._idle_bytes > _IDLE_MAX_BYTES):
+                _, oldest = self._idle.popitem(last=False)
+                self._idle_bytes -= oldest.store.identity.size
+                self._close_entry(oldest)
+            return
+        self._close_entry(entry)
+
+    def _close_entry(self, entry: _Open) -> None:
+        store = entry.store
+        del self._open[entry.directory]
+        del self._by_store[id(store)]
+        if store.crc_checked:
+            self._whole_checked[entry.version] = True
+        else:
+            self._whole_checked.pop(entry.version, None)
+        try:
+            store.compact()
+        except OSError as e:
+            # Only a tidy-up: the journal stays valid uncompacted (a full disk).
+            log.warning("cache: cannot compact %s: %s", store.index_path, e.strerror)
+        finally:
+            store.close()
 
     def close(self) -> None:
         for entry in list(self._open.values()):
             entry.store.close()
         self._open.clear()
         self._by_store.clear()
+        self._idle.clear()
+        self._idle_bytes = 0
 
     def pin(self, store: PartStore, parts: range | list[int]) -> None:
         """Keep *parts* of *store* from being evicted until `unpin`."""
