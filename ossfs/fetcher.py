@@ -170,8 +170,11 @@ class Fetcher:
             if store is not None:
                 return store
             if is_small(identity):
-                # One file (ossfs.cache.small): opening it costs less than a thread hop.
-                return cache.acquire(identity)
+                # One file (ossfs.cache.small): finding it costs less than a thread hop
+                # (creating it does not: that goes to the thread below).
+                store = cache.find_small(identity)
+                if store is not None:
+                    return store
             key = cache.store_key(identity)
             opening = self._opening.get(key)
             if opening is None:

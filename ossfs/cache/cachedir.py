@@ -171,6 +171,11 @@ class CacheDir:
         self.keep_idle = keep_idle
         self._idle: OrderedDict[str, _Open] = OrderedDict()
         self._idle_bytes = 0
+        # Bytes reserved by fetches that have not settled (sum of every entry's fetching).
+        self._reserved = 0
+        # Open stores that may hold parts (pins, fetches, read-ahead): `held_bytes`
+        # looks only at these.
+        self._holding: dict[int, _Open] = {}
         # Set by a mount that recounts usage in a worker thread (`measure`/`apply_scan`):
         # then nothing here walks the whole cache in the caller's thread.
         self.background_scan = False
@@ -229,6 +234,16 @@ class CacheDir:
         entry.refs += 1
         self._touch(entry)
         return entry.store
+
+    def find_small(self, identity: StoreIdentity) -> PartStore | None:
+        """The store of a small object that is cached (counted), without creating one:
+        cheap enough for the caller's thread. None when it is not cached."""
+        store = self.reuse(identity)
+        if store is not None:
+            return store
+        path = self._dir_for(identity)
+        found = SmallStore.find(identity, path, on_discard=lambda d: log.warning("cache: %s", d))
+        return self.adopt(found) if found is not None else None
 
     def prepare(self, identity: StoreIdentity) -> PartStore:
         """Open or create a store on disk and lock it for sharing.
@@ -321,6 +336,8 @@ class CacheDir:
         store = entry.store
         del self._open[entry.directory]
         del self._by_store[id(store)]
+        self._holding.pop(id(entry), None)
+        self._reserved -= sum(entry.fetching.values())  # fetches still running: forgotten
         if store.crc_checked:
             self._whole_checked[entry.version] = True
         else:
@@ -340,11 +357,14 @@ class CacheDir:
         self._by_store.clear()
         self._idle.clear()
         self._idle_bytes = 0
+        self._holding.clear()
+        self._reserved = 0
 
     def pin(self, store: PartStore, parts: range | list[int]) -> None:
         """Keep *parts* of *store* from being evicted until `unpin`."""
         entry = self._by_store[id(store)]
         now = time.monotonic()
+        self._holding[id(entry)] = entry
         for p in parts:
             entry.pins[p] += 1
             entry.part_access[p] = now
@@ -417,8 +437,10 @@ class CacheDir:
 
     def _unwritten_reservations(self) -> int:
         # Without a byte count per flight, count every reservation whole: the
-        # estimate errs on the side of evicting a little early.
-        return sum(sum(e.fetching.values()) for e in self._open.values())
+        # estimate errs on the side of evicting a little early. (Kept as a sum: with
+        # a thousand small stores open, adding them up at each fetch was most of the
+        # cost of fetching a small object.)
+        return self._reserved
 
     @property
     def used_bytes(self) -> int:
@@ -438,10 +460,17 @@ class CacheDir:
         """Bytes eviction may not touch now: pinned, being fetched, held for streams."""
         now = time.monotonic()
         total = 0
-        for entry in self._open.values():
+        for key, entry in list(self._holding.items()):
+            if not (entry.pins or entry.fetching or entry.ahead) \
+                    or self._by_store.get(id(entry.store)) is not entry:
+                del self._holding[key]  # holds nothing (any more): not looked at again
+                continue
             layout = entry.store.layout
             parts = set(entry.pins) | set(entry.fetching) | {
                 p for p, t in entry.ahead.items() if now - t < HOLD_SECONDS}
+            if not parts:
+                del self._holding[key]  # only expired read-ahead holds
+                continue
             total += sum(layout.part_length(p) for p in parts if 0 <= p < layout.count)
         return total
 
@@ -469,6 +498,8 @@ class CacheDir:
                                f"{format_size(self._floor())} free)", path=self.root)
         if entry is not None:
             entry.fetching[part] = nbytes
+            self._reserved += nbytes
+            self._holding[id(entry)] = entry
         self._used += nbytes
         self._note_over(room)
         return True
@@ -500,7 +531,7 @@ class CacheDir:
         """
         entry = self._by_store.get(id(store))
         if entry is not None:
-            entry.fetching.pop(part, None)
+            self._reserved -= entry.fetching.pop(part, 0)
             if committed:
                 now = time.monotonic()
                 entry.part_access.setdefault(part, now)

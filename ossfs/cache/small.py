@@ -142,13 +142,26 @@ class SmallStore(PartStore):
     # ---------------------------------------------------------------- opening
 
     @classmethod
+    def find(cls, identity: StoreIdentity, path: str, *,
+             on_discard: Callable[[Discarded], None] | None = None) -> SmallStore | None:
+        """The published entry at *path*, locked for sharing; None when there is none.
+
+        Cheap (an open and two reads): creating an entry is not (a new inode costs
+        up to 200 us on a journaling file system), so that is `open_small`'s job.
+        """
+        found = _open_published(identity, path, on_discard)
+        if found is None:
+            return None
+        fd, record, checked = found
+        return cls(identity, path, fd, True, record, checked)
+
+    @classmethod
     def open_small(cls, identity: StoreIdentity, path: str, *,
                    on_discard: Callable[[Discarded], None] | None = None) -> SmallStore:
         """Find the entry at *path* or start an unpublished one; lock it for sharing."""
-        found = _open_published(identity, path, on_discard)
+        found = cls.find(identity, path, on_discard=on_discard)
         if found is not None:
-            fd, record, checked = found
-            return cls(identity, path, fd, True, record, checked)
+            return found
         fd, temp = _new_temp(path)
         store = cls(identity, path, fd, False, None)
         store._temp_path = temp
