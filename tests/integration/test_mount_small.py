@@ -80,8 +80,9 @@ def test_many_small_objects(server: OssTestServer, tmp_path: Path, env: dict[str
         assert server.stats.count() == 0
         doc = json.loads(os.getxattr(mnt, "user.ossfs.status"))
         assert doc["fs_requests"]["open"] >= 2 * len(names)
-        # A close costs no FLUSH round trip (the kernel is told once that there is none).
-        assert doc["fs_requests"].get("flush", 0) <= 1
+        # A close costs no FLUSH round trip: the kernel is told once that there is none
+        # (closes already on their way then still arrive: one per thread at most).
+        assert doc["fs_requests"].get("flush", 0) <= 8
     # One file per small object in the cache, no directories or indexes.
     small, other = _cache_files(cache)
     assert len(small) == len(names) + 1 and other == []
