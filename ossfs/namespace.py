@@ -22,6 +22,10 @@ A lookup waits for at most one page; a name the listing has not reached by
 then is probed (a HEAD and a one-key LIST) while the listing goes on in the
 background. HEAD is sent only there and where no listing can answer.
 
+A walk of a tree (``find``, ``grep -r``: subdirectories opened one after
+another in listing order) lists the next subdirectories ahead, in the
+background, a few at once.
+
 Caches (cachetools): directory listings for ``ttl`` seconds, negative
 lookups for ``negative_ttl``. `DirReader` pages through a listing lazily as
 ``readdir`` asks for more, with stable offsets (its position in the list it
@@ -51,6 +55,9 @@ __all__ = ["Node", "Namespace", "DirReader", "ROOT_INODE", "valid_name"]
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
+# A walk of a tree lists this many subdirectories ahead, this many at once.
+_WALK_AHEAD = 8
+_WALK_LISTINGS = 4
 _NAME_MAX = 255
 
 
@@ -106,6 +113,9 @@ class _Listing:
     # Files in listing order and their positions, built on first use (read-ahead).
     files: list[str] | None = None
     positions: dict[str, int] | None = None
+    # The same for subdirectories (walk read-ahead).
+    dirs: list[str] | None = None
+    dir_positions: dict[str, int] | None = None
 
 
 @dataclass(slots=True)
@@ -128,6 +138,8 @@ class DirReader:
     # Set while one task fetches the next page: everyone else waits for it.
     busy: trio.Event | None = None
     background: bool = False
+    # Listed ahead of a walk (`Namespace._walk_ahead`), not because someone asked.
+    ahead: bool = False
     _pending: deque[tuple[str, _Entry]] = field(default_factory=deque)
 
 
@@ -162,6 +174,9 @@ class Namespace:
         self._filling: TTLCache[str, DirReader] = TTLCache(maxsize=max_dirs,
                                                             ttl=max(ttl, 1e-3))
         self._nursery: trio.Nursery | None = None
+        # Directory walks: the position of the subdirectory opened last, per parent.
+        self._walks: dict[str, int] = {}
+        self._walk_limiter = trio.CapacityLimiter(_WALK_LISTINGS)
         self._warned: set[str] = set()
         self.list_requests = 0
 
@@ -315,6 +330,11 @@ class Namespace:
 
     async def _finish_listing(self, reader: DirReader) -> None:
         try:
+            if reader.ahead:
+                async with self._walk_limiter:
+                    while not reader.done:
+                        await self._page(reader)
+                return
             while not reader.done:
                 await self._page(reader)
         except Exception as e:  # a lookup that needs it asks again (and sees the error)
@@ -406,6 +426,8 @@ class Namespace:
         built (shared with lookups and other readers: its offsets only grow), or
         a new one."""
         node = self.node(inode)
+        if node.path:
+            self._walk_ahead(node.path)
         listing = self._listings.get(node.path)
         if listing is not None and listing.complete:
             reader = DirReader(node.path)
@@ -417,6 +439,39 @@ class Namespace:
         if filling is None:
             filling = self._filling[node.path] = DirReader(node.path)
         return filling
+
+    def _walk_ahead(self, path: str) -> None:
+        """List the next subdirectories of a tree being walked, in the background.
+
+        ``find``, ``grep -r``, ``du`` and ``cp -r`` open the subdirectories of a
+        directory one after another in listing order, and each waits for its own
+        listing. When a subdirectory is opened right after the one before it, the
+        next `_WALK_AHEAD` ones are listed ahead (at most `_WALK_LISTINGS` at once);
+        an open out of order lists nothing ahead.
+        """
+        parent, _, name = path.rpartition("/")
+        listing = self._listings.get(parent)
+        if listing is None or not listing.complete or self._nursery is None:
+            return
+        if listing.dirs is None or listing.dir_positions is None:
+            listing.dirs = [e.name for e in listing.entries.values() if e.is_dir]
+            listing.dir_positions = {n: i for i, n in enumerate(listing.dirs)}
+        pos = listing.dir_positions.get(name)
+        if pos is None:
+            return
+        last = self._walks.get(parent)
+        self._walks[parent] = pos
+        if len(self._walks) > 1024:
+            self._walks.pop(next(iter(self._walks)))
+        if last is None or not last < pos <= last + 2:
+            return  # not (yet) a walk in order
+        for sibling in listing.dirs[pos + 1:pos + 1 + _WALK_AHEAD]:
+            sub = f"{parent}/{sibling}" if parent else sibling
+            if sub in self._listings or sub in self._filling:
+                continue
+            reader = self._filling[sub] = DirReader(sub)
+            reader.ahead = True
+            self._continue_in_background(reader)
 
     async def fill(self, reader: DirReader, upto: int) -> None:
         """Fetch listing pages until *reader* has more than *upto* entries or is done."""

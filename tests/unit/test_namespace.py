@@ -191,3 +191,36 @@ async def test_wide_directory_is_listed_once_while_far_names_are_probed(
         # A directory being listed for lookups is shared with readdir (no second listing).
         reader = ns.open_dir(wide.inode)
         assert reader.done and len(reader.entries) == 2500
+
+
+async def test_a_walk_lists_the_next_subdirectories_ahead(server: OssTestServer) -> None:
+    for d in range(20):
+        server.put(BUCKET, f"t/d{d:02d}/f", b"x")
+    async with _client(server) as client, trio.open_nursery() as nursery:
+        ns = Namespace(client, BUCKET, "")
+        ns.attach(nursery)
+        t = await ns.lookup(ROOT_INODE, "t")
+        await _all_names(ns, t.inode)
+        d = {i: await ns.lookup(t.inode, f"d{i:02d}") for i in range(20)}
+        server.reset_stats()
+        # One subdirectory opened: not a walk yet, nothing is listed ahead.
+        await _all_names(ns, d[0].inode)
+        await trio.sleep(0.2)
+        assert server.stats.count(op="list") == 1
+        # The next one in order: the eight after it are listed in the background.
+        await _all_names(ns, d[1].inode)
+        with trio.fail_after(30):
+            while server.stats.count(op="list") < 10 or ns._filling:
+                await trio.sleep(0.01)
+        assert all(f"t/d{i:02d}" in ns._listings for i in range(2, 10))
+        assert server.stats.count(op="list") == 10
+        for i in range(2, 10):  # ... and the walk finds them listed
+            assert [n for n, _ in await _all_names(ns, d[i].inode)] == ["f"]
+        with trio.fail_after(30):
+            while ns._filling:
+                await trio.sleep(0.01)
+        assert server.stats.count(op="list") == 10 + 8  # and it keeps going ahead
+        # A jump is not a walk: nothing more is listed ahead.
+        await _all_names(ns, d[19].inode)
+        await trio.sleep(0.2)
+        assert server.stats.count(op="list") == 10 + 8 + 1
