@@ -176,6 +176,8 @@ class CacheDir:
         # Open stores that may hold parts (pins, fetches, read-ahead): `held_bytes`
         # looks only at these.
         self._holding: dict[int, _Open] = {}
+        # The small object `find_small` found missing last (see `prepare`).
+        self._just_missed: str | None = None
         # Set by a mount that recounts usage in a worker thread (`measure`/`apply_scan`):
         # then nothing here walks the whole cache in the caller's thread.
         self.background_scan = False
@@ -243,7 +245,10 @@ class CacheDir:
             return store
         path = self._dir_for(identity)
         found = SmallStore.find(identity, path, on_discard=lambda d: log.warning("cache: %s", d))
-        return self.adopt(found) if found is not None else None
+        if found is None:
+            self._just_missed = path  # `prepare` right after need not look again
+            return None
+        return self.adopt(found)
 
     def prepare(self, identity: StoreIdentity) -> PartStore:
         """Open or create a store on disk and lock it for sharing.
@@ -255,7 +260,8 @@ class CacheDir:
         directory = self._dir_for(identity)
         if is_small(identity):
             self._shard(directory)
-            return SmallStore.open_small(identity, directory,
+            looked = self._just_missed == directory
+            return SmallStore.open_small(identity, directory, looked=looked,
                                          on_discard=lambda d: log.warning("cache: %s", d))
         for _ in range(5):
             _make_store_dir(directory)
@@ -466,6 +472,14 @@ class CacheDir:
                 del self._holding[key]  # holds nothing (any more): not looked at again
                 continue
             layout = entry.store.layout
+            if layout.count == 1:
+                # A small object (the common case by far): held or not, no sets.
+                if entry.pins or entry.fetching or any(
+                        now - t < HOLD_SECONDS for t in entry.ahead.values()):
+                    total += layout.length
+                else:
+                    del self._holding[key]
+                continue
             parts = set(entry.pins) | set(entry.fetching) | {
                 p for p, t in entry.ahead.items() if now - t < HOLD_SECONDS}
             if not parts:

@@ -41,6 +41,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ TMP_PREFIX = ".tmp-"
 _FOOTER_LEN = 31
 _FOOTER_MAGIC = b" ossfs-small1\n"
 _MAX_TRAILER = 1 << 16
+# An unpublished entry looks for one another process published at most this often.
+_LOOK_INTERVAL = 1.0
 
 
 @lru_cache(maxsize=65536)
@@ -135,6 +138,8 @@ class SmallStore(PartStore):
         self.crc_checked = checked and record is not None
         # The named temp file being fetched into (only without O_TMPFILE).
         self._temp_path: str | None = None
+        # When the name was last looked for (`refresh`).
+        self._looked = 0.0
         self._retired: list[int] = []
         if record is not None and self.layout.count:
             self._parts[0] = record
@@ -156,15 +161,20 @@ class SmallStore(PartStore):
         return cls(identity, path, fd, True, record, checked)
 
     @classmethod
-    def open_small(cls, identity: StoreIdentity, path: str, *,
+    def open_small(cls, identity: StoreIdentity, path: str, *, looked: bool = False,
                    on_discard: Callable[[Discarded], None] | None = None) -> SmallStore:
-        """Find the entry at *path* or start an unpublished one; lock it for sharing."""
-        found = cls.find(identity, path, on_discard=on_discard)
-        if found is not None:
-            return found
+        """Find the entry at *path* or start an unpublished one; lock it for sharing.
+
+        *looked*: the caller found no entry just now (`find`); no second look.
+        """
+        if not looked:
+            found = cls.find(identity, path, on_discard=on_discard)
+            if found is not None:
+                return found
         fd, temp = _new_temp(path)
         store = cls(identity, path, fd, False, None)
         store._temp_path = temp
+        store._looked = time.monotonic()
         if not store.layout.count:
             # An empty object has nothing to fetch: it is complete, and cached, at once.
             try:
@@ -178,9 +188,14 @@ class SmallStore(PartStore):
     # ---------------------------------------------------------------- state
 
     def refresh(self) -> None:
-        """See an entry another process published since this one was opened."""
+        """See an entry another process published since this one was opened (looked for
+        at most once a second: a fetch right after opening does not look again)."""
         if self._parts or not self.layout.count or self.flights:
             return  # (never swap the file under a running fetch: readers read it)
+        now = time.monotonic()
+        if now - self._looked < _LOOK_INTERVAL:
+            return
+        self._looked = now
         found = _open_published(self.identity, self.data_path, None)
         if found is None:
             return
