@@ -172,7 +172,7 @@ class Fetcher:
             if is_small(identity):
                 # One file (ossfs.cache.small): finding it costs less than a thread hop
                 # (creating it does not: that goes to the thread below).
-                store = cache.find_small(identity)
+                store = cache.find_small(identity) or cache.new_small(identity)
                 if store is not None:
                     return store
             key = cache.store_key(identity)

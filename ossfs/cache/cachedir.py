@@ -49,7 +49,7 @@ import os
 import shutil
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -62,6 +62,7 @@ from ossfs.cache.small import (
     TMP_PREFIX,
     SmallStore,
     SmallTrailer,
+    make_unnamed,
     read_trailer,
     remove_small,
     small_name,
@@ -89,6 +90,8 @@ _OVER_LOG_INTERVAL = 30.0
 _EVICT_EXTRA = 64 << 20
 # Closed small objects kept open (`keep_idle`) hold at most this many bytes.
 _IDLE_MAX_BYTES = 64 << 20
+# Unnamed files kept ready for new small objects (`CacheDir.new_small`).
+SPARES = 64
 # A small object's named temp file (only without O_TMPFILE) older than this is debris.
 _STALE_TEMP = 3600.0
 
@@ -178,6 +181,10 @@ class CacheDir:
         self._holding: dict[int, _Open] = {}
         # The small object `find_small` found missing last (see `prepare`).
         self._just_missed: str | None = None
+        # Unnamed files made ahead for new small objects (`new_small`), and who to tell
+        # when they run low.
+        self._spares: list[int] = []
+        self.on_spares_low: Callable[[], None] | None = None
         # Set by a mount that recounts usage in a worker thread (`measure`/`apply_scan`):
         # then nothing here walks the whole cache in the caller's thread.
         self.background_scan = False
@@ -249,6 +256,35 @@ class CacheDir:
             self._just_missed = path  # `prepare` right after need not look again
             return None
         return self.adopt(found)
+
+    def new_small(self, identity: StoreIdentity) -> PartStore | None:
+        """A new store for a small object `find_small` just found missing, made from a
+        spare unnamed file (no file-system call); None when there is no spare (then
+        `prepare` makes one, best in a worker thread)."""
+        path = self._dir_for(identity)
+        if not self._spares or self._just_missed != path:
+            return None
+        spare = self._spares.pop()
+        if len(self._spares) <= SPARES // 2 and self.on_spares_low is not None:
+            self.on_spares_low()
+        try:
+            self._shard(path)
+            store = SmallStore.open_small(identity, path, looked=True, spare=spare)
+        except BaseException:
+            os.close(spare)
+            raise
+        return self.adopt(store)
+
+    def spares_wanted(self) -> int:
+        return max(0, SPARES - len(self._spares))
+
+    def make_spares(self, count: int) -> list[int]:
+        """Unnamed files for `new_small` (blocking: a new inode each; a worker thread
+        calls it, `add_spares` takes the result)."""
+        return make_unnamed(self._objects, count)
+
+    def add_spares(self, fds: list[int]) -> None:
+        self._spares.extend(fds)
 
     def prepare(self, identity: StoreIdentity) -> PartStore:
         """Open or create a store on disk and lock it for sharing.
@@ -365,6 +401,9 @@ class CacheDir:
         self._idle_bytes = 0
         self._holding.clear()
         self._reserved = 0
+        for fd in self._spares:
+            os.close(fd)
+        self._spares.clear()
 
     def pin(self, store: PartStore, parts: range | list[int]) -> None:
         """Keep *parts* of *store* from being evicted until `unpin`."""

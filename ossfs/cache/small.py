@@ -51,7 +51,8 @@ from ossfs.cache.index import PartRecord, StoreIdentity
 from ossfs.cache.store import Discarded, PartStore, describe_mismatch
 from ossfs.fsutil import open_private_file
 
-__all__ = ["SmallStore", "small_name", "read_trailer", "SmallTrailer", "SUFFIX", "TMP_PREFIX"]
+__all__ = ["SmallStore", "small_name", "read_trailer", "SmallTrailer", "SUFFIX", "TMP_PREFIX",
+           "make_unnamed", "remove_small"]
 
 log = logging.getLogger(__name__)
 
@@ -162,16 +163,18 @@ class SmallStore(PartStore):
 
     @classmethod
     def open_small(cls, identity: StoreIdentity, path: str, *, looked: bool = False,
+                   spare: int | None = None,
                    on_discard: Callable[[Discarded], None] | None = None) -> SmallStore:
         """Find the entry at *path* or start an unpublished one; lock it for sharing.
 
         *looked*: the caller found no entry just now (`find`); no second look.
+        *spare*: an unnamed file made ahead (`make_unnamed`) to fetch into.
         """
         if not looked:
             found = cls.find(identity, path, on_discard=on_discard)
             if found is not None:
                 return found
-        fd, temp = _new_temp(path)
+        fd, temp = (spare, None) if spare is not None else _new_temp(path)
         store = cls(identity, path, fd, False, None)
         store._temp_path = temp
         store._looked = time.monotonic()
@@ -382,6 +385,23 @@ def _proc_fds() -> int:
         fd = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         _proc_fd = (pid, fd)
     return _proc_fd[1]
+
+
+def make_unnamed(directory: str, count: int) -> list[int]:
+    """*count* unnamed files (``O_TMPFILE``) on the file system of *directory*, locked
+    shared, to fetch small objects into later (any shard directory of that file
+    system can link them). Empty where ``O_TMPFILE`` is unsupported."""
+    fds: list[int] = []
+    if not _tmpfile_works:
+        return fds
+    try:
+        for _ in range(count):
+            fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            fds.append(fd)
+    except OSError as e:
+        log.debug("cache: cannot make unnamed files in %s: %s", directory, e)
+    return fds
 
 
 def _new_temp(path: str) -> tuple[int, str | None]:

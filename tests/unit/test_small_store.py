@@ -219,3 +219,34 @@ def test_eviction_spares_what_readers_hold(tmp_path: Path) -> None:
     fetch(cache, held, b"H" * 4096)
     assert held.read(0, 4096) == b"H" * 4096 and os.path.exists(held.data_path)
     cache.release(held)
+
+
+def test_new_small_objects_use_unnamed_files_made_ahead(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    cache = CacheDir(str(root), max_bytes=1 << 30)
+    low: list[bool] = []
+    cache.on_spares_low = lambda: low.append(True)
+    cache.add_spares(cache.make_spares(cache.spares_wanted()))
+    assert cache.spares_wanted() == 0
+    assert files(root) == []  # unnamed: nothing to see, nothing left after a crash
+    ident = identity_for("b", "new", "E", 2000, PART)
+    assert cache.new_small(ident) is None  # only right after a miss
+    assert cache.find_small(ident) is None
+    store = cache.new_small(ident)
+    assert store is not None and not store.complete
+    assert cache.spares_wanted() == 1
+    data = os.urandom(2000)
+    fetch(cache, store, data)
+    cache.release(store)
+    (entry,) = files(root)
+    assert entry.read_bytes()[:2000] == data
+    found = cache.find_small(ident)
+    assert found is not None and found.complete and found.verify(0)
+    cache.release(found)
+    for i in range(40):
+        assert cache.find_small(identity_for("b", f"n{i}", "E", 10, PART)) is None
+        s = cache.new_small(identity_for("b", f"n{i}", "E", 10, PART))
+        assert s is not None
+        cache.release(s)
+    assert low  # told to make more when half are used
+    cache.close()
