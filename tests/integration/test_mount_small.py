@@ -3,6 +3,7 @@ object, no HEAD per open, and a remount that reads the cache it left."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -83,6 +84,23 @@ def test_many_small_objects(server: OssTestServer, tmp_path: Path, env: dict[str
         # A close costs no FLUSH round trip: the kernel is told once that there is none
         # (closes already on their way then still arrive: one per thread at most).
         assert doc["fs_requests"].get("flush", 0) <= 8
+    # `ls -l` costs no round trip per entry: not even for the two extended attributes it
+    # asks every file for (security.selinux, system.posix_acl_access).
+    with mounted(f"oss://{BUCKET}", mnt, *opts, env=env):
+        before = json.loads(os.getxattr(mnt, "user.ossfs.status"))["fs_requests"]
+        ls = subprocess.run(["ls", "-l", str(mnt / "tree" / "d03")], capture_output=True,
+                            text=True, check=True)
+        assert len(ls.stdout.splitlines()) == PER_DIR + 1
+        after = json.loads(os.getxattr(mnt, "user.ossfs.status"))["fs_requests"]
+        assert after.get("getxattr", 0) - before.get("getxattr", 0) <= 4
+        assert after.get("getattr", 0) - before.get("getattr", 0) <= 2
+        assert after.get("lookup", 0) - before.get("lookup", 0) <= 2
+        with pytest.raises(OSError) as e:
+            os.getxattr(mnt / "tree" / "d03" / "f000.txt", "security.selinux")
+        assert e.value.errno == errno.EOPNOTSUPP
+        with pytest.raises(OSError) as e:
+            os.getxattr(mnt / "tree" / "d03" / "f000.txt", "user.other")
+        assert e.value.errno == errno.ENODATA
     # One file per small object in the cache, no directories or indexes.
     small, other = _cache_files(cache)
     assert len(small) == len(names) + 1 and other == []
