@@ -41,9 +41,9 @@ from typing import Protocol
 
 import trio
 
-from ossfs.cache.cachedir import CacheDir
+from ossfs.cache.cachedir import CacheDir, is_small
 from ossfs.cache.index import StoreIdentity
-from ossfs.cache.store import PartStore
+from ossfs.cache.store import EARLY_WRITEBACK, PartStore
 from ossfs.client import ObjectClient
 from ossfs.crc import crc64
 from ossfs.errors import IntegrityError, NoSpaceError
@@ -193,6 +193,12 @@ class Fetcher:
             store = cache.reuse(identity)
             if store is not None:
                 return store
+            if is_small(identity):
+                # One file (ossfs.cache.small): finding it costs less than a thread hop
+                # (creating it does not: that goes to the thread below).
+                store = cache.find_small(identity) or cache.new_small(identity)
+                if store is not None:
+                    return store
             key = cache.store_key(identity)
             opening = self._opening.get(key)
             if opening is None:
@@ -371,8 +377,10 @@ class Fetcher:
         # The flight ends with the commit, before anything else can run: from here
         # on the index speaks for the part (it may be evicted, and fetched again).
         self._land(store, part, flight, None)
-        # Writeback may block when the disk is busy: never in the event loop.
-        await trio.to_thread.run_sync(store.start_writeback, part)
+        # Writeback may block when the disk is busy: never in the event loop. (Small
+        # parts have none: no thread hop for them.)
+        if flight.end - flight.first >= EARLY_WRITEBACK:
+            await trio.to_thread.run_sync(store.start_writeback, part)
 
     # ---------------------------------------------------------------- background
 

@@ -25,6 +25,7 @@ import logging
 import os
 import stat
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ _XATTR_PREFIX = "user.ossfs."
 _XATTR_PREFIX_BYTES = _XATTR_PREFIX.encode()
 _FILE_XATTRS = ("etag", "crc64", "cached_bytes", "url")
 _ROOT_XATTRS = ("mount", "status")
+# After this many objects in a row without a CRC-64 the service is taken to have none.
+_NO_CRC_AFTER = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,6 +110,7 @@ class Operations(pyfuse3.Operations):
         self._prefetch = prefetch
         # S3 has no CRC-64 to show; OSS has it on HEAD (not in listings).
         self._has_crc64 = has_crc64
+        self._crc_missing = 0  # objects in a row the service had no CRC-64 for
         self._file_xattrs = _FILE_XATTRS if has_crc64 else tuple(
             n for n in _FILE_XATTRS if n != "crc64")
         self._handles: dict[int, _Handle] = {}
@@ -115,6 +119,9 @@ class Operations(pyfuse3.Operations):
         self._mounted_at = time.time()
         self.errors = 0
         self.reads = 0  # read requests the kernel sent (page-cache misses)
+        # Requests the kernel sent, by operation (status shows them: how many round
+        # trips a file costs).
+        self.requests: Counter[str] = Counter()
         self.reader = Reader(fetcher, cache)
         # Inodes whose kernel pages came from bytes that failed the whole-object check:
         # their next open drops the page cache.
@@ -186,6 +193,7 @@ class Operations(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        self.requests["lookup"] += 1
         text = os.fsdecode(name)
         async with self._errors("lookup", text):
             try:
@@ -201,6 +209,7 @@ class Operations(pyfuse3.Operations):
 
     async def getattr(self, inode: int,
                       ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        self.requests["getattr"] += 1
         async with self._errors("getattr", str(inode)):
             return self._attrs(self.ns.node(inode))
 
@@ -224,6 +233,7 @@ class Operations(pyfuse3.Operations):
     # ---------------------------------------------------------------- directories
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self.requests["opendir"] += 1
         async with self._errors("opendir", str(inode)):
             node = self.ns.node(inode)
             reader = self.ns.open_dir(inode)
@@ -232,6 +242,7 @@ class Operations(pyfuse3.Operations):
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        self.requests["readdir"] += 1
         # Offsets: 1 after ".", 2 after "..", then 3 + position in the listing.
         parent, reader = self._dirs[fh]
         if start_id < 2:
@@ -267,6 +278,7 @@ class Operations(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self.requests["open"] += 1
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self.ns.node(inode)
@@ -286,7 +298,9 @@ class Operations(pyfuse3.Operations):
             store = await self.fetcher.open_store(self.cache, ident)
             if self._prefetch is not None:
                 self._prefetch.on_open(node)
-            if store.complete and not store.crc_checked and self._has_crc64:
+            if store.complete and not store.crc_checked and store.server_crc64 is None \
+                    and self._has_crc64:
+                # (A store with server_crc64 was fetched here: the fetch checks it.)
                 # Cached by another process or run: compare the whole with the
                 # service's CRC-64 once, in the background (a HEAD at most).
                 self.fetcher.spawn(self._check_whole, node, self.cache.reuse(ident))
@@ -309,6 +323,19 @@ class Operations(pyfuse3.Operations):
             return
         try:
             crc = await self.ns.object_crc64(node)
+            if crc is None:
+                # Nothing to compare with (the service keeps no CRC-64 of this object):
+                # not asked again at every open of it (that was a HEAD per open). A
+                # service that has none for several objects in a row has none at all
+                # (an OSS-compatible store): no more HEADs for it.
+                store.crc_checked = True
+                self._crc_missing += 1
+                if self._crc_missing == _NO_CRC_AFTER and self._has_crc64:
+                    log.info("the service sends no CRC-64 of its objects: cached objects "
+                             "are checked against their own part CRCs only")
+                    self._has_crc64 = False
+                return
+            self._crc_missing = 0
             self.fetcher.check_whole(store, crc)
         except IntegrityError as e:
             log.error("%s", e)
@@ -327,13 +354,17 @@ class Operations(pyfuse3.Operations):
             self.fetcher.spawn(trio.to_thread.run_sync, _invalidate_pages, inode)
 
     async def release(self, fh: int) -> None:
+        self.requests["release"] += 1
         h = self._handles.pop(fh, None)
         if h is not None:
             h.file.close()
             self.cache.release(h.store)
 
     async def flush(self, fh: int) -> None:
-        return None
+        # Nothing to flush on a read-only file system. ENOSYS tells the kernel never to
+        # send FLUSH again: every close() waited for one round trip of it.
+        self.requests["flush"] += 1
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     # ---------------------------------------------------------------- xattrs
 
@@ -348,8 +379,15 @@ class Operations(pyfuse3.Operations):
         return [(_XATTR_PREFIX + n).encode() for n in names]
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self.requests["getxattr"] += 1
         if not name.startswith(_XATTR_PREFIX_BYTES):
-            # `ls -l` asks every file for security.selinux and system.posix_acl_access.
+            if not name.startswith(b"user."):
+                # Namespaces this file system does not have (security.*, system.*,
+                # trusted.*): "not supported", not "no such attribute". `ls -l` asks
+                # every file for security.selinux and system.posix_acl_access; told
+                # that the file system does not support them it stops asking (it
+                # remembers per device), which saves two round trips per entry.
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         key = name.decode(errors="replace")
         attr = key[len(_XATTR_PREFIX):]

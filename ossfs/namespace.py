@@ -14,6 +14,18 @@ Rules that decide what a key looks like (``docs/semantics.md``):
   wins and the file is hidden (one warning): that hides one object, not a
   whole tree.
 
+One listing per directory: a lookup in a directory that is not listed yet
+lists it (one ListObjectsV2 page after another: each page needs the token of
+the one before, so a listing cannot be fetched in parallel), and every lookup
+and ``readdir`` of that directory shares the same listing while it is built.
+A lookup waits for at most one page; a name the listing has not reached by
+then is probed (a HEAD and a one-key LIST) while the listing goes on in the
+background. HEAD is sent only there and where no listing can answer.
+
+A walk of a tree (``find``, ``grep -r``: subdirectories opened one after
+another in listing order) lists the next subdirectories ahead, in the
+background, a few at once.
+
 Caches (cachetools): directory listings for ``ttl`` seconds, negative
 lookups for ``negative_ttl``. `DirReader` pages through a listing lazily as
 ``readdir`` asks for more, with stable offsets (its position in the list it
@@ -51,6 +63,9 @@ __all__ = ["Node", "Namespace", "DirReader", "ListingGuard", "ROOT_INODE",
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
+# A walk of a tree lists this many subdirectories ahead, this many at once.
+_WALK_AHEAD = 8
+_WALK_LISTINGS = 4
 _NAME_MAX = 255
 # The most entries one directory of the mount may hold (``--max-dir-entries``).
 DEFAULT_MAX_DIR_ENTRIES = 1_000_000
@@ -148,6 +163,10 @@ class _Entry:
     meta: ObjectMeta | None
 
 
+# `Namespace._from_listing`: the listing cannot answer yet.
+_UNKNOWN = _Entry("", False, None)
+
+
 @dataclass(slots=True)
 class _Listing:
     entries: dict[str, _Entry]
@@ -155,6 +174,9 @@ class _Listing:
     # Files in listing order and their positions, built on first use (read-ahead).
     files: list[str] | None = None
     positions: dict[str, int] | None = None
+    # The same for subdirectories (walk read-ahead).
+    dirs: list[str] | None = None
+    dir_positions: dict[str, int] | None = None
 
 
 @dataclass(slots=True)
@@ -170,13 +192,19 @@ class DirReader:
     token: str | None = None
     done: bool = False
     guard: ListingGuard | None = None
-    # Why the listing cannot go on (raised again by every later `fill`).
+    # Why the listing cannot go on (raised again by every later call).
     error: ListingError | None = None
+    # The entries by name (the listing's dict: a lookup is answered from it).
+    by_name: dict[str, _Entry] = field(default_factory=dict)
+    pages: int = 0
+    # The greatest key the listing has reached: names sorting before it are decided.
+    last_key: str | None = None
+    # Set while one task fetches the next page: everyone else waits for it.
+    busy: trio.Event | None = None
+    background: bool = False
+    # Listed ahead of a walk (`Namespace._walk_ahead`), not because someone asked.
+    ahead: bool = False
     _pending: deque[tuple[str, _Entry]] = field(default_factory=deque)
-    _names: set[str] = field(default_factory=set)
-    # The incomplete listing this reader publishes for lookups, and how much of it.
-    _partial: _Listing | None = None
-    _published: int = 0
 
 
 class Namespace:
@@ -208,8 +236,19 @@ class Namespace:
         self._listings: TTLCache[str, _Listing] = TTLCache(maxsize=max_dirs, ttl=max(ttl, 1e-3))
         self._negative: TTLCache[str, bool] = TTLCache(maxsize=65536,
                                                        ttl=max(negative_ttl, 1e-3))
+        # The reader building each directory's listing now (shared; see `_from_listing`).
+        self._filling: TTLCache[str, DirReader] = TTLCache(maxsize=max_dirs,
+                                                            ttl=max(ttl, 1e-3))
+        self._nursery: trio.Nursery | None = None
+        # Directory walks: the position of the subdirectory opened last, per parent.
+        self._walks: dict[str, int] = {}
+        self._walk_limiter = trio.CapacityLimiter(_WALK_LISTINGS)
         self._warned: set[str] = set()
         self.list_requests = 0
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Let listings that lookups started finish in the background (in *nursery*)."""
+        self._nursery = nursery
 
     # ---------------------------------------------------------------- keys
 
@@ -311,11 +350,88 @@ class Namespace:
             if listing.complete:
                 self._negative[path] = True
                 raise NotFoundError(404, "NoSuchKey", path)
-        entry = await self._probe(path, name)
-        if entry is None:
+        found = await self._from_listing(parent.path, path, name)
+        if found is _UNKNOWN:
+            found = await self._probe(path, name)
+        if found is None or found is _UNKNOWN:
             self._negative[path] = True
             raise NotFoundError(404, "NoSuchKey", path)
-        return self.remember(parent, entry)
+        return self.remember(parent, found)
+
+    async def _from_listing(self, directory: str, path: str, name: str) -> _Entry | None:
+        """Answer a lookup from the listing of *directory*, listing it if nobody has.
+
+        One listing per directory: every lookup in a directory that is being listed
+        waits for the same pages (nobody sends a request of their own). A lookup
+        waits for one more page at most; a name the listing has not reached by
+        then is probed (HEAD) while the listing goes on in the background, so the
+        lookups after it are answered from the listing. None: the name is not
+        there; `_UNKNOWN`: the listing cannot tell yet.
+        """
+        reader = self._filling.get(directory)
+        if reader is None:
+            if directory in self._listings:
+                # Partly listed by a reader that stopped (an abandoned readdir).
+                return _UNKNOWN
+            reader = self._filling[directory] = DirReader(directory)
+        key = self.key_of(path)
+        waited = False
+        while True:
+            entry = reader.by_name.get(name)
+            if entry is not None:
+                return entry
+            if reader.done or (reader.last_key is not None and reader.last_key > key + "/"):
+                return None  # the sorted listing went past both "name" and "name/"
+            if waited:
+                self._continue_in_background(reader)
+                return _UNKNOWN
+            await self._page(reader)
+            waited = True
+
+    def _continue_in_background(self, reader: DirReader) -> None:
+        if self._nursery is None or reader.background or reader.done:
+            return
+        reader.background = True
+        self._nursery.start_soon(self._finish_listing, reader)
+
+    async def _finish_listing(self, reader: DirReader) -> None:
+        try:
+            if reader.ahead:
+                async with self._walk_limiter:
+                    while not reader.done:
+                        await self._page(reader)
+                return
+            while not reader.done:
+                await self._page(reader)
+        except Exception as e:  # a lookup that needs it asks again (and sees the error)
+            log.debug("listing %s in the background failed: %s", reader.path or "/", e)
+        finally:
+            reader.background = False
+
+    async def _page(self, reader: DirReader) -> None:
+        """Fetch *reader*'s next page; if another task is fetching it, wait for that."""
+        if reader.error is not None:
+            raise reader.error
+        if reader.busy is not None:
+            await reader.busy.wait()
+            if reader.error is not None:
+                raise reader.error
+            return
+        busy = reader.busy = trio.Event()
+        try:
+            await self._next_page(reader)
+        except ListingError as e:
+            # The same again for every waiter and later call, with no request; a later
+            # open of the directory starts a new listing.
+            reader.error = e
+            if self._filling.get(reader.path) is reader:
+                del self._filling[reader.path]
+            raise
+        finally:
+            reader.busy = None
+            busy.set()
+            if reader.done and self._filling.get(reader.path) is reader:
+                del self._filling[reader.path]
 
     async def _probe(self, path: str, name: str) -> _Entry | None:
         """Is *path* a directory (a prefix with something under it) or a file (an object)?"""
@@ -383,24 +499,61 @@ class Namespace:
     # ---------------------------------------------------------------- readdir
 
     def open_dir(self, inode: int) -> DirReader:
+        """A reader of the directory's listing: the complete one, the one being
+        built (shared with lookups and other readers: its offsets only grow), or
+        a new one."""
         node = self.node(inode)
-        reader = DirReader(node.path)
+        if node.path:
+            self._walk_ahead(node.path)
         listing = self._listings.get(node.path)
         if listing is not None and listing.complete:
+            reader = DirReader(node.path)
             reader.entries = list(listing.entries.values())
+            reader.by_name = listing.entries
             reader.done = True
-        return reader
+            return reader
+        filling = self._filling.get(node.path)
+        if filling is None:
+            filling = self._filling[node.path] = DirReader(node.path)
+        return filling
+
+    def _walk_ahead(self, path: str) -> None:
+        """List the next subdirectories of a tree being walked, in the background.
+
+        ``find``, ``grep -r``, ``du`` and ``cp -r`` open the subdirectories of a
+        directory one after another in listing order, and each waits for its own
+        listing. When a subdirectory is opened right after the one before it, the
+        next `_WALK_AHEAD` ones are listed ahead (at most `_WALK_LISTINGS` at once);
+        an open out of order lists nothing ahead.
+        """
+        parent, _, name = path.rpartition("/")
+        listing = self._listings.get(parent)
+        if listing is None or not listing.complete or self._nursery is None:
+            return
+        if listing.dirs is None or listing.dir_positions is None:
+            listing.dirs = [e.name for e in listing.entries.values() if e.is_dir]
+            listing.dir_positions = {n: i for i, n in enumerate(listing.dirs)}
+        pos = listing.dir_positions.get(name)
+        if pos is None:
+            return
+        last = self._walks.get(parent)
+        self._walks[parent] = pos
+        if len(self._walks) > 1024:
+            self._walks.pop(next(iter(self._walks)))
+        if last is None or not last < pos <= last + 2:
+            return  # not (yet) a walk in order
+        for sibling in listing.dirs[pos + 1:pos + 1 + _WALK_AHEAD]:
+            sub = f"{parent}/{sibling}" if parent else sibling
+            if sub in self._listings or sub in self._filling:
+                continue
+            reader = self._filling[sub] = DirReader(sub)
+            reader.ahead = True
+            self._continue_in_background(reader)
 
     async def fill(self, reader: DirReader, upto: int) -> None:
         """Fetch listing pages until *reader* has more than *upto* entries or is done."""
         while len(reader.entries) <= upto and not reader.done:
-            if reader.error is not None:
-                raise reader.error
-            try:
-                await self._next_page(reader)
-            except ListingError as e:
-                reader.error = e  # the same again on every later call, with no request
-                raise
+            await self._page(reader)
 
     def _resource(self, path: str) -> str:
         return f"{self.scheme}://{self.bucket}/{self._dir_prefix(path)}"
@@ -435,24 +588,19 @@ class Namespace:
         items.sort(key=lambda t: t[0])
         for key, entry in items:
             self._accept(reader, key, entry)
+        if items:
+            reader.last_key = max(reader.last_key or "", items[-1][0])
+        reader.pages += 1
         reader.token = page.next_token
         if reader.token is None:
             while reader._pending:
                 self._emit(reader, reader._pending.popleft()[1])
             reader.done = True
-            self._listings[reader.path] = _Listing({e.name: e for e in reader.entries}, True)
+            self._listings[reader.path] = _Listing(reader.by_name, True)
         else:
             partial = self._listings.get(reader.path)
             if partial is None or not partial.complete:
-                # Published as it grows (each page adds only its own entries).
-                if reader._partial is None:
-                    reader._partial = _Listing({}, False)
-                listing = reader._partial
-                for entry in reader.entries[reader._published:]:
-                    listing.entries[entry.name] = entry
-                reader._published = len(reader.entries)
-                listing.files = listing.positions = None
-                self._listings[reader.path] = listing
+                self._listings[reader.path] = _Listing(reader.by_name, False)
 
     def _accept(self, reader: DirReader, key: str, entry: _Entry) -> None:
         # A file "x" waits until no "x/" prefix can follow: keys sort, and "x/" comes
@@ -474,9 +622,9 @@ class Namespace:
             reader._pending.append((key, entry))
 
     def _emit(self, reader: DirReader, entry: _Entry) -> None:
-        if entry.name in reader._names:
+        if entry.name in reader.by_name:
             return
-        reader._names.add(entry.name)
+        reader.by_name[entry.name] = entry
         reader.entries.append(entry)
 
     def iter_entries(self, reader: DirReader, start: int) -> Iterator[tuple[int, _Entry]]:

@@ -638,11 +638,13 @@ class ServerPair:
     """
 
     def __init__(self, services: Services, root: Path, bucket: str, *,
-                 workers: int = 2) -> None:
+                 workers: int = 2, count_requests: bool = False) -> None:
         self.services = services
         self.root = root
         self.bucket = bucket
         self.workers = workers
+        # With count_requests, nginx logs one short line per request (`requests_since`).
+        self.access_log = services.tmp / "nginx" / "requests.log" if count_requests else None
         self.port = 0
         self.listing_url = ""
         self.nginx_conf = services.tmp / "nginx" / "nginx.conf"
@@ -672,7 +674,10 @@ class ServerPair:
             f"error_log {t}/error.log warn;\n"
             "events { worker_connections 4096; }\n"
             "http {\n"
-            "    access_log off;\n    sendfile on;\n    tcp_nopush on;\n"
+            + ("    access_log off;\n" if self.access_log is None else
+               "    log_format counts '$request_method $uri $status';\n"
+               f"    access_log {self.access_log} counts;\n")
+            + "    sendfile on;\n    tcp_nopush on;\n"
             "    keepalive_requests 1000000;\n    keepalive_timeout 300s;\n"
             "    default_type application/octet-stream;\n"
             f"{temps}"
@@ -696,6 +701,36 @@ class ServerPair:
                                             "-e", str(t / "error.log")])
         wait_for_port(self.port, svc.proc)
         return self
+
+    def log_position(self) -> int:
+        """Where the request log ends now (for `requests_since`)."""
+        if self.access_log is None or not self.access_log.exists():
+            return 0
+        return self.access_log.stat().st_size
+
+    def requests_since(self, position: int) -> dict[str, int]:
+        """Requests logged after *position*: ``{"list": n, "head": n, "get": n, "other": n}``.
+
+        A listing is a GET of the bucket itself; a GET or HEAD of a key is an object request.
+        """
+        counts = {"list": 0, "head": 0, "get": 0, "other": 0}
+        if self.access_log is None or not self.access_log.exists():
+            return counts
+        with open(self.access_log, "rb") as f:
+            f.seek(position)
+            for line in f.read().decode(errors="replace").splitlines():
+                method, _, rest = line.partition(" ")
+                uri = rest.rpartition(" ")[0]
+                is_bucket = uri.strip("/") == self.bucket
+                if method == "GET" and is_bucket:
+                    counts["list"] += 1
+                elif method == "GET":
+                    counts["get"] += 1
+                elif method == "HEAD" and not is_bucket:
+                    counts["head"] += 1
+                else:
+                    counts["other"] += 1
+        return counts
 
     def check(self, key: str) -> None:
         """HEAD, a range, If-Match (206 / 412) and a listing work through nginx."""

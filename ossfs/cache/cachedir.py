@@ -48,14 +48,25 @@ import logging
 import os
 import shutil
 import time
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 
 from cachetools import LRUCache
 
 from ossfs.cache.index import IndexCorrupt, IndexFile, PartRecord, StoreIdentity
+from ossfs.cache.small import (
+    SUFFIX,
+    TMP_PREFIX,
+    SmallStore,
+    SmallTrailer,
+    make_unnamed,
+    read_trailer,
+    remove_small,
+    small_name,
+)
 from ossfs.cache.store import PartStore
 from ossfs.errors import CheckpointError, NoSpaceError
 from ossfs.fsutil import punch_hole
@@ -74,6 +85,15 @@ _TOUCH_INTERVAL = 60.0
 HOLD_SECONDS = 60.0
 # An over-the-cap state is logged at most this often (seconds).
 _OVER_LOG_INTERVAL = 30.0
+# Eviction of whole stores frees up to this much more than asked (and 2% of the cap
+# at most), so that a cache of many small objects is walked rarely.
+_EVICT_EXTRA = 64 << 20
+# Closed small objects kept open (`keep_idle`) hold at most this many bytes.
+_IDLE_MAX_BYTES = 64 << 20
+# Unnamed files kept ready for new small objects (`CacheDir.new_small`).
+SPARES = 64
+# A small object's named temp file (only without O_TMPFILE) older than this is debris.
+_STALE_TEMP = 3600.0
 
 def identity_for(bucket: str, key: str, etag: str, size: int, part_size: int) -> StoreIdentity:
     """The identity of a whole-object store in the cache."""
@@ -81,6 +101,7 @@ def identity_for(bucket: str, key: str, etag: str, size: int, part_size: int) ->
                          start=0, length=size)
 
 
+@lru_cache(maxsize=65536)
 def _store_name(identity: StoreIdentity) -> str:
     blob = json.dumps(asdict(identity), sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
@@ -129,7 +150,8 @@ class CachedObjectInfo:
 class CacheDir:
     """A cache root shared by processes; see the module docstring."""
 
-    def __init__(self, root: str, *, max_bytes: int, min_free_fraction: float = 0.05) -> None:
+    def __init__(self, root: str, *, max_bytes: int, min_free_fraction: float = 0.05,
+                 keep_idle: int = 0) -> None:
         self.root = os.path.abspath(root)
         self.max_bytes = max_bytes
         self.min_free_fraction = min_free_fraction
@@ -147,6 +169,25 @@ class CacheDir:
         self._full_logged = -_OVER_LOG_INTERVAL
         self._over_logged = -_OVER_LOG_INTERVAL
         self.evicted_bytes = 0
+        self._shards: set[str] = set()
+        # Complete small stores nobody uses, kept open (oldest first; see `release`).
+        self.keep_idle = keep_idle
+        self._idle: OrderedDict[str, _Open] = OrderedDict()
+        self._idle_bytes = 0
+        # Bytes reserved by fetches that have not settled (sum of every entry's fetching).
+        self._reserved = 0
+        # Open stores that may hold parts (pins, fetches, read-ahead): `held_bytes`
+        # looks only at these.
+        self._holding: dict[int, _Open] = {}
+        # The small object `find_small` found missing last (see `prepare`).
+        self._just_missed: str | None = None
+        # Unnamed files made ahead for new small objects (`new_small`), and who to tell
+        # when they run low.
+        self._spares: list[int] = []
+        self.on_spares_low: Callable[[], None] | None = None
+        # Set by a mount that recounts usage in a worker thread (`measure`/`apply_scan`):
+        # then nothing here walks the whole cache in the caller's thread.
+        self.background_scan = False
         self._prepare()
 
     # ---------------------------------------------------------------- set-up
@@ -169,11 +210,21 @@ class CacheDir:
         if found != FORMAT:
             raise CheckpointError(f"{self.root} holds a cache of another format ({found!r}); "
                                   "use another --cache-dir or delete it")
-        self.rescan()
+        # No walk of the cache here: with 100k small objects that takes a while. The
+        # first `admit` counts (or a mount's background scan, see `background_scan`).
+        self._scanned_at = -_RESCAN_INTERVAL
 
     def _dir_for(self, identity: StoreIdentity) -> str:
-        name = _store_name(identity)
+        """Where the store of *identity* lives: a file for a small object (one part at
+        most, see `ossfs.cache.small`), a directory otherwise."""
+        name = small_name(identity) if is_small(identity) else _store_name(identity)
         return os.path.join(self._objects, name[:2], name)
+
+    def _shard(self, path: str) -> None:
+        shard = os.path.dirname(path)
+        if shard not in self._shards:
+            os.makedirs(shard, mode=0o700, exist_ok=True)
+            self._shards.add(shard)
 
     # ---------------------------------------------------------------- stores
 
@@ -186,9 +237,54 @@ class CacheDir:
         entry = self._open.get(self._dir_for(identity))
         if entry is None:
             return None
+        if entry.refs <= 0:
+            self._idle.pop(entry.directory, None)
+            self._idle_bytes -= entry.store.identity.size
         entry.refs += 1
         self._touch(entry)
         return entry.store
+
+    def find_small(self, identity: StoreIdentity) -> PartStore | None:
+        """The store of a small object that is cached (counted), without creating one:
+        cheap enough for the caller's thread. None when it is not cached."""
+        store = self.reuse(identity)
+        if store is not None:
+            return store
+        path = self._dir_for(identity)
+        found = SmallStore.find(identity, path, on_discard=lambda d: log.warning("cache: %s", d))
+        if found is None:
+            self._just_missed = path  # `prepare` right after need not look again
+            return None
+        return self.adopt(found)
+
+    def new_small(self, identity: StoreIdentity) -> PartStore | None:
+        """A new store for a small object `find_small` just found missing, made from a
+        spare unnamed file (no file-system call); None when there is no spare (then
+        `prepare` makes one, best in a worker thread)."""
+        path = self._dir_for(identity)
+        if not self._spares or self._just_missed != path:
+            return None
+        spare = self._spares.pop()
+        if len(self._spares) <= SPARES // 2 and self.on_spares_low is not None:
+            self.on_spares_low()
+        try:
+            self._shard(path)
+            store = SmallStore.open_small(identity, path, looked=True, spare=spare)
+        except BaseException:
+            os.close(spare)
+            raise
+        return self.adopt(store)
+
+    def spares_wanted(self) -> int:
+        return max(0, SPARES - len(self._spares))
+
+    def make_spares(self, count: int) -> list[int]:
+        """Unnamed files for `new_small` (blocking: a new inode each; a worker thread
+        calls it, `add_spares` takes the result)."""
+        return make_unnamed(self._objects, count)
+
+    def add_spares(self, fds: list[int]) -> None:
+        self._spares.extend(fds)
 
     def prepare(self, identity: StoreIdentity) -> PartStore:
         """Open or create a store on disk and lock it for sharing.
@@ -198,6 +294,11 @@ class CacheDir:
         some disks). `adopt` then makes the store this process's own.
         """
         directory = self._dir_for(identity)
+        if is_small(identity):
+            self._shard(directory)
+            looked = self._just_missed == directory
+            return SmallStore.open_small(identity, directory, looked=looked,
+                                         on_discard=lambda d: log.warning("cache: %s", d))
         for _ in range(5):
             _make_store_dir(directory)
             data = os.path.join(directory, "data")
@@ -224,19 +325,24 @@ class CacheDir:
         If the same store was opened meanwhile, the prepared one is closed and
         the open one is returned.
         """
-        directory = os.path.dirname(store.data_path)
+        directory = _entry_path(store)
         entry = self._open.get(directory)
         if entry is not None:
             store.close()
         else:
-            key = (directory, os.fstat(store.fileno()).st_ino)
+            st = os.fstat(store.fileno())
+            key = (directory, st.st_ino)
             verified = self._verified.get(key)
             if verified is None:
                 verified = self._verified[key] = set()
             verified.intersection_update(store.parts)  # dropped since: check again
             store.verified = verified
-            store.crc_checked = self._whole_checked.get(key, False) and store.complete
+            store.crc_checked = (store.crc_checked or self._whole_checked.get(key, False)) \
+                and store.complete
             entry = self._open[directory] = _Open(store, directory, key)
+            if isinstance(store, SmallStore):
+                # Its LRU time is the file's own mtime: no utime if it is recent.
+                entry.touched = st.st_mtime
             self._by_store[id(store)] = entry
         entry.refs += 1
         self._touch(entry)
@@ -251,31 +357,59 @@ class CacheDir:
         if entry is None:
             return
         entry.refs -= 1
-        if entry.refs <= 0:
-            del self._open[entry.directory]
-            del self._by_store[id(store)]
-            if store.crc_checked:
-                self._whole_checked[entry.version] = True
-            else:
-                self._whole_checked.pop(entry.version, None)
-            try:
-                store.compact()
-            except OSError as e:
-                # Only a tidy-up: the journal stays valid uncompacted (a full disk).
-                log.warning("cache: cannot compact %s: %s", store.index_path, e.strerror)
-            finally:
-                store.close()
+        if entry.refs > 0:
+            return
+        size = store.identity.size
+        if isinstance(store, SmallStore) and store.complete and self.keep_idle > 0 \
+                and size <= _IDLE_MAX_BYTES // 16:
+            # Kept open for a while: opening it again is then a dictionary lookup (a
+            # tree of small files is opened again and again by grep, make, git).
+            self._idle[entry.directory] = entry
+            self._idle_bytes += size
+            while self._idle and (len(self._idle) > self.keep_idle
+                                  or self._idle_bytes > _IDLE_MAX_BYTES):
+                _, oldest = self._idle.popitem(last=False)
+                self._idle_bytes -= oldest.store.identity.size
+                self._close_entry(oldest)
+            return
+        self._close_entry(entry)
+
+    def _close_entry(self, entry: _Open) -> None:
+        store = entry.store
+        del self._open[entry.directory]
+        del self._by_store[id(store)]
+        self._holding.pop(id(entry), None)
+        self._reserved -= sum(entry.fetching.values())  # fetches still running: forgotten
+        if store.crc_checked:
+            self._whole_checked[entry.version] = True
+        else:
+            self._whole_checked.pop(entry.version, None)
+        try:
+            store.compact()
+        except OSError as e:
+            # Only a tidy-up: the journal stays valid uncompacted (a full disk).
+            log.warning("cache: cannot compact %s: %s", store.index_path, e.strerror)
+        finally:
+            store.close()
 
     def close(self) -> None:
         for entry in list(self._open.values()):
             entry.store.close()
         self._open.clear()
         self._by_store.clear()
+        self._idle.clear()
+        self._idle_bytes = 0
+        self._holding.clear()
+        self._reserved = 0
+        for fd in self._spares:
+            os.close(fd)
+        self._spares.clear()
 
     def pin(self, store: PartStore, parts: range | list[int]) -> None:
         """Keep *parts* of *store* from being evicted until `unpin`."""
         entry = self._by_store[id(store)]
         now = time.monotonic()
+        self._holding[id(entry)] = entry
         for p in parts:
             entry.pins[p] += 1
             entry.part_access[p] = now
@@ -334,13 +468,20 @@ class CacheDir:
     # ---------------------------------------------------------------- accounting
 
     def _walk(self) -> Iterator[tuple[str, os.stat_result]]:
-        """(store directory, stat of its data file) for every store on disk."""
-        for directory in _store_dirs(self.root):
-            try:
-                st = os.stat(os.path.join(directory, "data"))
-            except FileNotFoundError:
-                continue
-            yield directory, st
+        """(store path, stat of its data) for every store on disk: a store directory and
+        its data file, or a small object's file."""
+        return _walk(self.root)
+
+    def measure(self) -> int:
+        """The bytes the cache holds on disk, all processes (a walk of the whole cache;
+        touches nothing in this object, so it may run in a worker thread)."""
+        return sum(st.st_blocks * 512 for _, st in _walk(self.root))
+
+    def apply_scan(self, on_disk: int) -> int:
+        """Take a `measure` result as the bytes in use (plus running fetches)."""
+        self._used = on_disk + self._unwritten_reservations()
+        self._scanned_at = time.monotonic()
+        return self._used
 
     def rescan(self) -> int:
         """Recount the bytes the cache holds on disk (all processes).
@@ -348,15 +489,14 @@ class CacheDir:
         Bytes reserved by fetches still running are counted as used whether or
         not they have reached the disk yet.
         """
-        on_disk = sum(st.st_blocks * 512 for _, st in self._walk())
-        self._used = on_disk + self._unwritten_reservations()
-        self._scanned_at = time.monotonic()
-        return self._used
+        return self.apply_scan(self.measure())
 
     def _unwritten_reservations(self) -> int:
         # Without a byte count per flight, count every reservation whole: the
-        # estimate errs on the side of evicting a little early.
-        return sum(sum(e.fetching.values()) for e in self._open.values())
+        # estimate errs on the side of evicting a little early. (Kept as a sum: with
+        # a thousand small stores open, adding them up at each fetch was most of the
+        # cost of fetching a small object.)
+        return self._reserved
 
     @property
     def used_bytes(self) -> int:
@@ -376,10 +516,25 @@ class CacheDir:
         """Bytes eviction may not touch now: pinned, being fetched, held for streams."""
         now = time.monotonic()
         total = 0
-        for entry in self._open.values():
+        for key, entry in list(self._holding.items()):
+            if not (entry.pins or entry.fetching or entry.ahead) \
+                    or self._by_store.get(id(entry.store)) is not entry:
+                del self._holding[key]  # holds nothing (any more): not looked at again
+                continue
             layout = entry.store.layout
+            if layout.count == 1:
+                # A small object (the common case by far): held or not, no sets.
+                if entry.pins or entry.fetching or any(
+                        now - t < HOLD_SECONDS for t in entry.ahead.values()):
+                    total += layout.length
+                else:
+                    del self._holding[key]
+                continue
             parts = set(entry.pins) | set(entry.fetching) | {
                 p for p, t in entry.ahead.items() if now - t < HOLD_SECONDS}
+            if not parts:
+                del self._holding[key]  # only expired read-ahead holds
+                continue
             total += sum(layout.part_length(p) for p in parts if 0 <= p < layout.count)
         return total
 
@@ -391,7 +546,7 @@ class CacheDir:
         one `settle` for the same part.
         """
         entry = self._by_store.get(id(store))
-        if time.monotonic() - self._scanned_at > _RESCAN_INTERVAL:
+        if not self.background_scan and time.monotonic() - self._scanned_at > _RESCAN_INTERVAL:
             self.rescan()
         room = self._room(nbytes)
         if readahead and self.held_bytes() + nbytes > room:
@@ -407,6 +562,8 @@ class CacheDir:
                                f"{format_size(self._floor())} free)", path=self.root)
         if entry is not None:
             entry.fetching[part] = nbytes
+            self._reserved += nbytes
+            self._holding[id(entry)] = entry
         self._used += nbytes
         self._note_over(room)
         return True
@@ -438,14 +595,17 @@ class CacheDir:
         """
         entry = self._by_store.get(id(store))
         if entry is not None:
-            entry.fetching.pop(part, None)
+            self._reserved -= entry.fetching.pop(part, 0)
             if committed:
                 now = time.monotonic()
                 entry.part_access.setdefault(part, now)
                 if readahead:
                     entry.ahead.setdefault(part, now)
         if committed:
-            self._trim()
+            if isinstance(store, SmallStore):
+                # Its file holds a trailer too, and takes whole blocks: count what it takes.
+                with suppress(OSError):
+                    self._used += os.fstat(store.fileno()).st_blocks * 512 - nbytes
             return
         self._used -= nbytes
         if written and (entry is None or not entry.pins.get(part)) and store.fileno() >= 0:
@@ -476,16 +636,21 @@ class CacheDir:
 
     def _evict(self, need: int) -> int:
         freed = 0
-        # 1. Whole stores no process holds, least recently used first.
+        # 1. Whole stores no process holds, least recently used first. A little more
+        # than needed goes, so that a cache of many small objects is not walked for
+        # every object that arrives.
+        want = need + min(self.max_bytes // 50, _EVICT_EXTRA)
         candidates = sorted(
-            ((st_dir_mtime(d), d, st.st_blocks * 512) for d, st in self._walk()
-             if d not in self._open),
+            (st.st_mtime, path, st.st_blocks * 512) for path, st in self._walk()
+            if path not in self._open
         )
-        for _mtime, directory, size in candidates:
-            if freed >= need:
+        for _mtime, path, size in candidates:
+            if freed >= want:
                 return freed
-            if self._remove_store(directory):
+            if self._remove_store(path):
                 freed += size
+        if freed >= need:
+            return freed
         # 2. Parts of stores open here that nothing holds, least recently used first.
         now = time.monotonic()
         parts: list[tuple[float, _Open, int]] = []
@@ -507,6 +672,11 @@ class CacheDir:
         return max(freed, 0)
 
     def _remove_store(self, directory: str) -> bool:
+        if directory.endswith(SUFFIX):
+            if remove_small(directory):
+                log.debug("cache: evicted %s", directory)
+                return True
+            return False
         data = os.path.join(directory, "data")
         try:
             fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
@@ -531,6 +701,8 @@ class CacheDir:
 
     def _evict_parts(self, entry: _Open, parts: list[int]) -> bool:
         fd = entry.store.fileno()
+        if isinstance(entry.store, SmallStore):
+            return self._evict_small(entry)
         try:
             # Upgrade our shared lock: it works only if no other process has the store.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -557,6 +729,22 @@ class CacheDir:
             fcntl.flock(fd, fcntl.LOCK_SH)
         return True
 
+    def _evict_small(self, entry: _Open) -> bool:
+        store = entry.store
+        fd = store.fileno()
+        assert isinstance(store, SmallStore)
+        if store.published:
+            try:
+                # Our shared lock upgraded: works only if no other process has it open.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fcntl.flock(fd, fcntl.LOCK_SH)  # a failed conversion dropped it
+                return False
+        size = store.layout.part_length(0)
+        store.drop([0])  # unlinks the file; this process's descriptor stays readable
+        self.evicted_bytes += size
+        return True
+
     # ---------------------------------------------------------------- reporting
 
     def info_for(self, identity: StoreIdentity) -> CachedObjectInfo | None:
@@ -566,6 +754,9 @@ class CacheDir:
         if entry is not None:
             entry.store.refresh()
             parts = entry.store.parts
+        elif directory.endswith(SUFFIX):
+            found = _small_info(directory)
+            return found if found is not None and found.etag == identity.etag else None
         else:
             try:
                 index = IndexFile.load(os.path.join(directory, "index"))
@@ -583,7 +774,9 @@ class CacheDir:
 
 
 def _store_dirs(root: str) -> Iterator[str]:
-    """Every store directory (``objects/ab/<hash>``) under a cache root."""
+    """Every store (``objects/ab/<hash>`` directory or ``<hash>.o`` small-object file)
+    under a cache root. Named temp files of small objects are skipped, and removed when
+    a crash left them (older than `_STALE_TEMP` seconds)."""
     try:
         shards = os.scandir(os.path.join(root, "objects"))
     except FileNotFoundError:
@@ -598,12 +791,52 @@ def _store_dirs(root: str) -> Iterator[str]:
                 continue  # emptied and removed by another process meanwhile
             with stores:
                 for store in stores:
+                    if store.name.startswith(TMP_PREFIX):
+                        _remove_stale_temp(store.path)
+                        continue
                     yield store.path
+
+
+def _remove_stale_temp(path: str) -> None:
+    with suppress(OSError):
+        if time.time() - os.stat(path).st_mtime > _STALE_TEMP:
+            os.unlink(path)
+
+
+def _walk(root: str) -> Iterator[tuple[str, os.stat_result]]:
+    for path in _store_dirs(root):
+        try:
+            st = os.stat(path if path.endswith(SUFFIX) else os.path.join(path, "data"))
+        except FileNotFoundError:
+            continue
+        yield path, st
+
+
+def _small_info(path: str) -> CachedObjectInfo | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        trailer = read_trailer(fd, os.fstat(fd).st_size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if not isinstance(trailer, SmallTrailer):
+        return None
+    return CachedObjectInfo(trailer.bucket, trailer.key, trailer.etag, trailer.size,
+                            trailer.size, 1 if trailer.size else 0, 1 if trailer.size else 0)
 
 
 def cached_objects(root: str) -> Iterator[CachedObjectInfo]:
     """Every object version a cache root holds something of (read-only; any process)."""
     for directory in _store_dirs(root):
+        if directory.endswith(SUFFIX):
+            found = _small_info(directory)
+            if found is not None:
+                yield found
+            continue
         try:
             index = IndexFile.load(os.path.join(directory, "index"))
         except (IndexCorrupt, OSError):
@@ -623,6 +856,17 @@ def _make_store_dir(directory: str) -> None:
         pass
     except FileNotFoundError:
         os.makedirs(directory, mode=0o700, exist_ok=True)
+
+
+def is_small(identity: StoreIdentity) -> bool:
+    """Whether the cache keeps *identity* as one file (`ossfs.cache.small`)."""
+    return (identity.start == 0 and identity.length == identity.size
+            and identity.size <= identity.part_size)
+
+
+def _entry_path(store: PartStore) -> str:
+    """The name of a store's place in the cache: its file or its directory."""
+    return store.data_path if isinstance(store, SmallStore) else os.path.dirname(store.data_path)
 
 
 def st_dir_mtime(directory: str) -> float:

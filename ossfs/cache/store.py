@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 _VERIFY_CHUNK = 4 << 20
 # Parts at least this large start their writeback as soon as they are complete.
 _EARLY_WRITEBACK = 1 << 20
+EARLY_WRITEBACK = _EARLY_WRITEBACK
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import trio
 
 from ossfs.client import HttpObjectClient
 from ossfs.errors import NotFoundError
@@ -127,3 +128,99 @@ async def test_prefix_mount_and_probe_lookups(server: OssTestServer) -> None:
             await ns.lookup(ROOT_INODE, "missing")
         assert server.stats.count() == 0  # the root listing is complete: no probe needed
         ns.forget(sub.inode, 1)
+
+
+async def test_one_listing_per_directory_shared_by_concurrent_lookups(
+        server: OssTestServer) -> None:
+    # 1,200 names looked up at once in 20 directories nothing has listed yet: one LIST per
+    # directory (and one of the root), no HEAD. (It was a LIST and a HEAD per name.)
+    for d in range(20):
+        for f in range(60):
+            server.put(BUCKET, f"d{d:02d}/f{f:03d}", b"x" * (f + 1))
+    async with _client(server) as client:
+        ns = Namespace(client, BUCKET, "")
+        server.reset_stats()
+        found: dict[str, int] = {}
+        missing: list[str] = []
+
+        async def look(d: int, f: int) -> None:
+            parent = await ns.lookup(ROOT_INODE, f"d{d:02d}")
+            try:
+                node = await ns.lookup(parent.inode, f"f{f:03d}")
+            except NotFoundError:
+                missing.append(f"d{d:02d}/f{f:03d}")
+                return
+            assert node.meta is not None
+            found[node.path] = node.meta.size
+
+        async with trio.open_nursery() as nursery:
+            for d in range(20):
+                for f in range(61):  # f060 does not exist
+                    nursery.start_soon(look, d, f)
+        assert len(found) == 1200 and all(size == int(p[-3:]) + 1 for p, size in found.items())
+        assert sorted(missing) == [f"d{d:02d}/f060" for d in range(20)]
+        assert server.stats.count(op="list") == 21
+        assert server.stats.count(op="head") == 0
+
+
+async def test_wide_directory_is_listed_once_while_far_names_are_probed(
+        server: OssTestServer) -> None:
+    for i in range(2500):
+        server.put(BUCKET, f"wide/f{i:05d}", b"x")
+    async with _client(server) as client, trio.open_nursery() as nursery:
+        ns = Namespace(client, BUCKET, "")
+        ns.attach(nursery)
+        wide = await ns.lookup(ROOT_INODE, "wide")
+        server.reset_stats()
+        # Beyond the first page: the lookup does not wait for the whole listing.
+        far = await ns.lookup(wide.inode, "f02400")
+        assert far.meta is not None and far.meta.size == 1
+        assert server.stats.count(op="head") == 1
+        # The listing goes on in the background; then every name is answered from it.
+        with trio.fail_after(30):
+            while "wide" not in ns._listings or not ns._listings["wide"].complete:
+                await trio.sleep(0.01)
+        lists = server.stats.count(op="list")
+        assert lists <= 3 + 1  # three pages, and the probe's one-key listing
+        for i in range(0, 2500, 7):
+            await ns.lookup(wide.inode, f"f{i:05d}")
+        with pytest.raises(NotFoundError):
+            await ns.lookup(wide.inode, "g")
+        assert server.stats.count(op="list") == lists
+        assert server.stats.count(op="head") == 1
+        # A directory being listed for lookups is shared with readdir (no second listing).
+        reader = ns.open_dir(wide.inode)
+        assert reader.done and len(reader.entries) == 2500
+
+
+async def test_a_walk_lists_the_next_subdirectories_ahead(server: OssTestServer) -> None:
+    for d in range(20):
+        server.put(BUCKET, f"t/d{d:02d}/f", b"x")
+    async with _client(server) as client, trio.open_nursery() as nursery:
+        ns = Namespace(client, BUCKET, "")
+        ns.attach(nursery)
+        t = await ns.lookup(ROOT_INODE, "t")
+        await _all_names(ns, t.inode)
+        d = {i: await ns.lookup(t.inode, f"d{i:02d}") for i in range(20)}
+        server.reset_stats()
+        # One subdirectory opened: not a walk yet, nothing is listed ahead.
+        await _all_names(ns, d[0].inode)
+        await trio.sleep(0.2)
+        assert server.stats.count(op="list") == 1
+        # The next one in order: the eight after it are listed in the background.
+        await _all_names(ns, d[1].inode)
+        with trio.fail_after(30):
+            while server.stats.count(op="list") < 10 or ns._filling:
+                await trio.sleep(0.01)
+        assert all(f"t/d{i:02d}" in ns._listings for i in range(2, 10))
+        assert server.stats.count(op="list") == 10
+        for i in range(2, 10):  # ... and the walk finds them listed
+            assert [n for n, _ in await _all_names(ns, d[i].inode)] == ["f"]
+        with trio.fail_after(30):
+            while ns._filling:
+                await trio.sleep(0.01)
+        assert server.stats.count(op="list") == 10 + 8  # and it keeps going ahead
+        # A jump is not a walk: nothing more is listed ahead.
+        await _all_names(ns, d[19].inode)
+        await trio.sleep(0.2)
+        assert server.stats.count(op="list") == 10 + 8 + 1
