@@ -40,7 +40,6 @@ from ossfs.namespace import DEFAULT_MAX_DIR_ENTRIES, ListingGuard
 
 __all__ = ["main", "build_parser"]
 
-log = logging.getLogger("ossfs")
 
 T = TypeVar("T")
 
@@ -474,7 +473,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
         threads=args.threads, checkpoint_dir=args.checkpoint_dir,
         enable_checkpoint=not args.no_resume,
         range_start=rng[0] if rng else None, range_end=rng[1] if rng else None,
-        progress=bar.progress, on_part=bar.set_parts,
+        progress=bar.progress, on_part=bar.set_count,
         notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None,
     )
 
@@ -750,10 +749,10 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
             raise UsageError(f"--to {args.to} is not a directory")
     cache_dir = check_cache_dir(cache_dir)
     show = not args.no_progress and not args.quiet and sys.stderr.isatty()
-    bar = ProgressBar(0, description="materialize", enabled=show)
+    bar = ProgressBar(0, description="materialize", counting="objects", enabled=show)
     request = MaterializeRequest(
         bucket=bucket, key=key, part_size=part_size, threads=args.threads, to_dir=args.to,
-        shard=args.shard, progress=bar.progress, on_object=bar.set_parts,
+        shard=args.shard, progress=bar.progress, on_object=bar.set_count,
         notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None,
         scheme=url.scheme)
     cache = CacheDir(cache_dir, max_bytes=cache_size, min_free_fraction=args.cache_min_free)

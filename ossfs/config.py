@@ -22,7 +22,6 @@ Must not import: trio, httpx, pyfuse3.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import stat
@@ -46,7 +45,6 @@ __all__ = [
     "load_profile",
 ]
 
-log = logging.getLogger(__name__)
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,62}$")
 _PROFILE_KEYS = frozenset({

@@ -1,8 +1,9 @@
 """Value types shared by every layer, and the part arithmetic.
 
-An object version is `ObjectId` (bucket, key, ETag, size). A transfer covers a
-byte range of it cut into fixed, part-aligned pieces of ``part_size`` bytes;
-`PartLayout` does that arithmetic. Sizes on the command line are parsed by
+An object version is (bucket, key, ETag, size): `ObjectMeta` carries it, and
+the cache's `StoreIdentity` pins it. A transfer covers a byte range of it cut
+into fixed, part-aligned pieces of ``part_size`` bytes; `PartLayout` does that
+arithmetic. Sizes on the command line are parsed by
 `parse_size` (``8MiB``, ``64M``, ``100K``).
 
 Must not import: trio, httpx, pyfuse3.
@@ -22,7 +23,6 @@ __all__ = [
     "MIN_PART_SIZE",
     "MAX_PART_SIZE",
     "ObjectMeta",
-    "ObjectId",
     "ListPage",
     "PartLayout",
     "parse_size",
@@ -61,20 +61,6 @@ class ObjectMeta:
     crc64: int | None = None
     object_type: str | None = None
     storage_class: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectId:
-    """One version of one object: parts of one version never serve another."""
-
-    bucket: str
-    key: str
-    etag: str
-    size: int
-
-    @classmethod
-    def of(cls, bucket: str, meta: ObjectMeta) -> ObjectId:
-        return cls(bucket, meta.key, meta.etag, meta.size)
 
 
 @dataclass(frozen=True, slots=True)

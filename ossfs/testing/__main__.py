@@ -23,8 +23,6 @@ from types import FrameType
 from ossfs.model import parse_size
 from ossfs.testing.server import OssTestServer
 
-log = logging.getLogger(__name__)
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
