@@ -148,8 +148,9 @@ def _add_connection_options(p: argparse.ArgumentParser) -> None:
                    help="config file (default: $OSSFS_CONFIG or ~/.config/ossfs/config.toml)")
     g.add_argument("--anonymous", action="store_true",
                    help="send unsigned requests (public buckets), ignoring any credentials")
-    g.add_argument("--retries", type=_positive_int, default=6, metavar="N",
-                   help="attempts per request before giving up (default 6)")
+    g.add_argument("--attempts", "--retries", dest="attempts", type=_positive_int, default=6,
+                   metavar="N", help="attempts per request that deliver nothing before giving "
+                                     "up (default 6; --retries is its old name)")
     g.add_argument("--stall-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                    help="seconds without a byte before a transfer is retried (default 30)")
     g.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
@@ -347,7 +348,7 @@ def connection_options(args: argparse.Namespace) -> ConnectionOptions:
 def make_client(args: argparse.Namespace, url: ObjectUrl, *, connections: int,
                 rate_limit: int | None = None) -> HttpObjectClient:
     endpoint = resolve_endpoint(connection_options(args), url.scheme)
-    config = ClientConfig(connections=connections, attempts=args.retries,
+    config = ClientConfig(connections=connections, attempts=args.attempts,
                           stall_timeout=args.stall_timeout, timeout=args.timeout,
                           rate_limit=rate_limit)
     return HttpObjectClient(endpoint, config)
@@ -592,7 +593,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         path_style=args.path_style, anonymous=args.anonymous,
         max_dir_entries=args.max_dir_entries,
     )
-    client_config = ClientConfig(connections=args.threads, attempts=args.retries,
+    client_config = ClientConfig(connections=args.threads, attempts=args.attempts,
                                  stall_timeout=args.stall_timeout, timeout=args.timeout)
 
     def make() -> HttpObjectClient:
@@ -757,7 +758,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         scheme=url.scheme)
     cache = CacheDir(cache_dir, max_bytes=cache_size, min_free_fraction=args.cache_min_free)
     args.interrupt_hint = "run the same command again to continue where it stopped"
-    config = ClientConfig(connections=args.threads, attempts=args.retries,
+    config = ClientConfig(connections=args.threads, attempts=args.attempts,
                           stall_timeout=args.stall_timeout, timeout=args.timeout)
 
     async def run() -> Any:

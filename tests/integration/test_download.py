@@ -159,7 +159,7 @@ def interrupt_after(server: OssTestServer, env: dict[str, str], key: str, dest: 
     try:
         result = oss_download(server, env, f"oss://{BUCKET}/{key}", str(dest),
                               "--part-size", str(part_size), "--threads", "1",
-                              "--retries", "1", *extra)
+                              "--attempts", "1", *extra)
     finally:
         server.faults.clear()
     assert result.returncode == 1, result.stderr
@@ -454,7 +454,7 @@ def test_exhausted_retries_keep_checkpoint_and_existing_file(
     srv.faults.add(Fault("status", status=503, op="get", key="net.bin",
                          when=starting_at_or_after(5 * PART)), times=None)
     result = oss_download(srv, oss_env, f"oss://{BUCKET}/net.bin", str(dest),
-                          "--part-size", "100KiB", "--threads", "2", "--retries", "2")
+                          "--part-size", "100KiB", "--threads", "2", "--attempts", "2")
     assert result.returncode == 1
     line = error_line(result.stderr)
     assert "ServiceUnavailable" in line
@@ -832,7 +832,7 @@ def test_no_resume_interrupted_leaves_no_temp_file(srv: OssTestServer, oss_env: 
     srv.faults.bandwidth = None
     srv.faults.add(Fault("status", status=503, op="get", key="nr.bin",
                          when=starting_at_or_after(5 * PART)), times=None)
-    result = oss_download(srv, oss_env, *args, "--retries", "1")
+    result = oss_download(srv, oss_env, *args, "--attempts", "1")
     assert result.returncode == 1
     error_line(result.stderr)
     assert os.listdir(out) == []
