@@ -70,6 +70,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _byte_range(text: str) -> tuple[int, int | None]:
+    try:
+        return parse_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -208,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to keep the checkpoint (default: FILE's directory)")
     p.add_argument("--no-resume", action="store_true",
                    help="keep no checkpoint: an interrupted download starts over")
-    p.add_argument("--range", metavar="START-END",
+    p.add_argument("--range", type=_byte_range, metavar="START-END",
                    help="download only bytes START to END (inclusive; END may be omitted)")
     p.add_argument("--limit-rate", type=_size, metavar="BYTES_PER_SEC",
                    help="cap the bandwidth, e.g. 10M (also sent to OSS as "
@@ -456,16 +463,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
     file_path = args.file or os.path.basename(url.key)
     if os.path.isdir(file_path):
         file_path = os.path.join(file_path, os.path.basename(url.key))
-    rng: tuple[int, int | None] | None = None
-    if args.range:
-        # Parsed again against the object's size once it is known; this catches typos early.
-        try:
-            parse_range(args.range, 1 << 62)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        first, _, last = args.range.partition("-")
-        rng = (int(first), int(last) if last.strip() else None)
-
+    range_start, range_end = args.range or (None, None)  # checked against the size later
     show = not args.no_progress and not args.quiet and sys.stderr.isatty()
     bar = ProgressBar(0, description=os.path.basename(file_path), enabled=show)
 
@@ -473,7 +471,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
         bucket=url.bucket, key=url.key, file_path=file_path, part_size=args.part_size,
         threads=args.threads, checkpoint_dir=args.checkpoint_dir,
         enable_checkpoint=not args.no_resume,
-        range_start=rng[0] if rng else None, range_end=rng[1] if rng else None,
+        range_start=range_start, range_end=range_end,
         progress=bar.progress, on_part=bar.set_count,
         notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None,
     )
@@ -483,8 +481,6 @@ def _cmd_download(args: argparse.Namespace) -> int:
                                rate_limit=args.limit_rate) as client:
             return await download(client, request)
 
-    if not args.no_resume:
-        args.interrupt_hint = "run the same command again to resume the download"
     def resumable() -> bool:
         return not args.no_resume and os.path.exists(
             checkpoint_path_for(request, os.path.abspath(file_path)))
@@ -496,9 +492,8 @@ def _cmd_download(args: argparse.Namespace) -> int:
             raise
         raise _with_hint(e) from None
     except KeyboardInterrupt:
-        if not resumable():
-            args.interrupt_hint = None
-        raise
+        hint = "run the same command again to resume the download" if resumable() else None
+        raise Interrupted(hint) from None
     finally:
         bar.close()
     if not args.quiet:
@@ -757,7 +752,6 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None,
         scheme=url.scheme)
     cache = CacheDir(cache_dir, max_bytes=cache_size, min_free_fraction=args.cache_min_free)
-    args.interrupt_hint = "run the same command again to continue where it stopped"
     config = ClientConfig(connections=args.threads, attempts=args.attempts,
                           stall_timeout=args.stall_timeout, timeout=args.timeout)
 
@@ -767,6 +761,8 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
 
     try:
         result = run_trio(run)
+    except KeyboardInterrupt:
+        raise Interrupted("run the same command again to continue where it stopped") from None
     finally:
         bar.close()
         cache.close()
@@ -783,6 +779,14 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
               f"{format_size(result.bytes_fetched)} fetched ({format_size(rate)}/s), "
               f"{format_size(result.bytes_reused)} already cached{out}", file=sys.stderr)
     return EXIT_FAILURE if result.failed else 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped a command that can say how to go on: *hint*."""
+
+    def __init__(self, hint: str | None) -> None:
+        super().__init__(hint)
+        self.hint = hint
 
 
 def _with_hint(e: OssfsError) -> OssfsError:
@@ -891,9 +895,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A path the user gave cannot be used (read-only, missing directory, full disk).
         print(f"ossfs: error: {describe_os_error(e)}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("ossfs: interrupted", file=sys.stderr)
-        hint = getattr(args, "interrupt_hint", None)
-        if hint:
-            print(f"ossfs: {hint}", file=sys.stderr)
+        if isinstance(e, Interrupted) and e.hint:
+            print(f"ossfs: {e.hint}", file=sys.stderr)
         return EXIT_INTERRUPTED

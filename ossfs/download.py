@@ -68,6 +68,7 @@ from ossfs.model import (
     MIN_PART_SIZE,
     ObjectMeta,
     format_size,
+    resolve_range,
 )
 
 __all__ = [
@@ -163,16 +164,10 @@ def checkpoint_path_for(request: DownloadRequest, file_path: str) -> str:
 def _resolve_range(request: DownloadRequest, meta: ObjectMeta) -> tuple[int, int]:
     if request.range_start is None and request.range_end is None:
         return 0, meta.size
-    start = request.range_start or 0
-    if start >= meta.size:
-        raise UsageError(f"range starts at byte {start}, past the end of the object "
-                         f"({meta.size} bytes)")
-    end = meta.size - 1 if request.range_end in (None, -1) else request.range_end
-    assert end is not None
-    if start < 0 or end < start:
-        raise UsageError(f"invalid range {start}-{end}")
-    end = min(end, meta.size - 1)
-    return start, end - start + 1
+    try:
+        return resolve_range(request.range_start or 0, request.range_end, meta.size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _validate(request: DownloadRequest) -> str:

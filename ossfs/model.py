@@ -28,6 +28,7 @@ __all__ = [
     "parse_size",
     "format_size",
     "parse_range",
+    "resolve_range",
 ]
 
 KiB = 1024
@@ -151,22 +152,31 @@ def format_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def parse_range(text: str, size: int) -> tuple[int, int]:
-    """Parse ``START-END`` (inclusive, END optional) against an object of *size* bytes.
+def parse_range(text: str) -> tuple[int, int | None]:
+    """Parse ``START-END`` (bytes, inclusive; END optional: to the end of the object).
 
-    Returns ``(start, length)``. ``100-`` means from 100 to the end; END past
-    the end is clamped, as HTTP ranges are. Raises ValueError when the range
-    is malformed or starts at or past the end of a non-empty object.
+    Returns ``(start, end)``, *end* None for ``START-``. Raises ValueError when
+    the text is malformed or the range ends before it starts.
     """
     m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d*)\s*", text)
     if not m:
         raise ValueError(f"not a range: {text!r} (use START-END or START-, in bytes)")
     start = int(m.group(1))
-    end = int(m.group(2)) if m.group(2) else size - 1
-    if end < start:
+    end = int(m.group(2)) if m.group(2) else None
+    if end is not None and end < start:
         raise ValueError(f"range {text!r} ends before it starts")
+    return start, end
+
+
+def resolve_range(start: int, end: int | None, size: int) -> tuple[int, int]:
+    """``(start, length)`` of the inclusive range *start*..*end* (None: to the end)
+    of an object of *size* bytes; an END past the end is clamped, as HTTP ranges
+    are. Raises ValueError when the range is inverted or starts at or past the end.
+    """
+    if start < 0 or (end is not None and end < start):
+        raise ValueError(f"invalid range {start}-{'' if end is None else end}")
     if start >= size:
-        raise ValueError(f"range {text!r} starts at or past the end of the object "
+        raise ValueError(f"range starts at byte {start}, past the end of the object "
                          f"({size} bytes)")
-    end = min(end, size - 1)
-    return start, end - start + 1
+    last = size - 1 if end is None else min(end, size - 1)
+    return start, last - start + 1

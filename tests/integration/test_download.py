@@ -35,7 +35,7 @@ import pytest
 
 from ossfs.client import ClientConfig, HttpObjectClient
 from ossfs.download import DownloadRequest, DownloadResult, download
-from ossfs.errors import TransferError
+from ossfs.errors import TransferError, UsageError
 from ossfs.testing import Fault, OssTestServer, RequestInfo, parse_range
 from tests.helpers import OSSFS, run_ossfs, summary_line
 from tests.integration.conftest import settled_stats
@@ -970,4 +970,12 @@ async def test_api_range(srv: OssTestServer, client: HttpObjectClient, out: Path
     assert (out / "rng.bin").read_bytes() == data[PART + 3:5 * PART + 1]
     assert result.size == 4 * PART - 2
     assert result.crc_checked == "parts"
+
+
+async def test_api_range_end_is_a_byte_not_a_marker(srv: OssTestServer,
+                                                    client: HttpObjectClient, out: Path) -> None:
+    srv.put(BUCKET, "rng.bin", randbytes(PART, seed=33))
+    with pytest.raises(UsageError, match="invalid range"):  # -1 does not mean "to the end"
+        await download(client, api_request(out, "rng.bin", range_start=0, range_end=-1))
+    assert os.listdir(out) == []
 
