@@ -500,7 +500,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
         rate = result.bytes_fetched / result.elapsed if result.elapsed > 0 else 0.0
         check = {"crc64": "CRC-64 verified", "md5": "MD5 verified",
                  "parts": "per-part CRC-64 (ranged download)"}.get(
-                     result.crc_checked or "",
+                     result.verified_by or "",
                      "per-part CRC-64 only (the service sent no checksum of the object)")
         reuse = f", {result.parts_reused} reused from checkpoint" if result.parts_reused else ""
         print(f"downloaded {printable(url)} to {printable(result.path)}: "

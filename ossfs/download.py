@@ -38,6 +38,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import trio
 
@@ -75,6 +76,7 @@ __all__ = [
     "DownloadRequest",
     "DownloadResult",
     "ProgressCallback",
+    "Verification",
     "download",
     "checkpoint_path_for",
     "temp_path_for",
@@ -85,6 +87,9 @@ log = logging.getLogger(__name__)
 
 # (bytes just transferred, bytes done so far, total bytes): as the SDK's callback.
 ProgressCallback = Callable[[int, int, int], None]
+
+# What a finished download's bytes were checked against (DownloadResult.verified_by).
+Verification = Literal["crc64", "md5", "parts"]
 
 TEMP_SUFFIX = ".ossfs-tmp"
 CHECKPOINT_SUFFIX = ".ossfs-checkpoint"
@@ -126,7 +131,9 @@ class DownloadRequest:
 class DownloadResult:
     """What a finished download did.
 
-    :crc_checked: "crc64", "md5" or None when the service gave nothing to check against.
+    :verified_by: what the whole file was checked against: "crc64" (the service's
+        CRC-64), "md5" (its MD5 ETag), "parts" (a ranged download: each part's
+        CRC-64 only), or None when the service gave nothing to check against.
     """
 
     path: str
@@ -137,7 +144,7 @@ class DownloadResult:
     parts_fetched: int
     parts_reused: int
     bytes_fetched: int
-    crc_checked: str | None
+    verified_by: Verification | None
     restarts: int
     elapsed: float
 
@@ -437,7 +444,7 @@ async def _run(
         parts_fetched=fetcher.parts_fetched,
         parts_reused=len(reused),
         bytes_fetched=fetcher.bytes_fetched,
-        crc_checked=checked,
+        verified_by=checked,
         restarts=restarts,
         elapsed=time.monotonic() - began,
     )
@@ -455,7 +462,7 @@ def _check_space(temp: str, needed: int) -> None:
                            f"{format_size(free)} free", path=temp)
 
 
-def _check_integrity(store: PartStore, meta: ObjectMeta) -> str | None:
+def _check_integrity(store: PartStore, meta: ObjectMeta) -> Verification | None:
     """Compare the download with the service's checksum; drop the parts when it fails."""
     ident = store.identity
     if ident.start != 0 or ident.length != meta.size:

@@ -918,7 +918,7 @@ async def test_api_download(srv: OssTestServer, client: HttpObjectClient, out: P
     assert (result.parts_fetched, result.parts_reused, result.restarts) == (10, 0, 0)
     assert result.bytes_fetched == size
     assert result.etag == meta.etag and result.crc64 == meta.crc64
-    assert result.crc_checked == "crc64"
+    assert result.verified_by == "crc64"
     assert result.elapsed > 0
     assert progress.calls[0] == (0, 0, size)
     assert progress.calls[-1][1] == size
@@ -944,7 +944,7 @@ async def test_api_resume_reports_reused_parts(srv: OssTestServer, client: HttpO
                                                 progress=progress))
     assert (result.parts, result.parts_reused, result.parts_fetched) == (10, 6, 4)
     assert result.bytes_fetched == 4 * PART
-    assert result.crc_checked == "crc64"
+    assert result.verified_by == "crc64"
     assert progress.calls[0] == (0, 6 * PART, size)
     assert progress.calls[-1][1] == size
     assert (out / "resume.bin").read_bytes() == data
@@ -969,7 +969,7 @@ async def test_api_range(srv: OssTestServer, client: HttpObjectClient, out: Path
                                                 range_end=5 * PART))
     assert (out / "rng.bin").read_bytes() == data[PART + 3:5 * PART + 1]
     assert result.size == 4 * PART - 2
-    assert result.crc_checked == "parts"
+    assert result.verified_by == "parts"
 
 
 async def test_api_range_end_is_a_byte_not_a_marker(srv: OssTestServer,
