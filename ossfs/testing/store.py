@@ -34,13 +34,10 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import BinaryIO
 
-import anycrc
-
+from ossfs.crc import crc64
 from ossfs.model import ObjectMeta
 
 __all__ = [
-    "CRC64",
-    "crc64",
     "MemorySource",
     "FileSource",
     "OpenObject",
@@ -56,18 +53,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# CRC-64/XZ: the value OSS sends as x-oss-hash-crc64ecma.
-CRC64 = anycrc.Model("CRC64-XZ")
-
 # Inverting every byte is the default new content of a `replace` fault and
 # what `corrupt` does: it always changes the data and keeps the size.
 INVERT = bytes(255 - i for i in range(256))
 
 _CRC_CHUNK = 8 * 1024 * 1024
-
-
-def crc64(data: bytes | memoryview, init: int = 0) -> int:
-    return int(CRC64.calc(data, init))
 
 
 def nginx_etag(mtime: float, size: int) -> str:
