@@ -73,6 +73,9 @@ def http_date(epoch: float) -> str:
 class MemorySource:
     data: bytes
 
+    def read(self, start: int, end: int) -> bytes:
+        return self.data[start:end]
+
 
 @dataclass(frozen=True, slots=True)
 class FileSource:
@@ -80,6 +83,9 @@ class FileSource:
 
     file: BinaryIO
     path: str
+
+    def read(self, start: int, end: int) -> bytes:
+        return os.pread(self.file.fileno(), end - start, start)
 
 
 @dataclass(slots=True)
@@ -95,9 +101,7 @@ class OpenObject:
     source: MemorySource | FileSource
 
     def read(self, start: int, end: int) -> bytes:
-        if isinstance(self.source, MemorySource):
-            return self.source.data[start:end]
-        return os.pread(self.source.file.fileno(), end - start, start)
+        return self.source.read(start, end)
 
     def close(self) -> None:
         if isinstance(self.source, FileSource):
