@@ -95,14 +95,18 @@ def _positive_seconds(text: str) -> float:
 
 
 def _shard(text: str) -> tuple[int, int]:
-    index, sep, count = text.partition("/")
+    from ossfs.materialize import check_shard
+
+    index, _, count = text.partition("/")
     try:
-        i, n = int(index), int(count)
+        shard = int(index), int(count)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a shard: {text!r} (use I/N, e.g. 0/4)") from None
-    if not sep or n < 1 or not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"not a shard: {text!r} (use I/N with 0 <= I < N)")
-    return i, n
+    try:
+        check_shard(shard)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return shard
 
 
 def _fraction(text: str) -> float:
