@@ -33,6 +33,7 @@ from ossfs.model import (
     DEFAULT_PART_SIZE,
     GiB,
     format_size,
+    object_url,
     parse_range,
     parse_size,
 )
@@ -402,7 +403,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     async def run() -> None:
         async with make_client(args, url, connections=1) as client:
             token: str | None = None
-            guard = ListingGuard(f"{url.scheme}://{url.bucket}/{url.key}")
+            guard = ListingGuard(str(url))
             while True:
                 page = await client.list_page(
                     url.bucket, prefix=url.key, delimiter="" if args.recursive else "/",
@@ -478,6 +479,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
         range_start=range_start, range_end=range_end,
         progress=bar.progress, on_part=bar.set_count,
         notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None,
+        scheme=url.scheme,
     )
 
     async def run() -> Any:
@@ -579,7 +581,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         log_file = check_log_file(os.path.join(cache_dir, "ossfs.log"))
     prefix = url.key.strip("/")
     config = mount.MountConfig(
-        source=f"{url.scheme}://{url.bucket}/{prefix}", bucket=url.bucket,
+        source=object_url(url.scheme, url.bucket, prefix), bucket=url.bucket,
         prefix=prefix + "/" if prefix else "", mountpoint=mountpoint,
         cache_dir=os.path.abspath(cache_dir), cache_size=args.cache_size,
         cache_min_free=args.cache_min_free, part_size=args.part_size, threads=args.threads,

@@ -56,7 +56,7 @@ import trio
 
 from ossfs import __version__, wire
 from ossfs.errors import GaveUpError, NotFoundError, ServiceError, TransferError
-from ossfs.model import ListPage, ObjectMeta
+from ossfs.model import ListPage, ObjectMeta, object_url
 from ossfs.protocol import requests as proto
 from ossfs.protocol.xml import XmlError, parse_list_objects_v2
 
@@ -409,8 +409,7 @@ class HttpObjectClient:
     # -------------------------------------------------------------- operations
 
     def _resource(self, bucket: str, key: str | None = None) -> str:
-        scheme = "s3" if self.endpoint.dialect == "s3" else "oss"
-        return f"{scheme}://{bucket}/{key or ''}"
+        return object_url(self.endpoint.dialect, bucket, key or "")
 
     async def head(self, bucket: str, key: str) -> ObjectMeta:
         resource = self._resource(bucket, key)

@@ -33,6 +33,7 @@ from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 from ossfs.errors import UsageError
+from ossfs.model import object_url
 from ossfs.protocol.requests import Dialect, Endpoint
 from ossfs.protocol.signing import Credentials
 
@@ -63,7 +64,7 @@ class ObjectUrl:
     key: str
 
     def __str__(self) -> str:
-        return f"{self.scheme}://{self.bucket}/{self.key}"
+        return object_url(self.scheme, self.bucket, self.key)
 
 
 def parse_object_url(text: str) -> ObjectUrl:

@@ -69,6 +69,7 @@ from ossfs.model import (
     MIN_PART_SIZE,
     ObjectMeta,
     format_size,
+    object_url,
     resolve_range,
 )
 
@@ -111,6 +112,7 @@ class DownloadRequest:
     :on_part: called with (parts done, parts total) each time a part completes.
     :notice: called with one-line messages a user should see (a checkpoint
         discarded, an integrity check skipped ...).
+    :scheme: ``oss`` or ``s3``, for the URLs in messages.
     """
 
     bucket: str
@@ -125,6 +127,7 @@ class DownloadRequest:
     progress: ProgressCallback | None = field(default=None, repr=False)
     on_part: Callable[[int, int], None] | None = field(default=None, repr=False)
     notice: Callable[[str], None] | None = field(default=None, repr=False)
+    scheme: str = "oss"
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,12 +180,16 @@ def _resolve_range(request: DownloadRequest, meta: ObjectMeta) -> tuple[int, int
         raise UsageError(str(e)) from None
 
 
+def _url(request: DownloadRequest) -> str:
+    return object_url(request.scheme, request.bucket, request.key)
+
+
 def _validate(request: DownloadRequest) -> str:
     validate_part_size(request.part_size)
     if request.threads < 1:
         raise UsageError("threads must be at least 1")
     if not request.key or request.key.endswith("/"):
-        raise UsageError(f"oss://{request.bucket}/{request.key} names a prefix, not an "
+        raise UsageError(f"{_url(request)} names a prefix, not an "
                          "object (use ossfs materialize for prefixes)")
     path = os.path.abspath(request.file_path)
     if os.path.isdir(path):
@@ -325,7 +332,7 @@ async def download(client: ObjectClient, request: DownloadRequest) -> DownloadRe
                 restarts += 1
                 if restarts > 2:
                     raise
-                notice(f"oss://{request.bucket}/{request.key} changed during the download; "
+                notice(f"{_url(request)} changed during the download; "
                        "starting over")
     finally:
         if not ok and (ckpt is None or not os.path.exists(ckpt)):

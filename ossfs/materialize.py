@@ -55,7 +55,7 @@ from ossfs.fsutil import (
     is_disk_full,
     open_subdirectory,
 )
-from ossfs.model import ObjectMeta, format_size
+from ossfs.model import ObjectMeta, format_size, object_url
 from ossfs.namespace import ListingGuard, valid_name
 
 __all__ = ["MaterializeRequest", "MaterializeResult", "materialize", "check_shard", "in_shard",
@@ -247,7 +247,7 @@ async def materialize(client: ObjectClient, cache: CacheDir,
         except ValueError as e:
             raise UsageError(str(e)) from None
     def url(key: str) -> str:
-        return f"{request.scheme}://{request.bucket}/{key}"
+        return object_url(request.scheme, request.bucket, key)
 
     listed = await list_objects(client, request.bucket, request.key)
     if not listed:

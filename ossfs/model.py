@@ -29,6 +29,7 @@ __all__ = [
     "format_size",
     "parse_range",
     "resolve_range",
+    "object_url",
 ]
 
 KiB = 1024
@@ -123,6 +124,14 @@ class PartLayout:
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB, "p": 1024 * 1024 * GiB}
+
+
+def object_url(scheme: str, bucket: str, key: str = "") -> str:
+    """``oss://bucket/key`` (or ``s3://``): how an object or prefix is named to a user.
+
+    Not escaped: pass it through `ossfs.escape.printable` before a terminal or log.
+    """
+    return f"{scheme}://{bucket}/{key}"
 
 
 def parse_size(text: str) -> int:
