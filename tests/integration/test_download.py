@@ -369,6 +369,7 @@ def test_limit_rate(srv: OssTestServer, oss_env: dict[str, str], out: Path) -> N
 # ---------------------------------------------------------------------- kill -9 and Ctrl-C
 
 
+@pytest.mark.slow
 def test_resume_after_repeated_kill_9(srv: OssTestServer, oss_env: dict[str, str],
                                       out: Path) -> None:
     size, part, threads = 40 * MiB, 256 * KiB, 4
@@ -407,6 +408,7 @@ def test_resume_after_repeated_kill_9(srv: OssTestServer, oss_env: dict[str, str
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_interrupt_exits_130_and_resumes(srv: OssTestServer, oss_env: dict[str, str],
                                          out: Path, sig: signal.Signals) -> None:
     """Ctrl-C (and SIGTERM, which stops a command the same way)."""
@@ -809,6 +811,7 @@ def test_no_resume_never_writes_a_checkpoint(srv: OssTestServer, oss_env: dict[s
     assert os.listdir(out) == ["nr.bin"]
 
 
+@pytest.mark.slow
 def test_no_resume_interrupted_leaves_no_temp_file(srv: OssTestServer, oss_env: dict[str, str],
                                                    out: Path) -> None:
     data = randbytes(4 * MiB, seed=28)

@@ -64,6 +64,7 @@ def status(mnt: Path, env: dict[str, str]) -> dict[str, object]:
     return doc
 
 
+@pytest.mark.slow
 def test_warm_remount_serves_from_disk_without_gets(server: OssTestServer, tmp_path: Path,
                                                      env: dict[str, str]) -> None:
     want = server.get(BUCKET, "models/weights.bin")
@@ -88,6 +89,7 @@ def test_warm_remount_serves_from_disk_without_gets(server: OssTestServer, tmp_p
     assert gets(server) == 0
 
 
+@pytest.mark.slow
 def test_page_cache_is_kept_across_opens(server: OssTestServer, tmp_path: Path,
                                          env: dict[str, str]) -> None:
     mnt = tmp_path / "mnt"
@@ -124,6 +126,7 @@ def test_materialize_a_mount_path_fills_its_cache(server: OssTestServer, tmp_pat
         assert cached["models/weights.bin"] == 12 * MiB + 5
 
 
+@pytest.mark.slow
 def test_reading_while_materialize_runs(server: OssTestServer, tmp_path: Path,
                                         env: dict[str, str]) -> None:
     want = server.get(BUCKET, "models/weights.bin")
@@ -224,6 +227,7 @@ def test_fstab_line_mounts(server: OssTestServer, tmp_path: Path,
         force_unmount(mnt)
 
 
+@pytest.mark.slow
 def test_start_up_failures_are_clear(server: OssTestServer, tmp_path: Path,
                                      env: dict[str, str]) -> None:
     mnt = tmp_path / "mnt"
