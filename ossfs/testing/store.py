@@ -35,6 +35,7 @@ from email.utils import formatdate
 from typing import BinaryIO
 
 from ossfs.crc import crc64
+from ossfs.fsutil import write_atomically
 from ossfs.model import ObjectMeta
 
 __all__ = [
@@ -412,12 +413,7 @@ class DirectoryBucket(Bucket):
             raise ValueError(f"key {key!r} cannot be a file name")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         # Write beside and rename, so a GET in flight keeps reading the old file.
-        tmp = f"{path}.ossfs-tmp-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        if mtime is not None:
-            os.utime(tmp, (mtime, mtime))
-        os.replace(tmp, path)
+        write_atomically(path, data, 0o666, durable=False, mtime=mtime)
         st = os.stat(path)
         meta = self._meta_for(key, st, None)
         with self._lock:
