@@ -54,11 +54,20 @@ DEFAULT_CACHE_SIZE = 10 * GiB
 # ------------------------------------------------------------------ argument types
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def _argument_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a parser whose ValueError is a readable message."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+_size = _argument_type(parse_size)
+_byte_range = _argument_type(parse_range)
 
 
 def _positive_int(text: str) -> int:
@@ -69,13 +78,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return value
-
-
-def _byte_range(text: str) -> tuple[int, int | None]:
-    try:
-        return parse_range(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _seconds(text: str) -> float:
