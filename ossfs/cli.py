@@ -33,6 +33,7 @@ from ossfs.model import (
     DEFAULT_PART_SIZE,
     GiB,
     format_size,
+    object_url,
     parse_range,
     parse_size,
 )
@@ -40,7 +41,6 @@ from ossfs.namespace import DEFAULT_MAX_DIR_ENTRIES, ListingGuard
 
 __all__ = ["main", "build_parser"]
 
-log = logging.getLogger("ossfs")
 
 T = TypeVar("T")
 
@@ -54,11 +54,20 @@ DEFAULT_CACHE_SIZE = 10 * GiB
 # ------------------------------------------------------------------ argument types
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def _argument_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a parser whose ValueError is a readable message."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+_size = _argument_type(parse_size)
+_byte_range = _argument_type(parse_range)
 
 
 def _positive_int(text: str) -> int:
@@ -89,14 +98,18 @@ def _positive_seconds(text: str) -> float:
 
 
 def _shard(text: str) -> tuple[int, int]:
-    index, sep, count = text.partition("/")
+    from ossfs.materialize import check_shard
+
+    index, _, count = text.partition("/")
     try:
-        i, n = int(index), int(count)
+        shard = int(index), int(count)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a shard: {text!r} (use I/N, e.g. 0/4)") from None
-    if not sep or n < 1 or not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"not a shard: {text!r} (use I/N with 0 <= I < N)")
-    return i, n
+    try:
+        check_shard(shard)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return shard
 
 
 def _fraction(text: str) -> float:
@@ -149,8 +162,9 @@ def _add_connection_options(p: argparse.ArgumentParser) -> None:
                    help="config file (default: $OSSFS_CONFIG or ~/.config/ossfs/config.toml)")
     g.add_argument("--anonymous", action="store_true",
                    help="send unsigned requests (public buckets), ignoring any credentials")
-    g.add_argument("--retries", type=_positive_int, default=6, metavar="N",
-                   help="attempts per request before giving up (default 6)")
+    g.add_argument("--attempts", "--retries", dest="attempts", type=_positive_int, default=6,
+                   metavar="N", help="attempts per request that deliver nothing before giving "
+                                     "up (default 6; --retries is its old name)")
     g.add_argument("--stall-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                    help="seconds without a byte before a transfer is retried (default 30)")
     g.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
@@ -208,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to keep the checkpoint (default: FILE's directory)")
     p.add_argument("--no-resume", action="store_true",
                    help="keep no checkpoint: an interrupted download starts over")
-    p.add_argument("--range", metavar="START-END",
+    p.add_argument("--range", type=_byte_range, metavar="START-END",
                    help="download only bytes START to END (inclusive; END may be omitted)")
     p.add_argument("--limit-rate", type=_size, metavar="BYTES_PER_SEC",
                    help="cap the bandwidth, e.g. 10M (also sent to OSS as "
@@ -250,6 +264,10 @@ def _add_mount_commands(sub: Any) -> None:
                    help="connections for all reads together (default 16)")
     g.add_argument("--read-ahead", type=_size, default=128 << 20, metavar="SIZE",
                    help="how far ahead of a sequential reader to fetch (default 128MiB)")
+    g.add_argument("--kernel-read-ahead", type=_size, default=1 << 20, metavar="SIZE",
+                   help="the kernel's read-ahead for the mount, which sets the size of "
+                        "its read requests (default 1MiB, the most one request carries; "
+                        "0 leaves the kernel's default; needs root)")
     g.add_argument("--ttl", type=_seconds, default=60.0, metavar="SECONDS",
                    help="how long listings and attributes are trusted (default 60)")
     g.add_argument("--negative-ttl", type=_seconds, default=5.0, metavar="SECONDS",
@@ -348,7 +366,7 @@ def connection_options(args: argparse.Namespace) -> ConnectionOptions:
 def make_client(args: argparse.Namespace, url: ObjectUrl, *, connections: int,
                 rate_limit: int | None = None) -> HttpObjectClient:
     endpoint = resolve_endpoint(connection_options(args), url.scheme)
-    config = ClientConfig(connections=connections, attempts=args.retries,
+    config = ClientConfig(connections=connections, attempts=args.attempts,
                           stall_timeout=args.stall_timeout, timeout=args.timeout,
                           rate_limit=rate_limit)
     return HttpObjectClient(endpoint, config)
@@ -391,7 +409,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     async def run() -> None:
         async with make_client(args, url, connections=1) as client:
             token: str | None = None
-            guard = ListingGuard(f"{url.scheme}://{url.bucket}/{url.key}")
+            guard = ListingGuard(str(url))
             while True:
                 page = await client.list_page(
                     url.bucket, prefix=url.key, delimiter="" if args.recursive else "/",
@@ -456,16 +474,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
     file_path = args.file or os.path.basename(url.key)
     if os.path.isdir(file_path):
         file_path = os.path.join(file_path, os.path.basename(url.key))
-    rng: tuple[int, int | None] | None = None
-    if args.range:
-        # Parsed again against the object's size once it is known; this catches typos early.
-        try:
-            parse_range(args.range, 1 << 62)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        first, _, last = args.range.partition("-")
-        rng = (int(first), int(last) if last.strip() else None)
-
+    range_start, range_end = args.range or (None, None)  # checked against the size later
     show = not args.no_progress and not args.quiet and sys.stderr.isatty()
     bar = ProgressBar(0, description=os.path.basename(file_path), enabled=show)
 
@@ -473,9 +482,10 @@ def _cmd_download(args: argparse.Namespace) -> int:
         bucket=url.bucket, key=url.key, file_path=file_path, part_size=args.part_size,
         threads=args.threads, checkpoint_dir=args.checkpoint_dir,
         enable_checkpoint=not args.no_resume,
-        range_start=rng[0] if rng else None, range_end=rng[1] if rng else None,
-        progress=bar.progress, on_part=bar.set_parts,
+        range_start=range_start, range_end=range_end,
+        progress=bar.progress, on_part=bar.set_count,
         notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None,
+        scheme=url.scheme,
     )
 
     async def run() -> Any:
@@ -483,8 +493,6 @@ def _cmd_download(args: argparse.Namespace) -> int:
                                rate_limit=args.limit_rate) as client:
             return await download(client, request)
 
-    if not args.no_resume:
-        args.interrupt_hint = "run the same command again to resume the download"
     def resumable() -> bool:
         return not args.no_resume and os.path.exists(
             checkpoint_path_for(request, os.path.abspath(file_path)))
@@ -496,16 +504,15 @@ def _cmd_download(args: argparse.Namespace) -> int:
             raise
         raise _with_hint(e) from None
     except KeyboardInterrupt:
-        if not resumable():
-            args.interrupt_hint = None
-        raise
+        hint = "run the same command again to resume the download" if resumable() else None
+        raise Interrupted(hint) from None
     finally:
         bar.close()
     if not args.quiet:
         rate = result.bytes_fetched / result.elapsed if result.elapsed > 0 else 0.0
         check = {"crc64": "CRC-64 verified", "md5": "MD5 verified",
                  "parts": "per-part CRC-64 (ranged download)"}.get(
-                     result.crc_checked or "",
+                     result.verified_by or "",
                      "per-part CRC-64 only (the service sent no checksum of the object)")
         reuse = f", {result.parts_reused} reused from checkpoint" if result.parts_reused else ""
         print(f"downloaded {printable(url)} to {printable(result.path)}: "
@@ -580,11 +587,12 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         log_file = check_log_file(os.path.join(cache_dir, "ossfs.log"))
     prefix = url.key.strip("/")
     config = mount.MountConfig(
-        source=f"{url.scheme}://{url.bucket}/{prefix}", bucket=url.bucket,
+        source=object_url(url.scheme, url.bucket, prefix), bucket=url.bucket,
         prefix=prefix + "/" if prefix else "", mountpoint=mountpoint,
         cache_dir=os.path.abspath(cache_dir), cache_size=args.cache_size,
         cache_min_free=args.cache_min_free, part_size=args.part_size, threads=args.threads,
-        read_ahead=args.read_ahead, ttl=args.ttl, negative_ttl=args.negative_ttl,
+        read_ahead=args.read_ahead, kernel_read_ahead=args.kernel_read_ahead,
+        ttl=args.ttl, negative_ttl=args.negative_ttl,
         uid=args.uid, gid=args.gid, umask=args.umask, allow_other=args.allow_other,
         foreground=args.foreground, log_file=log_file, profile=args.profile,
         endpoint=endpoint.url, dialect=endpoint.dialect,
@@ -593,7 +601,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         path_style=args.path_style, anonymous=args.anonymous,
         max_dir_entries=args.max_dir_entries,
     )
-    client_config = ClientConfig(connections=args.threads, attempts=args.retries,
+    client_config = ClientConfig(connections=args.threads, attempts=args.attempts,
                                  stall_timeout=args.stall_timeout, timeout=args.timeout)
 
     def make() -> HttpObjectClient:
@@ -750,15 +758,14 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
             raise UsageError(f"--to {args.to} is not a directory")
     cache_dir = check_cache_dir(cache_dir)
     show = not args.no_progress and not args.quiet and sys.stderr.isatty()
-    bar = ProgressBar(0, description="materialize", enabled=show)
+    bar = ProgressBar(0, description="materialize", counting="objects", enabled=show)
     request = MaterializeRequest(
         bucket=bucket, key=key, part_size=part_size, threads=args.threads, to_dir=args.to,
-        shard=args.shard, progress=bar.progress, on_object=bar.set_parts,
+        shard=args.shard, progress=bar.progress, on_object=bar.set_count,
         notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None,
         scheme=url.scheme)
     cache = CacheDir(cache_dir, max_bytes=cache_size, min_free_fraction=args.cache_min_free)
-    args.interrupt_hint = "run the same command again to continue where it stopped"
-    config = ClientConfig(connections=args.threads, attempts=args.retries,
+    config = ClientConfig(connections=args.threads, attempts=args.attempts,
                           stall_timeout=args.stall_timeout, timeout=args.timeout)
 
     async def run() -> Any:
@@ -767,6 +774,8 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
 
     try:
         result = run_trio(run)
+    except KeyboardInterrupt:
+        raise Interrupted("run the same command again to continue where it stopped") from None
     finally:
         bar.close()
         cache.close()
@@ -783,6 +792,14 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
               f"{format_size(result.bytes_fetched)} fetched ({format_size(rate)}/s), "
               f"{format_size(result.bytes_reused)} already cached{out}", file=sys.stderr)
     return EXIT_FAILURE if result.failed else 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped a command that can say how to go on: *hint*."""
+
+    def __init__(self, hint: str | None) -> None:
+        super().__init__(hint)
+        self.hint = hint
 
 
 def _with_hint(e: OssfsError) -> OssfsError:
@@ -891,9 +908,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A path the user gave cannot be used (read-only, missing directory, full disk).
         print(f"ossfs: error: {describe_os_error(e)}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("ossfs: interrupted", file=sys.stderr)
-        hint = getattr(args, "interrupt_hint", None)
-        if hint:
-            print(f"ossfs: {hint}", file=sys.stderr)
+        if isinstance(e, Interrupted) and e.hint:
+            print(f"ossfs: {e.hint}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -56,7 +56,7 @@ import trio
 
 from ossfs import __version__, wire
 from ossfs.errors import GaveUpError, NotFoundError, ServiceError, TransferError
-from ossfs.model import ListPage, ObjectMeta
+from ossfs.model import ListPage, ObjectMeta, object_url
 from ossfs.protocol import requests as proto
 from ossfs.protocol.xml import XmlError, parse_list_objects_v2
 
@@ -168,7 +168,11 @@ class ClientStats:
 
 
 class RateLimiter:
-    """A token bucket shared by every transfer of one client (bytes per second)."""
+    """A token bucket shared by every transfer of one client (bytes per second).
+
+    Time is trio's clock (so a test's mock clock drives it); the bucket starts
+    full at its first use.
+    """
 
     def __init__(self, rate: int, *, burst: int | None = None) -> None:
         if rate <= 0:
@@ -176,13 +180,15 @@ class RateLimiter:
         self.rate = rate
         self.burst = burst or max(rate // 4, 64 * 1024)
         self._tokens = float(self.burst)
-        self._stamp = time.monotonic()
+        self._stamp: float | None = None
         self._lock = trio.Lock()
 
     async def consume(self, n: int) -> None:
         async with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            now = trio.current_time()
+            if self._stamp is not None:
+                self._tokens = min(self.burst,
+                                   self._tokens + (now - self._stamp) * self.rate)
             self._stamp = now
             self._tokens -= n
             if self._tokens < 0:
@@ -403,8 +409,7 @@ class HttpObjectClient:
     # -------------------------------------------------------------- operations
 
     def _resource(self, bucket: str, key: str | None = None) -> str:
-        scheme = "s3" if self.endpoint.dialect == "s3" else "oss"
-        return f"{scheme}://{bucket}/{key or ''}"
+        return object_url(self.endpoint.dialect, bucket, key or "")
 
     async def head(self, bucket: str, key: str) -> ObjectMeta:
         resource = self._resource(bucket, key)

@@ -22,7 +22,6 @@ Must not import: trio, httpx, pyfuse3.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import stat
@@ -34,6 +33,7 @@ from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 from ossfs.errors import UsageError
+from ossfs.model import object_url
 from ossfs.protocol.requests import Dialect, Endpoint
 from ossfs.protocol.signing import Credentials
 
@@ -46,7 +46,6 @@ __all__ = [
     "load_profile",
 ]
 
-log = logging.getLogger(__name__)
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,62}$")
 _PROFILE_KEYS = frozenset({
@@ -65,7 +64,7 @@ class ObjectUrl:
     key: str
 
     def __str__(self) -> str:
-        return f"{self.scheme}://{self.bucket}/{self.key}"
+        return object_url(self.scheme, self.bucket, self.key)
 
 
 def parse_object_url(text: str) -> ObjectUrl:

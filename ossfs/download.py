@@ -38,6 +38,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import trio
 
@@ -68,12 +69,15 @@ from ossfs.model import (
     MIN_PART_SIZE,
     ObjectMeta,
     format_size,
+    object_url,
+    resolve_range,
 )
 
 __all__ = [
     "DownloadRequest",
     "DownloadResult",
     "ProgressCallback",
+    "Verification",
     "download",
     "checkpoint_path_for",
     "temp_path_for",
@@ -84,6 +88,9 @@ log = logging.getLogger(__name__)
 
 # (bytes just transferred, bytes done so far, total bytes): as the SDK's callback.
 ProgressCallback = Callable[[int, int, int], None]
+
+# What a finished download's bytes were checked against (DownloadResult.verified_by).
+Verification = Literal["crc64", "md5", "parts"]
 
 TEMP_SUFFIX = ".ossfs-tmp"
 CHECKPOINT_SUFFIX = ".ossfs-checkpoint"
@@ -105,6 +112,7 @@ class DownloadRequest:
     :on_part: called with (parts done, parts total) each time a part completes.
     :notice: called with one-line messages a user should see (a checkpoint
         discarded, an integrity check skipped ...).
+    :scheme: ``oss`` or ``s3``, for the URLs in messages.
     """
 
     bucket: str
@@ -119,13 +127,16 @@ class DownloadRequest:
     progress: ProgressCallback | None = field(default=None, repr=False)
     on_part: Callable[[int, int], None] | None = field(default=None, repr=False)
     notice: Callable[[str], None] | None = field(default=None, repr=False)
+    scheme: str = "oss"
 
 
 @dataclass(frozen=True, slots=True)
 class DownloadResult:
     """What a finished download did.
 
-    :crc_checked: "crc64", "md5" or None when the service gave nothing to check against.
+    :verified_by: what the whole file was checked against: "crc64" (the service's
+        CRC-64), "md5" (its MD5 ETag), "parts" (a ranged download: each part's
+        CRC-64 only), or None when the service gave nothing to check against.
     """
 
     path: str
@@ -136,7 +147,7 @@ class DownloadResult:
     parts_fetched: int
     parts_reused: int
     bytes_fetched: int
-    crc_checked: str | None
+    verified_by: Verification | None
     restarts: int
     elapsed: float
 
@@ -163,16 +174,14 @@ def checkpoint_path_for(request: DownloadRequest, file_path: str) -> str:
 def _resolve_range(request: DownloadRequest, meta: ObjectMeta) -> tuple[int, int]:
     if request.range_start is None and request.range_end is None:
         return 0, meta.size
-    start = request.range_start or 0
-    if start >= meta.size:
-        raise UsageError(f"range starts at byte {start}, past the end of the object "
-                         f"({meta.size} bytes)")
-    end = meta.size - 1 if request.range_end in (None, -1) else request.range_end
-    assert end is not None
-    if start < 0 or end < start:
-        raise UsageError(f"invalid range {start}-{end}")
-    end = min(end, meta.size - 1)
-    return start, end - start + 1
+    try:
+        return resolve_range(request.range_start or 0, request.range_end, meta.size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _url(request: DownloadRequest) -> str:
+    return object_url(request.scheme, request.bucket, request.key)
 
 
 def _validate(request: DownloadRequest) -> str:
@@ -180,7 +189,7 @@ def _validate(request: DownloadRequest) -> str:
     if request.threads < 1:
         raise UsageError("threads must be at least 1")
     if not request.key or request.key.endswith("/"):
-        raise UsageError(f"oss://{request.bucket}/{request.key} names a prefix, not an "
+        raise UsageError(f"{_url(request)} names a prefix, not an "
                          "object (use ossfs materialize for prefixes)")
     path = os.path.abspath(request.file_path)
     if os.path.isdir(path):
@@ -323,7 +332,7 @@ async def download(client: ObjectClient, request: DownloadRequest) -> DownloadRe
                 restarts += 1
                 if restarts > 2:
                     raise
-                notice(f"oss://{request.bucket}/{request.key} changed during the download; "
+                notice(f"{_url(request)} changed during the download; "
                        "starting over")
     finally:
         if not ok and (ckpt is None or not os.path.exists(ckpt)):
@@ -442,7 +451,7 @@ async def _run(
         parts_fetched=fetcher.parts_fetched,
         parts_reused=len(reused),
         bytes_fetched=fetcher.bytes_fetched,
-        crc_checked=checked,
+        verified_by=checked,
         restarts=restarts,
         elapsed=time.monotonic() - began,
     )
@@ -460,7 +469,7 @@ def _check_space(temp: str, needed: int) -> None:
                            f"{format_size(free)} free", path=temp)
 
 
-def _check_integrity(store: PartStore, meta: ObjectMeta) -> str | None:
+def _check_integrity(store: PartStore, meta: ObjectMeta) -> Verification | None:
     """Compare the download with the service's checksum; drop the parts when it fails."""
     ident = store.identity
     if ident.start != 0 or ident.length != meta.size:

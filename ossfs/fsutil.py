@@ -101,13 +101,20 @@ def write_temp(path: str, data: bytes, mode: int, *, durable: bool = True) -> st
 
 
 def write_atomically(path: str, data: bytes, mode: int = 0o600, *,
-                     durable: bool = True) -> None:
+                     durable: bool = True, mtime: float | None = None) -> None:
     """Replace *path* with *data*: write temp, (fsync), rename, (fsync the directory).
 
     Not durable is still atomic: readers see the old file or the new one, and
-    a crash may only lose the new one.
+    a crash may only lose the new one. *mtime* is set before the rename.
     """
-    os.replace(write_temp(path, data, mode, durable=durable), path)
+    tmp = write_temp(path, data, mode, durable=durable)
+    try:
+        if mtime is not None:
+            os.utime(tmp, (mtime, mtime))
+        os.replace(tmp, path)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
     if durable:
         fsync_dir(os.path.dirname(path))
 

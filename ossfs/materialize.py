@@ -55,10 +55,11 @@ from ossfs.fsutil import (
     is_disk_full,
     open_subdirectory,
 )
-from ossfs.model import ObjectMeta, format_size
+from ossfs.model import ObjectMeta, format_size, object_url
 from ossfs.namespace import ListingGuard, valid_name
 
-__all__ = ["MaterializeRequest", "MaterializeResult", "materialize", "in_shard", "list_objects"]
+__all__ = ["MaterializeRequest", "MaterializeResult", "materialize", "check_shard", "in_shard",
+           "list_objects"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,13 @@ class MaterializeResult:
     skipped: int
     failed: list[str]
     elapsed: float
+
+
+def check_shard(shard: tuple[int, int]) -> None:
+    """ValueError unless *shard* (I, N) is one of N shards: ``0 <= I < N``."""
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count} does not exist (use I/N with 0 <= I < N)")
 
 
 def in_shard(key: str, shard: tuple[int, int] | None) -> bool:
@@ -234,11 +242,12 @@ async def materialize(client: ObjectClient, cache: CacheDir,
         say(printable(message))
 
     if request.shard is not None:
-        index, count = request.shard
-        if count < 1 or not 0 <= index < count:
-            raise UsageError(f"shard {index}/{count} does not exist (use I/N with 0 <= I < N)")
+        try:
+            check_shard(request.shard)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     def url(key: str) -> str:
-        return f"{request.scheme}://{request.bucket}/{key}"
+        return object_url(request.scheme, request.bucket, key)
 
     listed = await list_objects(client, request.bucket, request.key)
     if not listed:

@@ -1,8 +1,9 @@
 """Value types shared by every layer, and the part arithmetic.
 
-An object version is `ObjectId` (bucket, key, ETag, size). A transfer covers a
-byte range of it cut into fixed, part-aligned pieces of ``part_size`` bytes;
-`PartLayout` does that arithmetic. Sizes on the command line are parsed by
+An object version is (bucket, key, ETag, size): `ObjectMeta` carries it, and
+the cache's `StoreIdentity` pins it. A transfer covers a byte range of it cut
+into fixed, part-aligned pieces of ``part_size`` bytes; `PartLayout` does that
+arithmetic. Sizes on the command line are parsed by
 `parse_size` (``8MiB``, ``64M``, ``100K``).
 
 Must not import: trio, httpx, pyfuse3.
@@ -22,12 +23,13 @@ __all__ = [
     "MIN_PART_SIZE",
     "MAX_PART_SIZE",
     "ObjectMeta",
-    "ObjectId",
     "ListPage",
     "PartLayout",
     "parse_size",
     "format_size",
     "parse_range",
+    "resolve_range",
+    "object_url",
 ]
 
 KiB = 1024
@@ -61,20 +63,6 @@ class ObjectMeta:
     crc64: int | None = None
     object_type: str | None = None
     storage_class: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectId:
-    """One version of one object: parts of one version never serve another."""
-
-    bucket: str
-    key: str
-    etag: str
-    size: int
-
-    @classmethod
-    def of(cls, bucket: str, meta: ObjectMeta) -> ObjectId:
-        return cls(bucket, meta.key, meta.etag, meta.size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +126,14 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECA
 _UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB, "p": 1024 * 1024 * GiB}
 
 
+def object_url(scheme: str, bucket: str, key: str = "") -> str:
+    """``oss://bucket/key`` (or ``s3://``): how an object or prefix is named to a user.
+
+    Not escaped: pass it through `ossfs.escape.printable` before a terminal or log.
+    """
+    return f"{scheme}://{bucket}/{key}"
+
+
 def parse_size(text: str) -> int:
     """Parse ``8MiB``, ``64M``, ``100k``, ``1.5G`` or ``4096`` into bytes.
 
@@ -165,22 +161,31 @@ def format_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def parse_range(text: str, size: int) -> tuple[int, int]:
-    """Parse ``START-END`` (inclusive, END optional) against an object of *size* bytes.
+def parse_range(text: str) -> tuple[int, int | None]:
+    """Parse ``START-END`` (bytes, inclusive; END optional: to the end of the object).
 
-    Returns ``(start, length)``. ``100-`` means from 100 to the end; END past
-    the end is clamped, as HTTP ranges are. Raises ValueError when the range
-    is malformed or starts at or past the end of a non-empty object.
+    Returns ``(start, end)``, *end* None for ``START-``. Raises ValueError when
+    the text is malformed or the range ends before it starts.
     """
     m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d*)\s*", text)
     if not m:
         raise ValueError(f"not a range: {text!r} (use START-END or START-, in bytes)")
     start = int(m.group(1))
-    end = int(m.group(2)) if m.group(2) else size - 1
-    if end < start:
+    end = int(m.group(2)) if m.group(2) else None
+    if end is not None and end < start:
         raise ValueError(f"range {text!r} ends before it starts")
+    return start, end
+
+
+def resolve_range(start: int, end: int | None, size: int) -> tuple[int, int]:
+    """``(start, length)`` of the inclusive range *start*..*end* (None: to the end)
+    of an object of *size* bytes; an END past the end is clamped, as HTTP ranges
+    are. Raises ValueError when the range is inverted or starts at or past the end.
+    """
+    if start < 0 or (end is not None and end < start):
+        raise ValueError(f"invalid range {start}-{'' if end is None else end}")
     if start >= size:
-        raise ValueError(f"range {text!r} starts at or past the end of the object "
+        raise ValueError(f"range starts at byte {start}, past the end of the object "
                          f"({size} bytes)")
-    end = min(end, size - 1)
-    return start, end - start + 1
+    last = size - 1 if end is None else min(end, size - 1)
+    return start, last - start + 1

@@ -59,6 +59,7 @@ class MountConfig:
     part_size: int
     threads: int
     read_ahead: int
+    kernel_read_ahead: int = 1 << 20
     ttl: float
     negative_ttl: float
     uid: int
@@ -293,7 +294,9 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
                 nursery.start_soon(_count_cache, cache)
                 nursery.start_soon(_keep_spares, cache)
                 nursery.start_soon(_on_signals, nursery.cancel_scope, received)
-                nursery.start_soon(_after_init, config.mountpoint)
+                if config.kernel_read_ahead > 0:
+                    nursery.start_soon(_after_init, config.mountpoint,
+                                       max(4, config.kernel_read_ahead // 1024))
                 await pyfuse3.main(min_tasks=_FUSE_WORKERS)
                 unmounted = True
                 nursery.cancel_scope.cancel()
@@ -308,16 +311,15 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
             await client.aclose()
 
 
-async def _after_init(mountpoint: str) -> None:
+async def _after_init(mountpoint: str, kb: int) -> None:
     """Set the kernel read-ahead once the kernel has our INIT answer (which would lower
     it again): a stat from a worker thread returns only after that."""
 
     def stat_then_tune() -> None:
         with suppress(OSError):
             os.stat(mountpoint)
-        if tune_kernel_read_ahead(mountpoint):
-            log.debug("kernel read-ahead of %s set to %d KiB", mountpoint,
-                      KERNEL_READ_AHEAD_KB)
+        if tune_kernel_read_ahead(mountpoint, kb):
+            log.debug("kernel read-ahead of %s set to %d KiB", mountpoint, kb)
 
     await trio.to_thread.run_sync(stat_then_tune, abandon_on_cancel=True)
 

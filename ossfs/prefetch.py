@@ -17,7 +17,6 @@ Must not import: pyfuse3, httpx.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from ossfs.cache.cachedir import CacheDir, identity_for
@@ -27,7 +26,6 @@ from ossfs.namespace import Namespace, Node
 
 __all__ = ["SiblingPrefetch"]
 
-log = logging.getLogger(__name__)
 
 _FIRST_WINDOW = 4
 _MAX_WINDOW = 64

@@ -19,15 +19,15 @@ __all__ = ["ProgressBar"]
 
 
 class ProgressBar:
-    """Bytes, rate, ETA and a parts counter; silent when *stream* is not a terminal."""
+    """Bytes, rate, ETA and a counter of *counting* (parts, objects); silent when
+    *stream* is not a terminal."""
 
-    def __init__(self, total: int, *, description: str = "", parts: int = 0,
+    def __init__(self, total: int, *, description: str = "", counting: str = "parts",
                  stream: TextIO | None = None, enabled: bool | None = None) -> None:
         stream = stream or sys.stderr
         if enabled is None:
             enabled = stream.isatty()
-        self.parts_total = parts
-        self.parts_done = 0
+        self.counting = counting
         self._total: int | None = None
         self._bar: tqdm[Any] | None = None
         if enabled:
@@ -35,9 +35,7 @@ class ProgressBar:
                              desc=printable(description), file=stream, dynamic_ncols=True,
                              miniters=1, mininterval=0.2, smoothing=0.1)
 
-    def set_total(self, total: int, parts: int | None = None) -> None:
-        if parts is not None:
-            self.parts_total = parts
+    def set_total(self, total: int) -> None:
         if self._bar is not None:
             self._bar.total = total
             self._bar.refresh()
@@ -66,11 +64,10 @@ class ProgressBar:
         else:
             self.set_done(done)
 
-    def set_parts(self, done: int, total: int) -> None:
-        self.parts_done, self.parts_total = done, total
-        if self._bar is not None and self.parts_total:
-            self._bar.set_postfix_str(f"parts {self.parts_done}/{self.parts_total}",
-                                      refresh=False)
+    def set_count(self, done: int, total: int) -> None:
+        """*done* of *total* parts (or objects: what the bar counts) are complete."""
+        if self._bar is not None and total:
+            self._bar.set_postfix_str(f"{self.counting} {done}/{total}", refresh=False)
 
     def write(self, message: str) -> None:
         """Print a line without breaking the bar."""

@@ -176,9 +176,13 @@ class Connection:
                 self.reusable = False
                 raise WireError("response head too large")
 
-    async def read_body(self, head: Head, sink: BodySink, *, method: str = "GET") -> int:
-        """Stream the body into *sink* in buffer-sized pieces; return its length."""
-        if method == "HEAD" or head.status in (204, 304) or 100 <= head.status < 200:
+    async def read_body(self, head: Head, sink: BodySink) -> int:
+        """Stream the body into *sink* in buffer-sized pieces; return its length.
+
+        Only GET answers come here (HEAD goes through httpx): a body is framed by
+        its status and headers alone.
+        """
+        if head.status in (204, 304) or 100 <= head.status < 200:
             return 0
         te = head.headers.get("transfer-encoding", "").lower()
         if "chunked" in te:

@@ -45,6 +45,11 @@ from types import FrameType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+# ossfs.model is plain Python (no trio, no httpx): usable before the venv re-exec.
+sys.path.insert(0, str(REPO))
+from ossfs.model import format_size as format_size  # noqa: E402  (for the bench scripts)
+from ossfs.model import parse_size  # noqa: E402
+
 VENV = REPO / ".venv"
 VENV_PYTHON = VENV / "bin" / "python"
 OSSFS = VENV / "bin" / "ossfs"
@@ -53,10 +58,6 @@ WORK = REPO / "bench-work"
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
-
-_SIZE_UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB, "mib": MiB,
-               "g": GiB, "gb": GiB, "gib": GiB}
-
 
 class BenchError(Exception):
     """A step of a benchmark failed (a tool exited non-zero, wrong bytes, ...)."""
@@ -78,14 +79,6 @@ def reexec_in_venv() -> None:
     os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), *sys.argv])
 
 
-def parse_size(text: str) -> int:
-    """``1GiB``, ``256M``, ``4096`` -> bytes (K/M/G are powers of 1024)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"not a size: {text!r}")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-
-
 def size_arg(text: str) -> int:
     """argparse type for sizes."""
     import argparse
@@ -94,14 +87,6 @@ def size_arg(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def fmt_size(n: float) -> str:
-    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if n >= scale:
-            v = n / scale
-            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def ensure_apt(packages: Mapping[str, str]) -> None:

@@ -34,10 +34,8 @@ __all__ = [
     "EMPTY_SHA256",
     "oss_v1_string_to_sign",
     "sign_oss_v1",
-    "presign_oss_v1",
     "oss_v4_canonical_request",
     "sign_oss_v4",
-    "presign_oss_v4",
     "sign_aws_v4",
     "check_oss_signature",
 ]
@@ -187,31 +185,6 @@ def sign_oss_v1(
     headers["Authorization"] = f"OSS {credentials.access_key_id}:{signature}"
 
 
-def presign_oss_v1(
-    *,
-    method: str,
-    bucket: str | None,
-    key: str | None,
-    query: Query,
-    headers: Mapping[str, str],
-    credentials: Credentials,
-    expires: int,
-) -> list[tuple[str, str | None]]:
-    """Return the query of a V1 presigned URL valid until epoch *expires*."""
-    q = list(query)
-    if credentials.session_token:
-        q.append(("security-token", credentials.session_token))
-    sts = oss_v1_string_to_sign(
-        method=method, bucket=bucket, key=key, query=q, headers=headers, date=str(expires)
-    )
-    signature = _v1_signature(credentials.access_key_secret, sts)
-    return q + [
-        ("OSSAccessKeyId", credentials.access_key_id),
-        ("Expires", str(expires)),
-        ("Signature", signature),
-    ]
-
-
 # --------------------------------------------------------------------------- OSS V4
 
 
@@ -314,45 +287,6 @@ def sign_oss_v4(
     if extra:
         auth += ",AdditionalHeaders=" + ";".join(extra)
     headers["Authorization"] = auth + f",Signature={signature}"
-
-
-def presign_oss_v4(
-    *,
-    method: str,
-    bucket: str | None,
-    key: str | None,
-    query: Query,
-    headers: Mapping[str, str],
-    credentials: Credentials,
-    region: str,
-    now: float,
-    expires: int,
-    additional_headers: Iterable[str] = (),
-    product: str = "oss",
-) -> list[tuple[str, str | None]]:
-    """Return the query of a V4 presigned URL valid for *expires* seconds after *now*."""
-    iso = _iso8601(now)
-    scope = _oss_v4_scope(iso[:8], region, product)
-    extra = _oss_v4_additional(headers, additional_headers)
-    q = list(query) + [
-        ("x-oss-signature-version", "OSS4-HMAC-SHA256"),
-        ("x-oss-credential", f"{credentials.access_key_id}/{scope}"),
-        ("x-oss-date", iso),
-        ("x-oss-expires", str(expires)),
-    ]
-    if credentials.session_token:
-        q.append(("x-oss-security-token", credentials.session_token))
-    if extra:
-        q.append(("x-oss-additional-headers", ";".join(extra)))
-    canonical = oss_v4_canonical_request(
-        method=method, bucket=bucket, key=key, query=q, headers=headers,
-        additional_headers=extra,
-    )
-    signature = _oss_v4_signature(
-        secret=credentials.access_key_secret, datetime_iso=iso, region=region,
-        product=product, canonical_request=canonical,
-    )
-    return q + [("x-oss-signature", signature)]
 
 
 # --------------------------------------------------------------------------- AWS SigV4

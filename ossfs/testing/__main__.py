@@ -20,10 +20,9 @@ import sys
 import threading
 from types import FrameType
 
+from ossfs.fsutil import write_atomically
 from ossfs.model import parse_size
 from ossfs.testing.server import OssTestServer
-
-log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,10 +70,7 @@ def _random_bytes(rng: random.Random, n: int) -> bytes:
 
 
 def _write_port_file(path: str, port: int) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{port}\n")
-    os.replace(tmp, path)
+    write_atomically(path, f"{port}\n".encode(), 0o644, durable=False)
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -305,12 +305,6 @@ def _object_headers(meta: ObjectMeta) -> list[tuple[str, str]]:
     return headers
 
 
-def _read(source: MemorySource | FileSource, start: int, end: int) -> bytes:
-    if isinstance(source, MemorySource):
-        return source.data[start:end]
-    return os.pread(source.file.fileno(), end - start, start)
-
-
 class _Pacer:
     """Paces one body to ``faults.bandwidth`` and counts what was sent."""
 
@@ -616,7 +610,7 @@ class _Handler(BaseHTTPRequestHandler):
         pacer = self._pacer = _Pacer(owner.faults, owner._stopping)
         length = end - start
         if fault is None and length <= _SMALL_BODY and not owner.faults.bandwidth:
-            sock.sendall(head + _read(source, start, end))
+            sock.sendall(head + source.read(start, end))
             pacer.sent = length
             return
         sock.sendall(head)
@@ -633,7 +627,7 @@ class _Handler(BaseHTTPRequestHandler):
             first = min(fault.offset, length)
             stop = min(first + fault.length, length)
             send_to(first)
-            bad = _read(source, start + first, start + stop).translate(INVERT)
+            bad = source.read(start + first, start + stop).translate(INVERT)
             pacer.wait(len(bad))
             sock.sendall(bad)
             pacer.sent += len(bad)
@@ -688,7 +682,7 @@ class _Handler(BaseHTTPRequestHandler):
         sock = self.connection
         stopping = self._owner._stopping
         while pos < stop and not stopping.wait(interval):
-            sock.sendall(_read(source, pos, pos + 1))
+            sock.sendall(source.read(pos, pos + 1))
             pos += 1
             pacer.sent += 1
         if pos < stop:
@@ -720,7 +714,7 @@ class _Handler(BaseHTTPRequestHandler):
                 first = 0
             head = self._head(status, headers)
             prefix = b""
-            data = _read(source, 0, size) if size <= (1 << 20) else _read(source, 0, 1 << 20)
+            data = source.read(0, min(size, 1 << 20))
             data = data or b"\0"
             piece = data[first % len(data):] + data[:first % len(data)]
             filler = piece * max(1, (64 * 1024) // len(piece))

@@ -34,13 +34,11 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import BinaryIO
 
-import anycrc
-
+from ossfs.crc import crc64
+from ossfs.fsutil import write_atomically
 from ossfs.model import ObjectMeta
 
 __all__ = [
-    "CRC64",
-    "crc64",
     "MemorySource",
     "FileSource",
     "OpenObject",
@@ -56,18 +54,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# CRC-64/XZ: the value OSS sends as x-oss-hash-crc64ecma.
-CRC64 = anycrc.Model("CRC64-XZ")
-
 # Inverting every byte is the default new content of a `replace` fault and
 # what `corrupt` does: it always changes the data and keeps the size.
 INVERT = bytes(255 - i for i in range(256))
 
 _CRC_CHUNK = 8 * 1024 * 1024
-
-
-def crc64(data: bytes | memoryview, init: int = 0) -> int:
-    return int(CRC64.calc(data, init))
 
 
 def nginx_etag(mtime: float, size: int) -> str:
@@ -83,6 +74,9 @@ def http_date(epoch: float) -> str:
 class MemorySource:
     data: bytes
 
+    def read(self, start: int, end: int) -> bytes:
+        return self.data[start:end]
+
 
 @dataclass(frozen=True, slots=True)
 class FileSource:
@@ -90,6 +84,9 @@ class FileSource:
 
     file: BinaryIO
     path: str
+
+    def read(self, start: int, end: int) -> bytes:
+        return os.pread(self.file.fileno(), end - start, start)
 
 
 @dataclass(slots=True)
@@ -105,9 +102,7 @@ class OpenObject:
     source: MemorySource | FileSource
 
     def read(self, start: int, end: int) -> bytes:
-        if isinstance(self.source, MemorySource):
-            return self.source.data[start:end]
-        return os.pread(self.source.file.fileno(), end - start, start)
+        return self.source.read(start, end)
 
     def close(self) -> None:
         if isinstance(self.source, FileSource):
@@ -418,12 +413,7 @@ class DirectoryBucket(Bucket):
             raise ValueError(f"key {key!r} cannot be a file name")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         # Write beside and rename, so a GET in flight keeps reading the old file.
-        tmp = f"{path}.ossfs-tmp-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        if mtime is not None:
-            os.utime(tmp, (mtime, mtime))
-        os.replace(tmp, path)
+        write_atomically(path, data, 0o666, durable=False, mtime=mtime)
         st = os.stat(path)
         meta = self._meta_for(key, st, None)
         with self._lock:

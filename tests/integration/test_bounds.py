@@ -408,6 +408,7 @@ def test_materialize_of_a_listing_that_loops(listed: OssTestServer, oss_env: dic
     assert "bkt/dir/ does not move forward" in line and "token repeats" in line
 
 
+@pytest.mark.slow
 def test_ls_and_download_against_a_silent_server(silent_server: str, oss_env: dict[str, str],
                                                  tmp_path: Path) -> None:
     result = _cli(silent_server, oss_env, "ls", "oss://bkt/", "--timeout", "2")
@@ -418,6 +419,7 @@ def test_ls_and_download_against_a_silent_server(silent_server: str, oss_env: di
     assert not (tmp_path / "obj").exists()
 
 
+@pytest.mark.slow
 def test_ls_and_download_against_503_forever(oss: OssTestServer, oss_env: dict[str, str],
                                              tmp_path: Path) -> None:
     oss.faults.add(Fault("status", status=503), times=None)
@@ -466,6 +468,7 @@ def test_mount_directory_that_loops_or_never_ends(listed: OssTestServer,
 
 
 @pytest.mark.fuse
+@pytest.mark.slow
 def test_mount_read_of_a_trickle_ends(oss: OssTestServer, oss_env: dict[str, str],
                                       tmp_path: Path) -> None:
     oss.faults.add(Fault("stall", op="get", key="obj", after_bytes=1000, seconds=0.1,

@@ -173,6 +173,7 @@ def test_zero_stall_timeout_is_refused(srv: OssTestServer, oss_env: dict[str, st
 def test_one_attempt_is_singular(oss_env: dict[str, str]) -> None:
     with OssTestServer() as dead:
         url = dead.url
+    # --retries is the old name of --attempts: both still work.
     r = run_ossfs("ls", f"oss://{BUCKET}/", "--endpoint", url, "--retries", "1", env=oss_env)
     line = one_error(r, 1)
     assert "after 1 attempt:" in line, line
@@ -304,7 +305,7 @@ def materialize(server: OssTestServer, env: dict[str, str], tmp_path: Path, targ
 def test_materialize_summary_counts_failures_apart(srv: OssTestServer, oss_env: dict[str, str],
                                                    tmp_path: Path) -> None:
     srv.faults.add(Fault("status", status=403, op="get", key="dir/b.txt"), times=None)
-    r = materialize(srv, oss_env, tmp_path, f"oss://{BUCKET}/dir/", "--retries", "1")
+    r = materialize(srv, oss_env, tmp_path, f"oss://{BUCKET}/dir/", "--attempts", "1")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"ossfs: failed: oss://{BUCKET}/dir/b.txt: " in r.stderr, r.stderr
     assert f"materialized 2 of 3 object(s) (1 failed) of oss://{BUCKET}/dir/" in r.stderr

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 from ossfs.client import ClientConfig, GetResult, HttpObjectClient
 from ossfs.errors import (
@@ -628,45 +631,50 @@ async def test_range_past_the_end_is_an_error(oss: OssTestServer) -> None:
 # ---------------------------------------------------------------------- rate limit
 
 
-async def test_rate_limit_caps_throughput(oss: OssTestServer) -> None:
+# Under trio's autojump clock the limiter's sleeps take no real time and are measured
+# exactly; the client's own timeouts are pushed out of reach, since the clock also
+# jumps while a task waits on the network.
+_NO_TIMEOUTS = {"stall_timeout": math.inf, "connect_timeout": math.inf, "timeout": math.inf}
+
+
+async def test_rate_limit_caps_throughput(oss: OssTestServer,
+                                          autojump_clock: trio.testing.MockClock) -> None:
     data = pattern(2 * MiB, seed=9)
     oss.put("bkt", "two-mib", data)
     rate = 1 * MiB
-    config = ClientConfig(rate_limit=rate, backoff_base=0.01)
+    config = ClientConfig(rate_limit=rate, backoff_base=0.01, **_NO_TIMEOUTS)
     async with HttpObjectClient(oss.endpoint(), config) as client:
-        began = time.monotonic()
+        began = trio.current_time()
         got, _ = await get_bytes(client, "bkt", "two-mib", 0, len(data))
-        elapsed = time.monotonic() - began
+        elapsed = trio.current_time() - began
     assert got == data
-    measured = len(data) / elapsed
-    # Generous bounds: the limit is clearly in force (an unlimited loopback GET
-    # takes milliseconds), and the client is not pathologically slower.
-    assert 0.25 * rate < measured < 1.6 * rate, f"{measured / MiB:.2f} MiB/s"
+    # All but the first burst (a quarter second's worth) waits for the bucket, exactly.
+    assert elapsed == pytest.approx((len(data) - rate / 4) / rate)
     (record,) = get_records(oss, "two-mib")
     assert record.status == 206
 
 
-async def test_rate_limit_is_shared_by_concurrent_transfers(oss: OssTestServer) -> None:
-    import trio
-
+async def test_rate_limit_is_shared_by_concurrent_transfers(
+        oss: OssTestServer, autojump_clock: trio.testing.MockClock) -> None:
     data = pattern(1 * MiB, seed=10)
     oss.put("bkt", "a", data)
     oss.put("bkt", "b", data)
     rate = 1 * MiB
-    async with HttpObjectClient(oss.endpoint(), ClientConfig(rate_limit=rate)) as client:
+    config = ClientConfig(rate_limit=rate, **_NO_TIMEOUTS)
+    async with HttpObjectClient(oss.endpoint(), config) as client:
         results: dict[str, bytes] = {}
 
         async def fetch(key: str) -> None:
             results[key], _ = await get_bytes(client, "bkt", key, 0, len(data))
 
-        began = time.monotonic()
+        began = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fetch, "a")
             nursery.start_soon(fetch, "b")
-        elapsed = time.monotonic() - began
+        elapsed = trio.current_time() - began
     assert results == {"a": data, "b": data}
-    measured = 2 * len(data) / elapsed
-    assert measured < 1.6 * rate, f"{measured / MiB:.2f} MiB/s"
+    # One bucket for both: two MiB at one MiB/s, less the first burst.
+    assert elapsed == pytest.approx((2 * len(data) - rate / 4) / rate)
 
 
 # ---------------------------------------------------------------------- ls and stat

@@ -225,6 +225,30 @@ def test_resume_after_kill_9(oss_server: OssTestServer, oss_env: dict[str, str],
     assert files_under(to) == {k.removeprefix("big/"): v for k, v in objects.items()}
 
 
+def test_ctrl_c_exits_130_and_says_how_to_go_on(oss_server: OssTestServer,
+                                               oss_env: dict[str, str], tmp_path: Path) -> None:
+    oss_server.put(BUCKET, "big/obj.bin", randbytes(2 * MiB, seed=20))
+    oss_server.faults.bandwidth = 256 * KiB
+    proc = subprocess.Popen(
+        [*OSSFS, "materialize", f"oss://{BUCKET}/big/", "--cache-dir", str(tmp_path / "c"),
+         "--part-size", "100KiB", "--threads", "2", "--endpoint", oss_server.url],
+        env=oss_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while oss_server.stats.bytes_sent < 100 * KiB and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "ossfs: interrupted\nossfs: run the same command again to continue" in err
+
+
 def test_object_replaced_mid_run(oss_server: OssTestServer, oss_env: dict[str, str],
                                  tmp_path: Path) -> None:
     """The changed object is started over in its new version (never mixed), as

@@ -9,6 +9,7 @@ mountpoint, bad credentials).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -53,6 +54,18 @@ def opts(server: OssTestServer, tmp_path: Path, *extra: str) -> list[str]:
             "--part-size", "1MiB", *extra]
 
 
+def wait_for_kernel_read_ahead(mnt: Path) -> str:
+    """The mount's kernel read-ahead (KiB), once the daemon has raised it (it does so
+    in the background right after the mount is ready)."""
+    dev = os.stat(mnt).st_dev
+    setting = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    for _ in range(50):
+        if setting.read_text().strip() == "1024":
+            break
+        time.sleep(0.1)
+    return setting.read_text().strip()
+
+
 def gets(server: OssTestServer) -> int:
     return server.stats.count(method="GET", op="get")
 
@@ -63,6 +76,7 @@ def status(mnt: Path, env: dict[str, str]) -> dict[str, object]:
     return doc
 
 
+@pytest.mark.slow
 def test_warm_remount_serves_from_disk_without_gets(server: OssTestServer, tmp_path: Path,
                                                      env: dict[str, str]) -> None:
     want = server.get(BUCKET, "models/weights.bin")
@@ -71,21 +85,30 @@ def test_warm_remount_serves_from_disk_without_gets(server: OssTestServer, tmp_p
         assert (mnt / "models" / "weights.bin").read_bytes() == want
     assert server.stats.bytes_sent == len(want)  # every part fetched, once
     server.reset_stats()
+    if not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        pytest.skip("needs to drop the kernel's page cache (root)")
     with mounted(f"oss://{BUCKET}", mnt, *opts(server, tmp_path), env=env):
         for _ in range(3):
+            before = status(mnt, env)["fs_reads"]
             assert (mnt / "models" / "weights.bin").read_bytes() == want
+            # The bytes came through the mount, not from the kernel's page cache.
+            assert status(mnt, env)["fs_reads"] > before  # type: ignore[operator]
             subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"],
-                           check=False)
+                           check=True)
         # Parts cached by another run are checked against their CRC once each, not on
         # every reopen.
         assert status(mnt, env)["parts_verified"] == 13
     assert gets(server) == 0
 
 
+@pytest.mark.slow
 def test_page_cache_is_kept_across_opens(server: OssTestServer, tmp_path: Path,
                                          env: dict[str, str]) -> None:
     mnt = tmp_path / "mnt"
-    with mounted(f"oss://{BUCKET}", mnt, *opts(server, tmp_path), env=env):
+    # With the kernel's read-ahead raised to 1 MiB the kernel was seen to drop part of
+    # a file's pages between two reads (docs/semantics.md): this checks keep_cache alone.
+    with mounted(f"oss://{BUCKET}", mnt, *opts(server, tmp_path, "--kernel-read-ahead", "0"),
+                 env=env):
         path = mnt / "models" / "weights.bin"
         path.read_bytes()
         # Let the kernel's last readahead requests land: wait until the count settles
@@ -118,28 +141,38 @@ def test_materialize_a_mount_path_fills_its_cache(server: OssTestServer, tmp_pat
         assert cached["models/weights.bin"] == 12 * MiB + 5
 
 
+@pytest.mark.slow
 def test_reading_while_materialize_runs(server: OssTestServer, tmp_path: Path,
                                         env: dict[str, str]) -> None:
     want = server.get(BUCKET, "models/weights.bin")
-    server.faults.bandwidth = 8 * MiB  # per connection: both sides overlap
+    server.faults.bandwidth = 2 * MiB  # per connection: both sides overlap
     mnt = tmp_path / "mnt"
     with mounted(f"oss://{BUCKET}", mnt, *opts(server, tmp_path, "--threads", "4"), env=env):
+        server.reset_stats()
         proc = subprocess.Popen([*OSSFS, "materialize", str(mnt / "models" / "weights.bin"),
                                  "--threads", "4"], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         try:
-            time.sleep(0.3)
+            # Read once materialize's GETs are under way (not after a fixed pause).
+            deadline = time.monotonic() + 60
+            while server.stats.count(op="get") == 0 and proc.poll() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
             assert (mnt / "models" / "weights.bin").read_bytes() == want
             _, err = proc.communicate(timeout=120)
             assert proc.returncode == 0, err
+            mount_fetched = status(mnt, env)["bytes_fetched"]
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
     records = server.stats.gets_by_key["models/weights.bin"]
-    sent = sum(g.bytes_sent for g in records)
-    # Both processes fetch from one cache: at worst a few parts are fetched twice.
-    assert len(want) <= sent <= len(want) + 8 * MiB
+    # Both processes fetch into one cache, and no byte is fetched twice (download.md);
+    # the mount's share (measured: the last part, 5 bytes) depends on timing.
+    spans = sorted((g.start, g.start + g.bytes_sent) for g in records)
+    twice = [(a, b) for a, b in itertools.pairwise(spans) if a[1] > b[0]]
+    assert not twice, f"fetched twice (mount fetched {mount_fetched} bytes): {twice}"
+    assert sum(g.bytes_sent for g in records) == len(want)
 
 
 def test_big_directory_lists_in_pages(server: OssTestServer, tmp_path: Path,
@@ -209,6 +242,7 @@ def test_fstab_line_mounts(server: OssTestServer, tmp_path: Path,
         force_unmount(mnt)
 
 
+@pytest.mark.slow
 def test_start_up_failures_are_clear(server: OssTestServer, tmp_path: Path,
                                      env: dict[str, str]) -> None:
     mnt = tmp_path / "mnt"
@@ -234,13 +268,7 @@ def test_the_kernel_sends_reads_of_up_to_1_mib(server: OssTestServer, tmp_path: 
     in requests of 1 MiB (the default 128 KiB read-ahead meant 128-256 KiB)."""
     mnt = tmp_path / "mnt"
     with mounted(f"oss://{BUCKET}", mnt, *opts(server, tmp_path), env=env):
-        dev = os.stat(mnt).st_dev
-        setting = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
-        for _ in range(50):
-            if setting.read_text().strip() == "1024":
-                break
-            time.sleep(0.1)
-        assert setting.read_text().strip() == "1024"
+        assert wait_for_kernel_read_ahead(mnt) == "1024"
         before = status(mnt, env)["fs_reads"]
         size = len((mnt / "models" / "weights.bin").read_bytes())
         reads = status(mnt, env)["fs_reads"]

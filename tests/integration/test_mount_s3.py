@@ -235,6 +235,7 @@ def test_eviction_keeps_the_cap_and_reads_stay_correct(
         assert doc["cache_evicted_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_object_replaced_while_mounted(tmp_path: Path, moto_endpoint: str, s3: Any,
                                        s3_bucket: str, cli_env: dict[str, str]) -> None:
     old = os.urandom(4 * MiB)

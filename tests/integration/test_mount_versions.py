@@ -40,6 +40,7 @@ def pread_all(fd: int, start: int, size: int, chunk: int = 128 * 1024) -> bytes:
     return bytes(out)
 
 
+@pytest.mark.slow
 def test_old_and_new_opens_each_read_one_version(server: OssTestServer, env: dict[str, str],
                                                   tmp_path: Path) -> None:
     old, new = os.urandom(6 * MiB), os.urandom(6 * MiB)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ossfs.model import MiB, PartLayout, format_size, parse_range, parse_size
+from ossfs.model import MiB, PartLayout, format_size, parse_range, parse_size, resolve_range
 
 
 def test_layout_edges() -> None:
@@ -53,9 +53,17 @@ def test_parse_size() -> None:
 
 
 def test_parse_range() -> None:
-    assert parse_range("0-9", 100) == (0, 10)
-    assert parse_range("90-", 100) == (90, 10)
-    assert parse_range("90-500", 100) == (90, 10)
-    for bad in ("9-1", "100-", "x-1", "-5"):
+    assert parse_range("0-9") == (0, 9)
+    assert parse_range(" 90 - ") == (90, None)
+    for bad in ("9-1", "x-1", "-5", "1-2-3", ""):
         with pytest.raises(ValueError):
-            parse_range(bad, 100)
+            parse_range(bad)
+
+
+def test_resolve_range() -> None:
+    assert resolve_range(0, 9, 100) == (0, 10)
+    assert resolve_range(90, None, 100) == (90, 10)
+    assert resolve_range(90, 500, 100) == (90, 10)  # clamped, as HTTP does
+    for start, end in ((100, None), (9, 1), (0, -1), (-1, 5)):
+        with pytest.raises(ValueError):
+            resolve_range(start, end, 100)

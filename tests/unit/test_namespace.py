@@ -127,7 +127,16 @@ async def test_prefix_mount_and_probe_lookups(server: OssTestServer) -> None:
         with pytest.raises(NotFoundError):
             await ns.lookup(ROOT_INODE, "missing")
         assert server.stats.count() == 0  # the root listing is complete: no probe needed
-        ns.forget(sub.inode, 1)
+        # The kernel forgets: a node goes once all its lookups are returned, not before.
+        sub.lookups = 2
+        ns2.forget(sub.inode, 1)
+        assert ns2.node(sub.inode) is sub
+        ns2.forget(sub.inode, 1)
+        with pytest.raises(NotFoundError):
+            ns2.node(sub.inode)
+        assert ns2.node(ROOT_INODE).is_dir  # the root is never forgotten
+        ns2.forget(ROOT_INODE, 5)
+        assert ns2.node(ROOT_INODE).is_dir
 
 
 async def test_one_listing_per_directory_shared_by_concurrent_lookups(

@@ -195,6 +195,7 @@ EXAMPLES = int(os.environ.get("OSSFS_READPATH_EXAMPLES", "150"))
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(sc=scenarios(), seed=st.integers(0, 1000))
+@pytest.mark.slow
 def test_every_byte_is_the_objects_under_any_cap(sc: Scenario, seed: int,
                                                  scratch: Path) -> None:
     root = scratch / f"cache-{next(_RUNS)}"

@@ -478,6 +478,7 @@ def test_v1_subresource_whitelist_agrees_with_sdk() -> None:
 @pytest.mark.parametrize("version", ["v1", "v4"])
 @PROPERTY_SETTINGS
 @given(data=st.data())
+@pytest.mark.slow
 def test_check_signature_round_trip(version: str, data: st.DataObject) -> None:
     req = data.draw(_requests(version=version, need_key=True))
     skew = data.draw(st.integers(min_value=-MAX_CLOCK_SKEW, max_value=MAX_CLOCK_SKEW))
