@@ -355,7 +355,7 @@ class HttpObjectClient:
         *body_limit* is an error (a listing page that does not end).
         """
         cycle = _Cycle(self.config, what)
-        why = "attempts"
+        why: str | None = "attempts"
         with cycle.scope:
             while True:
                 cycle.attempts += 1
@@ -366,13 +366,10 @@ class HttpObjectClient:
                     cycle.last = e.reason
                 else:
                     return answer
-                cycle.failures += 1
-                if cycle.failures >= self.config.attempts:
+                why = await self._failed_attempt(cycle)
+                if why is not None:
                     break
-                if not await self._backoff(cycle):
-                    why = "deadline"
-                    break
-        raise self._give_up(cycle, why)
+        raise self._give_up(cycle, why or "attempts")
 
     async def _simple_once(self, req: proto.HttpRequest, cycle: _Cycle, resource: str,
                            body_limit: int) -> tuple[int, httpx.Headers, bytes]:
@@ -459,7 +456,7 @@ class HttpObjectClient:
         cycle = _Cycle(self.config, f"GET {resource} bytes {start}-{end - 1}")
         pos = start
         crc_box: list[int] = []
-        why = "attempts"
+        why: str | None = "attempts"
         with cycle.scope:
             while True:
                 cycle.attempts += 1
@@ -481,13 +478,19 @@ class HttpObjectClient:
                     self.stats.retries += 1
                     log.info("resuming %s at byte %d: %s", cycle.what, pos, cycle.last)
                     continue
-                cycle.failures += 1
-                if cycle.failures >= self.config.attempts:
+                why = await self._failed_attempt(cycle)
+                if why is not None:
                     break
-                if not await self._backoff(cycle):
-                    why = "deadline"
-                    break
-        raise self._give_up(cycle, why)
+        raise self._give_up(cycle, why or "attempts")
+
+    async def _failed_attempt(self, cycle: _Cycle) -> str | None:
+        """Count an attempt that failed; why the cycle ends now, or None to try again."""
+        cycle.failures += 1
+        if cycle.failures >= self.config.attempts:
+            return "attempts"
+        if not await self._backoff(cycle):
+            return "deadline"
+        return None
 
     async def _get_once(
         self, bucket: str, key: str, start: int, end: int, etag: str | None, sink: Sink,
