@@ -247,7 +247,8 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
                         "(default 0.05)")
     g.add_argument("--part-size", type=_size, default=DEFAULT_CACHE_PART_SIZE, metavar="SIZE",
                    help="bytes per cached part: the least a random read fetches "
-                        "(default 1MiB)")
+                        "(default 8MiB; 1MiB for random access: fewer bytes fetched, "
+                        "slower sequential reads)")
 
 
 def _add_mount_commands(sub: Any) -> None:
