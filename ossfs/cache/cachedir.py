@@ -429,7 +429,7 @@ class CacheDir:
         is for the parts readers and fetches hold, never a state that stays."""
         if self._used <= self.max_bytes:
             return
-        room = self._room(0)
+        room = self._room(*self._disk())
         if self._used > room:
             self._used -= self._evict(self._used - room)
         self._note_over(room)
@@ -479,7 +479,7 @@ class CacheDir:
 
     def apply_scan(self, on_disk: int) -> int:
         """Take a `measure` result as the bytes in use (plus running fetches)."""
-        self._used = on_disk + self._unwritten_reservations()
+        self._used = on_disk + self._reserved
         self._scanned_at = time.monotonic()
         return self._used
 
@@ -491,26 +491,21 @@ class CacheDir:
         """
         return self.apply_scan(self.measure())
 
-    def _unwritten_reservations(self) -> int:
-        # Without a byte count per flight, count every reservation whole: the
-        # estimate errs on the side of evicting a little early. (Kept as a sum: with
-        # a thousand small stores open, adding them up at each fetch was most of the
-        # cost of fetching a small object.)
-        return self._reserved
-
     @property
     def used_bytes(self) -> int:
         return self._used
 
-    def _room(self, incoming: int) -> int:
-        """How many bytes may be in the cache after *incoming* more arrive: the cap,
-        lowered so that the free-space floor is kept."""
+    def _disk(self) -> tuple[int, int]:
+        """(free bytes, the free-space floor) of the cache's file system: one statvfs."""
         st = os.statvfs(self.root)
-        floor = int(st.f_blocks * st.f_frsize * self.min_free_fraction)
-        free = st.f_bavail * st.f_frsize
-        # Our own reservations are counted in `_used` but mostly not on disk yet.
-        pending = self._unwritten_reservations()
-        return min(self.max_bytes, self._used - pending + max(0, free - floor))
+        return st.f_bavail * st.f_frsize, int(st.f_blocks * st.f_frsize * self.min_free_fraction)
+
+    def _room(self, free: int, floor: int) -> int:
+        """How many bytes the cache may hold: the cap, lowered so that the free-space
+        floor is kept. Reservations (`_reserved`) are counted in `_used` but mostly not
+        on disk yet: every reservation counts whole, which errs on the side of evicting
+        a little early."""
+        return min(self.max_bytes, self._used - self._reserved + max(0, free - floor))
 
     def held_bytes(self) -> int:
         """Bytes eviction may not touch now: pinned, being fetched, held for streams."""
@@ -548,18 +543,21 @@ class CacheDir:
         entry = self._by_store.get(id(store))
         if not self.background_scan and time.monotonic() - self._scanned_at > _RESCAN_INTERVAL:
             self.rescan()
-        room = self._room(nbytes)
+        free, floor = self._disk()
+        room = self._room(free, floor)
         if readahead and self.held_bytes() + nbytes > room:
             return False
         need = self._used + nbytes - room
         if need > 0:
             self._used -= self._evict(need)
-        if self._free_after(nbytes) < self._floor():
+            free, floor = self._disk()  # what eviction freed
+        # Free bytes once this and every running fetch have landed.
+        if free - self._reserved - nbytes < floor:
             # The cap may be exceeded for a reader, the free-space floor never: the
             # reader is served from the network instead (NoSpaceError).
             self._note_full()
             raise NoSpaceError(f"the cache disk {self.root} is full (keeping "
-                               f"{format_size(self._floor())} free)", path=self.root)
+                               f"{format_size(floor)} free)", path=self.root)
         if entry is not None:
             entry.fetching[part] = nbytes
             self._reserved += nbytes
@@ -567,15 +565,6 @@ class CacheDir:
         self._used += nbytes
         self._note_over(room)
         return True
-
-    def _floor(self) -> int:
-        st = os.statvfs(self.root)
-        return int(st.f_blocks * st.f_frsize * self.min_free_fraction)
-
-    def _free_after(self, incoming: int) -> int:
-        """Free bytes once *incoming* and every running fetch's bytes have landed."""
-        st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize - self._unwritten_reservations() - incoming
 
     def _note_full(self) -> None:
         now = time.monotonic()
