@@ -353,34 +353,7 @@ class Fetcher:
 
     async def _download(self, store: PartStore, part: int, flight: _Flight,
                         on_bytes: ByteCallback | None) -> None:
-        ident = store.identity
-        crc = 0
-
-        def sink(offset: int, data: memoryview) -> None:
-            nonlocal crc
-            with _disk_full_is_no_space(store):
-                store.write(offset, data)
-            crc = crc64(data, crc)
-            flight.advance(offset + len(data))
-            if on_bytes is not None:
-                on_bytes(len(data))
-
-        async with self.limiter:
-            got = await self.client.get_range(ident.bucket, ident.key, flight.first,
-                                              flight.end, ident.etag, sink)
-        if got.object_crc64 is not None:
-            store.server_crc64 = got.object_crc64
-        with _disk_full_is_no_space(store):
-            store.commit(part, crc)
-        self.parts_fetched += 1
-        self.bytes_fetched += got.nbytes
-        # The flight ends with the commit, before anything else can run: from here
-        # on the index speaks for the part (it may be evicted, and fetched again).
-        self._land(store, part, flight, None)
-        # Writeback may block when the disk is busy: never in the event loop. (Small
-        # parts have none: no thread hop for them.)
-        if flight.end - flight.first >= EARLY_WRITEBACK:
-            await trio.to_thread.run_sync(store.start_writeback, part)
+        await self._download_run(store, [(part, flight)], on_bytes)
 
     # ---------------------------------------------------------------- background
 
@@ -543,13 +516,25 @@ class Fetcher:
             except IntegrityError as e:
                 log.error("%s", e)
 
-    async def _download_run(self, store: PartStore, run: list[tuple[int, _Flight]]) -> None:
+    async def _download_run(self, store: PartStore, run: list[tuple[int, _Flight]],
+                            on_bytes: ByteCallback | None = None) -> None:
+        """GET consecutive parts (one or more) into *store*.
+
+        Each part is committed with the CRC-64 of its bytes as they arrived, and its
+        flight ends in the same step, before anything else can run: from then on the
+        index speaks for the part (it may be evicted, and fetched again). Parts are
+        committed as their last byte lands, except the last one, committed once the
+        GET has ended and the service's CRC-64 of the object is known (a small
+        object's file records whether it matched).
+        """
         ident = store.identity
         index = 0
         crc = 0
+        last_crc = 0
 
         def sink(offset: int, data: memoryview) -> Awaitable[None] | None:
-            nonlocal index, crc
+            nonlocal index, crc, last_crc
+            received = len(data)
             done: list[int] = []
             while data:
                 part, flight = run[index]
@@ -562,25 +547,42 @@ class Fetcher:
                 data = data[take:]
                 flight.advance(offset)
                 if offset == flight.end:
-                    with _disk_full_is_no_space(store):
-                        store.commit(part, crc)
-                    self.parts_fetched += 1
-                    self._land(store, part, flight, None)
-                    done.append(part)
+                    if index == len(run) - 1:
+                        last_crc = crc
+                    elif self._commit(store, part, flight, crc):
+                        done.append(part)
                     index += 1
                     crc = 0
-            if done:
-                return trio.to_thread.run_sync(_start_writeback, store, done)
-            return None
+            if on_bytes is not None:
+                on_bytes(received)
+            return _writeback(store, done)
 
-        first = run[0][1].first
-        last = run[-1][1].end
         async with self.limiter:
-            got = await self.client.get_range(ident.bucket, ident.key, first, last,
-                                              ident.etag, sink)
+            got = await self.client.get_range(ident.bucket, ident.key, run[0][1].first,
+                                              run[-1][1].end, ident.etag, sink)
         if got.object_crc64 is not None:
             store.server_crc64 = got.object_crc64
         self.bytes_fetched += got.nbytes
+        part, flight = run[-1]
+        if self._commit(store, part, flight, last_crc):
+            await trio.to_thread.run_sync(_start_writeback, store, [part])
+
+    def _commit(self, store: PartStore, part: int, flight: _Flight, crc: int) -> bool:
+        """Record a part whose bytes are all written and end its flight; True when the
+        part is large enough for early writeback."""
+        with _disk_full_is_no_space(store):
+            store.commit(part, crc)
+        self.parts_fetched += 1
+        self._land(store, part, flight, None)
+        return flight.end - flight.first >= EARLY_WRITEBACK
+
+
+def _writeback(store: PartStore, parts: list[int]) -> Awaitable[None] | None:
+    """Start the writeback of *parts* in a worker thread (it may block when the disk is
+    busy: never in the event loop); None when there is nothing to write back."""
+    if not parts:
+        return None
+    return trio.to_thread.run_sync(_start_writeback, store, parts)
 
 
 def _start_writeback(store: PartStore, parts: list[int]) -> None:
