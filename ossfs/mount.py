@@ -59,7 +59,7 @@ class MountConfig:
     part_size: int
     threads: int
     read_ahead: int
-    kernel_read_ahead: int = 1 << 20
+    kernel_read_ahead: int = 1 << 20  # bytes; 0: the kernel's default
     ttl: float
     negative_ttl: float
     uid: int
@@ -111,15 +111,14 @@ def mounted_fstype(path: str) -> str | None:
     return info[0] if info else None
 
 
-# The kernel's read-ahead for the mount (its backing device's read_ahead_kb). The
-# default 128 KiB makes the kernel send reads of 128-256 KiB; at 1 MiB (the most one
-# FUSE request carries) a sequential read costs a quarter of the requests, and a warm
-# cached read ran at 4.7x the speed (305 -> 1422 MB/s, 512 MiB, page cache dropped).
-KERNEL_READ_AHEAD_KB = 1024
+def tune_kernel_read_ahead(path: str, kb: int) -> bool:
+    """Set the mount's kernel read-ahead, its backing device's read_ahead_kb (needs
+    root; best effort: False if not set).
 
-
-def tune_kernel_read_ahead(path: str, kb: int = KERNEL_READ_AHEAD_KB) -> bool:
-    """Set the mount's kernel read-ahead (needs root; best effort: False if not set)."""
+    The kernel's default of 128 KiB makes it send reads of 128-256 KiB; at 1 MiB (the
+    most one FUSE request carries) a sequential read costs a quarter of the requests,
+    and a warm cached read ran at 4.7x the speed (305 -> 1422 MB/s, 512 MiB, page
+    cache dropped)."""
     info = _mountinfo(path)
     if info is None:
         return False
