@@ -40,7 +40,7 @@ from ossfs.model import ListPage, ObjectMeta
 from ossfs.namespace import ROOT_INODE, ListingGuard, Namespace
 from ossfs.testing import Fault, OssTestServer, RequestInfo
 from tests.helpers import mounted, run_ossfs
-from tests.integration.test_client import get_bytes, get_records, pattern
+from tests.integration.test_client import get_bytes, get_records, one_request, pattern
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -109,12 +109,7 @@ async def test_silent_server_is_ended_by_the_deadline(silent_server: str, op: st
     config = ClientConfig(timeout=1.0, backoff_base=0.01, backoff_max=0.02)
     async with HttpObjectClient(endpoint, config) as client:
         with pytest.raises(GaveUpError) as info:
-            if op == "get":
-                await get_bytes(client, "bkt", "obj", 0, 100)
-            elif op == "head":
-                await client.head("bkt", "obj")
-            else:
-                await client.list_page("bkt")
+            await one_request(client, op)
     assert info.value.timed_out and info.value.attempts == 1
     assert "was still waiting for the server" in str(info.value)
 

@@ -179,6 +179,16 @@ async def get_bytes(client: HttpObjectClient, bucket: str, key: str, start: int,
     return bytes(sink.data), result
 
 
+async def one_request(client: HttpObjectClient, op: str) -> None:
+    """One request of kind *op* (``get``, ``head`` or ``list``) for bkt/obj."""
+    if op == "get":
+        await get_bytes(client, "bkt", "obj", 0, 100)
+    elif op == "head":
+        await client.head("bkt", "obj")
+    else:
+        await client.list_page("bkt")
+
+
 async def list_all(client: HttpObjectClient, bucket: str, prefix: str = "",
                    delimiter: str = "") -> tuple[list[str], list[str], int]:
     """Every key and common prefix under *prefix*, following continuation tokens."""
@@ -583,12 +593,7 @@ async def test_attempts_are_bounded(oss: OssTestServer, op: str) -> None:
     config = ClientConfig(attempts=3, backoff_base=0.01, backoff_max=0.02)
     async with HttpObjectClient(oss.endpoint(), config) as client:
         with pytest.raises(TransferError) as info:
-            if op == "get":
-                await get_bytes(client, "bkt", "obj", 0, 100)
-            elif op == "head":
-                await client.head("bkt", "obj")
-            else:
-                await client.list_page("bkt")
+            await one_request(client, op)
         assert client.stats.requests == 3
     assert oss.stats.count(op=op) == 3
     message = str(info.value)
