@@ -238,7 +238,8 @@ def unwrap_groups() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        raise first_error(group) from None
+        error = first_error(group)
+        raise error from error.__cause__  # its own cause kept (not the group)
 
 
 def errno_for(exc: BaseException) -> int:

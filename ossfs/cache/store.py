@@ -89,6 +89,9 @@ class PartStore:
         # descriptor's number can be reused by another file at once).
         self.flights = 0
         self._close_when_idle = False
+        # Called once a close deferred for running fetches has happened (the cache
+        # trims itself then: those fetches may have taken it over its cap).
+        self.on_deferred_close: Callable[[], None] | None = None
 
     # ---------------------------------------------------------------- opening
 
@@ -171,6 +174,8 @@ class PartStore:
         if self.flights == 0 and self._close_when_idle:
             self._close_when_idle = False
             self.close()
+            if self.on_deferred_close is not None:
+                self.on_deferred_close()
 
     @property
     def index_path(self) -> str | None:
