@@ -9,13 +9,11 @@ of one store. A mount read, a read-ahead guess, ``materialize`` and
 - at most ``connections`` GETs at once across everything (a trio
   `CapacityLimiter`); read-ahead may use only part of them, so a reader that
   must wait always finds a free connection soon;
-- memory first: a part arrives in a buffer of its own (under the
-  `MemoryBudget`), a reader waits only for the bytes it asked for and is
-  answered from that buffer as they arrive, and the part is written to the
-  cache behind it, in a worker thread (the event loop never waits for the
-  disk);
+- a reader waits only for the bytes it asked for, not the whole part: a flight
+  publishes how far it has written, and `read` returns as soon as its range is
+  on disk;
 - a part is committed to the store's index only after all its bytes are
-  written, with the CRC-64 of the bytes that arrived; the flight ends in the
+  written, with the CRC-64 computed as they arrived; the flight ends in the
   same step (nobody can see a committed part through a flight, which could
   outlive the part: a stale flight once said "written" for a part eviction
   had punched meanwhile);
@@ -48,52 +46,16 @@ from ossfs.cache.index import StoreIdentity
 from ossfs.cache.store import EARLY_WRITEBACK, PartStore
 from ossfs.client import ObjectClient
 from ossfs.crc import crc64
-from ossfs.errors import IntegrityError, NoSpaceError, TransferError, unwrap_groups
+from ossfs.errors import IntegrityError, NoSpaceError
 from ossfs.fsutil import is_disk_full
 
-__all__ = ["Fetcher", "ByteCallback", "Budget", "MemoryBudget", "Streams"]
+__all__ = ["Fetcher", "ByteCallback", "Budget", "Streams"]
 
 log = logging.getLogger(__name__)
 
 ByteCallback = Callable[[int], None]
 # The most one read-ahead GET asks for (a run of consecutive parts).
 MAX_RUN_BYTES = 16 << 20
-# Parts up to this size arrive in memory and are written behind the readers; larger
-# ones (a download with huge parts) are written through as they arrive.
-MAX_BUFFERED_PART = 64 << 20
-# The default memory budget: parts held in memory between their arrival and their
-# commit (received, not written yet). A GET waits when it is used up.
-DEFAULT_MEMORY = 256 << 20
-
-
-class MemoryBudget:
-    """Bytes of fetched parts held in memory, and a wait when there are too many.
-
-    A part takes its bytes when its first byte arrives and gives them back when it
-    is committed (or its fetch ends). One part may always be taken, whatever its
-    size, so a budget smaller than a part slows fetches down but never stops them.
-    When the cache disk falls behind the network, GETs wait here (the sockets stop
-    being read, TCP slows the server down) rather than drop bytes already paid for.
-    """
-
-    def __init__(self, limit: int = DEFAULT_MEMORY) -> None:
-        self.limit = max(1, limit)
-        self.used = 0
-        self.peak = 0
-        self.waits = 0  # how often a GET had to wait for memory
-        self._lot = trio.lowlevel.ParkingLot()
-
-    async def acquire(self, nbytes: int) -> None:
-        if self.used and self.used + nbytes > self.limit:
-            self.waits += 1
-            while self.used and self.used + nbytes > self.limit:
-                await self._lot.park()
-        self.used += nbytes
-        self.peak = max(self.peak, self.used)
-
-    def release(self, nbytes: int) -> None:
-        self.used -= nbytes
-        self._lot.unpark_all()
 
 
 class Budget(Protocol):
@@ -112,27 +74,19 @@ class Budget(Protocol):
 
 @dataclass(slots=True)
 class _Flight:
-    """The fetch of one part: how far it got, and how it ended.
-
-    A part no larger than `MAX_BUFFERED_PART` arrives in ``buf`` (memory first):
-    readers are answered from there, and the whole part is written to the data
-    file behind them, in a worker thread, then committed. A larger one is
-    written through as it arrives, and readers read what is on disk.
-    """
+    """The fetch of one part: how far it got, and how it ended."""
 
     first: int
     end: int
-    received: int  # object offset up to which bytes arrived (in buf, or on disk)
+    written: int  # object offset up to which bytes are on disk
     readahead: bool = False
     admitted: bool = False  # room was reserved in the budget (settled when it ends)
     done: trio.Event = field(default_factory=trio.Event)
     progress: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
-    buf: bytearray | None = None  # the part's bytes, memory first (None: written through)
-    touched: int = 0  # bytes of the part that may have reached the data file
 
     def advance(self, upto: int) -> None:
-        self.received = upto
+        self.written = upto
         wake, self.progress = self.progress, trio.Event()
         wake.set()
 
@@ -201,10 +155,8 @@ class Fetcher:
         budget: Budget | None = None,
         readahead_share: float = 0.75,
         read_ahead: int = 128 << 20,
-        memory: int = DEFAULT_MEMORY,
     ) -> None:
         self.client = client
-        self.memory = MemoryBudget(memory)
         self.connections = max(1, connections)
         self.limiter = trio.CapacityLimiter(self.connections)
         # Read-ahead flights also take this one, so guesses never hold every connection.
@@ -347,14 +299,11 @@ class Fetcher:
             return
         if self._flights.get((id(store), part)) is flight:
             del self._flights[(id(store), part)]
-        if flight.buf is not None:
-            self.memory.release(len(flight.buf))
-            flight.buf = None
         if flight.admitted and self._budget is not None:
             committed = error is None and store.is_present(part)
             self._budget.settle(store, part, flight.end - flight.first,
-                                written=flight.touched, committed=committed,
-                                readahead=flight.readahead)
+                                written=flight.written - flight.first,
+                                committed=committed, readahead=flight.readahead)
         flight.finish(error)
 
     async def _fetch(self, store: PartStore, part: int, flight: _Flight,
@@ -434,14 +383,12 @@ class Fetcher:
                       store.identity.key, e)
 
     async def wait_for(self, store: PartStore, offset: int, end: int) -> None:
-        """Return once object bytes ``[offset, end)`` have arrived, fetching what is missing.
+        """Return once object bytes ``[offset, end)`` are on disk, fetching what is missing.
 
-        Needs `attach`. Raises the error of a failed flight. The bytes are in a
-        running flight (see `arrived`) or in the store: the caller looks without
-        awaiting in between, or looks again. The caller must pin the parts first:
-        bytes a running flight has received are trusted only while that flight
-        runs (its part is not in the index, so nothing can evict it); once a
-        flight has ended, only the index counts.
+        Needs `attach`. Raises the error of a failed flight. The caller must pin
+        the parts first: bytes a running flight has written are trusted only
+        while that flight runs (its part is not in the index, so nothing can
+        evict it); once a flight has ended, only the index counts.
         """
         for part in store.layout.parts_for(offset, end - offset):
             _, part_end = store.layout.bounds(part)
@@ -450,21 +397,13 @@ class Fetcher:
                 flight = self.start(store, part)
                 if flight is None:
                     continue  # present now (or another process has it): look again
-                while flight.received < need and not flight.done.is_set():
+                while flight.written < need and not flight.done.is_set():
                     await flight.progress.wait()
                 if not flight.done.is_set():
-                    break  # our bytes arrived and the part is not recorded yet
+                    break  # our bytes are written and the part is not recorded yet
                 # Ended: committed (the loop sees it present) or failed. Only a
                 # cancelled flight (nobody's fault) is started again.
                 self._raise_for(flight)
-
-    def arrived(self, store: PartStore, part: int, upto: int) -> _Flight | None:
-        """The running flight of *part* if it has received the bytes up to object offset
-        *upto*: they are in its ``buf``, or (no buf) in the data file, not yet recorded."""
-        flight = self._flights.get((id(store), part))
-        if flight is None or flight.received < upto:
-            return None
-        return flight
 
     async def read_uncached(self, store: PartStore, offset: int, end: int) -> bytes:
         """Object bytes ``[offset, end)`` straight from the service, not cached (the
@@ -583,45 +522,50 @@ class Fetcher:
 
         Each part is committed with the CRC-64 of its bytes as they arrived, and its
         flight ends in the same step, before anything else can run: from then on the
-        index speaks for the part (it may be evicted, and fetched again). A part is
-        written and committed behind the GET as soon as its last byte arrived (in a
-        worker thread: the event loop never waits for the disk), except the last
-        one, committed once the GET has ended and the service's CRC-64 of the object
-        is known (a small object's file records whether it matched). Returns when
-        every part is committed.
+        index speaks for the part (it may be evicted, and fetched again). Parts are
+        committed as their last byte lands, except the last one, committed once the
+        GET has ended and the service's CRC-64 of the object is known (a small
+        object's file records whether it matched).
         """
         ident = store.identity
-        with unwrap_groups():
-            async with trio.open_nursery() as writes:
-                sink = _RunSink(self, store, run, writes, on_bytes)
-                async with self.limiter:
-                    got = await self.client.get_range(ident.bucket, ident.key,
-                                                      run[0][1].first, run[-1][1].end,
-                                                      ident.etag, sink.take)
-                if got.object_crc64 is not None:
-                    store.server_crc64 = got.object_crc64
-                self.bytes_fetched += got.nbytes
-                part, flight = run[-1]
-                if flight.received != flight.end:
-                    raise TransferError(f"the body ended after {got.nbytes} bytes, "
-                                    f"{run[-1][1].end - run[0][1].first} were asked for")
-                await self._write_behind(store, part, flight, sink.crc)
+        index = 0
+        crc = 0
+        last_crc = 0
 
-    async def _write_behind(self, store: PartStore, part: int, flight: _Flight,
-                            crc: int) -> None:
-        """Write a part that arrived in memory (*crc* is ignored: it is computed from the
-        buffer), or finish one written through (*crc* is its bytes'), then commit it."""
-        buf = flight.buf
-        if buf is not None:
-            flight.touched = len(buf)
-            crc = await trio.to_thread.run_sync(_write_part, store, part, flight.first, buf)
-            # A fetch cancelled meanwhile (the mount is stopping, the reads that wanted it
-            # are gone) records nothing: its bytes are punched out again, as when it is
-            # cancelled while they arrive.
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._commit(store, part, flight, crc)
-        elif self._commit(store, part, flight, crc):
-            await trio.to_thread.run_sync(store.start_writeback, part)
+        def sink(offset: int, data: memoryview) -> Awaitable[None] | None:
+            nonlocal index, crc, last_crc
+            received = len(data)
+            done: list[int] = []
+            while data:
+                part, flight = run[index]
+                take = min(len(data), flight.end - offset)
+                piece = data[:take]
+                with _disk_full_is_no_space(store):
+                    store.write(offset, piece)
+                crc = crc64(piece, crc)
+                offset += take
+                data = data[take:]
+                flight.advance(offset)
+                if offset == flight.end:
+                    if index == len(run) - 1:
+                        last_crc = crc
+                    elif self._commit(store, part, flight, crc):
+                        done.append(part)
+                    index += 1
+                    crc = 0
+            if on_bytes is not None:
+                on_bytes(received)
+            return _writeback(store, done)
+
+        async with self.limiter:
+            got = await self.client.get_range(ident.bucket, ident.key, run[0][1].first,
+                                              run[-1][1].end, ident.etag, sink)
+        if got.object_crc64 is not None:
+            store.server_crc64 = got.object_crc64
+        self.bytes_fetched += got.nbytes
+        part, flight = run[-1]
+        if self._commit(store, part, flight, last_crc):
+            await trio.to_thread.run_sync(_start_writeback, store, [part])
 
     def _commit(self, store: PartStore, part: int, flight: _Flight, crc: int) -> bool:
         """Record a part whose bytes are all written and end its flight; True when the
@@ -633,69 +577,17 @@ class Fetcher:
         return flight.end - flight.first >= EARLY_WRITEBACK
 
 
-class _RunSink:
-    """Where the bytes of one GET go: into the parts of its run, in order.
-
-    A part small enough arrives in a buffer of its own (taken from the memory
-    budget at its first byte) and is handed to a write-behind task of *writes*
-    once complete; a larger one is written through, chunk by chunk, in a worker
-    thread, its CRC-64 computed as the bytes pass.
-    """
-
-    def __init__(self, fetcher: Fetcher, store: PartStore, run: list[tuple[int, _Flight]],
-                 writes: trio.Nursery, on_bytes: ByteCallback | None) -> None:
-        self.fetcher = fetcher
-        self.store = store
-        self.run = run
-        self.writes = writes
-        self.on_bytes = on_bytes
-        self.buffered = store.layout.part_size <= min(MAX_BUFFERED_PART, fetcher.memory.limit)
-        self.index = 0
-        self.crc = 0  # of the current part's bytes so far (written-through parts)
-
-    async def take(self, offset: int, data: memoryview) -> None:
-        received = len(data)
-        while data:
-            part, flight = self.run[self.index]
-            take = min(len(data), flight.end - offset)
-            piece = data[:take]
-            if self.buffered:
-                if flight.buf is None:
-                    size = flight.end - flight.first
-                    await self.fetcher.memory.acquire(size)
-                    flight.buf = bytearray(size)
-                at = offset - flight.first
-                flight.buf[at:at + take] = piece
-            else:
-                flight.touched = offset + take - flight.first
-                await trio.to_thread.run_sync(_write_through, self.store, offset, piece)
-                self.crc = crc64(piece, self.crc)
-            offset += take
-            data = data[take:]
-            flight.advance(offset)
-            if offset == flight.end and self.index < len(self.run) - 1:
-                self.writes.start_soon(self.fetcher._write_behind, self.store, part, flight,
-                                       self.crc)
-                self.index += 1
-                self.crc = 0
-        if self.on_bytes is not None:
-            self.on_bytes(received)
+def _writeback(store: PartStore, parts: list[int]) -> Awaitable[None] | None:
+    """Start the writeback of *parts* in a worker thread (it may block when the disk is
+    busy: never in the event loop); None when there is nothing to write back."""
+    if not parts:
+        return None
+    return trio.to_thread.run_sync(_start_writeback, store, parts)
 
 
-def _write_part(store: PartStore, part: int, first: int, buf: bytearray) -> int:
-    """Write a part that arrived in memory, start its writeback; return its CRC-64.
-
-    Runs in a worker thread."""
-    with _disk_full_is_no_space(store):
-        store.write(first, memoryview(buf))
-    crc = crc64(buf)
-    store.start_writeback(part)
-    return crc
-
-
-def _write_through(store: PartStore, offset: int, piece: memoryview) -> None:
-    with _disk_full_is_no_space(store):
-        store.write(offset, piece)
+def _start_writeback(store: PartStore, parts: list[int]) -> None:
+    for part in parts:
+        store.start_writeback(part)
 
 
 @contextmanager

@@ -74,83 +74,31 @@ class Reader:
 
     # ---------------------------------------------------------------- answers
 
-    def locate(self, store: PartStore, off: int, end: int) -> list[_Piece] | None:
-        """Where the bytes of ``[off, end)`` are: per part, a running flight's buffer, or
-        the data file (a recorded part, or bytes a running flight wrote through). None
-        when a part is neither (its flight ended without recording it: wait again).
-
-        Valid until the next await."""
-        pieces: list[_Piece] = []
-        layout = store.layout
-        for part in layout.parts_for(off, end - off):
-            first, part_end = layout.bounds(part)
-            a, b = max(off, first), min(end, part_end)
-            flight = self.fetcher.arrived(store, part, b)
-            if flight is not None and flight.buf is not None:
-                pieces.append(_Piece(a, b, memoryview(flight.buf)[a - first:b - first]))
-            elif flight is not None or store.is_present(part):
-                pieces.append(_Piece(a, b, None))
-            else:
-                return None
-        return pieces
-
-    def cached_answer(self, store: PartStore, off: int, end: int,
-                      pieces: Sequence[_Piece] | None = None) -> memoryview | None:
-        """The bytes from memory and the page cache, in the shared reply buffer; None if
-        a disk read would be needed (that one must not stall every other request).
-
-        *pieces* from `locate` (None: all in the data file)."""
+    def cached_answer(self, store: PartStore, off: int, end: int) -> memoryview | None:
+        """The bytes from the page cache, in the shared reply buffer; None if a disk read
+        would be needed (that one must not stall every other request)."""
         size = end - off
         if size > len(self._reply):
             return None
         view = self._reply[:size]
-        if pieces is None:
-            pieces = [_Piece(off, end, None)]
-        for piece in pieces:
-            dst = view[piece.start - off:piece.end - off]
-            if piece.buf is not None:
-                dst[:] = piece.buf
-            elif self._read_nowait(store, piece.start, dst) != len(dst):
-                return None
-        return view
-
-    def _read_nowait(self, store: PartStore, off: int, dst: memoryview) -> int:
-        """Read from the page cache only (-1: not all there)."""
         if self._nowait:
             try:
-                return store.read_into(off, dst, nowait=True)
+                n = store.read_into(off, view, nowait=True)
             except BlockingIOError:
-                return -1
+                return None
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
                 self._nowait = False  # this file system cannot say; read inline
-        return store.read_into(off, dst)
-
-    async def disk_answer(self, store: PartStore, off: int, end: int,
-                          pieces: Sequence[_Piece] | None = None) -> memoryview:
-        """Read from disk in a worker thread, into a buffer of its own (the bytes from
-        memory are copied first, before anything can release them)."""
-        buf = memoryview(bytearray(end - off))
-        if pieces is None:
-            pieces = [_Piece(off, end, None)]
-        on_disk = []
-        for piece in pieces:
-            if piece.buf is not None:
-                buf[piece.start - off:piece.end - off] = piece.buf
             else:
-                on_disk.append(piece)
+                return view[:n] if n == size else None
+        n = store.read_into(off, view)
+        return view[:n]
 
-        def read() -> int:
-            got = end - off
-            for piece in on_disk:
-                dst = buf[piece.start - off:piece.end - off]
-                n = store.read_into(piece.start, dst)
-                if n < len(dst):
-                    return piece.start - off + n  # the file ends early
-            return got
-
-        n = await trio.to_thread.run_sync(read)
+    async def disk_answer(self, store: PartStore, off: int, end: int) -> memoryview:
+        """Read from disk in a worker thread, into a buffer of its own."""
+        buf = memoryview(bytearray(end - off))
+        n = await trio.to_thread.run_sync(store.read_into, off, buf)
         return buf[:n]
 
     async def verify(self, store: PartStore, part: int, url: str) -> None:
@@ -173,16 +121,6 @@ class Reader:
         finally:
             del self._verifying[key]
             done.set()
-
-
-@dataclass(slots=True, frozen=True)
-class _Piece:
-    """Object bytes ``[start, end)`` of one part: in *buf* (a running flight's memory),
-    or, with *buf* None, in the store's data file."""
-
-    start: int
-    end: int
-    buf: memoryview | None
 
 
 @dataclass(slots=True, eq=False)
@@ -229,40 +167,24 @@ class OpenFile:
             # no eviction can punch these parts in between.
             with cache.pinned(store, parts):
                 try:
-                    pieces = await self._arrive(off, end, parts)
+                    await fetcher.wait_for(store, off, end)
+                    for p in parts:
+                        if store.is_present(p) and p not in store.verified:
+                            await reader.verify(store, p, self.url)
+                    await fetcher.wait_for(store, off, end)
                 except NoSpaceError:
                     # The cache disk is full and nothing can be evicted: the bytes come
                     # from the network (same version: If-Match) and are not cached.
                     return await fetcher.read_uncached(store, off, end)
-                # No await from `_arrive`'s last look to here: the pieces are valid, and
-                # the shared reply buffer is returned with no await after it is filled.
-                answer = reader.cached_answer(store, off, end, pieces)
+                # The shared reply buffer is returned with no await after it is filled.
+                answer = reader.cached_answer(store, off, end)
                 if answer is None:
-                    answer = await reader.disk_answer(store, off, end, pieces)
+                    answer = await reader.disk_answer(store, off, end)
             cache.note_access(store, parts, read_to=end)
         return answer
 
     def close(self) -> None:
         self._move_position(None)
-
-    async def _arrive(self, off: int, end: int, parts: Sequence[int]) -> list[_Piece]:
-        """Wait until ``[off, end)`` has arrived (fetching what is missing) and every
-        part recorded by someone else is checked; return where the bytes are."""
-        store, reader, fetcher = self.store, self.reader, self.reader.fetcher
-        while True:
-            await fetcher.wait_for(store, off, end)
-            checked = False
-            for p in parts:
-                if store.is_present(p) and p not in store.verified:
-                    await reader.verify(store, p, self.url)
-                    checked = True
-            if checked:
-                continue  # a part may have been dropped, or a flight ended, meanwhile
-            pieces = reader.locate(store, off, end)
-            if pieces is not None:
-                return pieces
-            # A flight ended without recording its part: look again (wait_for raises
-            # its error, or fetches the part anew).
 
     @asynccontextmanager
     async def _remember_failure(self, parts: Sequence[int]) -> AsyncIterator[None]:

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 OSSFS = [sys.executable, "-m", "ossfs"]
@@ -34,19 +34,6 @@ def summary_line(result: subprocess.CompletedProcess[str], prefix: str) -> str:
     lines = [line for line in result.stderr.splitlines() if line.startswith(prefix)]
     assert len(lines) == 1, result.stderr
     return lines[0]
-
-
-def eventually(check: Callable[[], bool], *, timeout: float = 30.0) -> bool:
-    """Poll *check* until it holds (True) or *timeout* seconds pass (False).
-
-    For state that follows a read rather than precedes its answer: a mount answers a
-    read from memory and writes the part into its cache behind it."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def is_mounted(path: str | os.PathLike[str]) -> bool:

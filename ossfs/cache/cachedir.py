@@ -579,10 +579,10 @@ class CacheDir:
                committed: bool, readahead: bool) -> None:
         """End the reservation `admit` made for *part*.
 
-        *written* is how many of its bytes may have reached the data file. A fetch
-        that failed part-way has its bytes punched out again unless a reader holds
-        the part (it may be reading what arrived); a committed read-ahead part is
-        held for its stream.
+        *written* is how many of its bytes reached the data file. A fetch that
+        failed part-way has its bytes punched out again unless a reader holds
+        the part (it may be reading what arrived); a committed read-ahead part
+        is held for its stream.
         """
         entry = self._by_store.get(id(store))
         if entry is not None:

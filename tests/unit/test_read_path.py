@@ -16,8 +16,6 @@ import os
 import random
 import shutil
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ossfs.cache.cachedir import CacheDir
-from ossfs.cache.store import PartStore
 from ossfs.fetcher import Fetcher
 from ossfs.fs import FsOptions, Operations
 from ossfs.namespace import Namespace
@@ -310,64 +307,3 @@ def test_an_open_of_a_changed_object_gets_a_new_inode(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-
-
-def test_a_slow_cache_disk_keeps_readers_going_within_the_memory_budget(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Write-behind: a reader is answered from the part's bytes in memory while the cache
-    disk is stuck; the parts held in memory stay within the budget (the GETs wait), every
-    byte is right, and every part lands in the cache in the end."""
-    part = 64 * KiB
-    data = random.Random(5).randbytes(48 * part + 99)
-    client = MemoryClient(latency=0.002, bandwidth=400 * MiB)
-    client.put(BUCKET, "obj", data)
-    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
-    budget = 3 * part
-    fetcher = Fetcher(client, connections=4, budget=cache, read_ahead=16 * part,
-                      memory=budget)
-    ns = Namespace(client, BUCKET, "", ttl=60.0, negative_ttl=5.0, scheme="oss")
-    ops = Operations(ns, fetcher, cache, FsOptions(uid=0, gid=0, part_size=part),
-                     describe=dict, status=dict)
-    real_write = PartStore.write
-    disk = threading.Event()  # set: the disk writes again
-
-    def stuck_write(self: PartStore, offset: int, chunk: bytes | memoryview) -> None:
-        disk.wait(60)
-        time.sleep(0.005)  # and then slower than the network (real time, in a thread)
-        real_write(self, offset, chunk)
-
-    monkeypatch.setattr(PartStore, "write", stuck_write)
-    reads = sequential_reads(len(data), 0, 32 * KiB)
-
-    async def read(fh: int, off: int, size: int) -> None:
-        got = bytes(await ops.read(fh, off, size))
-        assert got == data[off:off + size], f"wrong bytes at {off}"
-        assert fetcher.memory.used <= budget
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            fetcher.attach(nursery)
-            attrs = await ops.lookup(pyfuse3.ROOT_INODE, b"obj")
-            info = await ops.open(attrs.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
-            try:
-                # Nothing reaches the disk, yet the first parts are read (from memory).
-                with trio.fail_after(60):
-                    for off, size in reads[:4]:
-                        await read(info.fh, off, size)
-            finally:
-                disk.set()
-            for off, size in reads[4:]:
-                await read(info.fh, off, size)
-            await ops.release(info.fh)
-            while fetcher.memory.used:  # the last parts are still being written
-                await trio.sleep(0.1)
-            nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    finally:
-        disk.set()
-    assert fetcher.memory.peak <= budget
-    assert fetcher.memory.waits > 0  # the budget was reached: GETs waited for the disk
-    assert client.bytes_sent["obj"] == len(data)  # nothing dropped and fetched again
-    assert disk_bytes(tmp_path / "c") >= len(data) - part  # it all landed in the cache
