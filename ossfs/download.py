@@ -51,7 +51,6 @@ from ossfs.errors import (
     NoSpaceError,
     ObjectChangedError,
     UsageError,
-    unwrap_groups,
 )
 from ossfs.escape import printable
 from ossfs.fetcher import Fetcher
@@ -72,6 +71,7 @@ from ossfs.model import (
     object_url,
     resolve_range,
 )
+from ossfs.pool import run_pool
 
 __all__ = [
     "DownloadRequest",
@@ -418,27 +418,22 @@ async def _run(
             progress(n, done, total)
 
     fetcher = Fetcher(client, connections=request.threads)
-    send, receive = trio.open_memory_channel[int](len(missing))
-    for part in missing:
-        send.send_nowait(part)
-    send.close()
-
     parts_done = len(store.parts)
     if request.on_part is not None:
         request.on_part(parts_done, store.layout.count)
 
-    async def worker() -> None:
-        nonlocal parts_done
-        async for part in receive:
-            await fetcher.ensure(store, part, on_bytes=on_bytes)
-            parts_done += 1
-            if request.on_part is not None:
-                request.on_part(parts_done, store.layout.count)
+    async def feed(send: trio.MemorySendChannel[int]) -> None:
+        for part in missing:
+            send.send_nowait(part)
 
-    with unwrap_groups():
-        async with trio.open_nursery() as nursery:
-            for _ in range(min(request.threads, len(missing))):
-                nursery.start_soon(worker)
+    async def fetch(part: int) -> None:
+        nonlocal parts_done
+        await fetcher.ensure(store, part, on_bytes=on_bytes)
+        parts_done += 1
+        if request.on_part is not None:
+            request.on_part(parts_done, store.layout.count)
+
+    await run_pool(min(request.threads, len(missing)), feed, fetch, buffer=len(missing))
 
     checked = await trio.to_thread.run_sync(_check_integrity, store, meta)
     await trio.to_thread.run_sync(_finish, store, path, temp, meta)
