@@ -36,6 +36,14 @@ def test_endpoint_defaults_and_region_from_host() -> None:
     assert not ep.uses_path_style
     with pytest.raises(UsageError, match="path"):
         resolve_endpoint(ConnectionOptions(anonymous=True, endpoint="http://h/x"), "oss", env={})
+    # No endpoint: it is made from the region (the option, else the environment).
+    ep = resolve_endpoint(ConnectionOptions(anonymous=True), "s3", env={"AWS_REGION": "eu-west-1"})
+    assert ep.url == "https://s3.eu-west-1.amazonaws.com" and ep.region == "eu-west-1"
+    # A region given wins over the one the endpoint's host name implies.
+    ep = resolve_endpoint(ConnectionOptions(anonymous=True, region="cn-beijing",
+                                            endpoint="oss-eu-central-1.aliyuncs.com"),
+                          "oss", env={})
+    assert ep.region == "cn-beijing" and ep.url == "https://oss-eu-central-1.aliyuncs.com"
 
 
 def test_credentials_from_env_by_dialect() -> None:
