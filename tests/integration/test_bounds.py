@@ -233,7 +233,7 @@ async def test_206_with_a_wrong_content_length_is_refused(oss: OssTestServer) ->
         client_check = client._check_answer
         headers = {"content-range": "bytes 0-9/10", "content-length": "1000000"}
         with pytest.raises(ServiceError) as info:
-            client_check(206, headers, None, 0, 10, "oss://bkt/small", [])
+            client_check(206, headers, None, 0, 10, "oss://bkt/small")
     assert info.value.code == "BadContentRange"
     assert "Content-Length" in str(info.value)
 
