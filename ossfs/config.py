@@ -44,6 +44,8 @@ __all__ = [
     "resolve_endpoint",
     "default_config_path",
     "load_profile",
+    "default_cache_dir",
+    "connect_as_mount",
 ]
 
 
@@ -91,6 +93,31 @@ class ConnectionOptions:
     profile: str | None = None
     config_path: str | None = None
     anonymous: bool = False
+
+
+def default_cache_dir(endpoint_url: str, bucket: str,
+                      env: Mapping[str, str] | None = None) -> str:
+    """``~/.cache/ossfs/<host_port>/<bucket>`` (or under ``$XDG_CACHE_HOME``): one cache
+    per endpoint and bucket."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    host = "".join(c if c.isalnum() or c in ".-" else "_" for c in urlsplit(endpoint_url).netloc)
+    return os.path.join(base, "ossfs", host or "default", bucket)
+
+
+def connect_as_mount(opts: ConnectionOptions, mount: Mapping[str, Any]) -> ConnectionOptions:
+    """*opts* completed from a running mount's description (``user.ossfs.mount``): its
+    endpoint, dialect, config file, profile, signing and addressing, unless *opts* says
+    otherwise. So a command given a path inside a mount finds the mount's credentials."""
+    return ConnectionOptions(
+        endpoint=opts.endpoint or mount["endpoint"],
+        region=opts.region or mount.get("region"),
+        dialect=opts.dialect or mount["dialect"],
+        signature_version=opts.signature_version or mount.get("signature_version"),
+        path_style=opts.path_style if opts.path_style is not None else mount.get("path_style"),
+        profile=opts.profile or mount.get("profile"),
+        config_path=opts.config_path or mount.get("config_path"),
+        anonymous=opts.anonymous or bool(mount.get("anonymous")))
 
 
 def default_config_path(env: Mapping[str, str]) -> Path:

@@ -64,12 +64,11 @@ from ossfs.fsutil import (
 )
 from ossfs.model import (
     DEFAULT_PART_SIZE,
-    MAX_PART_SIZE,
-    MIN_PART_SIZE,
     ObjectMeta,
     format_size,
     object_url,
     resolve_range,
+    validate_part_size,
 )
 from ossfs.pool import run_pool
 
@@ -81,7 +80,6 @@ __all__ = [
     "download",
     "checkpoint_path_for",
     "temp_path_for",
-    "validate_part_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -150,12 +148,6 @@ class DownloadResult:
     verified_by: Verification | None
     restarts: int
     elapsed: float
-
-
-def validate_part_size(part_size: int) -> None:
-    if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
-        raise UsageError(f"part size {format_size(part_size)} is out of range "
-                         f"({format_size(MIN_PART_SIZE)} to {format_size(MAX_PART_SIZE)})")
 
 
 def temp_path_for(file_path: str) -> str:
