@@ -57,7 +57,8 @@ class Discarded:
 def describe_mismatch(old: StoreIdentity, new: StoreIdentity) -> str:
     """Explain in a few words why index *old* cannot serve *new*."""
     if (old.bucket, old.key) != (new.bucket, new.key):
-        return f"it belongs to another object (oss://{old.bucket}/{old.key})"
+        # The identity has no scheme (oss:// or s3://): name the key and the bucket.
+        return f"it belongs to another object (key {old.key} in bucket {old.bucket})"
     if (old.etag, old.size) != (new.etag, new.size):
         return (f"the object changed since it was written (ETag {old.etag}, {old.size} bytes "
                 f"then; ETag {new.etag}, {new.size} bytes now)")
