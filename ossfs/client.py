@@ -1,6 +1,6 @@
 """The object client: the only module that talks to the network.
 
-`HttpObjectClient` sends the requests `ossfs.protocol.requests` builds over one
+`HttpObjectClient` sends the requests `ossfs.protocol.ops` builds over one
 shared ``httpx.AsyncClient`` (running on trio), with a connection pool sized
 to the configured concurrency. It retries with jittered exponential backoff on
 5xx, 429 and 408 answers, connection errors, bodies cut short and stalls (no
@@ -57,7 +57,7 @@ import trio
 from ossfs import __version__, wire
 from ossfs.errors import GaveUpError, NotFoundError, ServiceError, TransferError
 from ossfs.model import ListPage, ObjectMeta, object_url
-from ossfs.protocol import requests as proto
+from ossfs.protocol import ops as proto
 from ossfs.protocol.xml import XmlError, parse_list_objects_v2
 
 __all__ = [

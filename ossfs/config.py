@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from ossfs.errors import UsageError
 from ossfs.model import object_url
-from ossfs.protocol.requests import Dialect, Endpoint
+from ossfs.protocol.ops import Dialect, Endpoint
 from ossfs.protocol.signing import Credentials
 
 __all__ = [

@@ -102,7 +102,7 @@ async def test_trickle_is_ended_by_the_deadline(oss: OssTestServer, transport: s
 
 @pytest.mark.parametrize("op", ["get", "head", "list"])
 async def test_silent_server_is_ended_by_the_deadline(silent_server: str, op: str) -> None:
-    from ossfs.protocol.requests import Endpoint
+    from ossfs.protocol.ops import Endpoint
 
     endpoint = Endpoint(silent_server, dialect="oss", path_style=True, credentials=None)
     # Without a deadline: 6 attempts x 30 s stall timeout.
