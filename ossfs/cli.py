@@ -33,7 +33,13 @@ from ossfs.config import (
     parse_object_url,
     resolve_endpoint,
 )
-from ossfs.errors import IntegrityError, OssfsError, UsageError, unwrap_groups
+from ossfs.errors import (
+    IntegrityError,
+    ObjectChangedError,
+    OssfsError,
+    UsageError,
+    unwrap_groups,
+)
 from ossfs.escape import SafeFormatter, printable
 from ossfs.model import (
     DEFAULT_CACHE_PART_SIZE,
@@ -504,7 +510,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
     try:
         result = run_trio(run)
     except OssfsError as e:
-        if isinstance(e, (UsageError, IntegrityError)) or not resumable():
+        if isinstance(e, (UsageError, IntegrityError, ObjectChangedError)) or not resumable():
             raise
         raise _with_hint(e) from None
     except KeyboardInterrupt:

@@ -93,6 +93,9 @@ Verification = Literal["crc64", "md5", "parts"]
 TEMP_SUFFIX = ".ossfs-tmp"
 CHECKPOINT_SUFFIX = ".ossfs-checkpoint"
 _MD5_ETAG = re.compile(r"^[0-9a-fA-F]{32}$")
+# How often the object may change during one run (a 412 on If-Match) before the run
+# fails: each time the download starts over with the version there now.
+RESTARTS = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -320,9 +323,13 @@ async def download(client: ObjectClient, request: DownloadRequest) -> DownloadRe
                                         began, restarts)
                 ok = True
                 return result
-            except ObjectChangedError:
+            except ObjectChangedError as e:
                 restarts += 1
-                if restarts > 2:
+                if restarts > RESTARTS:
+                    e.args = (f"{_url(request)} kept changing during the download (replaced "
+                              f"{restarts} times; the last time: {e}); no part of it is kept "
+                              f"and {request.file_path} is not written: run the same command "
+                              "again once the object stays the same",)
                     raise
                 notice(f"{_url(request)} changed during the download; "
                        "starting over")
