@@ -17,8 +17,14 @@ def cached_objects_of(cache_dir: str, bucket: str | None) -> list[dict[str, Any]
     sorted by key, as JSON-ready records (key, etag, size, cached_bytes, parts,
     parts_cached). A cache may hold several versions of one key."""
     return [
-        {"key": o.key, "etag": o.etag, "size": o.size, "cached_bytes": o.cached_bytes,
-         "parts": o.parts, "parts_cached": o.parts_present}
+        {
+            "key": o.key,
+            "etag": o.etag,
+            "size": o.size,
+            "cached_bytes": o.cached_bytes,
+            "parts": o.parts,
+            "parts_cached": o.parts_present,
+        }
         for o in sorted(cached_objects(cache_dir), key=lambda o: o.key)
         if o.bucket == bucket
     ]
