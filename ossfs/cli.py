@@ -25,8 +25,21 @@ import trio
 
 from ossfs import __version__
 from ossfs.client import ClientConfig, HttpObjectClient
-from ossfs.config import ConnectionOptions, ObjectUrl, parse_object_url, resolve_endpoint
-from ossfs.errors import IntegrityError, OssfsError, UsageError, unwrap_groups
+from ossfs.config import (
+    ConnectionOptions,
+    ObjectUrl,
+    connect_as_mount,
+    default_cache_dir,
+    parse_object_url,
+    resolve_endpoint,
+)
+from ossfs.errors import (
+    IntegrityError,
+    ObjectChangedError,
+    OssfsError,
+    UsageError,
+    unwrap_groups,
+)
 from ossfs.escape import SafeFormatter, printable
 from ossfs.model import (
     DEFAULT_CACHE_PART_SIZE,
@@ -36,6 +49,7 @@ from ossfs.model import (
     object_url,
     parse_range,
     parse_size,
+    validate_part_size,
 )
 from ossfs.namespace import DEFAULT_MAX_DIR_ENTRIES, ListingGuard
 
@@ -457,12 +471,7 @@ def _cmd_stat(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from ossfs.download import (
-        DownloadRequest,
-        checkpoint_path_for,
-        download,
-        validate_part_size,
-    )
+    from ossfs.download import DownloadRequest, checkpoint_path_for, download
     from ossfs.progress import ProgressBar
 
     url = parse_object_url(args.url)
@@ -501,7 +510,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
     try:
         result = run_trio(run)
     except OssfsError as e:
-        if isinstance(e, (UsageError, IntegrityError)) or not resumable():
+        if isinstance(e, (UsageError, IntegrityError, ObjectChangedError)) or not resumable():
             raise
         raise _with_hint(e) from None
     except KeyboardInterrupt:
@@ -520,15 +529,6 @@ def _cmd_download(args: argparse.Namespace) -> int:
               f"{format_size(result.size)} in {result.elapsed:.1f}s ({format_size(rate)}/s), "
               f"{result.parts} part(s){reuse}, {check}", file=sys.stderr)
     return 0
-
-
-def default_cache_dir(endpoint_url: str, bucket: str) -> str:
-    """~/.cache/ossfs/<host_port>/<bucket>: one cache per endpoint and bucket."""
-    from urllib.parse import urlsplit
-
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    host = "".join(c if c.isalnum() or c in ".-" else "_" for c in urlsplit(endpoint_url).netloc)
-    return os.path.join(base, "ossfs", host or "default", bucket)
 
 
 def check_cache_dir(path: str) -> str:
@@ -574,11 +574,11 @@ def _log_to_file(path: str | None) -> None:
 
 def _cmd_mount(args: argparse.Namespace) -> int:
     from ossfs import mount
-    from ossfs.download import validate_part_size
+    from ossfs.mounttable import check_mountpoint
 
     url = parse_object_url(args.url)
     validate_part_size(args.part_size)
-    mountpoint = mount.check_mountpoint(args.mountpoint)
+    mountpoint = check_mountpoint(args.mountpoint)
     endpoint = resolve_endpoint(connection_options(args), url.scheme)
     # Checked here, before the daemon forks: there a failure has no terminal to go to.
     cache_dir = check_cache_dir(args.cache_dir or default_cache_dir(endpoint.url, url.bucket))
@@ -612,9 +612,9 @@ def _cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _cmd_unmount(args: argparse.Namespace) -> int:
-    from ossfs import mount
+    from ossfs.mounttable import unmount
 
-    mount.unmount(args.mountpoint, lazy=args.lazy)
+    unmount(args.mountpoint, lazy=args.lazy)
     return 0
 
 
@@ -626,7 +626,7 @@ def read_mount_attr(path: str, name: str) -> dict[str, Any]:
         if e.errno in (errno.ENODATA, errno.ENOTSUP):
             raise UsageError(f"{path} is not an ossfs mount") from None
         if e.errno == errno.ENOTCONN:
-            from ossfs.mount import dead_mount_message
+            from ossfs.mounttable import dead_mount_message
 
             raise UsageError(dead_mount_message(path)) from None
         raise UsageError(f"cannot ask {path}: {e.strerror}") from None
@@ -638,22 +638,17 @@ _STATUS_OBJECTS = 10
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from ossfs import mount
-    from ossfs.cache.cachedir import cached_objects
+    from ossfs.cache.status import cached_objects_of
+    from ossfs.mounttable import dead_mount_message, is_dead_mount
 
     path = os.path.abspath(args.mountpoint)
-    if mount.is_dead_mount(path):
-        raise UsageError(mount.dead_mount_message(path))
+    if is_dead_mount(path):
+        raise UsageError(dead_mount_message(path))
     if not os.path.ismount(path):
         raise UsageError(f"{path} is not a mount point")
 
     st = read_mount_attr(path, "status")
-    st["objects_cached"] = [
-        {"key": o.key, "etag": o.etag, "size": o.size, "cached_bytes": o.cached_bytes,
-         "parts": o.parts, "parts_cached": o.parts_present}
-        for o in sorted(cached_objects(st["cache_dir"]), key=lambda o: o.key)
-        if o.bucket == st.get("bucket")
-    ]
+    st["objects_cached"] = cached_objects_of(st["cache_dir"], st.get("bucket"))
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
         return 0
@@ -693,7 +688,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _mount_target(path: str) -> tuple[dict[str, Any], str]:
     """For a path inside a running mount: the mount's description and the object key."""
-    from ossfs.mount import dead_mount_message, is_dead_mount, mounted_fstype
+    from ossfs.mounttable import dead_mount_message, is_dead_mount, mounted_fstype
 
     path = os.path.abspath(path)
     root = path
@@ -717,7 +712,6 @@ def _mount_target(path: str) -> tuple[dict[str, Any], str]:
 
 def _cmd_materialize(args: argparse.Namespace) -> int:
     from ossfs.cache.cachedir import CacheDir
-    from ossfs.download import validate_part_size
     from ossfs.materialize import MaterializeRequest, materialize
     from ossfs.progress import ProgressBar
 
@@ -730,20 +724,9 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     else:
         info, key = _mount_target(args.target)
         bucket = info["bucket"]
-        opts = connection_options(args)
-        # Connect as the mount does (its config file, profile, signing, addressing),
-        # unless the command line says otherwise.
-        opts = ConnectionOptions(
-            endpoint=opts.endpoint or info["endpoint"],
-            region=opts.region or info.get("region"),
-            dialect=opts.dialect or info["dialect"],
-            signature_version=opts.signature_version or info.get("signature_version"),
-            path_style=opts.path_style if opts.path_style is not None else info.get(
-                "path_style"),
-            profile=opts.profile or info.get("profile"),
-            config_path=opts.config_path or info.get("config_path"),
-            anonymous=opts.anonymous or bool(info.get("anonymous")))
-        endpoint = resolve_endpoint(opts, info["dialect"])
+        # Connect as the mount does, unless the command line says otherwise.
+        endpoint = resolve_endpoint(connect_as_mount(connection_options(args), info),
+                                    info["dialect"])
         url = ObjectUrl(info["dialect"], bucket, key)
         cache_dir, part_size, cache_size = info["cache_dir"], info["part_size"], info[
             "cache_size"]

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from ossfs.errors import UsageError
 from ossfs.model import object_url
-from ossfs.protocol.requests import Dialect, Endpoint
+from ossfs.protocol.ops import Dialect, Endpoint
 from ossfs.protocol.signing import Credentials
 
 __all__ = [
@@ -44,6 +44,8 @@ __all__ = [
     "resolve_endpoint",
     "default_config_path",
     "load_profile",
+    "default_cache_dir",
+    "connect_as_mount",
 ]
 
 
@@ -91,6 +93,31 @@ class ConnectionOptions:
     profile: str | None = None
     config_path: str | None = None
     anonymous: bool = False
+
+
+def default_cache_dir(endpoint_url: str, bucket: str,
+                      env: Mapping[str, str] | None = None) -> str:
+    """``~/.cache/ossfs/<host_port>/<bucket>`` (or under ``$XDG_CACHE_HOME``): one cache
+    per endpoint and bucket."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    host = "".join(c if c.isalnum() or c in ".-" else "_" for c in urlsplit(endpoint_url).netloc)
+    return os.path.join(base, "ossfs", host or "default", bucket)
+
+
+def connect_as_mount(opts: ConnectionOptions, mount: Mapping[str, Any]) -> ConnectionOptions:
+    """*opts* completed from a running mount's description (``user.ossfs.mount``): its
+    endpoint, dialect, config file, profile, signing and addressing, unless *opts* says
+    otherwise. So a command given a path inside a mount finds the mount's credentials."""
+    return ConnectionOptions(
+        endpoint=opts.endpoint or mount["endpoint"],
+        region=opts.region or mount.get("region"),
+        dialect=opts.dialect or mount["dialect"],
+        signature_version=opts.signature_version or mount.get("signature_version"),
+        path_style=opts.path_style if opts.path_style is not None else mount.get("path_style"),
+        profile=opts.profile or mount.get("profile"),
+        config_path=opts.config_path or mount.get("config_path"),
+        anonymous=opts.anonymous or bool(mount.get("anonymous")))
 
 
 def default_config_path(env: Mapping[str, str]) -> Path:
@@ -150,6 +177,10 @@ def _region_from_host(host: str, dialect: Dialect) -> str | None:
     return None
 
 
+# The region of a connection that names none, and whose endpoint does not tell.
+_DEFAULT_REGION: dict[Dialect, str] = {"oss": "cn-hangzhou", "s3": "us-east-1"}
+
+
 def resolve_endpoint(
     opts: ConnectionOptions, url_scheme: Dialect, env: Mapping[str, str] | None = None
 ) -> Endpoint:
@@ -164,24 +195,16 @@ def resolve_endpoint(
     if dialect not in ("oss", "s3"):
         raise UsageError(f"unknown dialect {dialect!r} (use oss or s3)")
 
-    raw = opts.endpoint or profile.get("endpoint")
     env_region = env.get("OSS_REGION") if dialect == "oss" else env.get("AWS_REGION")
     region = opts.region or env_region or profile.get("region")
-    if raw:
-        if "://" not in raw:
-            raw = "https://" + raw
-        parts = urlsplit(raw)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError(f"not an endpoint URL: {raw!r}")
-        if parts.path not in ("", "/") or parts.query:
-            raise UsageError(f"endpoint {raw!r} must not have a path or query")
-        url = f"{parts.scheme}://{parts.netloc}"
-        region = region or _region_from_host(parts.hostname, dialect)
-    else:
-        region = region or ("cn-hangzhou" if dialect == "oss" else "us-east-1")
+    raw = opts.endpoint or profile.get("endpoint")
+    url, host = _endpoint_url(raw) if raw else (None, None)
+    if not region and host is not None:
+        region = _region_from_host(host, dialect)
+    region = region or _DEFAULT_REGION[dialect]
+    if url is None:
         url = (f"https://oss-{region}.aliyuncs.com" if dialect == "oss"
                else f"https://s3.{region}.amazonaws.com")
-    region = region or ("cn-hangzhou" if dialect == "oss" else "us-east-1")
 
     sigv = opts.signature_version or profile.get("signature_version") or "v4"
     if sigv not in ("v1", "v4"):
@@ -198,6 +221,18 @@ def resolve_endpoint(
     return Endpoint(url=url, dialect=dialect, region=region,
                     signature_version=cast(Literal["v1", "v4"], sigv),
                     path_style=path_style, credentials=creds)
+
+
+def _endpoint_url(raw: str) -> tuple[str, str]:
+    """The endpoint's ``scheme://host[:port]`` (https when not given) and its host name."""
+    if "://" not in raw:
+        raw = "https://" + raw
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"not an endpoint URL: {raw!r}")
+    if parts.path not in ("", "/") or parts.query:
+        raise UsageError(f"endpoint {raw!r} must not have a path or query")
+    return f"{parts.scheme}://{parts.netloc}", parts.hostname
 
 
 def _credentials(dialect: Dialect, env: Mapping[str, str],

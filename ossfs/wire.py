@@ -19,7 +19,6 @@ Must not import: httpx, pyfuse3.
 
 from __future__ import annotations
 
-import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -31,7 +30,6 @@ import trio
 __all__ = ["WireError", "Head", "Connection", "Pool", "BodySink", "READ_SIZE",
            "certificate_problem"]
 
-log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20
 _MAX_HEAD = 64 * 1024

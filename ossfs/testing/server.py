@@ -18,7 +18,7 @@ thread per connection:
 - PUT, POST, DELETE ... answer 405: the server is read-only on the wire and
   filled through its Python API (``put``, ``add_directory_bucket``).
 
-Buckets live in memory or are directories on disk (see `ossfs.testing.store`);
+Buckets live in memory or are directories on disk (see `ossfs.testing.objects`);
 faults are set on ``server.faults`` (see `ossfs.testing.faults`) and counters
 read from ``server.stats`` (see `ossfs.testing.stats`).
 
@@ -59,7 +59,7 @@ from urllib.parse import unquote, unquote_plus, urlsplit
 from xml.sax.saxutils import escape
 
 from ossfs.model import ObjectMeta
-from ossfs.protocol.requests import Endpoint
+from ossfs.protocol.ops import Endpoint
 from ossfs.protocol.signing import Credentials, SignatureError, check_oss_signature
 from ossfs.protocol.xml import format_iso8601, render_error, render_list_objects
 from ossfs.testing.faults import (
@@ -70,8 +70,7 @@ from ossfs.testing.faults import (
     RequestInfo,
     default_error_code,
 )
-from ossfs.testing.stats import GetRecord, Stats, StatsSnapshot
-from ossfs.testing.store import (
+from ossfs.testing.objects import (
     INVERT,
     Bucket,
     CrcCache,
@@ -82,6 +81,7 @@ from ossfs.testing.store import (
     MemorySource,
     http_date,
 )
+from ossfs.testing.stats import GetRecord, Stats, StatsSnapshot
 
 __all__ = [
     "OssTestServer",

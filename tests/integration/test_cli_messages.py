@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -191,6 +192,18 @@ def test_unmount_of_nothing_says_so(tmp_path: Path) -> None:
     assert "nothing is mounted there" in one_error(r, 2)
     r = run_ossfs("unmount", str(tmp_path / "absent"))
     assert "does not exist" in one_error(r, 2)
+
+
+def test_unmount_does_not_load_the_fuse_binding(tmp_path: Path) -> None:
+    # ossfs unmount (status, materialize PATH) must work where pyfuse3 cannot load:
+    # it needs the mount table, not the file system.
+    code = ("import sys; from ossfs.cli import main\n"
+            f"rc = main(['unmount', {str(tmp_path)!r}])\n"
+            "print('LOADED' if 'pyfuse3' in sys.modules else 'NOT LOADED')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=False, timeout=60)
+    assert "nothing is mounted there" in r.stderr, r.stderr
+    assert r.stdout.strip() == "NOT LOADED", r.stdout + r.stderr
 
 
 # ---------------------------------------------------------------- mounts
