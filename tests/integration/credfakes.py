@@ -142,9 +142,9 @@ class FakeIdentity:
                 if action == "AssumeRoleWithWebIdentity":
                     if form.get("WebIdentityToken") != fake.oidc_token:
                         return self._send(400, (
-                            "<ErrorResponse><Error><Type>Sender</Type>"
-                            "<Code>InvalidIdentityToken</Code><Message>bad token</Message>"
-                            "</Error><RequestId>r</RequestId></ErrorResponse>").encode(),
+                            b"<ErrorResponse><Error><Type>Sender</Type>"
+                            b"<Code>InvalidIdentityToken</Code><Message>bad token</Message>"
+                            b"</Error><RequestId>r</RequestId></ErrorResponse>"),
                             "text/xml")
                     issue = fake._issue("web_identity")
                     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(issue.expiration))
