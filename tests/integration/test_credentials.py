@@ -381,3 +381,48 @@ def test_s3_web_identity_and_imds_against_moto(moto_endpoint: str, s3: Any,
         result = run_ossfs("ls", "s3://creds-s3/", "--endpoint", moto_endpoint, env=env)
         assert result.returncode == 0, result.stderr
         assert fake.issued[-1].via == "ec2"
+
+
+# ------------------------------------------------------------------ a mount
+
+
+def wait_past(when: float) -> None:
+    while time.time() < when + 0.2:
+        time.sleep(0.1)
+
+
+@pytest.mark.fuse
+@pytest.mark.slow
+def test_mount_keeps_reading_across_key_lives_and_fails_clearly_after(
+        oss_sts: OssTestServer, cli_env: dict[str, str], tmp_path: Path) -> None:
+    from tests.helpers import mounted
+
+    data = slow_object(oss_sts)
+    oss_sts.put(BUCKET, "small-1.txt", b"one")
+    oss_sts.put(BUCKET, "small-2.txt", b"two")
+    mnt, log = tmp_path / "mnt", tmp_path / "mount.log"
+    with FakeIdentity(lifetime=3.0, oss=oss_sts) as fake:
+        opts = ["--endpoint", oss_sts.url, "--cache-dir", str(tmp_path / "cache"),
+                "--part-size", "256KiB", "--threads", "2"]
+        with mounted(f"oss://{BUCKET}", mnt, *opts, env=ecs_env(cli_env, fake), log=log):
+            # A read longer than a key's life: served whole, with no refusal.
+            assert hashlib.sha256((mnt / "big.bin").read_bytes()).digest() == \
+                hashlib.sha256(data).digest()
+            # After the keys in hand have expired, the next request gets a new one.
+            wait_past(fake.issued[-1].expiration)
+            assert (mnt / "small-1.txt").read_bytes() == b"one"
+            assert oss_sts.keys_used.get(fake.issued[-1].access_key_id)
+            assert len(fake.issued) >= 2
+            # The metadata service goes down and the key expires: reads fail with
+            # EACCES, and the log says why in one line naming the provider.
+            fake.broken = True
+            wait_past(fake.issued[-1].expiration)
+            with pytest.raises(OSError) as caught:
+                (mnt / "small-2.txt").read_bytes()
+            assert caught.value.errno == 13  # EACCES
+        text = log.read_text()
+        assert "Traceback" not in text
+        assert (f"credentials from the ECS RAM role (metadata service {fake.url}) expired at"
+                in text)
+        assert "403" not in text and "SecurityTokenExpired" not in text
+        no_secrets(text, fake)
