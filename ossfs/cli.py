@@ -24,15 +24,16 @@ from typing import Any, NoReturn, TypeVar
 import trio
 
 from ossfs import __version__
-from ossfs.client import ClientConfig, HttpObjectClient
+from ossfs.client import ClientConfig, CredentialSource, HttpObjectClient
 from ossfs.config import (
     ConnectionOptions,
     ObjectUrl,
     connect_as_mount,
     default_cache_dir,
     parse_object_url,
-    resolve_endpoint,
+    resolve_connection,
 )
+from ossfs.credentials import Source
 from ossfs.errors import (
     IntegrityError,
     ObjectChangedError,
@@ -380,11 +381,20 @@ def connection_options(args: argparse.Namespace) -> ConnectionOptions:
 
 def make_client(args: argparse.Namespace, url: ObjectUrl, *, connections: int,
                 rate_limit: int | None = None) -> HttpObjectClient:
-    endpoint = resolve_endpoint(connection_options(args), url.scheme)
+    endpoint, source = resolve_connection(connection_options(args), url.scheme)
     config = ClientConfig(connections=connections, attempts=args.attempts,
                           stall_timeout=args.stall_timeout, timeout=args.timeout,
                           rate_limit=rate_limit)
-    return HttpObjectClient(endpoint, config)
+    return HttpObjectClient(endpoint, config, credentials=credentials_from(source))
+
+
+def credentials_from(source: Source | None) -> CredentialSource | None:
+    """Credentials fetched from *source* and kept fresh (None: the endpoint has them)."""
+    if source is None:
+        return None
+    from ossfs.refresh import for_source
+
+    return for_source(source)
 
 
 class _Terminated(Exception):
@@ -579,7 +589,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     url = parse_object_url(args.url)
     validate_part_size(args.part_size)
     mountpoint = check_mountpoint(args.mountpoint)
-    endpoint = resolve_endpoint(connection_options(args), url.scheme)
+    endpoint, source = resolve_connection(connection_options(args), url.scheme)
     # Checked here, before the daemon forks: there a failure has no terminal to go to.
     cache_dir = check_cache_dir(args.cache_dir or default_cache_dir(endpoint.url, url.bucket))
     log_file = check_log_file(args.log_file) if args.log_file else None
@@ -606,7 +616,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                                  stall_timeout=args.stall_timeout, timeout=args.timeout)
 
     def make() -> HttpObjectClient:
-        return HttpObjectClient(endpoint, client_config)
+        # Made in the mount's own process (after the fork), where its refreshes run.
+        return HttpObjectClient(endpoint, client_config, credentials=credentials_from(source))
 
     return mount.run(config, make, _log_to_file)
 
@@ -717,7 +728,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
 
     if "://" in args.target:
         url = parse_object_url(args.target)
-        endpoint = resolve_endpoint(connection_options(args), url.scheme)
+        endpoint, source = resolve_connection(connection_options(args), url.scheme)
         cache_dir = args.cache_dir or default_cache_dir(endpoint.url, url.bucket)
         part_size, cache_size = args.part_size, args.cache_size
         bucket, key = url.bucket, url.key
@@ -725,8 +736,8 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         info, key = _mount_target(args.target)
         bucket = info["bucket"]
         # Connect as the mount does, unless the command line says otherwise.
-        endpoint = resolve_endpoint(connect_as_mount(connection_options(args), info),
-                                    info["dialect"])
+        endpoint, source = resolve_connection(connect_as_mount(connection_options(args), info),
+                                              info["dialect"])
         url = ObjectUrl(info["dialect"], bucket, key)
         cache_dir, part_size, cache_size = info["cache_dir"], info["part_size"], info[
             "cache_size"]
@@ -753,7 +764,8 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
                           stall_timeout=args.stall_timeout, timeout=args.timeout)
 
     async def run() -> Any:
-        async with HttpObjectClient(endpoint, config) as client:
+        async with HttpObjectClient(endpoint, config,
+                                    credentials=credentials_from(source)) as client:
             return await materialize(client, cache, request)
 
     try:

@@ -30,6 +30,11 @@ client that reads bodies straight into a reused buffer; HEAD and LIST use
 httpx. When a proxy is configured for the endpoint, GETs use httpx too (wire
 speaks to the endpoint directly).
 
+Requests are signed with the endpoint's credentials, or, when the client is
+given a `CredentialSource` (temporary credentials: `ossfs.refresh`), with
+what that source holds when each attempt is built; a retry after the
+credentials were renewed carries the new ones.
+
 The rest of ossfs depends on the `ObjectClient` protocol, so tests can put
 latency or faults in front of a real client.
 
@@ -38,6 +43,7 @@ Must not import: pyfuse3.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -58,6 +64,7 @@ from ossfs import __version__, wire
 from ossfs.errors import GaveUpError, NotFoundError, ServiceError, TransferError
 from ossfs.model import ListPage, ObjectMeta, object_url
 from ossfs.protocol import ops as proto
+from ossfs.protocol.signing import Credentials
 from ossfs.protocol.xml import XmlError, parse_list_objects_v2
 
 __all__ = [
@@ -65,6 +72,7 @@ __all__ = [
     "GetResult",
     "ObjectClient",
     "ClientConfig",
+    "CredentialSource",
     "ClientStats",
     "RateLimiter",
     "HttpObjectClient",
@@ -111,6 +119,14 @@ class ObjectClient(Protocol):
         continuation_token: str | None = None,
         max_keys: int = 1000,
     ) -> ListPage: ...
+
+    async def aclose(self) -> None: ...
+
+
+class CredentialSource(Protocol):
+    """Credentials that may change while the client runs (`ossfs.refresh`)."""
+
+    async def get(self) -> Credentials: ...
 
     async def aclose(self) -> None: ...
 
@@ -284,8 +300,11 @@ class HttpObjectClient:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
+        credentials: CredentialSource | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.credentials = credentials
+        self._signed: tuple[Credentials, proto.Endpoint] | None = None
         self.config = config or ClientConfig()
         self.stats = ClientStats()
         self._clock = clock
@@ -314,6 +333,8 @@ class HttpObjectClient:
         )
 
     async def aclose(self) -> None:
+        if self.credentials is not None:
+            await self.credentials.aclose()
         if self._pool is not None:
             await self._pool.aclose()
         await self._http.aclose()
@@ -346,7 +367,16 @@ class HttpObjectClient:
         self.stats.errors += 1
         return cycle.gave_up(why)
 
-    async def _simple(self, what: str, build: Callable[[], proto.HttpRequest],
+    async def _signing_endpoint(self) -> proto.Endpoint:
+        """The endpoint with the credentials to sign the next attempt with."""
+        if self.credentials is None:
+            return self.endpoint
+        creds = await self.credentials.get()
+        if self._signed is None or self._signed[0] is not creds:
+            self._signed = (creds, dataclasses.replace(self.endpoint, credentials=creds))
+        return self._signed[1]
+
+    async def _simple(self, what: str, build: Callable[[proto.Endpoint], proto.HttpRequest],
                       resource: str, *, body_limit: int = 0
                       ) -> tuple[int, httpx.Headers, bytes]:
         """Send a request whose answer body is small, retrying what can be retried.
@@ -359,7 +389,7 @@ class HttpObjectClient:
         with cycle.scope:
             while True:
                 cycle.attempts += 1
-                req = build()
+                req = build(await self._signing_endpoint())
                 try:
                     answer = await self._simple_once(req, cycle, resource, body_limit)
                 except _Retryable as e:
@@ -412,7 +442,7 @@ class HttpObjectClient:
         resource = self._resource(bucket, key)
         _, headers, _ = await self._simple(
             f"HEAD {resource}",
-            lambda: proto.build_head(self.endpoint, bucket, key, now=self._clock()),
+            lambda ep: proto.build_head(ep, bucket, key, now=self._clock()),
             resource,
         )
         return proto.meta_from_head(key, headers)
@@ -429,8 +459,8 @@ class HttpObjectClient:
         resource = self._resource(bucket) + prefix
         status, headers, body = await self._simple(
             f"LIST {resource}",
-            lambda: proto.build_list(
-                self.endpoint, bucket, prefix=prefix, delimiter=delimiter,
+            lambda ep: proto.build_list(
+                ep, bucket, prefix=prefix, delimiter=delimiter,
                 continuation_token=continuation_token, max_keys=max_keys, now=self._clock(),
             ),
             self._resource(bucket),
@@ -498,8 +528,8 @@ class HttpObjectClient:
         """One GET of ``[start, end)``: the position reached and the CRC-64 the answer
         carried (of the whole object, x-oss-hash-crc64ecma), if any."""
         traffic = self.config.rate_limit * 8 if self.config.rate_limit else None
-        req = proto.build_get(self.endpoint, bucket, key, start=start, end=end, etag=etag,
-                              now=self._clock(), traffic_limit=traffic)
+        req = proto.build_get(await self._signing_endpoint(), bucket, key, start=start,
+                              end=end, etag=etag, now=self._clock(), traffic_limit=traffic)
         pos = start
 
         async def deliver(data: memoryview) -> None:

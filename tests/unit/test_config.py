@@ -67,10 +67,12 @@ def test_credentials_from_env_by_dialect() -> None:
 
 def test_no_credentials_is_an_error_unless_anonymous(tmp_path: Path) -> None:
     # Requests would go out unsigned and fail later with a confusing AccessDenied.
+    off = {"ALIBABA_CLOUD_ECS_METADATA_DISABLED": "true", "AWS_EC2_METADATA_DISABLED": "1"}
     with pytest.raises(UsageError, match="no credentials found.*OSS_ACCESS_KEY_ID.*--anonymous"):
-        resolve_endpoint(ConnectionOptions(), "oss", env={"HOME": str(tmp_path)})
+        resolve_endpoint(ConnectionOptions(), "oss", env={"HOME": str(tmp_path), **off})
     # s3:// with only the OSS_* variables set says which variables it reads.
-    env = {"OSS_ACCESS_KEY_ID": "oak", "OSS_ACCESS_KEY_SECRET": "osk"}
+    env = {"OSS_ACCESS_KEY_ID": "oak", "OSS_ACCESS_KEY_SECRET": "osk",
+           "HOME": str(tmp_path), **off}
     with pytest.raises(UsageError, match="AWS_ACCESS_KEY_ID.*OSS_ACCESS_KEY_ID is set"):
         resolve_endpoint(ConnectionOptions(), "s3", env=env)
     assert resolve_endpoint(ConnectionOptions(anonymous=True), "s3", env=env).credentials is None
