@@ -97,14 +97,17 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _shard(text: str) -> tuple[int, int]:
+def _shard(text: str) -> tuple[int, int] | str:
     from ossfs.materialize import check_shard
 
+    if text == "auto":
+        return text  # resolved from the environment by the command
     index, _, count = text.partition("/")
     try:
         shard = int(index), int(count)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a shard: {text!r} (use I/N, e.g. 0/4)") from None
+        raise argparse.ArgumentTypeError(
+            f"not a shard: {text!r} (use I/N, e.g. 0/4, or auto)") from None
     try:
         check_shard(shard)
     except ValueError as e:
@@ -301,9 +304,13 @@ def _add_mount_commands(sub: Any) -> None:
     p.add_argument("--to", metavar="DIR",
                    help="also write the objects as files under DIR (created if missing; "
                         "keys relative to the prefix), reusing cached parts")
-    p.add_argument("--shard", type=_shard, metavar="I/N",
+    p.add_argument("--shard", type=_shard, metavar="I/N|auto",
                    help="take only shard I of N (0 <= I < N): a deterministic split of the "
-                        "objects for a fleet of machines")
+                        "objects for a fleet of machines; 'auto' takes I/N from the job "
+                        "runner (Kubernetes Indexed Job, Slurm array, RANK/WORLD_SIZE)")
+    p.add_argument("--shard-count", type=_positive_int, metavar="N",
+                   help="with --shard auto in a Kubernetes Indexed Job: the number of shards "
+                        "(the Job's completions; default $OSSFS_SHARD_COUNT)")
     p.add_argument("--threads", type=_positive_int, default=16, metavar="N",
                    help="parts fetched at once across all objects (default 16)")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
@@ -715,6 +722,21 @@ def _mount_target(path: str) -> tuple[dict[str, Any], str]:
     return info, key
 
 
+def _materialize_shard(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The shard of ``--shard I/N`` or ``--shard auto`` (from the job runner's variables)."""
+    from ossfs.materialize import shard_from_environment
+
+    if args.shard != "auto":
+        if args.shard_count is not None:
+            raise UsageError("--shard-count goes with --shard auto")
+        shard: tuple[int, int] | None = args.shard
+        return shard
+    found, why = shard_from_environment(os.environ, args.shard_count)
+    if not args.quiet:
+        print(f"ossfs: shard {found[0]}/{found[1]} (from {why})", file=sys.stderr)
+    return found
+
+
 def _cmd_materialize(args: argparse.Namespace) -> int:
     from ossfs.cache.cachedir import CacheDir
     from ossfs.download import validate_part_size
@@ -748,6 +770,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         cache_dir, part_size, cache_size = info["cache_dir"], info["part_size"], info[
             "cache_size"]
     validate_part_size(part_size)
+    shard = _materialize_shard(args)
     if args.to is not None:
         try:
             os.makedirs(args.to, exist_ok=True)
@@ -762,7 +785,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     bar = ProgressBar(0, description="materialize", counting="objects", enabled=show)
     request = MaterializeRequest(
         bucket=bucket, key=key, part_size=part_size, threads=args.threads, to_dir=args.to,
-        shard=args.shard, progress=bar.progress, on_object=bar.set_count,
+        shard=shard, progress=bar.progress, on_object=bar.set_count,
         notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None,
         scheme=url.scheme)
     cache = CacheDir(cache_dir, max_bytes=cache_size, min_free_fraction=args.cache_min_free)
