@@ -112,14 +112,17 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _shard(text: str) -> tuple[int, int]:
+def _shard(text: str) -> tuple[int, int] | str:
     from ossfs.materialize import check_shard
 
+    if text == "auto":
+        return text  # resolved from the environment by the command
     index, _, count = text.partition("/")
     try:
         shard = int(index), int(count)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a shard: {text!r} (use I/N, e.g. 0/4)") from None
+        raise argparse.ArgumentTypeError(
+            f"not a shard: {text!r} (use I/N, e.g. 0/4, or auto)") from None
     try:
         check_shard(shard)
     except ValueError as e:
@@ -266,6 +269,21 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
                         "slower sequential reads)")
 
 
+def _listen(text: str) -> tuple[str, int]:
+    from ossfs.metrics import parse_listen
+
+    try:
+        return parse_listen(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_metrics_option(g: Any) -> None:
+    g.add_argument("--metrics", type=_listen, metavar="ADDR:PORT",
+                   help="serve Prometheus metrics on http://ADDR:PORT/metrics (only there: "
+                        "127.0.0.1:9100 for this machine, 0.0.0.0:9100 for every interface)")
+
+
 def _add_mount_commands(sub: Any) -> None:
     p = sub.add_parser(
         "mount", help="mount a bucket (or a prefix of it) read-only",
@@ -303,6 +321,7 @@ def _add_mount_commands(sub: Any) -> None:
     g.add_argument("-f", "--foreground", action="store_true",
                    help="stay in the foreground (logs go to stderr)")
     g.add_argument("--log-file", metavar="FILE", help="write the log here")
+    _add_metrics_option(g)
     _add_connection_options(p)
     _add_logging_options(p)
 
@@ -316,12 +335,17 @@ def _add_mount_commands(sub: Any) -> None:
     p.add_argument("--to", metavar="DIR",
                    help="also write the objects as files under DIR (created if missing; "
                         "keys relative to the prefix), reusing cached parts")
-    p.add_argument("--shard", type=_shard, metavar="I/N",
+    p.add_argument("--shard", type=_shard, metavar="I/N|auto",
                    help="take only shard I of N (0 <= I < N): a deterministic split of the "
-                        "objects for a fleet of machines")
+                        "objects for a fleet of machines; 'auto' takes I/N from the job "
+                        "runner (Kubernetes Indexed Job, Slurm array, RANK/WORLD_SIZE)")
+    p.add_argument("--shard-count", type=_positive_int, metavar="N",
+                   help="with --shard auto in a Kubernetes Indexed Job: the number of shards "
+                        "(the Job's completions; default $OSSFS_SHARD_COUNT)")
     p.add_argument("--threads", type=_positive_int, default=16, metavar="N",
                    help="parts fetched at once across all objects (default 16)")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    _add_metrics_option(p)
     _add_cache_options(p)
     _add_connection_options(p)
     _add_logging_options(p)
@@ -596,6 +620,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     if log_file is None and not args.foreground:
         # A daemon has no terminal: its log lives beside its cache.
         log_file = check_log_file(os.path.join(cache_dir, "ossfs.log"))
+    # Bound now, before the daemon forks: a port in use fails here, with a terminal.
+    metrics = _metrics_server(args.metrics)
     prefix = url.key.strip("/")
     config = mount.MountConfig(
         source=object_url(url.scheme, url.bucket, prefix), bucket=url.bucket,
@@ -611,6 +637,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         region=args.region, signature_version=args.signature_version,
         path_style=args.path_style, anonymous=args.anonymous,
         max_dir_entries=args.max_dir_entries,
+        metrics=metrics.where if metrics is not None else None,
     )
     client_config = ClientConfig(connections=args.threads, attempts=args.attempts,
                                  stall_timeout=args.stall_timeout, timeout=args.timeout)
@@ -619,7 +646,16 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         # Made in the mount's own process (after the fork), where its refreshes run.
         return HttpObjectClient(endpoint, client_config, credentials=credentials_from(source))
 
-    return mount.run(config, make, _log_to_file)
+    return mount.run(config, make, _log_to_file, metrics)
+
+
+def _metrics_server(listen: tuple[str, int] | None) -> Any:
+    """A bound `ossfs.metrics.MetricsServer` for ``--metrics``, or None."""
+    if listen is None:
+        return None
+    from ossfs.metrics import MetricsServer
+
+    return MetricsServer(*listen)
 
 
 def _cmd_unmount(args: argparse.Namespace) -> int:
@@ -673,6 +709,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"requests:    {req['requests']} ({req['retries']} retries, {req['errors']} errors), "
           f"{format_size(req['bytes_received'])} received")
     print(f"parts:       {st['parts_fetched']} fetched, {format_size(st['bytes_fetched'])}")
+    if "cache_hit_bytes" in st:
+        print(f"reads:       {format_size(st['cache_hit_bytes'])} found in the cache, "
+              f"{format_size(st['cache_miss_bytes'])} not")
     if st.get("crc_mismatches"):
         print(f"integrity:   {st['crc_mismatches']} object(s) whose cached bytes did not match "
               "the service's CRC-64 (dropped and fetched again; see the log)")
@@ -681,6 +720,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
               "because the cache disk was full")
     if st.get("log_file"):
         print(f"log:         {st['log_file']}")
+    if st.get("metrics"):
+        print(f"metrics:     http://{st['metrics']}/metrics")
     shown = objects if args.all else sorted(
         objects, key=lambda o: o["cached_bytes"], reverse=True)[:_STATUS_OBJECTS]
     versions: dict[str, int] = {}
@@ -721,6 +762,21 @@ def _mount_target(path: str) -> tuple[dict[str, Any], str]:
     return info, key
 
 
+def _materialize_shard(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The shard of ``--shard I/N`` or ``--shard auto`` (from the job runner's variables)."""
+    from ossfs.materialize import shard_from_environment
+
+    if args.shard != "auto":
+        if args.shard_count is not None:
+            raise UsageError("--shard-count goes with --shard auto")
+        shard: tuple[int, int] | None = args.shard
+        return shard
+    found, why = shard_from_environment(os.environ, args.shard_count)
+    if not args.quiet:
+        print(f"ossfs: shard {found[0]}/{found[1]} (from {why})", file=sys.stderr)
+    return found
+
+
 def _cmd_materialize(args: argparse.Namespace) -> int:
     from ossfs.cache.cachedir import CacheDir
     from ossfs.materialize import MaterializeRequest, materialize
@@ -742,6 +798,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         cache_dir, part_size, cache_size = info["cache_dir"], info["part_size"], info[
             "cache_size"]
     validate_part_size(part_size)
+    shard = _materialize_shard(args)
     if args.to is not None:
         try:
             os.makedirs(args.to, exist_ok=True)
@@ -752,11 +809,24 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         if not os.path.isdir(args.to):
             raise UsageError(f"--to {args.to} is not a directory")
     cache_dir = check_cache_dir(cache_dir)
+    metrics = _metrics_server(args.metrics)
     show = not args.no_progress and not args.quiet and sys.stderr.isatty()
     bar = ProgressBar(0, description="materialize", counting="objects", enabled=show)
+    # What --metrics shows besides the client's and the cache's counters.
+    counts = {"fetched": 0, "cached": 0, "objects_done": 0}
+
+    def progress(n: int, cached: int, total: int) -> None:
+        counts["fetched"] += n
+        counts["cached"] = cached
+        bar.progress(n, cached, total)
+
+    def on_object(done: int, total: int) -> None:
+        counts["objects_done"] = done
+        bar.set_count(done, total)
+
     request = MaterializeRequest(
         bucket=bucket, key=key, part_size=part_size, threads=args.threads, to_dir=args.to,
-        shard=args.shard, progress=bar.progress, on_object=bar.set_count,
+        shard=shard, progress=progress, on_object=on_object,
         notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None,
         scheme=url.scheme)
     cache = CacheDir(cache_dir, max_bytes=cache_size, min_free_fraction=args.cache_min_free)
@@ -766,6 +836,23 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     async def run() -> Any:
         async with HttpObjectClient(endpoint, config,
                                     credentials=credentials_from(source)) as client:
+            if metrics is not None:
+                from ossfs.metrics import status_reader
+
+                def status() -> dict[str, Any]:
+                    return {
+                        "requests": client.stats.as_dict(),
+                        "bytes_fetched": counts["fetched"],
+                        "cache_hit_bytes": counts["cached"] - counts["fetched"],
+                        "cache_miss_bytes": counts["fetched"],
+                        "cache_used_bytes": cache.used_bytes,
+                        "cache_size_bytes": cache.max_bytes,
+                        "cache_evicted_bytes": cache.evicted_bytes,
+                        "buffered_bytes": client.buffered_bytes,
+                        "objects_done": counts["objects_done"],
+                    }
+
+                metrics.start(status_reader(status))
             return await materialize(client, cache, request)
 
     try:
@@ -773,6 +860,8 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         raise Interrupted("run the same command again to continue where it stopped") from None
     finally:
+        if metrics is not None:
+            metrics.close()
         bar.close()
         cache.close()
     for line in result.failed:

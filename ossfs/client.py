@@ -172,14 +172,23 @@ class ClientStats:
     errors: int = 0
     bytes_received: int = 0
     by_status: dict[int, int] = field(default_factory=dict)
+    # (kind, status) -> answers; kind is head, get or list; status 0: no answer
+    # (the connection failed).
+    by_kind: dict[tuple[str, int], int] = field(default_factory=dict)
+    gets_in_flight: int = 0  # get_range calls running (each holds a connection or waits)
 
     def as_dict(self) -> dict[str, object]:
+        kinds: dict[str, dict[str, int]] = {}
+        for (kind, status), n in sorted(self.by_kind.items()):
+            kinds.setdefault(kind, {})[str(status)] = n
         return {
             "requests": self.requests,
             "retries": self.retries,
             "errors": self.errors,
             "bytes_received": self.bytes_received,
             "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
+            "by_kind": kinds,
+            "gets_in_flight": self.gets_in_flight,
         }
 
 
@@ -238,6 +247,11 @@ class _Cycle:
         self.resumed = 0  # retries earned by delivering bytes
         self.received = 0
         self.last = ""
+
+    @property
+    def kind(self) -> str:
+        """The request's kind for the counters: head, get or list."""
+        return self.what.split(" ", 1)[0].lower()
 
     def earn(self, nbytes: int) -> None:
         self.received += nbytes
@@ -359,9 +373,16 @@ class HttpObjectClient:
         await trio.sleep(delay)
         return True
 
-    def _count(self, status: int) -> None:
-        self.stats.requests += 1
-        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+    def _count(self, status: int, kind: str = "get") -> None:
+        stats = self.stats
+        stats.requests += 1
+        stats.by_status[status] = stats.by_status.get(status, 0) + 1
+        stats.by_kind[kind, status] = stats.by_kind.get((kind, status), 0) + 1
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Memory held by the receive buffers of the open data connections."""
+        return self._pool.buffered_bytes if self._pool is not None else 0
 
     def _give_up(self, cycle: _Cycle, why: str) -> GaveUpError:
         self.stats.errors += 1
@@ -406,12 +427,12 @@ class HttpObjectClient:
         try:
             async with self._http.stream(req.method, req.url, headers=req.headers) as resp:
                 status = resp.status_code
-                self._count(status)
+                self._count(status, cycle.kind)
                 ok = status < 300
                 limit = body_limit if ok else _ERROR_BODY_LIMIT
                 body, whole = await _read_capped(resp, limit, cycle)
         except _NETWORK_ERRORS as e:
-            self._count(0)
+            self._count(0, cycle.kind)
             untrusted = wire.certificate_problem(e)
             if untrusted is not None:
                 self.stats.errors += 1
@@ -486,7 +507,8 @@ class HttpObjectClient:
         cycle = _Cycle(self.config, f"GET {resource} bytes {start}-{end - 1}")
         pos = start
         why: str | None = "attempts"
-        with cycle.scope:
+        self.stats.gets_in_flight += 1
+        with _counted_out(self.stats), cycle.scope:
             while True:
                 cycle.attempts += 1
                 before = pos
@@ -686,6 +708,15 @@ async def _read_capped(resp: httpx.Response, limit: int, cycle: _Cycle) -> tuple
 
 def _request_id(headers: Mapping[str, str]) -> str | None:
     return headers.get("x-oss-request-id") or headers.get("x-amz-request-id")
+
+
+@contextmanager
+def _counted_out(stats: ClientStats) -> Iterator[None]:
+    """Take one off ``gets_in_flight`` when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        stats.gets_in_flight -= 1
 
 
 class _StaleConnection(Exception):

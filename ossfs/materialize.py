@@ -30,7 +30,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -59,7 +59,7 @@ from ossfs.namespace import ListingGuard, valid_name
 from ossfs.pool import run_pool
 
 __all__ = ["MaterializeRequest", "MaterializeResult", "materialize", "check_shard", "in_shard",
-           "list_objects"]
+           "list_objects", "shard_from_environment", "SHARD_COUNT_VARIABLE"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,107 @@ def check_shard(shard: tuple[int, int]) -> None:
     index, count = shard
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard {index}/{count} does not exist (use I/N with 0 <= I < N)")
+
+
+# The shard count of a Kubernetes Indexed Job (Kubernetes sets only the index).
+SHARD_COUNT_VARIABLE = "OSSFS_SHARD_COUNT"
+
+
+def _env_int(env: Mapping[str, str], name: str, *, least: int) -> int:
+    text = env[name].strip()
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"--shard auto: {name}='{printable(text)}' is not a whole number"
+                         ) from None
+    if value < least:
+        raise UsageError(f"--shard auto: {name}={value} must be at least {least}")
+    return value
+
+
+def shard_from_environment(env: Mapping[str, str], count: int | None = None
+                           ) -> tuple[tuple[int, int], str]:
+    """``--shard auto``: shard (I, N) from the job runner's variables, and where it came from.
+
+    - Kubernetes Indexed Job: ``JOB_COMPLETION_INDEX``; N is *count* (``--shard-count``)
+      or ``$OSSFS_SHARD_COUNT``, since Kubernetes does not tell the pod the Job's
+      completions.
+    - Slurm job array: ``SLURM_ARRAY_TASK_ID`` among ``SLURM_ARRAY_TASK_COUNT`` tasks
+      numbered from ``SLURM_ARRAY_TASK_MIN`` in steps of ``SLURM_ARRAY_TASK_STEP``
+      (``--array=1-16`` is shards 0..15; ``--array=0-30:2`` shards 0..15).
+    - torchrun and the like: ``RANK`` of ``WORLD_SIZE``.
+
+    Several runners may be present (torchrun inside a Kubernetes Job): they must
+    agree. A count given besides (*count* or the variable) must match too.
+    UsageError, one line, when none is there or the values do not fit together.
+    """
+    given = count
+    given_from = "--shard-count"
+    if given is None and env.get(SHARD_COUNT_VARIABLE, "").strip():
+        given, given_from = _env_int(env, SHARD_COUNT_VARIABLE, least=1), SHARD_COUNT_VARIABLE
+    found: list[tuple[tuple[int, int], str]] = []
+
+    if "JOB_COMPLETION_INDEX" in env:
+        index = _env_int(env, "JOB_COMPLETION_INDEX", least=0)
+        if given is None:
+            raise UsageError(f"--shard auto: JOB_COMPLETION_INDEX={index} (a Kubernetes "
+                             "Indexed Job) needs the shard count: give --shard-count N or "
+                             f"set {SHARD_COUNT_VARIABLE} to the Job's completions")
+        if index >= given:
+            raise UsageError(f"--shard auto: JOB_COMPLETION_INDEX={index} is not below "
+                             f"{given_from}={given}")
+        found.append(((index, given), f"JOB_COMPLETION_INDEX={index}, {given_from}={given}"))
+
+    if "SLURM_ARRAY_TASK_ID" in env:
+        if "SLURM_ARRAY_TASK_COUNT" not in env:
+            raise UsageError("--shard auto: SLURM_ARRAY_TASK_ID is set but "
+                             "SLURM_ARRAY_TASK_COUNT is not")
+        task = _env_int(env, "SLURM_ARRAY_TASK_ID", least=0)
+        tasks = _env_int(env, "SLURM_ARRAY_TASK_COUNT", least=1)
+        low = _env_int(env, "SLURM_ARRAY_TASK_MIN", least=0) \
+            if "SLURM_ARRAY_TASK_MIN" in env else 0
+        step = _env_int(env, "SLURM_ARRAY_TASK_STEP", least=1) \
+            if "SLURM_ARRAY_TASK_STEP" in env else 1
+        index, off = divmod(task - low, step)
+        high = env.get("SLURM_ARRAY_TASK_MAX", "").strip()
+        last = low + (tasks - 1) * step
+        if task < low or off or index >= tasks or (high and high != str(last)):
+            raise UsageError(
+                f"--shard auto: SLURM_ARRAY_TASK_ID={task} is not one of "
+                f"SLURM_ARRAY_TASK_COUNT={tasks} evenly spaced tasks from "
+                f"SLURM_ARRAY_TASK_MIN={low} (step {step}"
+                + (f", SLURM_ARRAY_TASK_MAX={printable(high)}" if high else "")
+                + "): use a range such as --array=0-N, or give --shard I/N")
+        found.append(((index, tasks), f"SLURM_ARRAY_TASK_ID={task}, "
+                      f"SLURM_ARRAY_TASK_MIN={low}, SLURM_ARRAY_TASK_COUNT={tasks}"))
+
+    if "RANK" in env or "WORLD_SIZE" in env:
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            missing, present = ("WORLD_SIZE", "RANK") if "RANK" in env else ("RANK",
+                                                                             "WORLD_SIZE")
+            raise UsageError(f"--shard auto: {present} is set but {missing} is not")
+        rank = _env_int(env, "RANK", least=0)
+        size = _env_int(env, "WORLD_SIZE", least=1)
+        if rank >= size:
+            raise UsageError(f"--shard auto: RANK={rank} is not below WORLD_SIZE={size}")
+        found.append(((rank, size), f"RANK={rank}, WORLD_SIZE={size}"))
+
+    if not found:
+        raise UsageError("--shard auto found no job runner: set JOB_COMPLETION_INDEX "
+                         f"(Kubernetes Indexed Job, with --shard-count N or "
+                         f"{SHARD_COUNT_VARIABLE}), SLURM_ARRAY_TASK_ID and "
+                         "SLURM_ARRAY_TASK_COUNT (Slurm array), or RANK and WORLD_SIZE; "
+                         "or give --shard I/N")
+    shards = {shard for shard, _ in found}
+    if len(shards) > 1:
+        said = "; ".join(f"{i}/{n} from {why}" for (i, n), why in found)
+        raise UsageError(f"--shard auto: the job runners disagree ({said}): "
+                         "give --shard I/N")
+    shard, why = found[0]
+    if given is not None and shard[1] != given:
+        raise UsageError(f"--shard auto: {given_from}={given} does not match the "
+                         f"{shard[1]} shards of {why}")
+    return shard, why
 
 
 def in_shard(key: str, shard: tuple[int, int] | None) -> bool:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
@@ -37,6 +37,10 @@ from ossfs.fs import FsOptions, Operations
 from ossfs.mounttable import tune_kernel_read_ahead
 from ossfs.namespace import DEFAULT_MAX_DIR_ENTRIES, Namespace
 from ossfs.prefetch import SiblingPrefetch
+
+if TYPE_CHECKING:
+    # (imported when used: prometheus_client takes 65 ms to import)
+    from ossfs.metrics import MetricsServer, OpTimes
 
 __all__ = ["MountConfig", "run"]
 
@@ -77,6 +81,7 @@ class MountConfig:
     path_style: bool | None = None
     anonymous: bool = False
     max_dir_entries: int = DEFAULT_MAX_DIR_ENTRIES
+    metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint, for `describe`
 
 
 def _fuse_options(config: MountConfig) -> set[str]:
@@ -99,7 +104,8 @@ _COUNT_INTERVAL = 30.0
 
 
 async def _serve(config: MountConfig, make_client: ClientFactory,
-                 ready: Callable[[str | None], None]) -> int | None:
+                 ready: Callable[[str | None], None],
+                 metrics: MetricsServer | None = None) -> int | None:
     """Serve the mount; the signal that ended it, None when it was unmounted."""
     client = make_client()
     try:
@@ -141,11 +147,16 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
                 "fs_reads": ops.reads,
                 "fs_requests": dict(ops.requests),
                 "parts_verified": ops.reader.verifications,
+                "cache_hit_bytes": ops.reader.hit_bytes,
+                "cache_miss_bytes": ops.reader.miss_bytes,
+                "buffered_bytes": getattr(client, "buffered_bytes", 0),
                 "crc_mismatches": fetcher.crc_mismatches,
                 "uncached_bytes": fetcher.uncached_bytes,
                 "sibling_prefetches": prefetch.started,
                 "list_requests": ns.list_requests,
                 "log_file": config.log_file,
+                "metrics": config.metrics,
+                **({"fs_op_seconds": op_times.as_dict()} if op_times is not None else {}),
             }
 
         fs_opts = FsOptions(uid=config.uid, gid=config.gid, umask=config.umask,
@@ -154,11 +165,21 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
         prefetch = SiblingPrefetch(ns, cache, fetcher, config.part_size)
         ops = Operations(ns, fetcher, cache, fs_opts, describe=describe, status=status,
                          has_crc64=config.dialect == "oss", prefetch=prefetch)
+        op_times: OpTimes | None = None
+        if metrics is not None:
+            from ossfs.metrics import OpTimes, time_operations
+
+            op_times = OpTimes()
+            time_operations(ops, op_times)
         try:
             pyfuse3.init(ops, config.mountpoint, _fuse_options(config))
         except RuntimeError as e:
             raise UsageError(f"cannot mount on {config.mountpoint}: {e}") from None
         log.info("mounted %s on %s", config.source, config.mountpoint)
+        if metrics is not None:
+            from ossfs.metrics import status_reader
+
+            metrics.start(status_reader(status))
         ready(None)
         unmounted = False
         received: list[int] = []
@@ -183,6 +204,8 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
             log.info("unmounted %s", config.mountpoint)
         return received[0] if received else None
     finally:
+        if metrics is not None:
+            metrics.close()
         with trio.CancelScope(shield=True):
             await client.aclose()
 
@@ -258,18 +281,25 @@ def _captured(fd: int) -> str:
 
 
 def run(config: MountConfig, make_client: ClientFactory,
-        configure_logging: Callable[[str | None], None]) -> int:
-    """Mount and serve until unmounted; daemonize first unless in the foreground."""
+        configure_logging: Callable[[str | None], None],
+        metrics: MetricsServer | None = None) -> int:
+    """Mount and serve until unmounted; daemonize first unless in the foreground.
+
+    *metrics* (bound by the caller, so that a port in use fails before anything
+    starts) serves from the process that serves the mount.
+    """
     if config.foreground:
         configure_logging(config.log_file)
         # Ctrl-C: 130 as for every command. SIGTERM and SIGHUP are how a service
         # manager stops a mount: a clean stop, like an unmount.
-        signum = trio.run(_serve, config, make_client, lambda error: None)
+        signum = trio.run(_serve, config, make_client, lambda error: None, metrics)
         return 130 if signum == signal.SIGINT else 0
 
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
+        if metrics is not None:
+            metrics.close()  # the child serves it (its copy of the socket stays open)
         os.close(write_end)
         with os.fdopen(read_end, "rb") as pipe:
             message = pipe.read().decode(errors="replace")
@@ -311,7 +341,7 @@ def run(config: MountConfig, make_client: ClientFactory,
     code = 0
     try:
         with unwrap_groups():
-            trio.run(_serve, config, make_client, ready)
+            trio.run(_serve, config, make_client, ready, metrics)
     except OssfsError as e:
         log.error("%s", e)
         ready(str(e))

@@ -95,8 +95,11 @@ def dead_mount_message(path: str) -> str:
 def check_mountpoint(path: str) -> str:
     """The absolute mountpoint, or a UsageError saying why it cannot be used.
 
-    A dead ossfs mount (its process was killed) is unmounted first: nothing can
-    be using it any more. Any other dead FUSE mount is left to the user.
+    A dead ossfs mount (its process was killed, or its container restarted) is
+    unmounted first: nothing can use it any more. When processes still hold
+    files or directories in it (it is busy), it is detached lazily: they keep
+    getting errors from what they hold, as they already did, and a new open
+    finds the new mount. Any other dead FUSE mount is left to the user.
     """
     path = os.path.abspath(path)
     if is_dead_mount(path):
@@ -105,9 +108,13 @@ def check_mountpoint(path: str) -> str:
         log.warning("%s held a dead ossfs mount (its process is gone): unmounting it", path)
         try:
             unmount(path)
-        except UsageError as e:
-            raise UsageError(f"mountpoint {path} holds a dead ossfs mount that cannot be "
-                             f"unmounted ({e}); run: ossfs unmount -z {path}") from None
+        except UsageError:
+            log.warning("%s: the dead mount is still in use: detaching it lazily", path)
+            try:
+                unmount(path, lazy=True)
+            except UsageError as e:
+                raise UsageError(f"mountpoint {path} holds a dead ossfs mount that cannot "
+                                 f"be unmounted ({e}); run: ossfs unmount -z {path}") from None
     try:
         os.stat(path)
     except FileNotFoundError:

@@ -10,6 +10,7 @@ nothing, dead mounts, and ``materialize``'s summary, retries and messages.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -237,6 +238,48 @@ def test_dead_mount_is_named_and_cleaned_up(srv: OssTestServer, oss_env: dict[st
             assert "dead ossfs mount" in r.stderr
             assert (mnt / "dir" / "sub" / "c.txt").read_bytes() == b"sea\n"
     finally:
+        force_unmount(mnt)
+
+
+@pytest.mark.fuse
+def test_mount_replaces_a_dead_mount_that_is_still_in_use(srv: OssTestServer,
+                                                          oss_env: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    """A mount process that died (a restarted DaemonSet pod) while a process held a file
+    open in it: mounting again detaches the dead mount lazily and mounts anew."""
+    mnt = tmp_path / "mnt"
+    held: int | None = None
+    try:
+        with mounted(f"oss://{BUCKET}", mnt, *conn(srv, tmp_path), env=oss_env) as info:
+            held = os.open(mnt / "dir" / "b.txt", os.O_RDONLY)
+            pid = info["pid"]
+            assert isinstance(pid, int)
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                with contextlib.suppress(ChildProcessError, ProcessLookupError):
+                    os.kill(pid, 0)
+                    time.sleep(0.05)
+                    continue
+                break
+            with pytest.raises(OSError) as dead:
+                os.statvfs(mnt)  # (stat may be answered from the kernel's cache)
+            assert dead.value.errno == errno.ENOTCONN
+            # Busy: a plain unmount of it fails.
+            busy = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True,
+                                  text=True, check=False)
+            assert busy.returncode != 0
+            r = run_ossfs("mount", f"oss://{BUCKET}", str(mnt), *conn(srv, tmp_path),
+                          env=oss_env, timeout=60)
+            assert r.returncode == 0, r.stderr
+            assert "dead ossfs mount" in r.stderr and "lazily" in r.stderr
+            assert (mnt / "dir" / "sub" / "c.txt").read_bytes() == b"sea\n"
+            # What the old mount's file still gets: an error, never other bytes.
+            with pytest.raises(OSError):
+                os.pread(held, 4, 0)
+    finally:
+        if held is not None:
+            with contextlib.suppress(OSError):  # closed, but its flush may fail
+                os.close(held)
         force_unmount(mnt)
 
 
