@@ -95,6 +95,11 @@ class MemoryBudget:
         self.used -= nbytes
         self._lot.unpark_all()
 
+    def as_dict(self) -> dict[str, int]:
+        """The counters for a status document (``ossfs status``, ``--metrics``)."""
+        return {"memory_used": self.used, "memory_peak": self.peak,
+                "memory_limit": self.limit, "memory_waits": self.waits}
+
 
 class Budget(Protocol):
     """The room fetches may take (the cache directory implements it)."""
