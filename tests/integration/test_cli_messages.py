@@ -210,6 +210,18 @@ def test_unmount_does_not_load_the_fuse_binding(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- mounts
 
 
+def kill_mount_process(pid: object) -> None:
+    """SIGKILL a mount's process and wait (up to 5 s) until it is gone: its mount is dead."""
+    assert isinstance(pid, int)
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            os.kill(pid, 0)
+            time.sleep(0.05)
+            continue
+        break
+
+
 @pytest.mark.fuse
 def test_dead_mount_is_named_and_cleaned_up(srv: OssTestServer, oss_env: dict[str, str],
                                             tmp_path: Path) -> None:
@@ -217,15 +229,7 @@ def test_dead_mount_is_named_and_cleaned_up(srv: OssTestServer, oss_env: dict[st
     try:
         with mounted(f"oss://{BUCKET}", mnt, *conn(srv, tmp_path), env=oss_env) as info:
             assert (mnt / "dir" / "b.txt").read_bytes() == b"bee\n"
-            pid = info["pid"]
-            assert isinstance(pid, int)
-            os.kill(pid, signal.SIGKILL)
-            for _ in range(100):
-                with contextlib.suppress(ChildProcessError, ProcessLookupError):
-                    os.kill(pid, 0)
-                    time.sleep(0.05)
-                    continue
-                break
+            kill_mount_process(info["pid"])
             r = run_ossfs("status", str(mnt), env=oss_env)
             line = one_error(r, 2)
             assert "dead mount" in line and f"ossfs unmount {mnt}" in line, line
@@ -252,15 +256,7 @@ def test_mount_replaces_a_dead_mount_that_is_still_in_use(srv: OssTestServer,
     try:
         with mounted(f"oss://{BUCKET}", mnt, *conn(srv, tmp_path), env=oss_env) as info:
             held = os.open(mnt / "dir" / "b.txt", os.O_RDONLY)
-            pid = info["pid"]
-            assert isinstance(pid, int)
-            os.kill(pid, signal.SIGKILL)
-            for _ in range(100):
-                with contextlib.suppress(ChildProcessError, ProcessLookupError):
-                    os.kill(pid, 0)
-                    time.sleep(0.05)
-                    continue
-                break
+            kill_mount_process(info["pid"])
             with pytest.raises(OSError) as dead:
                 os.statvfs(mnt)  # (stat may be answered from the kernel's cache)
             assert dead.value.errno == errno.ENOTCONN
