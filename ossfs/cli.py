@@ -24,9 +24,23 @@ from typing import Any, NoReturn, TypeVar
 import trio
 
 from ossfs import __version__
-from ossfs.client import ClientConfig, HttpObjectClient
-from ossfs.config import ConnectionOptions, ObjectUrl, parse_object_url, resolve_endpoint
-from ossfs.errors import IntegrityError, OssfsError, UsageError, unwrap_groups
+from ossfs.client import ClientConfig, CredentialSource, HttpObjectClient
+from ossfs.config import (
+    ConnectionOptions,
+    ObjectUrl,
+    connect_as_mount,
+    default_cache_dir,
+    parse_object_url,
+    resolve_connection,
+)
+from ossfs.credentials import Source
+from ossfs.errors import (
+    IntegrityError,
+    ObjectChangedError,
+    OssfsError,
+    UsageError,
+    unwrap_groups,
+)
 from ossfs.escape import SafeFormatter, printable
 from ossfs.model import (
     DEFAULT_CACHE_PART_SIZE,
@@ -36,6 +50,7 @@ from ossfs.model import (
     object_url,
     parse_range,
     parse_size,
+    validate_part_size,
 )
 from ossfs.namespace import DEFAULT_MAX_DIR_ENTRIES, ListingGuard
 
@@ -97,14 +112,17 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _shard(text: str) -> tuple[int, int]:
+def _shard(text: str) -> tuple[int, int] | str:
     from ossfs.materialize import check_shard
 
+    if text == "auto":
+        return text  # resolved from the environment by the command
     index, _, count = text.partition("/")
     try:
         shard = int(index), int(count)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a shard: {text!r} (use I/N, e.g. 0/4)") from None
+        raise argparse.ArgumentTypeError(
+            f"not a shard: {text!r} (use I/N, e.g. 0/4, or auto)") from None
     try:
         check_shard(shard)
     except ValueError as e:
@@ -251,6 +269,21 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
                         "slower sequential reads)")
 
 
+def _listen(text: str) -> tuple[str, int]:
+    from ossfs.metrics import parse_listen
+
+    try:
+        return parse_listen(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_metrics_option(g: Any) -> None:
+    g.add_argument("--metrics", type=_listen, metavar="ADDR:PORT",
+                   help="serve Prometheus metrics on http://ADDR:PORT/metrics (only there: "
+                        "127.0.0.1:9100 for this machine, 0.0.0.0:9100 for every interface)")
+
+
 def _add_mount_commands(sub: Any) -> None:
     p = sub.add_parser(
         "mount", help="mount a bucket (or a prefix of it) read-only",
@@ -288,6 +321,7 @@ def _add_mount_commands(sub: Any) -> None:
     g.add_argument("-f", "--foreground", action="store_true",
                    help="stay in the foreground (logs go to stderr)")
     g.add_argument("--log-file", metavar="FILE", help="write the log here")
+    _add_metrics_option(g)
     _add_connection_options(p)
     _add_logging_options(p)
 
@@ -301,12 +335,17 @@ def _add_mount_commands(sub: Any) -> None:
     p.add_argument("--to", metavar="DIR",
                    help="also write the objects as files under DIR (created if missing; "
                         "keys relative to the prefix), reusing cached parts")
-    p.add_argument("--shard", type=_shard, metavar="I/N",
+    p.add_argument("--shard", type=_shard, metavar="I/N|auto",
                    help="take only shard I of N (0 <= I < N): a deterministic split of the "
-                        "objects for a fleet of machines")
+                        "objects for a fleet of machines; 'auto' takes I/N from the job "
+                        "runner (Kubernetes Indexed Job, Slurm array, RANK/WORLD_SIZE)")
+    p.add_argument("--shard-count", type=_positive_int, metavar="N",
+                   help="with --shard auto in a Kubernetes Indexed Job: the number of shards "
+                        "(the Job's completions; default $OSSFS_SHARD_COUNT)")
     p.add_argument("--threads", type=_positive_int, default=16, metavar="N",
                    help="parts fetched at once across all objects (default 16)")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    _add_metrics_option(p)
     _add_cache_options(p)
     _add_connection_options(p)
     _add_logging_options(p)
@@ -366,11 +405,20 @@ def connection_options(args: argparse.Namespace) -> ConnectionOptions:
 
 def make_client(args: argparse.Namespace, url: ObjectUrl, *, connections: int,
                 rate_limit: int | None = None) -> HttpObjectClient:
-    endpoint = resolve_endpoint(connection_options(args), url.scheme)
+    endpoint, source = resolve_connection(connection_options(args), url.scheme)
     config = ClientConfig(connections=connections, attempts=args.attempts,
                           stall_timeout=args.stall_timeout, timeout=args.timeout,
                           rate_limit=rate_limit)
-    return HttpObjectClient(endpoint, config)
+    return HttpObjectClient(endpoint, config, credentials=credentials_from(source))
+
+
+def credentials_from(source: Source | None) -> CredentialSource | None:
+    """Credentials fetched from *source* and kept fresh (None: the endpoint has them)."""
+    if source is None:
+        return None
+    from ossfs.refresh import for_source
+
+    return for_source(source)
 
 
 class _Terminated(Exception):
@@ -457,12 +505,7 @@ def _cmd_stat(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from ossfs.download import (
-        DownloadRequest,
-        checkpoint_path_for,
-        download,
-        validate_part_size,
-    )
+    from ossfs.download import DownloadRequest, checkpoint_path_for, download
     from ossfs.progress import ProgressBar
 
     url = parse_object_url(args.url)
@@ -501,7 +544,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
     try:
         result = run_trio(run)
     except OssfsError as e:
-        if isinstance(e, (UsageError, IntegrityError)) or not resumable():
+        if isinstance(e, (UsageError, IntegrityError, ObjectChangedError)) or not resumable():
             raise
         raise _with_hint(e) from None
     except KeyboardInterrupt:
@@ -520,15 +563,6 @@ def _cmd_download(args: argparse.Namespace) -> int:
               f"{format_size(result.size)} in {result.elapsed:.1f}s ({format_size(rate)}/s), "
               f"{result.parts} part(s){reuse}, {check}", file=sys.stderr)
     return 0
-
-
-def default_cache_dir(endpoint_url: str, bucket: str) -> str:
-    """~/.cache/ossfs/<host_port>/<bucket>: one cache per endpoint and bucket."""
-    from urllib.parse import urlsplit
-
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    host = "".join(c if c.isalnum() or c in ".-" else "_" for c in urlsplit(endpoint_url).netloc)
-    return os.path.join(base, "ossfs", host or "default", bucket)
 
 
 def check_cache_dir(path: str) -> str:
@@ -574,18 +608,20 @@ def _log_to_file(path: str | None) -> None:
 
 def _cmd_mount(args: argparse.Namespace) -> int:
     from ossfs import mount
-    from ossfs.download import validate_part_size
+    from ossfs.mounttable import check_mountpoint
 
     url = parse_object_url(args.url)
     validate_part_size(args.part_size)
-    mountpoint = mount.check_mountpoint(args.mountpoint)
-    endpoint = resolve_endpoint(connection_options(args), url.scheme)
+    mountpoint = check_mountpoint(args.mountpoint)
+    endpoint, source = resolve_connection(connection_options(args), url.scheme)
     # Checked here, before the daemon forks: there a failure has no terminal to go to.
     cache_dir = check_cache_dir(args.cache_dir or default_cache_dir(endpoint.url, url.bucket))
     log_file = check_log_file(args.log_file) if args.log_file else None
     if log_file is None and not args.foreground:
         # A daemon has no terminal: its log lives beside its cache.
         log_file = check_log_file(os.path.join(cache_dir, "ossfs.log"))
+    # Bound now, before the daemon forks: a port in use fails here, with a terminal.
+    metrics = _metrics_server(args.metrics)
     prefix = url.key.strip("/")
     config = mount.MountConfig(
         source=object_url(url.scheme, url.bucket, prefix), bucket=url.bucket,
@@ -601,20 +637,31 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         region=args.region, signature_version=args.signature_version,
         path_style=args.path_style, anonymous=args.anonymous,
         max_dir_entries=args.max_dir_entries,
+        metrics=metrics.where if metrics is not None else None,
     )
     client_config = ClientConfig(connections=args.threads, attempts=args.attempts,
                                  stall_timeout=args.stall_timeout, timeout=args.timeout)
 
     def make() -> HttpObjectClient:
-        return HttpObjectClient(endpoint, client_config)
+        # Made in the mount's own process (after the fork), where its refreshes run.
+        return HttpObjectClient(endpoint, client_config, credentials=credentials_from(source))
 
-    return mount.run(config, make, _log_to_file)
+    return mount.run(config, make, _log_to_file, metrics)
+
+
+def _metrics_server(listen: tuple[str, int] | None) -> Any:
+    """A bound `ossfs.metrics.MetricsServer` for ``--metrics``, or None."""
+    if listen is None:
+        return None
+    from ossfs.metrics import MetricsServer
+
+    return MetricsServer(*listen)
 
 
 def _cmd_unmount(args: argparse.Namespace) -> int:
-    from ossfs import mount
+    from ossfs.mounttable import unmount
 
-    mount.unmount(args.mountpoint, lazy=args.lazy)
+    unmount(args.mountpoint, lazy=args.lazy)
     return 0
 
 
@@ -626,7 +673,7 @@ def read_mount_attr(path: str, name: str) -> dict[str, Any]:
         if e.errno in (errno.ENODATA, errno.ENOTSUP):
             raise UsageError(f"{path} is not an ossfs mount") from None
         if e.errno == errno.ENOTCONN:
-            from ossfs.mount import dead_mount_message
+            from ossfs.mounttable import dead_mount_message
 
             raise UsageError(dead_mount_message(path)) from None
         raise UsageError(f"cannot ask {path}: {e.strerror}") from None
@@ -638,22 +685,17 @@ _STATUS_OBJECTS = 10
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from ossfs import mount
-    from ossfs.cache.cachedir import cached_objects
+    from ossfs.cache.status import cached_objects_of
+    from ossfs.mounttable import dead_mount_message, is_dead_mount
 
     path = os.path.abspath(args.mountpoint)
-    if mount.is_dead_mount(path):
-        raise UsageError(mount.dead_mount_message(path))
+    if is_dead_mount(path):
+        raise UsageError(dead_mount_message(path))
     if not os.path.ismount(path):
         raise UsageError(f"{path} is not a mount point")
 
     st = read_mount_attr(path, "status")
-    st["objects_cached"] = [
-        {"key": o.key, "etag": o.etag, "size": o.size, "cached_bytes": o.cached_bytes,
-         "parts": o.parts, "parts_cached": o.parts_present}
-        for o in sorted(cached_objects(st["cache_dir"]), key=lambda o: o.key)
-        if o.bucket == st.get("bucket")
-    ]
+    st["objects_cached"] = cached_objects_of(st["cache_dir"], st.get("bucket"))
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
         return 0
@@ -667,6 +709,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"requests:    {req['requests']} ({req['retries']} retries, {req['errors']} errors), "
           f"{format_size(req['bytes_received'])} received")
     print(f"parts:       {st['parts_fetched']} fetched, {format_size(st['bytes_fetched'])}")
+    if "cache_hit_bytes" in st:
+        print(f"reads:       {format_size(st['cache_hit_bytes'])} found in the cache, "
+              f"{format_size(st['cache_miss_bytes'])} not")
+    if "memory_used" in st:
+        print(f"memory:      {format_size(st['memory_used'])} of parts not yet written "
+              f"(peak {format_size(st['memory_peak'])} of {format_size(st['memory_limit'])}, "
+              f"{st['memory_waits']} waits)")
     if st.get("crc_mismatches"):
         print(f"integrity:   {st['crc_mismatches']} object(s) whose cached bytes did not match "
               "the service's CRC-64 (dropped and fetched again; see the log)")
@@ -675,6 +724,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
               "because the cache disk was full")
     if st.get("log_file"):
         print(f"log:         {st['log_file']}")
+    if st.get("metrics"):
+        print(f"metrics:     http://{st['metrics']}/metrics")
     shown = objects if args.all else sorted(
         objects, key=lambda o: o["cached_bytes"], reverse=True)[:_STATUS_OBJECTS]
     versions: dict[str, int] = {}
@@ -693,7 +744,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _mount_target(path: str) -> tuple[dict[str, Any], str]:
     """For a path inside a running mount: the mount's description and the object key."""
-    from ossfs.mount import dead_mount_message, is_dead_mount, mounted_fstype
+    from ossfs.mounttable import dead_mount_message, is_dead_mount, mounted_fstype
 
     path = os.path.abspath(path)
     root = path
@@ -715,39 +766,43 @@ def _mount_target(path: str) -> tuple[dict[str, Any], str]:
     return info, key
 
 
+def _materialize_shard(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The shard of ``--shard I/N`` or ``--shard auto`` (from the job runner's variables)."""
+    from ossfs.materialize import shard_from_environment
+
+    if args.shard != "auto":
+        if args.shard_count is not None:
+            raise UsageError("--shard-count goes with --shard auto")
+        shard: tuple[int, int] | None = args.shard
+        return shard
+    found, why = shard_from_environment(os.environ, args.shard_count)
+    if not args.quiet:
+        print(f"ossfs: shard {found[0]}/{found[1]} (from {why})", file=sys.stderr)
+    return found
+
+
 def _cmd_materialize(args: argparse.Namespace) -> int:
     from ossfs.cache.cachedir import CacheDir
-    from ossfs.download import validate_part_size
-    from ossfs.materialize import MaterializeRequest, materialize
+    from ossfs.materialize import MaterializeRequest, fetcher_for, materialize
     from ossfs.progress import ProgressBar
 
     if "://" in args.target:
         url = parse_object_url(args.target)
-        endpoint = resolve_endpoint(connection_options(args), url.scheme)
+        endpoint, source = resolve_connection(connection_options(args), url.scheme)
         cache_dir = args.cache_dir or default_cache_dir(endpoint.url, url.bucket)
         part_size, cache_size = args.part_size, args.cache_size
         bucket, key = url.bucket, url.key
     else:
         info, key = _mount_target(args.target)
         bucket = info["bucket"]
-        opts = connection_options(args)
-        # Connect as the mount does (its config file, profile, signing, addressing),
-        # unless the command line says otherwise.
-        opts = ConnectionOptions(
-            endpoint=opts.endpoint or info["endpoint"],
-            region=opts.region or info.get("region"),
-            dialect=opts.dialect or info["dialect"],
-            signature_version=opts.signature_version or info.get("signature_version"),
-            path_style=opts.path_style if opts.path_style is not None else info.get(
-                "path_style"),
-            profile=opts.profile or info.get("profile"),
-            config_path=opts.config_path or info.get("config_path"),
-            anonymous=opts.anonymous or bool(info.get("anonymous")))
-        endpoint = resolve_endpoint(opts, info["dialect"])
+        # Connect as the mount does, unless the command line says otherwise.
+        endpoint, source = resolve_connection(connect_as_mount(connection_options(args), info),
+                                              info["dialect"])
         url = ObjectUrl(info["dialect"], bucket, key)
         cache_dir, part_size, cache_size = info["cache_dir"], info["part_size"], info[
             "cache_size"]
     validate_part_size(part_size)
+    shard = _materialize_shard(args)
     if args.to is not None:
         try:
             os.makedirs(args.to, exist_ok=True)
@@ -758,11 +813,24 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         if not os.path.isdir(args.to):
             raise UsageError(f"--to {args.to} is not a directory")
     cache_dir = check_cache_dir(cache_dir)
+    metrics = _metrics_server(args.metrics)
     show = not args.no_progress and not args.quiet and sys.stderr.isatty()
     bar = ProgressBar(0, description="materialize", counting="objects", enabled=show)
+    # What --metrics shows besides the client's and the cache's counters.
+    counts = {"fetched": 0, "cached": 0, "objects_done": 0}
+
+    def progress(n: int, cached: int, total: int) -> None:
+        counts["fetched"] += n
+        counts["cached"] = cached
+        bar.progress(n, cached, total)
+
+    def on_object(done: int, total: int) -> None:
+        counts["objects_done"] = done
+        bar.set_count(done, total)
+
     request = MaterializeRequest(
         bucket=bucket, key=key, part_size=part_size, threads=args.threads, to_dir=args.to,
-        shard=args.shard, progress=bar.progress, on_object=bar.set_count,
+        shard=shard, progress=progress, on_object=on_object,
         notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None,
         scheme=url.scheme)
     cache = CacheDir(cache_dir, max_bytes=cache_size, min_free_fraction=args.cache_min_free)
@@ -770,14 +838,37 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
                           stall_timeout=args.stall_timeout, timeout=args.timeout)
 
     async def run() -> Any:
-        async with HttpObjectClient(endpoint, config) as client:
-            return await materialize(client, cache, request)
+        async with HttpObjectClient(endpoint, config,
+                                    credentials=credentials_from(source)) as client:
+            fetcher = fetcher_for(client, cache, request)
+            if metrics is not None:
+                from ossfs.metrics import status_reader
+
+                def status() -> dict[str, Any]:
+                    return {
+                        "requests": client.stats.as_dict(),
+                        "bytes_fetched": counts["fetched"],
+                        "cache_hit_bytes": counts["cached"] - counts["fetched"],
+                        "cache_miss_bytes": counts["fetched"],
+                        "cache_used_bytes": cache.used_bytes,
+                        "cache_size_bytes": cache.max_bytes,
+                        "cache_evicted_bytes": cache.evicted_bytes,
+                        # Parts in memory before their commit, and the connections' buffers.
+                        "buffered_bytes": fetcher.memory.used + client.buffered_bytes,
+                        **fetcher.memory.as_dict(),
+                        "objects_done": counts["objects_done"],
+                    }
+
+                metrics.start(status_reader(status))
+            return await materialize(client, cache, request, fetcher=fetcher)
 
     try:
         result = run_trio(run)
     except KeyboardInterrupt:
         raise Interrupted("run the same command again to continue where it stopped") from None
     finally:
+        if metrics is not None:
+            metrics.close()
         bar.close()
         cache.close()
     for line in result.failed:

@@ -1,6 +1,6 @@
 """The object client: the only module that talks to the network.
 
-`HttpObjectClient` sends the requests `ossfs.protocol.requests` builds over one
+`HttpObjectClient` sends the requests `ossfs.protocol.ops` builds over one
 shared ``httpx.AsyncClient`` (running on trio), with a connection pool sized
 to the configured concurrency. It retries with jittered exponential backoff on
 5xx, 429 and 408 answers, connection errors, bodies cut short and stalls (no
@@ -30,6 +30,11 @@ client that reads bodies straight into a reused buffer; HEAD and LIST use
 httpx. When a proxy is configured for the endpoint, GETs use httpx too (wire
 speaks to the endpoint directly).
 
+Requests are signed with the endpoint's credentials, or, when the client is
+given a `CredentialSource` (temporary credentials: `ossfs.refresh`), with
+what that source holds when each attempt is built; a retry after the
+credentials were renewed carries the new ones.
+
 The rest of ossfs depends on the `ObjectClient` protocol, so tests can put
 latency or faults in front of a real client.
 
@@ -38,6 +43,7 @@ Must not import: pyfuse3.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -57,7 +63,8 @@ import trio
 from ossfs import __version__, wire
 from ossfs.errors import GaveUpError, NotFoundError, ServiceError, TransferError
 from ossfs.model import ListPage, ObjectMeta, object_url
-from ossfs.protocol import requests as proto
+from ossfs.protocol import ops as proto
+from ossfs.protocol.signing import Credentials
 from ossfs.protocol.xml import XmlError, parse_list_objects_v2
 
 __all__ = [
@@ -65,6 +72,7 @@ __all__ = [
     "GetResult",
     "ObjectClient",
     "ClientConfig",
+    "CredentialSource",
     "ClientStats",
     "RateLimiter",
     "HttpObjectClient",
@@ -115,6 +123,14 @@ class ObjectClient(Protocol):
     async def aclose(self) -> None: ...
 
 
+class CredentialSource(Protocol):
+    """Credentials that may change while the client runs (`ossfs.refresh`)."""
+
+    async def get(self) -> Credentials: ...
+
+    async def aclose(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClientConfig:
     """Transport settings.
@@ -156,14 +172,23 @@ class ClientStats:
     errors: int = 0
     bytes_received: int = 0
     by_status: dict[int, int] = field(default_factory=dict)
+    # (kind, status) -> answers; kind is head, get or list; status 0: no answer
+    # (the connection failed).
+    by_kind: dict[tuple[str, int], int] = field(default_factory=dict)
+    gets_in_flight: int = 0  # get_range calls running (each holds a connection or waits)
 
     def as_dict(self) -> dict[str, object]:
+        kinds: dict[str, dict[str, int]] = {}
+        for (kind, status), n in sorted(self.by_kind.items()):
+            kinds.setdefault(kind, {})[str(status)] = n
         return {
             "requests": self.requests,
             "retries": self.retries,
             "errors": self.errors,
             "bytes_received": self.bytes_received,
             "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
+            "by_kind": kinds,
+            "gets_in_flight": self.gets_in_flight,
         }
 
 
@@ -222,6 +247,11 @@ class _Cycle:
         self.resumed = 0  # retries earned by delivering bytes
         self.received = 0
         self.last = ""
+
+    @property
+    def kind(self) -> str:
+        """The request's kind for the counters: head, get or list."""
+        return self.what.split(" ", 1)[0].lower()
 
     def earn(self, nbytes: int) -> None:
         self.received += nbytes
@@ -284,8 +314,11 @@ class HttpObjectClient:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
+        credentials: CredentialSource | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.credentials = credentials
+        self._signed: tuple[Credentials, proto.Endpoint] | None = None
         self.config = config or ClientConfig()
         self.stats = ClientStats()
         self._clock = clock
@@ -314,6 +347,8 @@ class HttpObjectClient:
         )
 
     async def aclose(self) -> None:
+        if self.credentials is not None:
+            await self.credentials.aclose()
         if self._pool is not None:
             await self._pool.aclose()
         await self._http.aclose()
@@ -338,15 +373,31 @@ class HttpObjectClient:
         await trio.sleep(delay)
         return True
 
-    def _count(self, status: int) -> None:
-        self.stats.requests += 1
-        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+    def _count(self, status: int, kind: str = "get") -> None:
+        stats = self.stats
+        stats.requests += 1
+        stats.by_status[status] = stats.by_status.get(status, 0) + 1
+        stats.by_kind[kind, status] = stats.by_kind.get((kind, status), 0) + 1
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Memory held by the receive buffers of the open data connections."""
+        return self._pool.buffered_bytes if self._pool is not None else 0
 
     def _give_up(self, cycle: _Cycle, why: str) -> GaveUpError:
         self.stats.errors += 1
         return cycle.gave_up(why)
 
-    async def _simple(self, what: str, build: Callable[[], proto.HttpRequest],
+    async def _signing_endpoint(self) -> proto.Endpoint:
+        """The endpoint with the credentials to sign the next attempt with."""
+        if self.credentials is None:
+            return self.endpoint
+        creds = await self.credentials.get()
+        if self._signed is None or self._signed[0] is not creds:
+            self._signed = (creds, dataclasses.replace(self.endpoint, credentials=creds))
+        return self._signed[1]
+
+    async def _simple(self, what: str, build: Callable[[proto.Endpoint], proto.HttpRequest],
                       resource: str, *, body_limit: int = 0
                       ) -> tuple[int, httpx.Headers, bytes]:
         """Send a request whose answer body is small, retrying what can be retried.
@@ -359,7 +410,7 @@ class HttpObjectClient:
         with cycle.scope:
             while True:
                 cycle.attempts += 1
-                req = build()
+                req = build(await self._signing_endpoint())
                 try:
                     answer = await self._simple_once(req, cycle, resource, body_limit)
                 except _Retryable as e:
@@ -376,12 +427,12 @@ class HttpObjectClient:
         try:
             async with self._http.stream(req.method, req.url, headers=req.headers) as resp:
                 status = resp.status_code
-                self._count(status)
+                self._count(status, cycle.kind)
                 ok = status < 300
                 limit = body_limit if ok else _ERROR_BODY_LIMIT
                 body, whole = await _read_capped(resp, limit, cycle)
         except _NETWORK_ERRORS as e:
-            self._count(0)
+            self._count(0, cycle.kind)
             untrusted = wire.certificate_problem(e)
             if untrusted is not None:
                 self.stats.errors += 1
@@ -412,7 +463,7 @@ class HttpObjectClient:
         resource = self._resource(bucket, key)
         _, headers, _ = await self._simple(
             f"HEAD {resource}",
-            lambda: proto.build_head(self.endpoint, bucket, key, now=self._clock()),
+            lambda ep: proto.build_head(ep, bucket, key, now=self._clock()),
             resource,
         )
         return proto.meta_from_head(key, headers)
@@ -429,8 +480,8 @@ class HttpObjectClient:
         resource = self._resource(bucket) + prefix
         status, headers, body = await self._simple(
             f"LIST {resource}",
-            lambda: proto.build_list(
-                self.endpoint, bucket, prefix=prefix, delimiter=delimiter,
+            lambda ep: proto.build_list(
+                ep, bucket, prefix=prefix, delimiter=delimiter,
                 continuation_token=continuation_token, max_keys=max_keys, now=self._clock(),
             ),
             self._resource(bucket),
@@ -455,16 +506,16 @@ class HttpObjectClient:
         resource = self._resource(bucket, key)
         cycle = _Cycle(self.config, f"GET {resource} bytes {start}-{end - 1}")
         pos = start
-        crc_box: list[int] = []
         why: str | None = "attempts"
-        with cycle.scope:
+        self.stats.gets_in_flight += 1
+        with _counted_out(self.stats), cycle.scope:
             while True:
                 cycle.attempts += 1
                 before = pos
                 try:
-                    pos = await self._get_once(bucket, key, pos, end, etag, sink, resource,
-                                               crc_box, cycle)
-                    return GetResult(pos - start, crc_box[-1] if crc_box else None)
+                    pos, crc = await self._get_once(bucket, key, pos, end, etag, sink,
+                                                    resource, cycle)
+                    return GetResult(pos - start, crc)
                 except _Retryable as e:
                     pos = before + e.received
                     cycle.last = e.reason
@@ -494,11 +545,13 @@ class HttpObjectClient:
 
     async def _get_once(
         self, bucket: str, key: str, start: int, end: int, etag: str | None, sink: Sink,
-        resource: str, crc_box: list[int], cycle: _Cycle,
-    ) -> int:
+        resource: str, cycle: _Cycle,
+    ) -> tuple[int, int | None]:
+        """One GET of ``[start, end)``: the position reached and the CRC-64 the answer
+        carried (of the whole object, x-oss-hash-crc64ecma), if any."""
         traffic = self.config.rate_limit * 8 if self.config.rate_limit else None
-        req = proto.build_get(self.endpoint, bucket, key, start=start, end=end, etag=etag,
-                              now=self._clock(), traffic_limit=traffic)
+        req = proto.build_get(await self._signing_endpoint(), bucket, key, start=start,
+                              end=end, etag=etag, now=self._clock(), traffic_limit=traffic)
         pos = start
 
         async def deliver(data: memoryview) -> None:
@@ -517,19 +570,22 @@ class HttpObjectClient:
             cycle.earn(len(data))
 
         if self._pool is not None:
-            await self._get_wire(req, start, end, resource, crc_box, deliver,
-                                 lambda: pos - start)
+            crc = await self._get_wire(req, start, end, resource, deliver, lambda: pos - start)
         else:
-            await self._get_httpx(req, start, end, resource, crc_box, deliver,
-                                  lambda: pos - start, cycle)
+            crc = await self._get_httpx(req, start, end, resource, deliver,
+                                        lambda: pos - start, cycle)
         if pos < end:
             raise _Retryable(f"body ended after {pos - start} of {end - start} bytes",
                              received=pos - start)
-        return pos
+        return pos, crc
 
     def _check_answer(self, status: int, headers: Mapping[str, str], body: bytes | None,
-                      start: int, end: int, resource: str, crc_box: list[int]) -> None:
-        """Raise for anything but a 206 covering exactly ``[start, end)``."""
+                      start: int, end: int, resource: str) -> int | None:
+        """Raise for anything but a 206 covering exactly ``[start, end)``; return the
+        object's CRC-64 when the answer carries it.
+
+        *body* is the error document, read only when `_reads_error_body` says so.
+        """
         request_id = headers.get("x-oss-request-id") or headers.get("x-amz-request-id")
         if status != 206:
             if status == 200:
@@ -541,9 +597,6 @@ class HttpObjectClient:
                 raise _Retryable(str(err))
             self.stats.errors += 1
             raise err
-        crc = headers.get("x-oss-hash-crc64ecma")
-        if crc and crc.isdigit():
-            crc_box.append(int(crc))
         problem = proto.check_content_range(headers, start, end)
         length = headers.get("content-length")
         if problem is None and length is not None and length.strip() != str(end - start):
@@ -552,70 +605,91 @@ class HttpObjectClient:
         if problem:
             self.stats.errors += 1
             raise ServiceError(206, "BadContentRange", problem, request_id, resource=resource)
+        crc = headers.get("x-oss-hash-crc64ecma")
+        return int(crc) if crc and crc.isdigit() else None
 
     async def _get_wire(
         self, req: proto.HttpRequest, start: int, end: int, resource: str,
-        crc_box: list[int], deliver: Callable[[memoryview], Awaitable[None]],
-        received: Callable[[], int],
-    ) -> None:
-        assert self._pool is not None
+        deliver: Callable[[memoryview], Awaitable[None]], received: Callable[[], int],
+    ) -> int | None:
+        """`_get_once` over the own HTTP/1.1 pool; the answer's CRC-64, if any."""
         parts = urlsplit(req.url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         headers = list(req.headers.items())
         if not any(k.lower() == "host" for k, _ in headers):  # S3 signing sets it already
             headers.insert(0, ("Host", parts.netloc))
         headers += [("User-Agent", _USER_AGENT), ("Accept-Encoding", "identity")]
-        for attempt in range(2):
+        host = parts.hostname or ""
+        try:
             try:
-                async with self._pool.connection(parts.hostname or "") as conn:
-                    try:
-                        await conn.send(req.method, target, headers)
-                        head = await conn.read_head()
-                    except wire.WireError:
-                        if conn.from_pool and attempt == 0:
-                            # The server closed an idle connection: not a failure.
-                            conn.reusable = False
-                            raise _StaleConnection() from None
-                        raise
-                    self._count(head.status)
-                    if not head.keep_alive:
-                        conn.reusable = False
-                    if head.status == 200:
-                        conn.discard()  # the whole object (or an endless body): not read
-                        self._check_answer(200, head.headers, None, start, end, resource,
-                                           crc_box)
-                    if head.status != 206:
-                        body = await conn.read_all(head, limit=_ERROR_BODY_LIMIT)
-                        self._check_answer(head.status, head.headers, body, start, end,
-                                           resource, crc_box)
-                    self._check_answer(206, head.headers, None, start, end, resource, crc_box)
-                    await conn.read_body(head, lambda _done, data: deliver(data))
-                return
+                return await self._exchange(host, req.method, target, headers, start, end,
+                                            resource, deliver, stale_ok=True)
             except _StaleConnection:
-                continue
-            except wire.WireError as e:
-                if e.fatal:
-                    self.stats.errors += 1
-                    raise TransferError(f"GET {resource}: {e.reason}") from None
-                raise _Retryable(e.reason, received=received()) from e
+                # The server had closed an idle connection: not a failure; once more.
+                return await self._exchange(host, req.method, target, headers, start, end,
+                                            resource, deliver, stale_ok=False)
+        except wire.WireError as e:
+            if e.fatal:
+                self.stats.errors += 1
+                raise TransferError(f"GET {resource}: {e.reason}") from None
+            raise _Retryable(e.reason, received=received()) from e
+
+    async def _exchange(
+        self, host: str, method: str, target: str, headers: list[tuple[str, str]],
+        start: int, end: int, resource: str, deliver: Callable[[memoryview], Awaitable[None]],
+        *, stale_ok: bool,
+    ) -> int | None:
+        """One request and its answer on one connection of the pool.
+
+        *stale_ok*: a pooled connection that fails before the answer's head raises
+        `_StaleConnection` (the server closed it while it was idle).
+        """
+        assert self._pool is not None
+        async with self._pool.connection(host) as conn:
+            try:
+                await conn.send(method, target, headers)
+                head = await conn.read_head()
+            except wire.WireError:
+                if conn.from_pool and stale_ok:
+                    conn.reusable = False
+                    raise _StaleConnection() from None
+                raise
+            self._count(head.status)
+            if not head.keep_alive:
+                conn.reusable = False
+            body = (await conn.read_all(head, limit=_ERROR_BODY_LIMIT)
+                    if _reads_error_body(head.status) else None)
+            # Raising leaves any body unread, and the pool closes the connection.
+            crc = self._check_answer(head.status, head.headers, body, start, end, resource)
+            await conn.read_body(head, lambda _done, data: deliver(data))
+            return crc
 
     async def _get_httpx(
         self, req: proto.HttpRequest, start: int, end: int, resource: str,
-        crc_box: list[int], deliver: Callable[[memoryview], Awaitable[None]],
+        deliver: Callable[[memoryview], Awaitable[None]],
         received: Callable[[], int], cycle: _Cycle,
-    ) -> None:
+    ) -> int | None:
+        """`_get_once` through httpx (behind a proxy); the answer's CRC-64, if any."""
         try:
             async with self._http.stream(req.method, req.url, headers=req.headers) as resp:
                 self._count(resp.status_code)
                 body = None
-                if resp.status_code not in (200, 206):  # a 200 is not read at all
+                if _reads_error_body(resp.status_code):
                     body, _ = await _read_capped(resp, _ERROR_BODY_LIMIT, cycle)
-                self._check_answer(resp.status_code, resp.headers, body, start, end, resource,
-                                   crc_box)
+                crc = self._check_answer(resp.status_code, resp.headers, body, start, end,
+                                         resource)
                 async for chunk in resp.aiter_raw():
                     await deliver(memoryview(chunk))
+                return crc
         except _NETWORK_ERRORS as e:
             raise _Retryable(_describe_network_error(e), received=received()) from e
+
+
+def _reads_error_body(status: int) -> bool:
+    """Whether the body of an answer to a ranged GET is read before it is judged: only
+    an error's (capped), never the 206 that carries the range (it is the data) nor a
+    200 that carries the whole object (never read, it may be endless)."""
+    return status not in (200, 206)
 
 
 async def _read_capped(resp: httpx.Response, limit: int, cycle: _Cycle) -> tuple[bytes, bool]:
@@ -634,6 +708,15 @@ async def _read_capped(resp: httpx.Response, limit: int, cycle: _Cycle) -> tuple
 
 def _request_id(headers: Mapping[str, str]) -> str | None:
     return headers.get("x-oss-request-id") or headers.get("x-amz-request-id")
+
+
+@contextmanager
+def _counted_out(stats: ClientStats) -> Iterator[None]:
+    """Take one off ``gets_in_flight`` when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        stats.gets_in_flight -= 1
 
 
 class _StaleConnection(Exception):

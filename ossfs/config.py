@@ -4,16 +4,18 @@ Precedence, highest first: command-line options, environment variables, the
 selected profile of the config file, built-in defaults.
 
 - Object URLs: ``oss://BUCKET/KEY`` (OSS dialect) and ``s3://BUCKET/KEY``.
-- Credentials: ``OSS_ACCESS_KEY_ID`` / ``OSS_ACCESS_KEY_SECRET`` /
-  ``OSS_SESSION_TOKEN`` for OSS, ``AWS_ACCESS_KEY_ID`` /
-  ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` for S3; then the profile.
+- Credentials: the provider chain of `ossfs.credentials` (environment, RRSA or
+  web identity, the profile, the AWS files, the instance metadata service).
   None at all is an error (it would only show later as AccessDenied) unless
   anonymous access is asked for (``--anonymous``, public buckets).
 - Config file: ``$OSSFS_CONFIG`` or ``~/.config/ossfs/config.toml``; one table
   per profile (``[default]``, ``[work]`` ...) with ``endpoint``, ``region``,
   ``dialect``, ``signature_version``, ``path_style``, ``access_key_id``,
-  ``access_key_secret``, ``session_token``. A file that holds a secret and that
-  other users can read is refused.
+  ``access_key_secret``, ``session_token``, ``credential_process``,
+  ``ecs_ram_role``, ``metadata_endpoint``, ``role_arn``, ``oidc_provider_arn``,
+  ``oidc_token_file``, ``web_identity_token_file``, ``role_session_name``,
+  ``sts_endpoint``. A file that holds a secret and that other users can read is
+  refused.
 
 Secrets are never put in messages, logs or argv.
 
@@ -32,18 +34,21 @@ from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
+from ossfs.credentials import Source, Static, no_credentials_message, select_source
 from ossfs.errors import UsageError
 from ossfs.model import object_url
-from ossfs.protocol.requests import Dialect, Endpoint
-from ossfs.protocol.signing import Credentials
+from ossfs.protocol.ops import Dialect, Endpoint
 
 __all__ = [
     "ObjectUrl",
     "parse_object_url",
     "ConnectionOptions",
     "resolve_endpoint",
+    "resolve_connection",
     "default_config_path",
     "load_profile",
+    "default_cache_dir",
+    "connect_as_mount",
 ]
 
 
@@ -51,6 +56,9 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,62}$")
 _PROFILE_KEYS = frozenset({
     "endpoint", "region", "dialect", "signature_version", "path_style",
     "access_key_id", "access_key_secret", "session_token",
+    "credential_process", "ecs_ram_role", "metadata_endpoint", "role_arn",
+    "oidc_provider_arn", "oidc_token_file", "web_identity_token_file", "role_session_name",
+    "sts_endpoint",
 })
 _SECRET_KEYS = frozenset({"access_key_secret", "session_token"})
 
@@ -91,6 +99,31 @@ class ConnectionOptions:
     profile: str | None = None
     config_path: str | None = None
     anonymous: bool = False
+
+
+def default_cache_dir(endpoint_url: str, bucket: str,
+                      env: Mapping[str, str] | None = None) -> str:
+    """``~/.cache/ossfs/<host_port>/<bucket>`` (or under ``$XDG_CACHE_HOME``): one cache
+    per endpoint and bucket."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    host = "".join(c if c.isalnum() or c in ".-" else "_" for c in urlsplit(endpoint_url).netloc)
+    return os.path.join(base, "ossfs", host or "default", bucket)
+
+
+def connect_as_mount(opts: ConnectionOptions, mount: Mapping[str, Any]) -> ConnectionOptions:
+    """*opts* completed from a running mount's description (``user.ossfs.mount``): its
+    endpoint, dialect, config file, profile, signing and addressing, unless *opts* says
+    otherwise. So a command given a path inside a mount finds the mount's credentials."""
+    return ConnectionOptions(
+        endpoint=opts.endpoint or mount["endpoint"],
+        region=opts.region or mount.get("region"),
+        dialect=opts.dialect or mount["dialect"],
+        signature_version=opts.signature_version or mount.get("signature_version"),
+        path_style=opts.path_style if opts.path_style is not None else mount.get("path_style"),
+        profile=opts.profile or mount.get("profile"),
+        config_path=opts.config_path or mount.get("config_path"),
+        anonymous=opts.anonymous or bool(mount.get("anonymous")))
 
 
 def default_config_path(env: Mapping[str, str]) -> Path:
@@ -150,10 +183,26 @@ def _region_from_host(host: str, dialect: Dialect) -> str | None:
     return None
 
 
+# The region of a connection that names none, and whose endpoint does not tell.
+_DEFAULT_REGION: dict[Dialect, str] = {"oss": "cn-hangzhou", "s3": "us-east-1"}
+
+
 def resolve_endpoint(
     opts: ConnectionOptions, url_scheme: Dialect, env: Mapping[str, str] | None = None
 ) -> Endpoint:
-    """Combine options, environment and profile into an `Endpoint`."""
+    """Combine options, environment and profile into an `Endpoint`.
+
+    Its credentials are those of a static source; a source to fetch from (see
+    `resolve_connection`) leaves them None.
+    """
+    return resolve_connection(opts, url_scheme, env)[0]
+
+
+def resolve_connection(
+    opts: ConnectionOptions, url_scheme: Dialect, env: Mapping[str, str] | None = None
+) -> tuple[Endpoint, Source | None]:
+    """The `Endpoint`, and the credentials source to fetch from (None: the
+    endpoint carries its credentials, or is anonymous)."""
     env = os.environ if env is None else env
     required = opts.profile is not None or opts.config_path is not None
     path = Path(opts.config_path) if opts.config_path else default_config_path(env)
@@ -164,24 +213,16 @@ def resolve_endpoint(
     if dialect not in ("oss", "s3"):
         raise UsageError(f"unknown dialect {dialect!r} (use oss or s3)")
 
-    raw = opts.endpoint or profile.get("endpoint")
     env_region = env.get("OSS_REGION") if dialect == "oss" else env.get("AWS_REGION")
     region = opts.region or env_region or profile.get("region")
-    if raw:
-        if "://" not in raw:
-            raw = "https://" + raw
-        parts = urlsplit(raw)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError(f"not an endpoint URL: {raw!r}")
-        if parts.path not in ("", "/") or parts.query:
-            raise UsageError(f"endpoint {raw!r} must not have a path or query")
-        url = f"{parts.scheme}://{parts.netloc}"
-        region = region or _region_from_host(parts.hostname, dialect)
-    else:
-        region = region or ("cn-hangzhou" if dialect == "oss" else "us-east-1")
+    raw = opts.endpoint or profile.get("endpoint")
+    url, host = _endpoint_url(raw) if raw else (None, None)
+    if not region and host is not None:
+        region = _region_from_host(host, dialect)
+    region = region or _DEFAULT_REGION[dialect]
+    if url is None:
         url = (f"https://oss-{region}.aliyuncs.com" if dialect == "oss"
                else f"https://s3.{region}.amazonaws.com")
-    region = region or ("cn-hangzhou" if dialect == "oss" else "us-east-1")
 
     sigv = opts.signature_version or profile.get("signature_version") or "v4"
     if sigv not in ("v1", "v4"):
@@ -191,43 +232,28 @@ def resolve_endpoint(
         path_style = bool(profile["path_style"])
 
     creds = None
+    source: Source | None = None
     if not opts.anonymous:
-        creds = _credentials(dialect, env, profile)
-        if creds is None:
-            raise UsageError(_no_credentials(dialect, env, path, profile_name))
-    return Endpoint(url=url, dialect=dialect, region=region,
-                    signature_version=cast(Literal["v1", "v4"], sigv),
-                    path_style=path_style, credentials=creds)
+        where = f"profile {profile_name!r} of {path}"
+        source = select_source(dialect, env, profile, where, region=region)
+        if source is None:
+            raise UsageError(no_credentials_message(dialect, env, where))
+        if isinstance(source, Static):
+            creds, source = source.credentials, None
+    endpoint = Endpoint(url=url, dialect=dialect, region=region,
+                        signature_version=cast(Literal["v1", "v4"], sigv),
+                        path_style=path_style, credentials=creds)
+    return endpoint, source
 
 
-def _credentials(dialect: Dialect, env: Mapping[str, str],
-                 profile: Mapping[str, Any]) -> Credentials | None:
-    if dialect == "oss":
-        names = ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN")
-    else:
-        names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-    ak, sk, token = (env.get(n) for n in names)
-    if ak or sk:
-        if not (ak and sk):
-            missing = names[1] if ak else names[0]
-            raise UsageError(f"{missing} is not set ({names[0]} and {names[1]} go together)")
-        return Credentials(ak, sk, token or None)
-    if profile.get("access_key_id") or profile.get("access_key_secret"):
-        if not (profile.get("access_key_id") and profile.get("access_key_secret")):
-            raise UsageError("the profile needs both access_key_id and access_key_secret")
-        return Credentials(str(profile["access_key_id"]), str(profile["access_key_secret"]),
-                           profile.get("session_token") or None)
-    return None
+def _endpoint_url(raw: str) -> tuple[str, str]:
+    """The endpoint's ``scheme://host[:port]`` (https when not given) and its host name."""
+    if "://" not in raw:
+        raw = "https://" + raw
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"not an endpoint URL: {raw!r}")
+    if parts.path not in ("", "/") or parts.query:
+        raise UsageError(f"endpoint {raw!r} must not have a path or query")
+    return f"{parts.scheme}://{parts.netloc}", parts.hostname
 
-
-def _no_credentials(dialect: Dialect, env: Mapping[str, str], path: Path, profile: str) -> str:
-    """Why a request would go out unsigned, and what to do about it."""
-    ak, sk = (("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET") if dialect == "oss"
-              else ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
-    text = (f"no credentials found ({ak} and {sk}, or access_key_id and access_key_secret "
-            f"in profile {profile!r} of {path}); use --anonymous for a public bucket")
-    other = "AWS_ACCESS_KEY_ID" if dialect == "oss" else "OSS_ACCESS_KEY_ID"
-    if env.get(other):
-        text += (f" ({other} is set, but {dialect}:// URLs and the {dialect} dialect "
-                 f"use {ak})")
-    return text

@@ -51,7 +51,6 @@ from ossfs.errors import (
     NoSpaceError,
     ObjectChangedError,
     UsageError,
-    unwrap_groups,
 )
 from ossfs.escape import printable
 from ossfs.fetcher import Fetcher
@@ -65,13 +64,13 @@ from ossfs.fsutil import (
 )
 from ossfs.model import (
     DEFAULT_PART_SIZE,
-    MAX_PART_SIZE,
-    MIN_PART_SIZE,
     ObjectMeta,
     format_size,
     object_url,
     resolve_range,
+    validate_part_size,
 )
+from ossfs.pool import run_pool
 
 __all__ = [
     "DownloadRequest",
@@ -81,7 +80,6 @@ __all__ = [
     "download",
     "checkpoint_path_for",
     "temp_path_for",
-    "validate_part_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,6 +93,9 @@ Verification = Literal["crc64", "md5", "parts"]
 TEMP_SUFFIX = ".ossfs-tmp"
 CHECKPOINT_SUFFIX = ".ossfs-checkpoint"
 _MD5_ETAG = re.compile(r"^[0-9a-fA-F]{32}$")
+# How often the object may change during one run (a 412 on If-Match) before the run
+# fails: each time the download starts over with the version there now.
+RESTARTS = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,12 +151,6 @@ class DownloadResult:
     verified_by: Verification | None
     restarts: int
     elapsed: float
-
-
-def validate_part_size(part_size: int) -> None:
-    if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
-        raise UsageError(f"part size {format_size(part_size)} is out of range "
-                         f"({format_size(MIN_PART_SIZE)} to {format_size(MAX_PART_SIZE)})")
 
 
 def temp_path_for(file_path: str) -> str:
@@ -328,9 +323,13 @@ async def download(client: ObjectClient, request: DownloadRequest) -> DownloadRe
                                         began, restarts)
                 ok = True
                 return result
-            except ObjectChangedError:
+            except ObjectChangedError as e:
                 restarts += 1
-                if restarts > 2:
+                if restarts > RESTARTS:
+                    e.args = (f"{_url(request)} kept changing during the download (replaced "
+                              f"{restarts} times; the last time: {e}); no part of it is kept "
+                              f"and {request.file_path} is not written: run the same command "
+                              "again once the object stays the same",)
                     raise
                 notice(f"{_url(request)} changed during the download; "
                        "starting over")
@@ -418,27 +417,22 @@ async def _run(
             progress(n, done, total)
 
     fetcher = Fetcher(client, connections=request.threads)
-    send, receive = trio.open_memory_channel[int](len(missing))
-    for part in missing:
-        send.send_nowait(part)
-    send.close()
-
     parts_done = len(store.parts)
     if request.on_part is not None:
         request.on_part(parts_done, store.layout.count)
 
-    async def worker() -> None:
-        nonlocal parts_done
-        async for part in receive:
-            await fetcher.ensure(store, part, on_bytes=on_bytes)
-            parts_done += 1
-            if request.on_part is not None:
-                request.on_part(parts_done, store.layout.count)
+    async def feed(send: trio.MemorySendChannel[int]) -> None:
+        for part in missing:
+            send.send_nowait(part)
 
-    with unwrap_groups():
-        async with trio.open_nursery() as nursery:
-            for _ in range(min(request.threads, len(missing))):
-                nursery.start_soon(worker)
+    async def fetch(part: int) -> None:
+        nonlocal parts_done
+        await fetcher.ensure(store, part, on_bytes=on_bytes)
+        parts_done += 1
+        if request.on_part is not None:
+            request.on_part(parts_done, store.layout.count)
+
+    await run_pool(min(request.threads, len(missing)), feed, fetch, buffer=len(missing))
 
     checked = await trio.to_thread.run_sync(_check_integrity, store, meta)
     await trio.to_thread.run_sync(_finish, store, path, temp, meta)

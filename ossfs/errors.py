@@ -4,6 +4,7 @@
 
     OssfsError                      anything ossfs reports to a user
     ├── UsageError                  bad command-line input or configuration
+    ├── CredentialError             a credentials provider gave none, or they expired (EACCES)
     ├── ServiceError                the object store answered with an error
     │   ├── NotFoundError           NoSuchKey, NoSuchBucket (ENOENT)
     │   ├── AccessError             AccessDenied, bad signature or key (EACCES)
@@ -31,6 +32,7 @@ from contextlib import contextmanager
 __all__ = [
     "OssfsError",
     "UsageError",
+    "CredentialError",
     "ServiceError",
     "NotFoundError",
     "AccessError",
@@ -55,6 +57,11 @@ class OssfsError(Exception):
 
 class UsageError(OssfsError):
     """The user asked for something that cannot be done as asked."""
+
+
+class CredentialError(OssfsError):
+    """No usable credentials: the provider failed, or its credentials expired
+    and could not be renewed. The message names the provider."""
 
 
 class ServiceError(OssfsError):
@@ -246,7 +253,7 @@ def errno_for(exc: BaseException) -> int:
     """The errno a filesystem call should fail with for *exc*."""
     if isinstance(exc, NotFoundError):
         return errno.ENOENT
-    if isinstance(exc, AccessError):
+    if isinstance(exc, (AccessError, CredentialError)):
         return errno.EACCES
     if isinstance(exc, ObjectChangedError):
         # Not ESTALE: tools take that for a stale NFS handle; the next open sees

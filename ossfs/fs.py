@@ -305,8 +305,7 @@ class Operations(pyfuse3.Operations):
                 # service's CRC-64 once, in the background (a HEAD at most).
                 self.fetcher.spawn(self._check_whole, node, self.cache.reuse(ident))
         fh = self._new_fh()
-        url = f"{self.ns.scheme}://{self.ns.bucket}/{meta.key}"
-        self._handles[fh] = _Handle(node, self.reader.open(store, url))
+        self._handles[fh] = _Handle(node, self.reader.open(store, self.ns.url(meta.key)))
         # An inode is one version (`Namespace`): its page cache is good, unless the
         # cached bytes it came from failed the whole-object check since.
         keep = self._stale_pages.pop(inode, None) is None
@@ -403,7 +402,7 @@ class Operations(pyfuse3.Operations):
             if attr == "etag":
                 return meta.etag.encode()
             if attr == "url":
-                return f"{self.ns.scheme}://{self.ns.bucket}/{meta.key}".encode()
+                return self.ns.url(meta.key).encode()
             if attr == "crc64":
                 crc = await self.ns.object_crc64(node)
                 if crc is None:

@@ -30,7 +30,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -44,7 +44,6 @@ from ossfs.errors import (
     ObjectChangedError,
     OssfsError,
     UsageError,
-    unwrap_groups,
 )
 from ossfs.escape import printable
 from ossfs.fetcher import Fetcher
@@ -57,9 +56,10 @@ from ossfs.fsutil import (
 )
 from ossfs.model import ObjectMeta, format_size, object_url
 from ossfs.namespace import ListingGuard, valid_name
+from ossfs.pool import run_pool
 
 __all__ = ["MaterializeRequest", "MaterializeResult", "materialize", "check_shard", "in_shard",
-           "list_objects"]
+           "list_objects", "shard_from_environment", "SHARD_COUNT_VARIABLE", "fetcher_for"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,107 @@ def check_shard(shard: tuple[int, int]) -> None:
     index, count = shard
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard {index}/{count} does not exist (use I/N with 0 <= I < N)")
+
+
+# The shard count of a Kubernetes Indexed Job (Kubernetes sets only the index).
+SHARD_COUNT_VARIABLE = "OSSFS_SHARD_COUNT"
+
+
+def _env_int(env: Mapping[str, str], name: str, *, least: int) -> int:
+    text = env[name].strip()
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"--shard auto: {name}='{printable(text)}' is not a whole number"
+                         ) from None
+    if value < least:
+        raise UsageError(f"--shard auto: {name}={value} must be at least {least}")
+    return value
+
+
+def shard_from_environment(env: Mapping[str, str], count: int | None = None
+                           ) -> tuple[tuple[int, int], str]:
+    """``--shard auto``: shard (I, N) from the job runner's variables, and where it came from.
+
+    - Kubernetes Indexed Job: ``JOB_COMPLETION_INDEX``; N is *count* (``--shard-count``)
+      or ``$OSSFS_SHARD_COUNT``, since Kubernetes does not tell the pod the Job's
+      completions.
+    - Slurm job array: ``SLURM_ARRAY_TASK_ID`` among ``SLURM_ARRAY_TASK_COUNT`` tasks
+      numbered from ``SLURM_ARRAY_TASK_MIN`` in steps of ``SLURM_ARRAY_TASK_STEP``
+      (``--array=1-16`` is shards 0..15; ``--array=0-30:2`` shards 0..15).
+    - torchrun and the like: ``RANK`` of ``WORLD_SIZE``.
+
+    Several runners may be present (torchrun inside a Kubernetes Job): they must
+    agree. A count given besides (*count* or the variable) must match too.
+    UsageError, one line, when none is there or the values do not fit together.
+    """
+    given = count
+    given_from = "--shard-count"
+    if given is None and env.get(SHARD_COUNT_VARIABLE, "").strip():
+        given, given_from = _env_int(env, SHARD_COUNT_VARIABLE, least=1), SHARD_COUNT_VARIABLE
+    found: list[tuple[tuple[int, int], str]] = []
+
+    if "JOB_COMPLETION_INDEX" in env:
+        index = _env_int(env, "JOB_COMPLETION_INDEX", least=0)
+        if given is None:
+            raise UsageError(f"--shard auto: JOB_COMPLETION_INDEX={index} (a Kubernetes "
+                             "Indexed Job) needs the shard count: give --shard-count N or "
+                             f"set {SHARD_COUNT_VARIABLE} to the Job's completions")
+        if index >= given:
+            raise UsageError(f"--shard auto: JOB_COMPLETION_INDEX={index} is not below "
+                             f"{given_from}={given}")
+        found.append(((index, given), f"JOB_COMPLETION_INDEX={index}, {given_from}={given}"))
+
+    if "SLURM_ARRAY_TASK_ID" in env:
+        if "SLURM_ARRAY_TASK_COUNT" not in env:
+            raise UsageError("--shard auto: SLURM_ARRAY_TASK_ID is set but "
+                             "SLURM_ARRAY_TASK_COUNT is not")
+        task = _env_int(env, "SLURM_ARRAY_TASK_ID", least=0)
+        tasks = _env_int(env, "SLURM_ARRAY_TASK_COUNT", least=1)
+        low = _env_int(env, "SLURM_ARRAY_TASK_MIN", least=0) \
+            if "SLURM_ARRAY_TASK_MIN" in env else 0
+        step = _env_int(env, "SLURM_ARRAY_TASK_STEP", least=1) \
+            if "SLURM_ARRAY_TASK_STEP" in env else 1
+        index, off = divmod(task - low, step)
+        high = env.get("SLURM_ARRAY_TASK_MAX", "").strip()
+        last = low + (tasks - 1) * step
+        if task < low or off or index >= tasks or (high and high != str(last)):
+            raise UsageError(
+                f"--shard auto: SLURM_ARRAY_TASK_ID={task} is not one of "
+                f"SLURM_ARRAY_TASK_COUNT={tasks} evenly spaced tasks from "
+                f"SLURM_ARRAY_TASK_MIN={low} (step {step}"
+                + (f", SLURM_ARRAY_TASK_MAX={printable(high)}" if high else "")
+                + "): use a range such as --array=0-N, or give --shard I/N")
+        found.append(((index, tasks), f"SLURM_ARRAY_TASK_ID={task}, "
+                      f"SLURM_ARRAY_TASK_MIN={low}, SLURM_ARRAY_TASK_COUNT={tasks}"))
+
+    if "RANK" in env or "WORLD_SIZE" in env:
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            missing, present = ("WORLD_SIZE", "RANK") if "RANK" in env else ("RANK",
+                                                                             "WORLD_SIZE")
+            raise UsageError(f"--shard auto: {present} is set but {missing} is not")
+        rank = _env_int(env, "RANK", least=0)
+        size = _env_int(env, "WORLD_SIZE", least=1)
+        if rank >= size:
+            raise UsageError(f"--shard auto: RANK={rank} is not below WORLD_SIZE={size}")
+        found.append(((rank, size), f"RANK={rank}, WORLD_SIZE={size}"))
+
+    if not found:
+        raise UsageError("--shard auto found no job runner: set JOB_COMPLETION_INDEX "
+                         f"(Kubernetes Indexed Job, with --shard-count N or "
+                         f"{SHARD_COUNT_VARIABLE}), SLURM_ARRAY_TASK_ID and "
+                         "SLURM_ARRAY_TASK_COUNT (Slurm array), or RANK and WORLD_SIZE; "
+                         "or give --shard I/N")
+    shards = {shard for shard, _ in found}
+    if len(shards) > 1:
+        said = "; ".join(f"{i}/{n} from {why}" for (i, n), why in found)
+        raise UsageError(f"--shard auto: the job runners disagree ({said}): "
+                         "give --shard I/N")
+    shard, why = found[0]
+    if given is not None and shard[1] != given:
+        raise UsageError(f"--shard auto: {given_from}={given} does not match the "
+                         f"{shard[1]} shards of {why}")
+    return shard, why
 
 
 def in_shard(key: str, shard: tuple[int, int] | None) -> bool:
@@ -232,193 +333,224 @@ def _no_space(error: OSError, where: str) -> NoSpaceError:
                         "to continue", path=where)
 
 
-async def materialize(client: ObjectClient, cache: CacheDir,
-                      request: MaterializeRequest) -> MaterializeResult:
-    """Run *request*; per-object failures are collected, not raised."""
+async def materialize(client: ObjectClient, cache: CacheDir, request: MaterializeRequest,
+                      *, fetcher: Fetcher | None = None) -> MaterializeResult:
+    """Run *request*; per-object failures are collected, not raised.
+
+    *fetcher*: the one to fetch with, for a caller that shows its counters while the
+    run goes (``--metrics``); by default one of ``request.threads`` connections with
+    *cache* as its budget (`fetcher_for`).
+    """
     began = time.monotonic()
-    say = request.notice or (lambda m: log.warning("%s", m))
-
-    def notice(message: str) -> None:
-        say(printable(message))
-
     if request.shard is not None:
         try:
             check_shard(request.shard)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    def url(key: str) -> str:
-        return object_url(request.scheme, request.bucket, key)
-
+    run = _Run(client, cache, request, fetcher or fetcher_for(client, cache, request))
     listed = await list_objects(client, request.bucket, request.key)
     if not listed:
-        where = url(request.key)
+        where = run.url(request.key)
         raise OssfsError(f"nothing to materialize: no object is {where} or under it"
                          if request.key and not request.key.endswith("/")
                          else f"nothing to materialize: no object under {where}")
-    objects = [o for o in listed if in_shard(o.key, request.shard)]
-    if not objects and request.shard is not None:
-        notice(f"shard {request.shard[0]}/{request.shard[1]} holds none of the "
-               f"{len(listed)} object(s) under {url(request.key)}")
-    prefix = request.key if request.key.endswith("/") else (
-        request.key.rsplit("/", 1)[0] + "/" if "/" in request.key else "")
-    total = sum(o.size for o in objects)
-    largest = max((o.size for o in objects), default=0)
-    if request.to_dir is None and total > cache.max_bytes:
-        notice(f"{format_size(total)} does not fit in the cache ({format_size(cache.max_bytes)}):"
-               " the cache keeps its limit, so what is fetched first is evicted again "
-               "(use --to DIR or a larger --cache-size)")
-    elif request.to_dir is not None and largest > cache.max_bytes:
-        notice(f"the largest object ({format_size(largest)}) is larger than the cache "
-               f"({format_size(cache.max_bytes)}): each object passes through the cache "
-               "whole on its way to --to, so the cache goes over its limit while it does "
-               "(use ossfs download for such objects, or a larger --cache-size)")
-    fetcher = Fetcher(client, connections=request.threads, budget=cache)
-    done_bytes = 0
-    reused = 0
-    objects_done = 0
-    written = 0
-    skipped = 0
-    failed: list[str] = []
+    run.objects = [o for o in listed if in_shard(o.key, request.shard)]
+    if not run.objects and request.shard is not None:
+        run.notice(f"shard {request.shard[0]}/{request.shard[1]} holds none of the "
+                   f"{len(listed)} object(s) under {run.url(request.key)}")
+    run.total = sum(o.size for o in run.objects)
+    run.warn_if_too_large()
+    await run.run_pass(list(range(len(run.objects))))
+    await run.restart_changed()
+    return MaterializeResult(
+        objects=len(run.objects), total_bytes=run.total,
+        bytes_fetched=run.fetcher.bytes_fetched, bytes_reused=run.reused,
+        parts_fetched=run.fetcher.parts_fetched, written=run.written, skipped=run.skipped,
+        failed=run.failed, elapsed=time.monotonic() - began,
+    )
 
-    def on_bytes(n: int) -> None:
-        nonlocal done_bytes
-        done_bytes += n
-        if request.progress is not None:
-            request.progress(n, done_bytes, total)
 
-    # Every part of every object goes through one channel to `threads` workers, in
-    # listing order, so early objects finish first (and can be written out early).
-    send, receive = trio.open_memory_channel[tuple[int, PartStore, int]](request.threads * 2)
-    remaining: dict[int, int] = {}
-    stores: dict[int, PartStore] = {}
-    object_failed: set[int] = set()
-    changed: dict[int, str] = {}  # objects replaced while fetched: index -> the error
+def fetcher_for(client: ObjectClient, cache: CacheDir, request: MaterializeRequest) -> Fetcher:
+    """The fetcher of a run of *request*: ``request.threads`` connections, into *cache*."""
+    return Fetcher(client, connections=request.threads, budget=cache)
 
-    async def object_finished(i: int) -> None:
-        nonlocal objects_done, written, skipped
-        store, meta = stores[i], objects[i]
-        to_dir = request.to_dir
-        dest = _destination(prefix, meta.key)
+
+class _Run:
+    """One materialize run: the objects, what became of them, and the counters.
+
+    Every part of every object goes through one channel to ``threads`` workers,
+    in listing order, so early objects finish first (and can be written out early).
+    """
+
+    def __init__(self, client: ObjectClient, cache: CacheDir, request: MaterializeRequest,
+                 fetcher: Fetcher) -> None:
+        self.client = client
+        self.cache = cache
+        self.request = request
+        self.fetcher = fetcher
+        self.objects: list[ObjectMeta] = []
+        self.total = 0  # bytes of all objects
+        key = request.key
+        self.prefix = key if key.endswith("/") else (
+            key.rsplit("/", 1)[0] + "/" if "/" in key else "")
+        self.done_bytes = 0  # cached so far, fetched or found
+        self.reused = 0  # found in the cache
+        self.objects_done = 0
+        self.written = 0
+        self.skipped = 0
+        self.failed: list[str] = []
+        self.remaining: dict[int, int] = {}  # object index -> parts still to fetch
+        self.stores: dict[int, PartStore] = {}
+        self.object_failed: set[int] = set()
+        self.changed: dict[int, str] = {}  # objects replaced while fetched: index -> the error
+
+    def url(self, key: str) -> str:
+        return object_url(self.request.scheme, self.request.bucket, key)
+
+    def notice(self, message: str) -> None:
+        say = self.request.notice or (lambda m: log.warning("%s", m))
+        say(printable(message))
+
+    def warn_if_too_large(self) -> None:
+        cap = self.cache.max_bytes
+        largest = max((o.size for o in self.objects), default=0)
+        if self.request.to_dir is None and self.total > cap:
+            self.notice(f"{format_size(self.total)} does not fit in the cache "
+                        f"({format_size(cap)}): the cache keeps its limit, so what is fetched "
+                        "first is evicted again (use --to DIR or a larger --cache-size)")
+        elif self.request.to_dir is not None and largest > cap:
+            self.notice(f"the largest object ({format_size(largest)}) is larger than the "
+                        f"cache ({format_size(cap)}): each object passes through the cache "
+                        "whole on its way to --to, so the cache goes over its limit while it "
+                        "does (use ossfs download for such objects, or a larger --cache-size)")
+
+    def _progress(self, n: int) -> None:
+        if self.request.progress is not None:
+            self.request.progress(n, self.done_bytes, self.total)
+
+    def on_bytes(self, n: int) -> None:
+        self.done_bytes += n
+        self._progress(n)
+
+    async def run_pass(self, indexes: list[int]) -> None:
+        async def feed(send: trio.MemorySendChannel[tuple[int, PartStore, int]]) -> None:
+            for i in indexes:
+                await self._open(i, send)
+
+        await run_pool(self.request.threads, feed, self._fetch_part,
+                       buffer=self.request.threads * 2)
+
+    async def _open(self, i: int, send: trio.MemorySendChannel[tuple[int, PartStore, int]],
+                    ) -> None:
+        """Open object *i*'s store and send its missing parts to the workers."""
+        meta, cache = self.objects[i], self.cache
         try:
-            if i not in object_failed and to_dir is not None:
+            store = await self.fetcher.open_store(cache, identity_for(
+                self.request.bucket, meta.key, meta.etag, meta.size, self.request.part_size))
+        except OSError as e:
+            if is_disk_full(e):  # creating the store's index
+                raise _no_space(e, f"the cache {cache.root}") from None
+            raise
+        self.stores[i] = store
+        if self.request.to_dir is not None:
+            # The whole object stays until it is complete and written out. Without
+            # --to nothing is pinned: the cache keeps its cap and evicts what was
+            # fetched first.
+            cache.pin(store, range(store.layout.count))
+        have = store.present_bytes
+        self.reused += have
+        self.done_bytes += have
+        self._progress(0)
+        missing = store.missing()
+        self.remaining[i] = len(missing)
+        if not missing:
+            await self._object_finished(i)
+        for part in missing:
+            await send.send((i, store, part))
+
+    async def _fetch_part(self, item: tuple[int, PartStore, int]) -> None:
+        i, store, part = item
+        cache = self.cache
+        try:
+            await self.fetcher.ensure(store, part, on_bytes=self.on_bytes)
+        except NoSpaceError as e:
+            # The cache's disk is full (or at its free-space floor): every other part
+            # would fail the same way. Stop; what is cached stays.
+            if isinstance(e.__cause__, OSError):
+                raise _no_space(e.__cause__, f"the cache {cache.root}") from None
+            raise NoSpaceError(f"{e}; what is already fetched is kept: free some space "
+                               "and run the same command again to continue",
+                               path=cache.root) from None
+        except ObjectChangedError as e:
+            if i not in self.object_failed:
+                self.object_failed.add(i)
+                self.changed[i] = str(e)
+        except OssfsError as e:
+            if i not in self.object_failed:
+                self.object_failed.add(i)
+                self.failed.append(printable(f"{self.url(self.objects[i].key)}: {e}"))
+        except OSError as e:
+            if is_disk_full(e):
+                # Every other part would fail the same way: stop, keep what is cached.
+                raise _no_space(e, f"the cache {cache.root}") from None
+            raise
+        self.remaining[i] -= 1
+        if self.remaining[i] == 0:
+            await self._object_finished(i)
+
+    async def _object_finished(self, i: int) -> None:
+        """Write object *i* out (with --to) and release its store."""
+        store, meta = self.stores[i], self.objects[i]
+        to_dir = self.request.to_dir
+        dest = _destination(self.prefix, meta.key)
+        try:
+            if i not in self.object_failed and to_dir is not None:
                 if dest is None:
-                    skipped += 1
-                    notice(f"skipping {meta.key}: it cannot be a file name under {to_dir}")
+                    self.skipped += 1
+                    self.notice(f"skipping {meta.key}: it cannot be a file name under "
+                                f"{to_dir}")
                 elif await trio.to_thread.run_sync(_write_out, store, meta, to_dir, dest):
-                    written += 1
+                    self.written += 1
         except UnsafeFileError as e:
-            skipped += 1
-            notice(f"skipping {meta.key}: {e}; nothing is written through it")
+            self.skipped += 1
+            self.notice(f"skipping {meta.key}: {e}; nothing is written through it")
         except OSError as e:
             if is_disk_full(e):
                 raise _no_space(e, os.path.join(to_dir or "", *(dest or []))) from None
-            failed.append(printable(f"{url(meta.key)}: cannot write it out: {e}"))
+            self.failed.append(printable(f"{self.url(meta.key)}: cannot write it out: {e}"))
         finally:
-            if request.to_dir is not None:
-                cache.unpin(store, range(store.layout.count))
-            cache.release(store)
-            objects_done += 1
-            if request.on_object is not None:
-                request.on_object(objects_done, len(objects))
+            if to_dir is not None:
+                self.cache.unpin(store, range(store.layout.count))
+            self.cache.release(store)
+            self.objects_done += 1
+            if self.request.on_object is not None:
+                self.request.on_object(self.objects_done, len(self.objects))
 
-    async def worker() -> None:
-        async for i, store, part in receive:
-            try:
-                await fetcher.ensure(store, part, on_bytes=on_bytes)
-            except NoSpaceError as e:
-                # The cache's disk is full (or at its free-space floor): every other part
-                # would fail the same way. Stop; what is cached stays.
-                if isinstance(e.__cause__, OSError):
-                    raise _no_space(e.__cause__, f"the cache {cache.root}") from None
-                raise NoSpaceError(f"{e}; what is already fetched is kept: free some space "
-                                   "and run the same command again to continue",
-                                   path=cache.root) from None
-            except ObjectChangedError as e:
-                if i not in object_failed:
-                    object_failed.add(i)
-                    changed[i] = str(e)
-            except OssfsError as e:
-                if i not in object_failed:
-                    object_failed.add(i)
-                    failed.append(printable(f"{url(objects[i].key)}: {e}"))
-            except OSError as e:
-                if is_disk_full(e):
-                    # Every other part would fail the same way: stop, keep what is cached.
-                    raise _no_space(e, f"the cache {cache.root}") from None
-                raise
-            remaining[i] -= 1
-            if remaining[i] == 0:
-                await object_finished(i)
-
-    async def feed(indexes: list[int]) -> None:
-        nonlocal reused, done_bytes
-        async with send:
-            for i in indexes:
-                meta = objects[i]
-                try:
-                    store = await fetcher.open_store(cache, identity_for(
-                        request.bucket, meta.key, meta.etag, meta.size, request.part_size))
-                except OSError as e:
-                    if is_disk_full(e):  # creating the store's index
-                        raise _no_space(e, f"the cache {cache.root}") from None
-                    raise
-                stores[i] = store
-                if request.to_dir is not None:
-                    # The whole object stays until it is complete and written out.
-                    # Without --to nothing is pinned: the cache keeps its cap and
-                    # evicts what was fetched first.
-                    cache.pin(store, range(store.layout.count))
-                have = store.present_bytes
-                reused += have
-                done_bytes += have
-                if request.progress is not None:
-                    request.progress(0, done_bytes, total)
-                missing = store.missing()
-                remaining[i] = len(missing)
-                if not missing:
-                    await object_finished(i)
-                    continue
-                for part in missing:
-                    await send.send((i, store, part))
-
-    async def run_pass(indexes: list[int]) -> None:
-        nonlocal send, receive
-        send, receive = trio.open_memory_channel[tuple[int, PartStore, int]](
-            request.threads * 2)
-        with unwrap_groups():
-            async with trio.open_nursery() as nursery:
-                for _ in range(request.threads):
-                    nursery.start_soon(worker)
-                nursery.start_soon(feed, indexes)
-
-    await run_pass(list(range(len(objects))))
-    for restart in range(RESTARTS + 1):
-        if not changed:
-            break
-        again = sorted(changed)
-        if restart == RESTARTS:
+    async def restart_changed(self) -> None:
+        """Fetch again the objects replaced while they were fetched, like download does:
+        the version there now, at most RESTARTS times."""
+        for restart in range(RESTARTS + 1):
+            if not self.changed:
+                return
+            again = sorted(self.changed)
+            if restart == RESTARTS:
+                for i in again:
+                    self.failed.append(f"{self.url(self.objects[i].key)}: it kept changing "
+                                       f"while it was fetched ({self.changed[i]})")
+                return
+            retry: list[int] = []
             for i in again:
-                failed.append(f"{url(objects[i].key)}: it kept changing while it was fetched "
-                              f"({changed[i]})")
-            break
-        # Replaced since it was listed: fetch the version there now, like download does.
-        retry: list[int] = []
-        for i in again:
-            notice(f"{url(objects[i].key)} changed while it was fetched: starting it over")
-            try:
-                objects[i] = await client.head(request.bucket, objects[i].key)
-            except OssfsError as e:
-                failed.append(f"{url(objects[i].key)}: {e}")
-                continue
-            object_failed.discard(i)
-            objects_done -= 1
-            retry.append(i)
-        changed.clear()
-        total = sum(o.size for o in objects)
-        if retry:
-            await run_pass(retry)
-    return MaterializeResult(
-        objects=len(objects), total_bytes=total, bytes_fetched=fetcher.bytes_fetched,
-        bytes_reused=reused, parts_fetched=fetcher.parts_fetched, written=written,
-        skipped=skipped, failed=failed, elapsed=time.monotonic() - began,
-    )
+                key = self.objects[i].key
+                self.notice(f"{self.url(key)} changed while it was fetched: starting it over")
+                try:
+                    self.objects[i] = await self.client.head(self.request.bucket, key)
+                except OssfsError as e:
+                    self.failed.append(f"{self.url(key)}: {e}")
+                    continue
+                self.object_failed.discard(i)
+                self.objects_done -= 1
+                retry.append(i)
+            self.changed.clear()
+            self.total = sum(o.size for o in self.objects)
+            if retry:
+                await self.run_pass(retry)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ossfs.errors import UsageError
+
 __all__ = [
     "KiB",
     "MiB",
@@ -22,6 +24,7 @@ __all__ = [
     "DEFAULT_CACHE_PART_SIZE",
     "MIN_PART_SIZE",
     "MAX_PART_SIZE",
+    "validate_part_size",
     "ObjectMeta",
     "ListPage",
     "PartLayout",
@@ -152,6 +155,13 @@ def parse_size(text: str) -> int:
     if value != int(value):
         raise ValueError(f"not a whole number of bytes: {text!r}")
     return int(value)
+
+
+def validate_part_size(part_size: int) -> None:
+    """UsageError unless *part_size* is one the services take (100 KiB to 5 GiB)."""
+    if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
+        raise UsageError(f"part size {format_size(part_size)} is out of range "
+                         f"({format_size(MIN_PART_SIZE)} to {format_size(MAX_PART_SIZE)})")
 
 
 def format_size(n: float) -> str:

@@ -15,10 +15,8 @@ Must not import: httpx (the client is made by the caller's factory).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import re
 import resource
 import signal
 import sys
@@ -26,7 +24,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
@@ -36,11 +34,15 @@ from ossfs.client import ObjectClient
 from ossfs.errors import OssfsError, UsageError, unwrap_groups
 from ossfs.fetcher import Fetcher
 from ossfs.fs import FsOptions, Operations
+from ossfs.mounttable import tune_kernel_read_ahead
 from ossfs.namespace import DEFAULT_MAX_DIR_ENTRIES, Namespace
 from ossfs.prefetch import SiblingPrefetch
 
-__all__ = ["MountConfig", "run", "check_mountpoint", "unmount", "mounted_fstype",
-           "is_dead_mount", "dead_mount_message"]
+if TYPE_CHECKING:
+    # (imported when used: prometheus_client takes 65 ms to import)
+    from ossfs.metrics import MetricsServer, OpTimes
+
+__all__ = ["MountConfig", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -79,127 +81,7 @@ class MountConfig:
     path_style: bool | None = None
     anonymous: bool = False
     max_dir_entries: int = DEFAULT_MAX_DIR_ENTRIES
-
-
-def _mountinfo(path: str) -> tuple[str, str] | None:
-    """(file system type, ``major:minor``) of what is mounted exactly at *path*.
-
-    Read from /proc/self/mountinfo, which (unlike stat) still answers for a dead
-    FUSE mount whose process is gone, and asks nothing of a live one.
-    """
-    want = os.fsencode(os.path.abspath(path))
-    found = None
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index(b"-")
-                # Spaces and the like are octal escapes (\040) in mountinfo.
-                point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]),
-                               fields[4])
-                if point == want:
-                    # The last mount on a path is the visible one.
-                    found = (os.fsdecode(fields[sep + 1]), os.fsdecode(fields[2]))
-    except (OSError, ValueError, IndexError):
-        return None
-    return found
-
-
-def mounted_fstype(path: str) -> str | None:
-    """The file system type mounted exactly at *path* (e.g. ``fuse.ossfs``), or None."""
-    info = _mountinfo(path)
-    return info[0] if info else None
-
-
-def tune_kernel_read_ahead(path: str, kb: int) -> bool:
-    """Set the mount's kernel read-ahead, its backing device's read_ahead_kb (needs
-    root; best effort: False if not set).
-
-    The kernel's default of 128 KiB makes it send reads of 128-256 KiB; at 1 MiB (the
-    most one FUSE request carries) a sequential read costs a quarter of the requests,
-    and a warm cached read ran at 4.7x the speed (305 -> 1422 MB/s, 512 MiB, page
-    cache dropped)."""
-    info = _mountinfo(path)
-    if info is None:
-        return False
-    try:
-        with open(f"/sys/class/bdi/{info[1]}/read_ahead_kb", "w") as f:
-            f.write(str(kb))
-    except OSError as e:
-        log.debug("cannot set the kernel read-ahead of %s: %s", path, e)
-        return False
-    return True
-
-
-def is_dead_mount(path: str) -> bool:
-    """Whether *path* is a FUSE mount whose process is gone (ENOTCONN).
-
-    statvfs always asks the file system: stat alone may be answered from the
-    kernel's cached attributes of the root and look alive.
-    """
-    fstype = mounted_fstype(path)
-    if fstype is None or not fstype.startswith("fuse"):
-        return False
-    try:
-        os.statvfs(path)
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
-    return False
-
-
-def dead_mount_message(path: str) -> str:
-    return f"{path} holds a dead mount (its process is gone); run: ossfs unmount {path}"
-
-
-def check_mountpoint(path: str) -> str:
-    """The absolute mountpoint, or a UsageError saying why it cannot be used.
-
-    A dead ossfs mount (its process was killed) is unmounted first: nothing can
-    be using it any more. Any other dead FUSE mount is left to the user.
-    """
-    path = os.path.abspath(path)
-    if is_dead_mount(path):
-        if mounted_fstype(path) != "fuse.ossfs":
-            raise UsageError(f"mountpoint {dead_mount_message(path)}")
-        log.warning("%s held a dead ossfs mount (its process is gone): unmounting it", path)
-        try:
-            unmount(path)
-        except UsageError as e:
-            raise UsageError(f"mountpoint {path} holds a dead ossfs mount that cannot be "
-                             f"unmounted ({e}); run: ossfs unmount -z {path}") from None
-    try:
-        os.stat(path)
-    except FileNotFoundError:
-        raise UsageError(f"mountpoint {path} does not exist") from None
-    except OSError as e:
-        if e.errno == errno.ENOTCONN:
-            raise UsageError(f"mountpoint {dead_mount_message(path)}") from None
-        raise UsageError(f"mountpoint {path}: {e.strerror}") from None
-    if not os.path.isdir(path):
-        raise UsageError(f"mountpoint {path} is not a directory")
-    if os.path.ismount(path):
-        raise UsageError(f"mountpoint {path} is busy: something is already mounted there")
-    return path
-
-
-def unmount(path: str, *, lazy: bool = False) -> None:
-    """Unmount a FUSE mount (also a dead one whose process is gone)."""
-    import subprocess
-
-    path = os.path.abspath(path)
-    if mounted_fstype(path) is None:
-        if not os.path.exists(path):
-            raise UsageError(f"cannot unmount {path}: it does not exist")
-        raise UsageError(f"cannot unmount {path}: nothing is mounted there")
-    args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [path]
-    try:
-        result = subprocess.run(args, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        result = subprocess.run(["umount"] + (["-l"] if lazy else []) + [path],
-                                capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        message = (result.stderr or result.stdout).strip().splitlines()
-        raise UsageError(f"cannot unmount {path}: {message[-1] if message else 'failed'}")
+    metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint, for `describe`
 
 
 def _fuse_options(config: MountConfig) -> set[str]:
@@ -222,7 +104,8 @@ _COUNT_INTERVAL = 30.0
 
 
 async def _serve(config: MountConfig, make_client: ClientFactory,
-                 ready: Callable[[str | None], None]) -> int | None:
+                 ready: Callable[[str | None], None],
+                 metrics: MetricsServer | None = None) -> int | None:
     """Serve the mount; the signal that ended it, None when it was unmounted."""
     client = make_client()
     try:
@@ -264,11 +147,18 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
                 "fs_reads": ops.reads,
                 "fs_requests": dict(ops.requests),
                 "parts_verified": ops.reader.verifications,
+                "cache_hit_bytes": ops.reader.hit_bytes,
+                "cache_miss_bytes": ops.reader.miss_bytes,
+                # Parts in memory before their commit, and the connections' buffers.
+                "buffered_bytes": fetcher.memory.used + getattr(client, "buffered_bytes", 0),
+                **fetcher.memory.as_dict(),
                 "crc_mismatches": fetcher.crc_mismatches,
                 "uncached_bytes": fetcher.uncached_bytes,
                 "sibling_prefetches": prefetch.started,
                 "list_requests": ns.list_requests,
                 "log_file": config.log_file,
+                "metrics": config.metrics,
+                **({"fs_op_seconds": op_times.as_dict()} if op_times is not None else {}),
             }
 
         fs_opts = FsOptions(uid=config.uid, gid=config.gid, umask=config.umask,
@@ -277,11 +167,21 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
         prefetch = SiblingPrefetch(ns, cache, fetcher, config.part_size)
         ops = Operations(ns, fetcher, cache, fs_opts, describe=describe, status=status,
                          has_crc64=config.dialect == "oss", prefetch=prefetch)
+        op_times: OpTimes | None = None
+        if metrics is not None:
+            from ossfs.metrics import OpTimes, time_operations
+
+            op_times = OpTimes()
+            time_operations(ops, op_times)
         try:
             pyfuse3.init(ops, config.mountpoint, _fuse_options(config))
         except RuntimeError as e:
             raise UsageError(f"cannot mount on {config.mountpoint}: {e}") from None
         log.info("mounted %s on %s", config.source, config.mountpoint)
+        if metrics is not None:
+            from ossfs.metrics import status_reader
+
+            metrics.start(status_reader(status))
         ready(None)
         unmounted = False
         received: list[int] = []
@@ -306,6 +206,8 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
             log.info("unmounted %s", config.mountpoint)
         return received[0] if received else None
     finally:
+        if metrics is not None:
+            metrics.close()
         with trio.CancelScope(shield=True):
             await client.aclose()
 
@@ -381,18 +283,25 @@ def _captured(fd: int) -> str:
 
 
 def run(config: MountConfig, make_client: ClientFactory,
-        configure_logging: Callable[[str | None], None]) -> int:
-    """Mount and serve until unmounted; daemonize first unless in the foreground."""
+        configure_logging: Callable[[str | None], None],
+        metrics: MetricsServer | None = None) -> int:
+    """Mount and serve until unmounted; daemonize first unless in the foreground.
+
+    *metrics* (bound by the caller, so that a port in use fails before anything
+    starts) serves from the process that serves the mount.
+    """
     if config.foreground:
         configure_logging(config.log_file)
         # Ctrl-C: 130 as for every command. SIGTERM and SIGHUP are how a service
         # manager stops a mount: a clean stop, like an unmount.
-        signum = trio.run(_serve, config, make_client, lambda error: None)
+        signum = trio.run(_serve, config, make_client, lambda error: None, metrics)
         return 130 if signum == signal.SIGINT else 0
 
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
+        if metrics is not None:
+            metrics.close()  # the child serves it (its copy of the socket stays open)
         os.close(write_end)
         with os.fdopen(read_end, "rb") as pipe:
             message = pipe.read().decode(errors="replace")
@@ -434,7 +343,7 @@ def run(config: MountConfig, make_client: ClientFactory,
     code = 0
     try:
         with unwrap_groups():
-            trio.run(_serve, config, make_client, ready)
+            trio.run(_serve, config, make_client, ready, metrics)
     except OssfsError as e:
         log.error("%s", e)
         ready(str(e))

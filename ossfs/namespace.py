@@ -55,7 +55,7 @@ from cachetools import TTLCache
 
 from ossfs.client import ObjectClient
 from ossfs.errors import ListingError, NotFoundError, ServiceError, unwrap_groups
-from ossfs.model import ListPage, ObjectMeta
+from ossfs.model import ListPage, ObjectMeta, object_url
 
 __all__ = ["Node", "Namespace", "DirReader", "ListingGuard", "ROOT_INODE",
            "DEFAULT_MAX_DIR_ENTRIES", "valid_name"]
@@ -555,8 +555,12 @@ class Namespace:
         while len(reader.entries) <= upto and not reader.done:
             await self._page(reader)
 
+    def url(self, key: str) -> str:
+        """How the object or prefix *key* of this bucket is named to a user."""
+        return object_url(self.scheme, self.bucket, key)
+
     def _resource(self, path: str) -> str:
-        return f"{self.scheme}://{self.bucket}/{self._dir_prefix(path)}"
+        return self.url(self._dir_prefix(path))
 
     async def _next_page(self, reader: DirReader) -> None:
         prefix = self._dir_prefix(reader.path)

@@ -68,9 +68,24 @@ class Reader:
         # preadv(RWF_NOWAIT) tells page-cache hits from disk reads; off if unsupported.
         self._nowait = True
         self.verifications = 0  # cached parts checked against their CRC
+        # Bytes of reads whose part was in the cache when the read came / was not (it
+        # was fetched, or a fetch in flight was waited for). The kernel's page cache
+        # answers re-reads before they reach us: those are in neither.
+        self.hit_bytes = 0
+        self.miss_bytes = 0
 
     def open(self, store: PartStore, url: str) -> OpenFile:
         return OpenFile(self, store, url)
+
+    def count_hits(self, store: PartStore, parts: range, off: int, end: int) -> None:
+        """Count the bytes ``[off, end)`` as cache hits or misses, by part."""
+        for p in parts:
+            first, last = store.layout.bounds(p)
+            n = min(last, end) - max(first, off)
+            if store.is_present(p):
+                self.hit_bytes += n
+            else:
+                self.miss_bytes += n
 
     # ---------------------------------------------------------------- answers
 
@@ -148,6 +163,7 @@ class OpenFile:
         end = min(off + size, total)
         parts = store.layout.parts_for(off, end - off)
         fetcher, cache, reader = self.reader.fetcher, self.reader.cache, self.reader
+        reader.count_hits(store, parts, off, end)
         window = fetcher.observe(store, off, end - off)
         self._move_position(parts[-1] if window else None)
         if window:

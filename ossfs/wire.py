@@ -19,7 +19,6 @@ Must not import: httpx, pyfuse3.
 
 from __future__ import annotations
 
-import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -31,7 +30,6 @@ import trio
 __all__ = ["WireError", "Head", "Connection", "Pool", "BodySink", "READ_SIZE",
            "certificate_problem"]
 
-log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20
 _MAX_HEAD = 64 * 1024
@@ -351,6 +349,12 @@ class Pool:
         if self.scheme == "https" and self._ssl is None:
             self._ssl = ssl.create_default_context()
         self._idle: list[Connection] = []
+        self.open = 0  # connections made and not closed (idle or in use)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Memory held by the receive buffers of the open connections."""
+        return self.open * READ_SIZE
 
     async def _connect(self, host: str) -> Connection:
         tcp: trio.SocketStream | None = None
@@ -384,6 +388,7 @@ class Pool:
             conn.from_pool = True
         else:
             conn = await self._connect(host)
+            self.open += 1
         ok = False
         try:
             yield conn
@@ -393,9 +398,11 @@ class Pool:
                 conn.from_pool = False
                 self._idle.append(conn)
             else:
+                self.open -= 1
                 await conn.aclose()
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
+        self.open -= len(idle)
         for conn in idle:
             await conn.aclose()

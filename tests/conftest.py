@@ -51,8 +51,11 @@ def s3_bucket(s3: Any) -> str:
 def cli_env(tmp_path: Any) -> dict[str, str]:
     """Environment for the ossfs command: test credentials, a private HOME and cache."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("AWS_", "OSS_", "OSSFS_"))}
+           if not k.startswith(("AWS_", "OSS_", "OSSFS_", "ALIBABA_CLOUD_"))}
     env.update(AWS_ENV)
+    # The chain's last step asks the instance metadata service: never a real one here.
+    env["ALIBABA_CLOUD_ECS_METADATA_DISABLED"] = "true"
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
     env["HOME"] = str(tmp_path / "home")
     env["XDG_CACHE_HOME"] = str(tmp_path / "xdg-cache")
     env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg-config")

@@ -57,7 +57,8 @@ class Discarded:
 def describe_mismatch(old: StoreIdentity, new: StoreIdentity) -> str:
     """Explain in a few words why index *old* cannot serve *new*."""
     if (old.bucket, old.key) != (new.bucket, new.key):
-        return f"it belongs to another object (oss://{old.bucket}/{old.key})"
+        # The identity has no scheme (oss:// or s3://): name the key and the bucket.
+        return f"it belongs to another object (key {old.key} in bucket {old.bucket})"
     if (old.etag, old.size) != (new.etag, new.size):
         return (f"the object changed since it was written (ETag {old.etag}, {old.size} bytes "
                 f"then; ETag {new.etag}, {new.size} bytes now)")
@@ -111,47 +112,26 @@ class PartStore:
         *index_path* None means no checkpoint: the data file starts empty.
         *shared* (the cache) keeps an index another process creates at the same
         moment instead of replacing it.
-        """
-        index: IndexFile | None = None
-        # True when an index existed but may not be used: then nothing on disk is
-        # trusted, even in a shared cache.
-        discard = False
-        if index_path is not None:
-            try:
-                index = IndexFile.load(index_path)
-            except IndexCorrupt as e:
-                _report(on_discard, Discarded(index_path, f"it is corrupt ({e})"))
-                discard = True
-            if index is not None and index.state.identity != identity:
-                _report(on_discard, Discarded(index_path,
-                                              describe_mismatch(index.state.identity, identity)))
-                discard = True
-            if index is not None and not discard and not os.path.exists(data_path):
-                if index.state.parts:
-                    _report(on_discard, Discarded(index_path, f"its data file {data_path} "
-                                                  "is missing"))
-                discard = True
-            if discard and index is not None:
-                index.close()
-                index = None
 
+        The data file's bytes are kept only with a usable index (they are what it
+        records), or in a shared cache when there is no index yet (another process
+        may be creating it with its first parts); otherwise it is emptied.
+        """
+        found = _load_index(identity, data_path, index_path)
+        if isinstance(found, _Refused) and found.why is not None:
+            _report(on_discard, found.why)
+        index = found if isinstance(found, IndexFile) else None
+        # Refused, nothing of the old index or its data is trusted, even in a shared cache.
+        fresh = isinstance(found, _Refused) or (index is None and not shared)
         fd = open_private_file(data_path, os.O_RDWR | os.O_CREAT, data_mode)
         try:
-            if index is None:
-                fresh = discard or not shared
-                if fresh:
-                    # Drop the old index before touching the data it describes.
-                    if index_path is not None:
-                        unlink_quietly(index_path)
-                    os.ftruncate(fd, 0)
-                if os.fstat(fd).st_size != identity.length:
-                    os.ftruncate(fd, identity.length)
-                if index_path is not None:
-                    index = IndexFile.create(index_path, identity, replace=fresh)
-            elif os.fstat(fd).st_size != identity.length:
-                os.ftruncate(fd, identity.length)
+            _prepare_data(fd, identity.length, index_path, empty_first=fresh)
+            if index is None and index_path is not None:
+                index = IndexFile.create(index_path, identity, replace=fresh)
         except BaseException:
             os.close(fd)
+            if index is not None:
+                index.close()
             raise
         return cls(identity, data_path, fd, index)
 
@@ -363,6 +343,55 @@ def _ofd_lock(fd: int, start: int, length: int, kind: int) -> bool:
             return False
         raise
     return True
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """An index exists but may not be used. *why* is None when there is nothing to tell
+    (it recorded no parts)."""
+
+    why: Discarded | None
+
+
+def _load_index(identity: StoreIdentity, data_path: str,
+                index_path: str | None) -> IndexFile | _Refused | None:
+    """The index at *index_path* when it may serve *identity*, or why not.
+
+    None: there is no index (or no checkpoint at all). `_Refused`: one exists, but
+    it is corrupt, describes another object, version, part size or range, or its
+    data file is gone; it has been closed.
+    """
+    if index_path is None:
+        return None
+    try:
+        index = IndexFile.load(index_path)
+    except IndexCorrupt as e:
+        return _Refused(Discarded(index_path, f"it is corrupt ({e})"))
+    if index is None:
+        return None
+    refused: _Refused | None = None
+    if index.state.identity != identity:
+        refused = _Refused(Discarded(index_path,
+                                     describe_mismatch(index.state.identity, identity)))
+    elif not os.path.exists(data_path):
+        refused = _Refused(Discarded(index_path, f"its data file {data_path} is missing")
+                           if index.state.parts else None)
+    if refused is not None:
+        index.close()
+        return refused
+    return index
+
+
+def _prepare_data(fd: int, length: int, index_path: str | None, *, empty_first: bool) -> None:
+    """Give the data file *fd* its length; with *empty_first*, remove the old index and
+    empty the file before (no byte of it is trusted)."""
+    if empty_first:
+        # Drop the old index before touching the data it describes.
+        if index_path is not None:
+            unlink_quietly(index_path)
+        os.ftruncate(fd, 0)
+    if os.fstat(fd).st_size != length:
+        os.ftruncate(fd, length)
 
 
 def _report(callback: Callable[[Discarded], None] | None, what: Discarded) -> None:

@@ -377,59 +377,12 @@ def check_oss_signature(
     ``SignatureDoesNotMatch``, ``RequestTimeTooSkewed`` ...). Used by the test
     server; a client never needs it.
     """
-    h = _lower_headers(headers)
-    auth = h.get("authorization", "")
+    request = _SignedRequest(method, bucket, key, query, headers, _lower_headers(headers))
+    auth = request.lower.get("authorization", "")
     if auth.startswith("OSS4-HMAC-SHA256"):
-        fields = _parse_v4_authorization(auth)
-        try:
-            ak, date, sig_region, product, terminator = fields["Credential"].split("/")
-            signature = fields["Signature"]
-        except (KeyError, ValueError) as e:
-            raise SignatureError("InvalidArgument", "malformed V4 credential") from e
-        if terminator != "aliyun_v4_request":
-            raise SignatureError("InvalidArgument", "malformed V4 credential scope")
-        if ak not in secret_for:
-            raise SignatureError("InvalidAccessKeyId", "The OSS Access Key Id you provided "
-                                 "does not exist in our records.")
-        if region is not None and sig_region != region:
-            raise SignatureError("SignatureDoesNotMatch", "region in credential scope "
-                                 f"is {sig_region!r}, expected {region!r}")
-        iso = h.get("x-oss-date", "")
-        try:
-            signed_at = calendar.timegm(time.strptime(iso, "%Y%m%dT%H%M%SZ"))
-        except ValueError as e:
-            raise SignatureError("AccessDenied", "missing or bad x-oss-date") from e
-        if iso[:8] != date:
-            raise SignatureError("SignatureDoesNotMatch", "date in scope differs from x-oss-date")
-        if abs(now - signed_at) > MAX_CLOCK_SKEW:
-            raise SignatureError("RequestTimeTooSkewed", "The difference between the request "
-                                 "time and the current time is too large.")
-        extra = [n for n in fields.get("AdditionalHeaders", "").split(";") if n]
-        canonical = oss_v4_canonical_request(
-            method=method, bucket=bucket, key=key, query=query, headers=headers,
-            additional_headers=extra,
-        )
-        expected = _oss_v4_signature(
-            secret=secret_for[ak], datetime_iso=iso, region=sig_region, product=product,
-            canonical_request=canonical,
-        )
+        ak, signature, expected = _check_v4(request, auth, secret_for, now, region)
     elif auth.startswith("OSS "):
-        ak, _, signature = auth[4:].partition(":")
-        if ak not in secret_for:
-            raise SignatureError("InvalidAccessKeyId", "The OSS Access Key Id you provided "
-                                 "does not exist in our records.")
-        date = h.get("x-oss-date") or h.get("date", "")
-        try:
-            signed_at = int(parsedate_to_datetime(date).timestamp())
-        except (TypeError, ValueError) as e:
-            raise SignatureError("AccessDenied", "missing or bad Date header") from e
-        if abs(now - signed_at) > MAX_CLOCK_SKEW:
-            raise SignatureError("RequestTimeTooSkewed", "The difference between the request "
-                                 "time and the current time is too large.")
-        sts = oss_v1_string_to_sign(
-            method=method, bucket=bucket, key=key, query=query, headers=headers, date=date
-        )
-        expected = _v1_signature(secret_for[ak], sts)
+        ak, signature, expected = _check_v1(request, auth, secret_for, now)
     elif not auth:
         raise SignatureError("AccessDenied", "You have no right to access this object "
                              "because of bucket acl.")
@@ -439,3 +392,80 @@ def check_oss_signature(
         raise SignatureError("SignatureDoesNotMatch", "The request signature we calculated "
                              "does not match the signature you provided.")
     return ak
+
+
+@dataclass(frozen=True, slots=True)
+class _SignedRequest:
+    """What a signature covers, as the server received it."""
+
+    method: str
+    bucket: str | None
+    key: str | None
+    query: Query
+    headers: Mapping[str, str]
+    lower: dict[str, str]  # the headers by lower-case name
+
+
+def _known_key(ak: str, secret_for: Mapping[str, str]) -> str:
+    """The secret of access key *ak*; InvalidAccessKeyId when there is none."""
+    if ak not in secret_for:
+        raise SignatureError("InvalidAccessKeyId", "The OSS Access Key Id you provided "
+                             "does not exist in our records.")
+    return secret_for[ak]
+
+
+def _check_skew(now: float, signed_at: float) -> None:
+    if abs(now - signed_at) > MAX_CLOCK_SKEW:
+        raise SignatureError("RequestTimeTooSkewed", "The difference between the request "
+                             "time and the current time is too large.")
+
+
+def _check_v4(request: _SignedRequest, auth: str, secret_for: Mapping[str, str], now: float,
+              region: str | None) -> tuple[str, str, str]:
+    """(access key id, signature given, signature expected) of a V4 Authorization."""
+    fields = _parse_v4_authorization(auth)
+    try:
+        ak, date, sig_region, product, terminator = fields["Credential"].split("/")
+        signature = fields["Signature"]
+    except (KeyError, ValueError) as e:
+        raise SignatureError("InvalidArgument", "malformed V4 credential") from e
+    if terminator != "aliyun_v4_request":
+        raise SignatureError("InvalidArgument", "malformed V4 credential scope")
+    secret = _known_key(ak, secret_for)
+    if region is not None and sig_region != region:
+        raise SignatureError("SignatureDoesNotMatch", "region in credential scope "
+                             f"is {sig_region!r}, expected {region!r}")
+    iso = request.lower.get("x-oss-date", "")
+    try:
+        signed_at = calendar.timegm(time.strptime(iso, "%Y%m%dT%H%M%SZ"))
+    except ValueError as e:
+        raise SignatureError("AccessDenied", "missing or bad x-oss-date") from e
+    if iso[:8] != date:
+        raise SignatureError("SignatureDoesNotMatch", "date in scope differs from x-oss-date")
+    _check_skew(now, signed_at)
+    extra = [n for n in fields.get("AdditionalHeaders", "").split(";") if n]
+    canonical = oss_v4_canonical_request(
+        method=request.method, bucket=request.bucket, key=request.key, query=request.query,
+        headers=request.headers, additional_headers=extra,
+    )
+    expected = _oss_v4_signature(
+        secret=secret, datetime_iso=iso, region=sig_region, product=product,
+        canonical_request=canonical,
+    )
+    return ak, signature, expected
+
+
+def _check_v1(request: _SignedRequest, auth: str, secret_for: Mapping[str, str],
+              now: float) -> tuple[str, str, str]:
+    """(access key id, signature given, signature expected) of a V1 Authorization."""
+    ak, _, signature = auth[4:].partition(":")
+    secret = _known_key(ak, secret_for)
+    date = request.lower.get("x-oss-date") or request.lower.get("date", "")
+    try:
+        signed_at = int(parsedate_to_datetime(date).timestamp())
+    except (TypeError, ValueError) as e:
+        raise SignatureError("AccessDenied", "missing or bad Date header") from e
+    _check_skew(now, signed_at)
+    sts = oss_v1_string_to_sign(method=request.method, bucket=request.bucket, key=request.key,
+                                query=request.query, headers=request.headers, date=date)
+    return ak, signature, _v1_signature(secret, sts)

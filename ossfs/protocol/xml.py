@@ -3,8 +3,9 @@
 ListObjectsV2 (OSS and S3 share its shape; OSS's ``encoding-type=url``
 percent-encodes keys, prefixes and tokens, decoded here with ``unquote``,
 never ``unquote_plus``) and the error document. Also the writers the test
-server uses, so that both directions are tested against each other and
-against the SDK's samples.
+server uses, so that both directions are tested against each other; the
+parsers are also tested against OSS and S3 answers of the documented formats
+and answers captured from moto (tests/fixtures/xml).
 
 Must not import: trio, httpx.
 """

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from ossfs.crc import crc64
 from ossfs.testing.faults import BODY_KINDS, Fault, FaultKind, Faults, Op, RequestInfo
+from ossfs.testing.objects import nginx_etag
 from ossfs.testing.server import SERVER_NAME, OssError, OssTestServer, parse_range, resolve_range
 from ossfs.testing.stats import GetRecord, StatsSnapshot
-from ossfs.testing.store import nginx_etag
 
 __all__ = [
     "OssTestServer",

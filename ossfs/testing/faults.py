@@ -77,7 +77,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Literal
 
-from ossfs.protocol.requests import STATUS_CODES
+from ossfs.protocol.ops import STATUS_CODES
 
 __all__ = [
     "FaultKind",

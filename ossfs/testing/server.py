@@ -15,10 +15,12 @@ thread per connection:
   header; every answer has a unique ``x-oss-request-id``;
 - OSS V1 and V4 header signatures checked with
   `ossfs.protocol.signing.check_oss_signature` when credentials are given;
+  temporary keys (`add_key` with a session token and an expiration) also
+  need the matching ``x-oss-security-token`` and are refused once expired;
 - PUT, POST, DELETE ... answer 405: the server is read-only on the wire and
   filled through its Python API (``put``, ``add_directory_bucket``).
 
-Buckets live in memory or are directories on disk (see `ossfs.testing.store`);
+Buckets live in memory or are directories on disk (see `ossfs.testing.objects`);
 faults are set on ``server.faults`` (see `ossfs.testing.faults`) and counters
 read from ``server.stats`` (see `ossfs.testing.stats`).
 
@@ -59,7 +61,7 @@ from urllib.parse import unquote, unquote_plus, urlsplit
 from xml.sax.saxutils import escape
 
 from ossfs.model import ObjectMeta
-from ossfs.protocol.requests import Endpoint
+from ossfs.protocol.ops import Endpoint
 from ossfs.protocol.signing import Credentials, SignatureError, check_oss_signature
 from ossfs.protocol.xml import format_iso8601, render_error, render_list_objects
 from ossfs.testing.faults import (
@@ -70,8 +72,7 @@ from ossfs.testing.faults import (
     RequestInfo,
     default_error_code,
 )
-from ossfs.testing.stats import GetRecord, Stats, StatsSnapshot
-from ossfs.testing.store import (
+from ossfs.testing.objects import (
     INVERT,
     Bucket,
     CrcCache,
@@ -82,6 +83,7 @@ from ossfs.testing.store import (
     MemorySource,
     http_date,
 )
+from ossfs.testing.stats import GetRecord, Stats, StatsSnapshot
 
 __all__ = [
     "OssTestServer",
@@ -868,6 +870,12 @@ class OssTestServer:
         self._address = (host, port)
         self.tls = tls
         self.credentials = dict(credentials) if credentials is not None else None
+        # access key id -> the session token its requests must carry (temporary keys).
+        self.session_tokens: dict[str, str] = {}
+        # access key id -> when it stops working (seconds since the epoch).
+        self.key_expiry: dict[str, float] = {}
+        # access key id -> requests that passed the signature check with it.
+        self.keys_used: dict[str, int] = {}
         self.allow_anonymous = allow_anonymous
         self.crc = crc
         self.faults = faults if faults is not None else Faults(seed=seed)
@@ -1038,6 +1046,27 @@ class OssTestServer:
 
     # ------------------------------------------------------------------ internal
 
+    def add_key(self, access_key_id: str, secret: str, session_token: str | None = None,
+                *, expires: float | None = None) -> None:
+        """Accept requests signed with this key from now on; with a session token, only
+        those that carry it (an STS key); with *expires* (seconds since the epoch), only
+        until then (403 SecurityTokenExpired after). Safe to call while the server runs."""
+        if session_token is not None:
+            self.session_tokens[access_key_id] = session_token
+        if expires is not None:
+            self.key_expiry[access_key_id] = expires
+        if self.credentials is None:
+            self.credentials = {}
+        self.credentials[access_key_id] = secret
+
+    def remove_key(self, access_key_id: str) -> None:
+        """Refuse this key from now on (InvalidAccessKeyId), as OSS does once an STS
+        key has expired."""
+        if self.credentials is not None:
+            self.credentials.pop(access_key_id, None)
+        self.session_tokens.pop(access_key_id, None)
+        self.key_expiry.pop(access_key_id, None)
+
     def _bucket(self, name: str) -> Bucket:
         with self._buckets_lock:
             b = self._buckets.get(name)
@@ -1057,11 +1086,20 @@ class OssTestServer:
             raise OssError(403, "AccessDenied", "You have no right to access this object "
                            "because of bucket acl.")
         try:
-            check_oss_signature(method=info.method, bucket=info.bucket, key=info.key,
-                                query=query, headers=info.headers,
-                                secret_for=self.credentials, now=time.time())
+            ak = check_oss_signature(method=info.method, bucket=info.bucket, key=info.key,
+                                     query=query, headers=info.headers,
+                                     secret_for=dict(self.credentials), now=time.time())
         except SignatureError as e:
             raise OssError(403, e.code, e.message) from e
+        token = self.session_tokens.get(ak)
+        if token is not None and info.headers.get("x-oss-security-token") != token:
+            raise OssError(403, "InvalidSecurityToken", "The security token you provided "
+                           "is invalid.")
+        expires = self.key_expiry.get(ak)
+        if expires is not None and time.time() >= expires:
+            raise OssError(403, "SecurityTokenExpired", "The security token you provided "
+                           "has expired.")
+        self.keys_used[ak] = self.keys_used.get(ak, 0) + 1
 
     def _track(self, sock: socket.socket) -> None:
         with self._conns_lock:

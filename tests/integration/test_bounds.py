@@ -102,7 +102,7 @@ async def test_trickle_is_ended_by_the_deadline(oss: OssTestServer, transport: s
 
 @pytest.mark.parametrize("op", ["get", "head", "list"])
 async def test_silent_server_is_ended_by_the_deadline(silent_server: str, op: str) -> None:
-    from ossfs.protocol.requests import Endpoint
+    from ossfs.protocol.ops import Endpoint
 
     endpoint = Endpoint(silent_server, dialect="oss", path_style=True, credentials=None)
     # Without a deadline: 6 attempts x 30 s stall timeout.
@@ -233,7 +233,7 @@ async def test_206_with_a_wrong_content_length_is_refused(oss: OssTestServer) ->
         client_check = client._check_answer
         headers = {"content-range": "bytes 0-9/10", "content-length": "1000000"}
         with pytest.raises(ServiceError) as info:
-            client_check(206, headers, None, 0, 10, "oss://bkt/small", [])
+            client_check(206, headers, None, 0, 10, "oss://bkt/small")
     assert info.value.code == "BadContentRange"
     assert "Content-Length" in str(info.value)
 

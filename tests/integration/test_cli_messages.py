@@ -10,10 +10,12 @@ nothing, dead mounts, and ``materialize``'s summary, retries and messages.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -193,7 +195,31 @@ def test_unmount_of_nothing_says_so(tmp_path: Path) -> None:
     assert "does not exist" in one_error(r, 2)
 
 
+def test_unmount_does_not_load_the_fuse_binding(tmp_path: Path) -> None:
+    # ossfs unmount (status, materialize PATH) must work where pyfuse3 cannot load:
+    # it needs the mount table, not the file system.
+    code = ("import sys; from ossfs.cli import main\n"
+            f"rc = main(['unmount', {str(tmp_path)!r}])\n"
+            "print('LOADED' if 'pyfuse3' in sys.modules else 'NOT LOADED')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=False, timeout=60)
+    assert "nothing is mounted there" in r.stderr, r.stderr
+    assert r.stdout.strip() == "NOT LOADED", r.stdout + r.stderr
+
+
 # ---------------------------------------------------------------- mounts
+
+
+def kill_mount_process(pid: object) -> None:
+    """SIGKILL a mount's process and wait (up to 5 s) until it is gone: its mount is dead."""
+    assert isinstance(pid, int)
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            os.kill(pid, 0)
+            time.sleep(0.05)
+            continue
+        break
 
 
 @pytest.mark.fuse
@@ -203,15 +229,7 @@ def test_dead_mount_is_named_and_cleaned_up(srv: OssTestServer, oss_env: dict[st
     try:
         with mounted(f"oss://{BUCKET}", mnt, *conn(srv, tmp_path), env=oss_env) as info:
             assert (mnt / "dir" / "b.txt").read_bytes() == b"bee\n"
-            pid = info["pid"]
-            assert isinstance(pid, int)
-            os.kill(pid, signal.SIGKILL)
-            for _ in range(100):
-                with contextlib.suppress(ChildProcessError, ProcessLookupError):
-                    os.kill(pid, 0)
-                    time.sleep(0.05)
-                    continue
-                break
+            kill_mount_process(info["pid"])
             r = run_ossfs("status", str(mnt), env=oss_env)
             line = one_error(r, 2)
             assert "dead mount" in line and f"ossfs unmount {mnt}" in line, line
@@ -224,6 +242,40 @@ def test_dead_mount_is_named_and_cleaned_up(srv: OssTestServer, oss_env: dict[st
             assert "dead ossfs mount" in r.stderr
             assert (mnt / "dir" / "sub" / "c.txt").read_bytes() == b"sea\n"
     finally:
+        force_unmount(mnt)
+
+
+@pytest.mark.fuse
+def test_mount_replaces_a_dead_mount_that_is_still_in_use(srv: OssTestServer,
+                                                          oss_env: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    """A mount process that died (a restarted DaemonSet pod) while a process held a file
+    open in it: mounting again detaches the dead mount lazily and mounts anew."""
+    mnt = tmp_path / "mnt"
+    held: int | None = None
+    try:
+        with mounted(f"oss://{BUCKET}", mnt, *conn(srv, tmp_path), env=oss_env) as info:
+            held = os.open(mnt / "dir" / "b.txt", os.O_RDONLY)
+            kill_mount_process(info["pid"])
+            with pytest.raises(OSError) as dead:
+                os.statvfs(mnt)  # (stat may be answered from the kernel's cache)
+            assert dead.value.errno == errno.ENOTCONN
+            # Busy: a plain unmount of it fails.
+            busy = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True,
+                                  text=True, check=False)
+            assert busy.returncode != 0
+            r = run_ossfs("mount", f"oss://{BUCKET}", str(mnt), *conn(srv, tmp_path),
+                          env=oss_env, timeout=60)
+            assert r.returncode == 0, r.stderr
+            assert "dead ossfs mount" in r.stderr and "lazily" in r.stderr
+            assert (mnt / "dir" / "sub" / "c.txt").read_bytes() == b"sea\n"
+            # What the old mount's file still gets: an error, never other bytes.
+            with pytest.raises(OSError):
+                os.pread(held, 4, 0)
+    finally:
+        if held is not None:
+            with contextlib.suppress(OSError):  # closed, but its flush may fail
+                os.close(held)
         force_unmount(mnt)
 
 

@@ -42,7 +42,7 @@ from ossfs.errors import (
     ServiceError,
     TransferError,
 )
-from ossfs.protocol.requests import Endpoint
+from ossfs.protocol.ops import Endpoint
 from ossfs.protocol.signing import Credentials
 from ossfs.testing import Fault, OssTestServer
 from tests.conftest import AWS_ENV

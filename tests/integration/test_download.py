@@ -20,6 +20,8 @@ What this proves, against the OSS test server (and moto for the S3 dialect):
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import os
 import random
 import re
@@ -486,6 +488,44 @@ def test_object_replaced_mid_download(srv: OssTestServer, oss_env: dict[str, str
     assert "changed during the download; starting over" in result.stderr
     assert dest.read_bytes() == new
     assert leftovers(out) == []
+
+
+def _replaced_while_fetched_from(version: bytes) -> Any:
+    """A fault filter: GETs pinned (If-Match) to the ETag of *version*, 100 KiB or more
+    into the object, so each version is replaced while its own download runs."""
+    etag = hashlib.md5(version).hexdigest().lower()
+    later = starting_at_or_after(PART)
+
+    def when(info: RequestInfo) -> bool:
+        return info.headers.get("if-match", "").strip('"').lower() == etag and later(info)
+    return when
+
+
+@pytest.mark.parametrize("changes", [2, 3])
+def test_object_that_keeps_changing(srv: OssTestServer, oss_env: dict[str, str], out: Path,
+                                    changes: int) -> None:
+    # Each version is replaced by the next while it is being fetched. Two changes are
+    # absorbed (the download starts over each time) and the file is the last version,
+    # exactly; a third is a clear error and FILE is not written. Never a mix.
+    versions = [randbytes(8 * PART + i, seed=40 + i) for i in range(changes + 1)]
+    srv.put(BUCKET, "restless.bin", versions[0])
+    for old, new in itertools.pairwise(versions):
+        srv.faults.add(Fault("replace", op="get", key="restless.bin", after_bytes=1000,
+                             data=new, when=_replaced_while_fetched_from(old)))
+    dest = out / "restless.bin"
+    result = oss_download(srv, oss_env, f"oss://{BUCKET}/restless.bin", str(dest),
+                          "--part-size", "100KiB", "--threads", "3")
+    assert result.stderr.count("changed during the download; starting over") == 2
+    if changes == 2:
+        summary(result)
+        assert dest.read_bytes() == versions[-1]
+        assert leftovers(out) == []
+    else:
+        assert result.returncode == 1
+        line = error_line(result.stderr)
+        assert "kept changing during the download (replaced 3 times" in line, line
+        assert "resume" not in line  # its parts were dropped: nothing to resume
+        assert not dest.exists()
 
 
 def test_object_replaced_between_runs(srv: OssTestServer, oss_env: dict[str, str],

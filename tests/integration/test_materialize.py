@@ -360,6 +360,75 @@ def test_bad_shard(srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path,
     assert gets(srv) == 0
 
 
+# Variables of the job runners `--shard auto` reads; removed from the test's environment
+# so that a test run inside a Slurm job or a Kubernetes pod sees only what a test sets.
+RUNNER_VARIABLES = ("JOB_COMPLETION_INDEX", "OSSFS_SHARD_COUNT", "RANK", "WORLD_SIZE")
+
+
+def runner_env(env: dict[str, str], **variables: str) -> dict[str, str]:
+    clean = {k: v for k, v in env.items()
+             if k not in RUNNER_VARIABLES and not k.startswith("SLURM_")}
+    return {**clean, **variables}
+
+
+@pytest.mark.parametrize(("variables", "args", "shard"), [
+    pytest.param({"JOB_COMPLETION_INDEX": "1"}, ["--shard-count", "3"], 1, id="k8s-count"),
+    pytest.param({"JOB_COMPLETION_INDEX": "2", "OSSFS_SHARD_COUNT": "3"}, [], 2, id="k8s-env"),
+    pytest.param({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4",
+                  "SLURM_ARRAY_TASK_MAX": "6", "SLURM_ARRAY_TASK_COUNT": "3"}, [], 1,
+                 id="slurm"),
+    pytest.param({"RANK": "0", "WORLD_SIZE": "3"}, [], 0, id="torch"),
+])
+def test_shard_auto_takes_the_runners_shard(oss_server: OssTestServer, oss_env: dict[str, str],
+                                            tmp_path: Path, variables: dict[str, str],
+                                            args: list[str], shard: int) -> None:
+    from ossfs.materialize import in_shard
+
+    objects = {f"sh/obj-{i:02d}.txt": f"object {i}\n".encode() for i in range(15)}
+    for key, data in objects.items():
+        oss_server.put(BUCKET, key, data)
+    expected = {k.removeprefix("sh/"): v for k, v in objects.items() if in_shard(k, (shard, 3))}
+    assert expected
+    to = tmp_path / "to"
+    result = materialize(oss_server, runner_env(oss_env, **variables), f"oss://{BUCKET}/sh/",
+                         tmp_path / "cache", "--to", str(to), "--shard", "auto", *args)
+    succeeded(result)
+    assert f"ossfs: shard {shard}/3 (from " in result.stderr
+    assert files_under(to) == expected
+    assert gets(oss_server) == len(expected)
+
+
+@pytest.mark.parametrize(("variables", "args", "says"), [
+    pytest.param({}, [], "found no job runner", id="none"),
+    pytest.param({"JOB_COMPLETION_INDEX": "1"}, [], "--shard-count", id="k8s-no-count"),
+    pytest.param({"JOB_COMPLETION_INDEX": "3"}, ["--shard-count", "3"], "not below",
+                 id="k8s-index-too-big"),
+    pytest.param({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_MIN": "1",
+                  "SLURM_ARRAY_TASK_COUNT": "3"}, [], "SLURM_ARRAY_TASK_ID=0",
+                 id="slurm-below-min"),
+    pytest.param({"RANK": "1", "WORLD_SIZE": "2", "SLURM_ARRAY_TASK_ID": "1",
+                  "SLURM_ARRAY_TASK_COUNT": "3"}, [], "disagree", id="runners-disagree"),
+    pytest.param({"RANK": "x", "WORLD_SIZE": "2"}, [], "RANK='x'", id="not-a-number"),
+])
+def test_shard_auto_errors(srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path,
+                           variables: dict[str, str], args: list[str], says: str) -> None:
+    result = materialize(srv, runner_env(oss_env, **variables), f"oss://{BUCKET}/ds/",
+                         tmp_path / "cache", "--shard", "auto", *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ossfs: error: --shard auto"), result.stderr
+    assert says in lines[0]
+    assert gets(srv) == 0
+
+
+def test_shard_count_needs_shard_auto(srv: OssTestServer, oss_env: dict[str, str],
+                                      tmp_path: Path) -> None:
+    result = materialize(srv, oss_env, f"oss://{BUCKET}/ds/", tmp_path / "cache",
+                         "--shard", "0/3", "--shard-count", "3")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "ossfs: error: --shard-count goes with --shard auto"
+
+
 # ---------------------------------------------------------------------- unsafe keys
 
 

@@ -220,3 +220,20 @@ def test_a_full_cache_disk_serves_from_the_network(
         cmp(mnt / "big/huge.bin", source)
         assert int(_status(mnt)["uncached_bytes"]) >= SIZE // 2  # type: ignore[call-overload]
     assert "served from the network" in (tmp_path / "log").read_text()
+
+
+def test_cache_min_free_keeps_that_much_of_the_disk_free(
+        server: OssTestServer, env: dict[str, str], source: Path, tmp_path: Path,
+        tiny_disk: Path) -> None:
+    """--cache-min-free 0.5 on a 16 MiB disk: the cache stops at 8 MiB free (not the
+    default 5%), reads stay exact, and the cache still holds what fits."""
+    mnt = tmp_path / "m"
+    with mounted(f"oss://{BUCKET}", mnt, "--endpoint", server.url, "--cache-dir",
+                 str(tiny_disk / "cache"), "--part-size", "1MiB", "--cache-min-free", "0.5",
+                 env=env, log=tmp_path / "log"):
+        cmp(mnt / "big/huge.bin", source)
+        st = os.statvfs(tiny_disk)
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        assert free >= 0.5 * total - 4096, (free, total)
+        assert cache_disk_bytes(tiny_disk / "cache") >= 2 * MiB  # it did cache, up to the floor
+    assert "Traceback" not in (tmp_path / "log").read_text()

@@ -207,6 +207,8 @@ def test_xattrs_and_status(tmp_path: Path, moto_endpoint: str, s3_bucket: str,
         dump = subprocess.run(["getfattr", "-d", str(target)], capture_output=True, text=True,
                               check=True).stdout
         assert f'user.ossfs.etag="{etag}"' in dump
+        url = os.getxattr(target, "user.ossfs.url").decode()
+        assert url == f"s3://{s3_bucket}/data/one-part.bin"
         assert info["bucket"] == s3_bucket
         status = run_ossfs("status", str(mnt), "--json", env=cli_env, check=True)
         doc = json.loads(status.stdout)

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from ossfs.config import ConnectionOptions, parse_object_url, resolve_endpoint
+from ossfs.config import (
+    ConnectionOptions,
+    connect_as_mount,
+    default_cache_dir,
+    parse_object_url,
+    resolve_endpoint,
+)
 from ossfs.errors import UsageError
 
 
@@ -36,6 +42,14 @@ def test_endpoint_defaults_and_region_from_host() -> None:
     assert not ep.uses_path_style
     with pytest.raises(UsageError, match="path"):
         resolve_endpoint(ConnectionOptions(anonymous=True, endpoint="http://h/x"), "oss", env={})
+    # No endpoint: it is made from the region (the option, else the environment).
+    ep = resolve_endpoint(ConnectionOptions(anonymous=True), "s3", env={"AWS_REGION": "eu-west-1"})
+    assert ep.url == "https://s3.eu-west-1.amazonaws.com" and ep.region == "eu-west-1"
+    # A region given wins over the one the endpoint's host name implies.
+    ep = resolve_endpoint(ConnectionOptions(anonymous=True, region="cn-beijing",
+                                            endpoint="oss-eu-central-1.aliyuncs.com"),
+                          "oss", env={})
+    assert ep.region == "cn-beijing" and ep.url == "https://oss-eu-central-1.aliyuncs.com"
 
 
 def test_credentials_from_env_by_dialect() -> None:
@@ -53,10 +67,12 @@ def test_credentials_from_env_by_dialect() -> None:
 
 def test_no_credentials_is_an_error_unless_anonymous(tmp_path: Path) -> None:
     # Requests would go out unsigned and fail later with a confusing AccessDenied.
+    off = {"ALIBABA_CLOUD_ECS_METADATA_DISABLED": "true", "AWS_EC2_METADATA_DISABLED": "1"}
     with pytest.raises(UsageError, match="no credentials found.*OSS_ACCESS_KEY_ID.*--anonymous"):
-        resolve_endpoint(ConnectionOptions(), "oss", env={"HOME": str(tmp_path)})
+        resolve_endpoint(ConnectionOptions(), "oss", env={"HOME": str(tmp_path), **off})
     # s3:// with only the OSS_* variables set says which variables it reads.
-    env = {"OSS_ACCESS_KEY_ID": "oak", "OSS_ACCESS_KEY_SECRET": "osk"}
+    env = {"OSS_ACCESS_KEY_ID": "oak", "OSS_ACCESS_KEY_SECRET": "osk",
+           "HOME": str(tmp_path), **off}
     with pytest.raises(UsageError, match="AWS_ACCESS_KEY_ID.*OSS_ACCESS_KEY_ID is set"):
         resolve_endpoint(ConnectionOptions(), "s3", env=env)
     assert resolve_endpoint(ConnectionOptions(anonymous=True), "s3", env=env).credentials is None
@@ -103,3 +119,26 @@ def test_bad_profile_files(tmp_path: Path, text: str) -> None:
     cfg.chmod(0o600)
     with pytest.raises(UsageError):
         resolve_endpoint(ConnectionOptions(config_path=str(cfg)), "oss", env={})
+
+
+def test_default_cache_dir_is_per_endpoint_and_bucket() -> None:
+    env = {"XDG_CACHE_HOME": "/c"}
+    assert default_cache_dir("http://127.0.0.1:9000", "b", env) == "/c/ossfs/127.0.0.1_9000/b"
+    assert (default_cache_dir("https://oss-cn-hangzhou.aliyuncs.com", "b", env)
+            == "/c/ossfs/oss-cn-hangzhou.aliyuncs.com/b")
+
+
+def test_connect_as_mount_fills_what_the_command_line_left_out() -> None:
+    mount = {"endpoint": "http://m:1", "dialect": "oss", "region": "r1", "profile": "p",
+             "config_path": "/m.toml", "signature_version": "v1", "path_style": True,
+             "anonymous": False}
+    got = connect_as_mount(ConnectionOptions(), mount)
+    assert got == ConnectionOptions(endpoint="http://m:1", region="r1", dialect="oss",
+                                    signature_version="v1", path_style=True, profile="p",
+                                    config_path="/m.toml", anonymous=False)
+    mine = ConnectionOptions(endpoint="http://x:2", region="r2", path_style=False,
+                             anonymous=True)
+    got = connect_as_mount(mine, mount)
+    assert (got.endpoint, got.region, got.path_style, got.anonymous) == (
+        "http://x:2", "r2", False, True)
+    assert got.profile == "p"

@@ -6,7 +6,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ossfs.model import MiB, PartLayout, format_size, parse_range, parse_size, resolve_range
+from ossfs.errors import UsageError
+from ossfs.model import (
+    MiB,
+    PartLayout,
+    format_size,
+    parse_range,
+    parse_size,
+    resolve_range,
+    validate_part_size,
+)
 
 
 def test_layout_edges() -> None:
@@ -67,3 +76,11 @@ def test_resolve_range() -> None:
     for start, end in ((100, None), (9, 1), (0, -1), (-1, 5)):
         with pytest.raises(ValueError):
             resolve_range(start, end, 100)
+
+
+def test_part_size_bounds() -> None:
+    validate_part_size(100 * 1024)
+    validate_part_size(5 * 1024 * MiB)
+    for bad in (100 * 1024 - 1, 5 * 1024 * MiB + 1):
+        with pytest.raises(UsageError, match="out of range"):
+            validate_part_size(bad)

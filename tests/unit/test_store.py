@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ossfs.cache.index import StoreIdentity
+from ossfs.cache.index import IndexFile, StoreIdentity
 from ossfs.cache.store import Discarded, PartStore
 from ossfs.crc import crc64
 from ossfs.errors import IntegrityError
@@ -109,3 +109,128 @@ def test_files_are_private_in_cache_mode(tmp_path: Path) -> None:
     assert os.stat(tmp_path / "data").st_mode & 0o777 == 0o600
     assert os.stat(tmp_path / "index").st_mode & 0o777 == 0o600
     s.close()
+
+
+# ------------------------------------------------------- opening: when is data kept?
+# PartStore.open keeps the data file's bytes only when a usable index records them, or in
+# a shared cache with no index yet; every other way in empties it. One test per way.
+
+
+def _data_file(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "data").write_bytes(content)
+
+
+def test_usable_index_keeps_data_and_fixes_the_length(tmp_path: Path) -> None:
+    s = open_store(tmp_path, ident())
+    fill(s, [2])
+    s.close()
+    with open(tmp_path / "data", "ab") as f:  # longer than the object: cut back
+        f.write(b"x" * 5000)
+    s = open_store(tmp_path, ident())
+    assert sorted(s.parts) == [2] and s.verify(2)
+    assert os.path.getsize(tmp_path / "data") == len(DATA)
+
+
+def test_corrupt_index_empties_the_data(tmp_path: Path) -> None:
+    s = open_store(tmp_path, ident())
+    fill(s, [0])
+    s.close()
+    (tmp_path / "ckpt").write_bytes(b"\x00garbage")
+    s = open_store(tmp_path, ident())
+    assert s.parts == {} and s.read(0, 16) == b"\0" * 16
+    assert os.path.getsize(tmp_path / "data") == len(DATA)
+
+
+def test_index_whose_data_file_is_gone_is_discarded(tmp_path: Path) -> None:
+    s = open_store(tmp_path, ident())
+    fill(s, [0, 1])
+    s.close()
+    os.unlink(tmp_path / "data")
+    seen: list[Discarded] = []
+    s = open_store(tmp_path, ident(), seen)
+    assert len(seen) == 1 and "data file" in seen[0].reason and "missing" in seen[0].reason
+    assert s.parts == {}
+    s.close()
+    # The discarded index was replaced by an empty one: reopening finds no parts.
+    assert open_store(tmp_path, ident()).parts == {}
+
+
+def test_empty_index_whose_data_file_is_gone_is_replaced_silently(tmp_path: Path) -> None:
+    open_store(tmp_path, ident()).close()  # an index with no parts
+    os.unlink(tmp_path / "data")
+    seen: list[Discarded] = []
+    s = open_store(tmp_path, ident(), seen)
+    assert seen == [] and s.parts == {}  # nothing recorded, nothing lost: no message
+    assert os.path.getsize(tmp_path / "data") == len(DATA)
+
+
+def test_no_index_empties_a_private_data_file(tmp_path: Path) -> None:
+    # A download whose checkpoint is gone: the temp file's bytes are not trusted.
+    _data_file(tmp_path, DATA)
+    s = open_store(tmp_path, ident())
+    assert s.parts == {} and s.read(0, 16) == b"\0" * 16
+    assert (tmp_path / "ckpt").exists()
+
+
+def test_no_checkpoint_empties_the_data_file(tmp_path: Path) -> None:
+    _data_file(tmp_path, DATA)
+    s = PartStore.open(ident(), str(tmp_path / "data"), None)
+    assert s.index_path is None and s.parts == {}
+    assert s.read(0, 16) == b"\0" * 16 and os.path.getsize(tmp_path / "data") == len(DATA)
+
+
+def test_shared_store_without_index_keeps_the_data(tmp_path: Path) -> None:
+    # In a shared cache another process may have created the data file and be about to
+    # create its index: its bytes are left alone (no part is trusted without a record).
+    _data_file(tmp_path, DATA[:3000])
+    s = PartStore.open(ident(), str(tmp_path / "data"), str(tmp_path / "ckpt"), shared=True)
+    assert s.parts == {}
+    assert s.read(0, 3000) == DATA[:3000]
+    assert os.path.getsize(tmp_path / "data") == len(DATA)
+
+
+def test_shared_store_keeps_an_index_created_meanwhile(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another process creates the index (and records a part) between our look for it
+    # and our create: its index is kept, not replaced by an empty one.
+    other = PartStore.open(ident(), str(tmp_path / "data"), str(tmp_path / "ckpt"), shared=True)
+    fill(other, [4])
+    real_load = IndexFile.load
+    looks: list[str] = []
+
+    def not_there_yet(path: str) -> IndexFile | None:
+        looks.append(path)
+        return None if len(looks) == 1 else real_load(path)
+
+    monkeypatch.setattr(IndexFile, "load", staticmethod(not_there_yet))
+    s = PartStore.open(ident(), str(tmp_path / "data"), str(tmp_path / "ckpt"), shared=True)
+    assert len(looks) == 2  # the look that missed it, then the create that found it
+    assert sorted(s.parts) == [4] and s.verify(4)
+    other.close()
+
+
+def test_shared_store_still_discards_a_stale_index(tmp_path: Path) -> None:
+    s = PartStore.open(ident(), str(tmp_path / "data"), str(tmp_path / "ckpt"), shared=True)
+    fill(s, [0])
+    s.close()
+    seen: list[Discarded] = []
+    s = PartStore.open(ident(etag="E2"), str(tmp_path / "data"), str(tmp_path / "ckpt"),
+                       shared=True, on_discard=seen.append)
+    assert len(seen) == 1 and s.parts == {} and s.read(0, 16) == b"\0" * 16
+
+
+def test_refused_index_is_removed_before_the_data_is_emptied(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stopped after emptying the data file but before the new index exists (here: the
+    # create fails), no index may be left that records parts of the emptied file.
+    s = open_store(tmp_path, ident())
+    fill(s, [0, 1])
+    s.close()
+
+    def full_disk(*_args: object, **_kw: object) -> IndexFile:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(IndexFile, "create", staticmethod(full_disk))
+    with pytest.raises(OSError):
+        open_store(tmp_path, ident(etag="E2"))
+    assert not (tmp_path / "ckpt").exists()
