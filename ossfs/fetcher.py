@@ -57,11 +57,6 @@ ByteCallback = Callable[[int], None]
 # The most one read-ahead GET asks for (a run of consecutive parts).
 MAX_RUN_BYTES = 16 << 20
 
-    def as_dict(self) -> dict[str, int]:
-        """The counters for a status document (``ossfs status``, ``--metrics``)."""
-        return {"memory_used": self.used, "memory_peak": self.peak,
-                "memory_limit": self.limit, "memory_waits": self.waits}
-
 
 class Budget(Protocol):
     """The room fetches may take (the cache directory implements it)."""
