@@ -712,10 +712,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if "cache_hit_bytes" in st:
         print(f"reads:       {format_size(st['cache_hit_bytes'])} found in the cache, "
               f"{format_size(st['cache_miss_bytes'])} not")
-    if "memory_used" in st:
-        print(f"memory:      {format_size(st['memory_used'])} of parts not yet written "
-              f"(peak {format_size(st['memory_peak'])} of {format_size(st['memory_limit'])}, "
-              f"{st['memory_waits']} waits)")
     if st.get("crc_mismatches"):
         print(f"integrity:   {st['crc_mismatches']} object(s) whose cached bytes did not match "
               "the service's CRC-64 (dropped and fetched again; see the log)")
@@ -783,7 +779,7 @@ def _materialize_shard(args: argparse.Namespace) -> tuple[int, int] | None:
 
 def _cmd_materialize(args: argparse.Namespace) -> int:
     from ossfs.cache.cachedir import CacheDir
-    from ossfs.materialize import MaterializeRequest, fetcher_for, materialize
+    from ossfs.materialize import MaterializeRequest, materialize
     from ossfs.progress import ProgressBar
 
     if "://" in args.target:
@@ -840,7 +836,6 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     async def run() -> Any:
         async with HttpObjectClient(endpoint, config,
                                     credentials=credentials_from(source)) as client:
-            fetcher = fetcher_for(client, cache, request)
             if metrics is not None:
                 from ossfs.metrics import status_reader
 
@@ -853,14 +848,12 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
                         "cache_used_bytes": cache.used_bytes,
                         "cache_size_bytes": cache.max_bytes,
                         "cache_evicted_bytes": cache.evicted_bytes,
-                        # Parts in memory before their commit, and the connections' buffers.
-                        "buffered_bytes": fetcher.memory.used + client.buffered_bytes,
-                        **fetcher.memory.as_dict(),
+                        "buffered_bytes": client.buffered_bytes,
                         "objects_done": counts["objects_done"],
                     }
 
                 metrics.start(status_reader(status))
-            return await materialize(client, cache, request, fetcher=fetcher)
+            return await materialize(client, cache, request)
 
     try:
         result = run_trio(run)

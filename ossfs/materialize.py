@@ -59,7 +59,7 @@ from ossfs.namespace import ListingGuard, valid_name
 from ossfs.pool import run_pool
 
 __all__ = ["MaterializeRequest", "MaterializeResult", "materialize", "check_shard", "in_shard",
-           "list_objects", "shard_from_environment", "SHARD_COUNT_VARIABLE", "fetcher_for"]
+           "list_objects", "shard_from_environment", "SHARD_COUNT_VARIABLE"]
 
 log = logging.getLogger(__name__)
 
@@ -333,21 +333,16 @@ def _no_space(error: OSError, where: str) -> NoSpaceError:
                         "to continue", path=where)
 
 
-async def materialize(client: ObjectClient, cache: CacheDir, request: MaterializeRequest,
-                      *, fetcher: Fetcher | None = None) -> MaterializeResult:
-    """Run *request*; per-object failures are collected, not raised.
-
-    *fetcher*: the one to fetch with, for a caller that shows its counters while the
-    run goes (``--metrics``); by default one of ``request.threads`` connections with
-    *cache* as its budget (`fetcher_for`).
-    """
+async def materialize(client: ObjectClient, cache: CacheDir,
+                      request: MaterializeRequest) -> MaterializeResult:
+    """Run *request*; per-object failures are collected, not raised."""
     began = time.monotonic()
     if request.shard is not None:
         try:
             check_shard(request.shard)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    run = _Run(client, cache, request, fetcher or fetcher_for(client, cache, request))
+    run = _Run(client, cache, request)
     listed = await list_objects(client, request.bucket, request.key)
     if not listed:
         where = run.url(request.key)
@@ -370,11 +365,6 @@ async def materialize(client: ObjectClient, cache: CacheDir, request: Materializ
     )
 
 
-def fetcher_for(client: ObjectClient, cache: CacheDir, request: MaterializeRequest) -> Fetcher:
-    """The fetcher of a run of *request*: ``request.threads`` connections, into *cache*."""
-    return Fetcher(client, connections=request.threads, budget=cache)
-
-
 class _Run:
     """One materialize run: the objects, what became of them, and the counters.
 
@@ -382,12 +372,12 @@ class _Run:
     in listing order, so early objects finish first (and can be written out early).
     """
 
-    def __init__(self, client: ObjectClient, cache: CacheDir, request: MaterializeRequest,
-                 fetcher: Fetcher) -> None:
+    def __init__(self, client: ObjectClient, cache: CacheDir,
+                 request: MaterializeRequest) -> None:
         self.client = client
         self.cache = cache
         self.request = request
-        self.fetcher = fetcher
+        self.fetcher = Fetcher(client, connections=request.threads, budget=cache)
         self.objects: list[ObjectMeta] = []
         self.total = 0  # bytes of all objects
         key = request.key

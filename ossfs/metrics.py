@@ -197,17 +197,8 @@ def families(status: Status) -> list[Metric]:
             status.get("cache_evicted_bytes"), unit="bytes")
     counter("cache_skipped", "Bytes served from the network and not cached because the "
             "cache disk was full", status.get("uncached_bytes"), unit="bytes")
-    gauge("buffered", "Memory held for fetched bytes on their way to the cache: parts "
-          "not yet committed, and the receive buffers of open data connections",
+    gauge("buffered", "Memory held by the receive buffers of open data connections",
           status.get("buffered_bytes"), unit="bytes")
-    gauge("fetch_memory", "Bytes of parts held in memory between their arrival and their "
-          "commit to the cache", status.get("memory_used"), unit="bytes")
-    gauge("fetch_memory_peak", "The most bytes of parts held in memory at once",
-          status.get("memory_peak"), unit="bytes")
-    gauge("fetch_memory_limit", "The memory parts may take before GETs wait",
-          status.get("memory_limit"), unit="bytes")
-    counter("fetch_memory_waits", "GETs that waited for memory (the cache disk fell behind "
-            "the network)", status.get("memory_waits"))
     counter("crc_mismatches", "Objects whose cached bytes did not match the service's "
             "CRC-64 (dropped and fetched again)", status.get("crc_mismatches"))
     counter("parts_verified", "Cached parts checked against their CRC-64 before use",
