@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 ByteCallback = Callable[[int], None]
 # The most one read-ahead GET asks for (a run of consecutive parts).
 MAX_RUN_BYTES = 16 << 20
+# The writeback of committed parts is started this many bytes at a time.
+WRITEBACK_BATCH = 4 << 20
 
 
 class Budget(Protocol):
@@ -250,14 +252,16 @@ class Fetcher:
         if flight.error is not None and not isinstance(flight.error, trio.Cancelled):
             raise flight.error
 
-    def _new_flight(self, store: PartStore, part: int, *, readahead: bool) -> _Flight | None:
+    def _new_flight(self, store: PartStore, part: int, *, readahead: bool,
+                    refresh: bool = True) -> _Flight | None:
         """Register a flight for a missing part, with room reserved for it.
 
         None when the part turned out present, or when it is read-ahead the
-        budget has no room for.
+        budget has no room for. *refresh* False: the caller has just looked at
+        the index (one look for a whole run).
         """
-        # Another process sharing the store may have fetched it meanwhile.
-        store.refresh()
+        if refresh:
+            store.refresh()  # another process sharing the store may have fetched it
         if store.is_present(part):
             return None
         first, end = store.layout.bounds(part)
@@ -453,12 +457,13 @@ class Fetcher:
                 and frontier - offset > run_limit and wanted[-1] != store.layout.count - 1):
             return
         run: list[tuple[int, _Flight]] = []
+        store.refresh()  # another process sharing the store may have fetched some
         for part in store.layout.parts_for(offset, nbytes):
             if store.is_present(part) or (id(store), part) in self._flights:
                 self._launch_run(store, run)
                 run = []
                 continue
-            flight = self._new_flight(store, part, readahead=True)
+            flight = self._new_flight(store, part, readahead=True, refresh=False)
             if flight is None:
                 if store.is_present(part):
                     continue
@@ -531,11 +536,13 @@ class Fetcher:
         index = 0
         crc = 0
         last_crc = 0
+        # Committed parts whose writeback is not started yet: started a few MiB at a
+        # time (one thread hop for several small parts).
+        done: list[int] = []
 
         def sink(offset: int, data: memoryview) -> Awaitable[None] | None:
-            nonlocal index, crc, last_crc
+            nonlocal index, crc, last_crc, done
             received = len(data)
-            done: list[int] = []
             while data:
                 part, flight = run[index]
                 take = min(len(data), flight.end - offset)
@@ -555,7 +562,10 @@ class Fetcher:
                     crc = 0
             if on_bytes is not None:
                 on_bytes(received)
-            return _writeback(store, done)
+            if len(done) * store.layout.part_size < WRITEBACK_BATCH:
+                return None
+            started, done = done, []
+            return _writeback(store, started)
 
         async with self.limiter:
             got = await self.client.get_range(ident.bucket, ident.key, run[0][1].first,
@@ -565,7 +575,9 @@ class Fetcher:
         self.bytes_fetched += got.nbytes
         part, flight = run[-1]
         if self._commit(store, part, flight, last_crc):
-            await trio.to_thread.run_sync(_start_writeback, store, [part])
+            done.append(part)
+        if done:
+            await trio.to_thread.run_sync(_start_writeback, store, done)
 
     def _commit(self, store: PartStore, part: int, flight: _Flight, crc: int) -> bool:
         """Record a part whose bytes are all written and end its flight; True when the

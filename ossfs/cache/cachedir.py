@@ -527,12 +527,18 @@ class CacheDir:
                 else:
                     del self._holding[key]
                 continue
-            parts = set(entry.pins) | set(entry.fetching) | {
-                p for p, t in entry.ahead.items() if now - t < HOLD_SECONDS}
+            if entry.ahead:
+                expired = [p for p, t in entry.ahead.items() if now - t >= HOLD_SECONDS]
+                for p in expired:
+                    del entry.ahead[p]  # the stream did not come: no longer held
+            parts = entry.pins.keys() | entry.fetching.keys() | entry.ahead.keys()
             if not parts:
                 del self._holding[key]  # only expired read-ahead holds
                 continue
-            total += sum(layout.part_length(p) for p in parts if 0 <= p < layout.count)
+            # Every part is whole but the last (this runs for every fetch admitted).
+            last = layout.count - 1
+            total += len(parts) * layout.part_size - (
+                layout.part_size - layout.part_length(last) if last in parts else 0)
         return total
 
     def admit(self, store: PartStore, part: int, nbytes: int, *, readahead: bool) -> bool:
