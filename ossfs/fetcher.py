@@ -321,19 +321,26 @@ class Fetcher:
         finally:
             store.unlock_part(part)
         if store.complete:
-            self.check_whole(store, store.server_crc64)
+            await self.check_whole(store, store.server_crc64)
 
-    def check_whole(self, store: PartStore, service_crc64: int | None) -> None:
+    async def check_whole(self, store: PartStore, service_crc64: int | None) -> None:
         """Compare a complete store with the service's CRC-64 of the object, once.
 
-        On a mismatch the parts are dropped (IntegrityError, counted, logged by
-        the caller), and `on_corrupt` hears of it.
+        The comparison itself needs no I/O (the parts' CRCs combine); on a mismatch
+        every part is read again, in a worker thread, to find the damaged ones. Those
+        are dropped (all parts when none is: the damage came over the wire), and
+        IntegrityError is raised (counted, logged by the caller); `on_corrupt` hears
+        of it.
         """
         if service_crc64 is None or not store.complete:
             return
         store.server_crc64 = service_crc64
+        actual = store.whole_crc_mismatch()
+        if actual is None:
+            return
+        damaged = await trio.to_thread.run_sync(store.damaged_parts)
         try:
-            store.check_crc()
+            store.drop_mismatched(damaged, actual)
         except IntegrityError:
             self.crc_mismatches += 1
             if self.on_corrupt is not None:
@@ -517,7 +524,7 @@ class Fetcher:
             store.flight_ended()
         if store.complete:
             try:
-                self.check_whole(store, store.server_crc64)
+                await self.check_whole(store, store.server_crc64)
             except IntegrityError as e:
                 log.error("%s", e)
 

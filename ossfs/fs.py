@@ -335,7 +335,7 @@ class Operations(pyfuse3.Operations):
                     self._has_crc64 = False
                 return
             self._crc_missing = 0
-            self.fetcher.check_whole(store, crc)
+            await self.fetcher.check_whole(store, crc)
         except IntegrityError as e:
             log.error("%s", e)
         except OssfsError as e:

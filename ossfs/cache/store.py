@@ -26,6 +26,7 @@ import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from ossfs.cache.index import IndexCorrupt, IndexFile, PartRecord, StoreIdentity
 from ossfs.crc import crc64, crc64_of_parts
@@ -274,16 +275,36 @@ class PartStore:
         their own record, or all of them when the damage came over the wire
         and no single part can be blamed) and IntegrityError is raised.
         """
+        actual = self.whole_crc_mismatch()
+        if actual is None:
+            return self.crc_checked
+        self.drop_mismatched(self.damaged_parts(), actual)
+
+    def whole_crc_mismatch(self) -> int | None:
+        """The combined CRC-64 of the parts when it differs from the service's, else None
+        (matched: `crc_checked` is set; or nothing to compare with). No I/O."""
         ident = self.identity
-        if self.server_crc64 is None or ident.start != 0 or ident.length != ident.size:
-            return False
-        if self.crc_checked:
-            return True
+        if self.server_crc64 is None or ident.start != 0 or ident.length != ident.size \
+                or self.crc_checked:
+            return None
         actual = self.combined_crc() if self.layout.count else 0
         if actual == self.server_crc64:
             self.crc_checked = True
-            return True
-        bad = [p for p in list(self._parts) if not self.verify(p)] or list(self._parts)
+            return None
+        return actual
+
+    def damaged_parts(self) -> list[int]:
+        """Recorded parts whose bytes on disk no longer match their record (reads every
+        part: blocking I/O, safe in a worker thread as it changes nothing)."""
+        records = dict(self._parts)
+        return [p for p, r in records.items() if self.part_crc_on_disk(p) != r.crc64]
+
+    def drop_mismatched(self, damaged: list[int], actual: int) -> NoReturn:
+        """After a whole-object mismatch: drop the *damaged* parts, or every part when
+        the damage came over the wire and no single part can be blamed; raise
+        IntegrityError."""
+        ident = self.identity
+        bad = damaged or list(self._parts)
         self.drop(bad)
         raise IntegrityError(
             f"{ident.bucket}/{ident.key}: CRC-64 mismatch (the service says "

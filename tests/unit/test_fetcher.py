@@ -4,6 +4,7 @@ readers that need only their bytes, and a store released while a fetch still wri
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import pytest
 import trio
 
 from ossfs.cache.cachedir import CacheDir, identity_for
+from ossfs.cache.store import PartStore
 from ossfs.client import ClientConfig, HttpObjectClient
+from ossfs.errors import IntegrityError
 from ossfs.fetcher import Fetcher
 from ossfs.testing import OssTestServer
 from tests.integration.conftest import settled_stats
@@ -126,3 +129,30 @@ async def test_store_released_mid_flight_stays_open_until_the_fetch_ends(
         first, end = again.layout.bounds(1)
         assert again.read(first, end - first) == server.get(BUCKET, "obj")[first:end]
         cache.release(again)
+
+
+async def test_the_whole_object_check_rereads_parts_off_the_event_loop(
+        server: OssTestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a whole-object CRC-64 mismatch every part is read again: in a worker thread,
+    never in the event loop (a large object would stall every reader of the mount)."""
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30)
+    threads: list[bool] = []
+    real = PartStore.damaged_parts
+
+    def damaged_parts(self: PartStore) -> list[int]:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(self)
+
+    monkeypatch.setattr(PartStore, "damaged_parts", damaged_parts)
+    async with HttpObjectClient(server.endpoint()) as client:
+        fetcher = Fetcher(client, connections=2)
+        store = cache.acquire(_ident(server))  # type: ignore[arg-type]
+        for part in range(store.layout.count):
+            await fetcher.ensure(store, part)
+        assert store.crc_checked  # matched the service's once the last part arrived
+        store.crc_checked = False
+        with pytest.raises(IntegrityError):
+            await fetcher.check_whole(store, 12345)  # not the object's CRC-64
+        assert threads == [False]
+        assert fetcher.crc_mismatches == 1 and not store.parts
+        cache.release(store)

@@ -234,3 +234,20 @@ def test_refused_index_is_removed_before_the_data_is_emptied(
     with pytest.raises(OSError):
         open_store(tmp_path, ident(etag="E2"))
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_whole_crc_mismatch_drops_only_the_damaged_part(tmp_path: Path) -> None:
+    s = open_store(tmp_path, ident())
+    fill(s, list(range(10)))
+    os.pwrite(s.fileno(), b"\x00", 3 * 1024 + 7)  # part 3 damaged on disk
+    s.server_crc64 = crc64(DATA)
+    # The combined record CRCs still match: nothing is read to find that out.
+    assert s.whole_crc_mismatch() is None and s.crc_checked
+    s.crc_checked = False
+    s.server_crc64 = crc64(DATA) ^ 1
+    actual = s.whole_crc_mismatch()
+    assert actual is not None
+    assert s.damaged_parts() == [3]
+    with pytest.raises(IntegrityError, match="dropped 1 part"):
+        s.drop_mismatched(s.damaged_parts(), actual)
+    assert sorted(s.parts) == [p for p in range(10) if p != 3]
