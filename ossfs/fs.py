@@ -36,6 +36,7 @@ import trio
 from cachetools import LRUCache
 
 from ossfs.cache.cachedir import CacheDir, identity_for
+from ossfs.cache.index import StoreIdentity
 from ossfs.cache.store import PartStore
 from ossfs.errors import (
     IntegrityError,
@@ -126,6 +127,10 @@ class Operations(pyfuse3.Operations):
         # Inodes whose kernel pages came from bytes that failed the whole-object check:
         # their next open drops the page cache.
         self._stale_pages: LRUCache[int, bool] = LRUCache(maxsize=4096)
+        # The inode each recently opened object version was read through: the kernel
+        # keeps its pages after the file is closed, and a whole-object check may fail
+        # only then (it runs in the background).
+        self._inode_of: LRUCache[StoreIdentity, int] = LRUCache(maxsize=4096)
         fetcher.on_corrupt = self._drop_pages
 
     # ---------------------------------------------------------------- errors
@@ -296,6 +301,7 @@ class Operations(pyfuse3.Operations):
             ident = identity_for(self.ns.bucket, meta.key, meta.etag, meta.size,
                                  self.opts.part_size)
             store = await self.fetcher.open_store(self.cache, ident)
+            self._inode_of[ident] = inode
             if self._prefetch is not None:
                 self._prefetch.on_open(node)
             if store.complete and not store.crc_checked and store.server_crc64 is None \
@@ -347,6 +353,9 @@ class Operations(pyfuse3.Operations):
         """Cached bytes of *store* were wrong: the kernel's copies of them go too."""
         inodes = {h.node.inode for h in self._handles.values()
                   if h.store.identity == store.identity}
+        opened = self._inode_of.get(store.identity)
+        if opened is not None:
+            inodes.add(opened)
         for inode in inodes:
             self._stale_pages[inode] = True
             # Not from the event loop: the kernel may wait for reads this loop serves.
