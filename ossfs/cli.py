@@ -122,7 +122,8 @@ def _shard(text: str) -> tuple[int, int] | str:
         shard = int(index), int(count)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"not a shard: {text!r} (use I/N, e.g. 0/4, or auto)") from None
+            f"not a shard: {text!r} (use I/N, e.g. 0/4, or auto)"
+        ) from None
     try:
         check_shard(shard)
     except ValueError as e:
@@ -158,41 +159,84 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_connection_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
-    g.add_argument("--endpoint", metavar="URL",
-                   help="service endpoint, e.g. https://oss-cn-hangzhou.aliyuncs.com or "
-                        "http://127.0.0.1:9000 (default: from the profile, or the region's "
-                        "public endpoint)")
-    g.add_argument("--region", help="region for signing (default: from the endpoint, or "
-                                    "cn-hangzhou / us-east-1)")
-    g.add_argument("--dialect", choices=("oss", "s3"),
-                   help="protocol dialect (default: from the URL scheme oss:// or s3://)")
-    g.add_argument("--signature-version", choices=("v1", "v4"),
-                   help="OSS signature version (default v4)")
+    g.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="service endpoint, e.g. https://oss-cn-hangzhou.aliyuncs.com or "
+        "http://127.0.0.1:9000 (default: from the profile, or the region's "
+        "public endpoint)",
+    )
+    g.add_argument(
+        "--region",
+        help="region for signing (default: from the endpoint, or cn-hangzhou / us-east-1)",
+    )
+    g.add_argument(
+        "--dialect",
+        choices=("oss", "s3"),
+        help="protocol dialect (default: from the URL scheme oss:// or s3://)",
+    )
+    g.add_argument(
+        "--signature-version", choices=("v1", "v4"), help="OSS signature version (default v4)"
+    )
     style = g.add_mutually_exclusive_group()
-    style.add_argument("--path-style", dest="path_style", action="store_const", const=True,
-                       help="address buckets as http://host/BUCKET (default for IP and "
-                            "localhost endpoints)")
-    style.add_argument("--virtual-host", dest="path_style", action="store_const", const=False,
-                       help="address buckets as http://BUCKET.host")
-    g.add_argument("--profile", help="profile of the config file to use (default: "
-                                     "$OSSFS_PROFILE or 'default')")
-    g.add_argument("--config", metavar="FILE",
-                   help="config file (default: $OSSFS_CONFIG or ~/.config/ossfs/config.toml)")
-    g.add_argument("--anonymous", action="store_true",
-                   help="send unsigned requests (public buckets), ignoring any credentials")
-    g.add_argument("--attempts", "--retries", dest="attempts", type=_positive_int, default=6,
-                   metavar="N", help="attempts per request that deliver nothing before giving "
-                                     "up (default 6; --retries is its old name)")
-    g.add_argument("--stall-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
-                   help="seconds without a byte before a transfer is retried (default 30)")
-    g.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
-                   help="seconds one request may take with all its retries, plus 1 s per "
-                        "64KiB it received (default 60)")
+    style.add_argument(
+        "--path-style",
+        dest="path_style",
+        action="store_const",
+        const=True,
+        help="address buckets as http://host/BUCKET (default for IP and localhost endpoints)",
+    )
+    style.add_argument(
+        "--virtual-host",
+        dest="path_style",
+        action="store_const",
+        const=False,
+        help="address buckets as http://BUCKET.host",
+    )
+    g.add_argument(
+        "--profile", help="profile of the config file to use (default: $OSSFS_PROFILE or 'default')"
+    )
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        help="config file (default: $OSSFS_CONFIG or ~/.config/ossfs/config.toml)",
+    )
+    g.add_argument(
+        "--anonymous",
+        action="store_true",
+        help="send unsigned requests (public buckets), ignoring any credentials",
+    )
+    g.add_argument(
+        "--attempts",
+        "--retries",
+        dest="attempts",
+        type=_positive_int,
+        default=6,
+        metavar="N",
+        help="attempts per request that deliver nothing before giving "
+        "up (default 6; --retries is its old name)",
+    )
+    g.add_argument(
+        "--stall-timeout",
+        type=_positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds without a byte before a transfer is retried (default 30)",
+    )
+    g.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds one request may take with all its retries, plus 1 s per "
+        "64KiB it received (default 60)",
+    )
 
 
 def _add_logging_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="more log output (-vv for debug)")
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
 
 
@@ -200,51 +244,85 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ossfs",
         description="Read Alibaba Cloud OSS and S3-compatible buckets as files: a read-only "
-                    "FUSE mount backed by a resumable part cache, and a resumable parallel "
-                    "downloader.",
+        "FUSE mount backed by a resumable part cache, and a resumable parallel "
+        "downloader.",
     )
     parser.add_argument("--version", action="version", version=f"ossfs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("ls", help="list objects and prefixes",
-                       description="List the objects and prefixes under oss://BUCKET/PREFIX "
-                                   "(one level, like ls; -r for everything below).")
+    p = sub.add_parser(
+        "ls",
+        help="list objects and prefixes",
+        description="List the objects and prefixes under oss://BUCKET/PREFIX "
+        "(one level, like ls; -r for everything below).",
+    )
     p.add_argument("url", metavar="oss://BUCKET[/PREFIX]")
     p.add_argument("-l", "--long", action="store_true", help="show size, date and ETag")
     p.add_argument("-r", "--recursive", action="store_true", help="list every key below")
     _add_connection_options(p)
     _add_logging_options(p)
 
-    p = sub.add_parser("stat", help="show one object's metadata",
-                       description="HEAD one object and print its metadata as JSON.")
+    p = sub.add_parser(
+        "stat",
+        help="show one object's metadata",
+        description="HEAD one object and print its metadata as JSON.",
+    )
     p.add_argument("url", metavar="oss://BUCKET/KEY")
     _add_connection_options(p)
     _add_logging_options(p)
 
     p = sub.add_parser(
-        "download", help="download one object to a file, resumably and in parallel",
+        "download",
+        help="download one object to a file, resumably and in parallel",
         description="Download oss://BUCKET/KEY to FILE with parallel ranged GETs. An "
-                    "interrupted download (Ctrl-C, kill, network failure) resumes when the "
-                    "same command runs again; FILE is replaced only by a complete, verified "
-                    "file.")
+        "interrupted download (Ctrl-C, kill, network failure) resumes when the "
+        "same command runs again; FILE is replaced only by a complete, verified "
+        "file.",
+    )
     p.add_argument("url", metavar="oss://BUCKET/KEY")
-    p.add_argument("file", nargs="?", metavar="FILE",
-                   help="destination (default: the object's base name in the current "
-                        "directory)")
-    p.add_argument("--part-size", type=_size, default=DEFAULT_PART_SIZE, metavar="SIZE",
-                   help="bytes per part, 100KiB to 5GiB (default 8MiB)")
-    p.add_argument("--threads", type=_positive_int, default=3, metavar="N",
-                   help="parts fetched at once (default 3)")
-    p.add_argument("--checkpoint-dir", metavar="DIR",
-                   help="where to keep the checkpoint (default: FILE's directory)")
-    p.add_argument("--no-resume", action="store_true",
-                   help="keep no checkpoint: an interrupted download starts over")
-    p.add_argument("--range", type=_byte_range, metavar="START-END",
-                   help="download only bytes START to END (inclusive; END may be omitted)")
-    p.add_argument("--limit-rate", type=_size, metavar="BYTES_PER_SEC",
-                   help="cap the bandwidth, e.g. 10M (also sent to OSS as "
-                        "x-oss-traffic-limit)")
+    p.add_argument(
+        "file",
+        nargs="?",
+        metavar="FILE",
+        help="destination (default: the object's base name in the current directory)",
+    )
+    p.add_argument(
+        "--part-size",
+        type=_size,
+        default=DEFAULT_PART_SIZE,
+        metavar="SIZE",
+        help="bytes per part, 100KiB to 5GiB (default 8MiB)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="parts fetched at once (default 3)",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="where to keep the checkpoint (default: FILE's directory)",
+    )
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="keep no checkpoint: an interrupted download starts over",
+    )
+    p.add_argument(
+        "--range",
+        type=_byte_range,
+        metavar="START-END",
+        help="download only bytes START to END (inclusive; END may be omitted)",
+    )
+    p.add_argument(
+        "--limit-rate",
+        type=_size,
+        metavar="BYTES_PER_SEC",
+        help="cap the bandwidth, e.g. 10M (also sent to OSS as x-oss-traffic-limit)",
+    )
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     _add_connection_options(p)
     _add_logging_options(p)
@@ -255,18 +333,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_cache_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cache")
-    g.add_argument("--cache-dir", metavar="DIR",
-                   help="part cache directory (default: ~/.cache/ossfs/<host_port>/<bucket>, "
-                        "under $XDG_CACHE_HOME when set)")
-    g.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_SIZE, metavar="SIZE",
-                   help="most bytes the cache may hold, e.g. 50G (default 10GiB)")
-    g.add_argument("--cache-min-free", type=_fraction, default=0.05, metavar="FRACTION",
-                   help="keep at least this fraction of the cache's file system free "
-                        "(default 0.05)")
-    g.add_argument("--part-size", type=_size, default=DEFAULT_CACHE_PART_SIZE, metavar="SIZE",
-                   help="bytes per cached part: the least a random read fetches "
-                        "(default 8MiB; 1MiB for random access: fewer bytes fetched, "
-                        "slower sequential reads)")
+    g.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="part cache directory (default: ~/.cache/ossfs/<host_port>/<bucket>, "
+        "under $XDG_CACHE_HOME when set)",
+    )
+    g.add_argument(
+        "--cache-size",
+        type=_size,
+        default=DEFAULT_CACHE_SIZE,
+        metavar="SIZE",
+        help="most bytes the cache may hold, e.g. 50G (default 10GiB)",
+    )
+    g.add_argument(
+        "--cache-min-free",
+        type=_fraction,
+        default=0.05,
+        metavar="FRACTION",
+        help="keep at least this fraction of the cache's file system free (default 0.05)",
+    )
+    g.add_argument(
+        "--part-size",
+        type=_size,
+        default=DEFAULT_CACHE_PART_SIZE,
+        metavar="SIZE",
+        help="bytes per cached part: the least a random read fetches "
+        "(default 8MiB; 1MiB for random access: fewer bytes fetched, "
+        "slower sequential reads)",
+    )
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -279,87 +374,158 @@ def _listen(text: str) -> tuple[str, int]:
 
 
 def _add_metrics_option(g: Any) -> None:
-    g.add_argument("--metrics", type=_listen, metavar="ADDR:PORT",
-                   help="serve Prometheus metrics on http://ADDR:PORT/metrics (only there: "
-                        "127.0.0.1:9100 for this machine, 0.0.0.0:9100 for every interface)")
+    g.add_argument(
+        "--metrics",
+        type=_listen,
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics (only there: "
+        "127.0.0.1:9100 for this machine, 0.0.0.0:9100 for every interface)",
+    )
 
 
 def _add_mount_commands(sub: Any) -> None:
     p = sub.add_parser(
-        "mount", help="mount a bucket (or a prefix of it) read-only",
+        "mount",
+        help="mount a bucket (or a prefix of it) read-only",
         description="Mount oss://BUCKET[/PREFIX] (or s3://...) read-only on MOUNTPOINT. "
-                    "Objects are files, /-separated prefixes are directories. Without "
-                    "--foreground the command returns once the mount is ready.")
+        "Objects are files, /-separated prefixes are directories. Without "
+        "--foreground the command returns once the mount is ready.",
+    )
     p.add_argument("url", metavar="oss://BUCKET[/PREFIX]")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     _add_cache_options(p)
     g = p.add_argument_group("mount")
-    g.add_argument("--threads", type=_positive_int, default=16, metavar="N",
-                   help="connections for all reads together (default 16)")
-    g.add_argument("--read-ahead", type=_size, default=128 << 20, metavar="SIZE",
-                   help="how far ahead of a sequential reader to fetch (default 128MiB)")
-    g.add_argument("--kernel-read-ahead", type=_size, default=1 << 20, metavar="SIZE",
-                   help="the kernel's read-ahead for the mount, which sets the size of "
-                        "its read requests (default 1MiB, the most one request carries; "
-                        "0 leaves the kernel's default; needs root)")
-    g.add_argument("--ttl", type=_seconds, default=60.0, metavar="SECONDS",
-                   help="how long listings and attributes are trusted (default 60)")
-    g.add_argument("--negative-ttl", type=_seconds, default=5.0, metavar="SECONDS",
-                   help="how long a missing name is remembered (default 5)")
-    g.add_argument("--max-dir-entries", type=_positive_int, default=DEFAULT_MAX_DIR_ENTRIES,
-                   metavar="N",
-                   help="most entries one directory may hold; a longer listing fails "
-                        "with EIO (default 1000000; each listed entry costs the mount about "
-                        "1.3KiB of memory)")
+    g.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="connections for all reads together (default 16)",
+    )
+    g.add_argument(
+        "--read-ahead",
+        type=_size,
+        default=128 << 20,
+        metavar="SIZE",
+        help="how far ahead of a sequential reader to fetch (default 128MiB)",
+    )
+    g.add_argument(
+        "--kernel-read-ahead",
+        type=_size,
+        default=1 << 20,
+        metavar="SIZE",
+        help="the kernel's read-ahead for the mount, which sets the size of "
+        "its read requests (default 1MiB, the most one request carries; "
+        "0 leaves the kernel's default; needs root)",
+    )
+    g.add_argument(
+        "--ttl",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long listings and attributes are trusted (default 60)",
+    )
+    g.add_argument(
+        "--negative-ttl",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long a missing name is remembered (default 5)",
+    )
+    g.add_argument(
+        "--max-dir-entries",
+        type=_positive_int,
+        default=DEFAULT_MAX_DIR_ENTRIES,
+        metavar="N",
+        help="most entries one directory may hold; a longer listing fails "
+        "with EIO (default 1000000; each listed entry costs the mount about "
+        "1.3KiB of memory)",
+    )
     g.add_argument("--uid", type=int, default=os.getuid(), help="owner of every file")
     g.add_argument("--gid", type=int, default=os.getgid(), help="group of every file")
-    g.add_argument("--umask", type=_octal, default=0o222, metavar="OCTAL",
-                   help="permission bits to clear (default 0222: files 0444, dirs 0555)")
-    g.add_argument("--allow-other", action="store_true",
-                   help="let other users see the mount (needs user_allow_other in "
-                        "/etc/fuse.conf unless root)")
-    g.add_argument("-f", "--foreground", action="store_true",
-                   help="stay in the foreground (logs go to stderr)")
+    g.add_argument(
+        "--umask",
+        type=_octal,
+        default=0o222,
+        metavar="OCTAL",
+        help="permission bits to clear (default 0222: files 0444, dirs 0555)",
+    )
+    g.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users see the mount (needs user_allow_other in /etc/fuse.conf unless root)",
+    )
+    g.add_argument(
+        "-f", "--foreground", action="store_true", help="stay in the foreground (logs go to stderr)"
+    )
     g.add_argument("--log-file", metavar="FILE", help="write the log here")
     _add_metrics_option(g)
     _add_connection_options(p)
     _add_logging_options(p)
 
     p = sub.add_parser(
-        "materialize", help="prefetch objects or prefixes into the cache (resumable)",
+        "materialize",
+        help="prefetch objects or prefixes into the cache (resumable)",
         description="Fetch whole objects into the part cache the mount uses, concurrently "
-                    "and resumably: run it again after an interruption and only what is "
-                    "missing is fetched. TARGET is oss://BUCKET/KEY, oss://BUCKET/PREFIX/ or "
-                    "a file or directory inside a running ossfs mount (its cache is filled).")
+        "and resumably: run it again after an interruption and only what is "
+        "missing is fetched. TARGET is oss://BUCKET/KEY, oss://BUCKET/PREFIX/ or "
+        "a file or directory inside a running ossfs mount (its cache is filled).",
+    )
     p.add_argument("target", metavar="TARGET")
-    p.add_argument("--to", metavar="DIR",
-                   help="also write the objects as files under DIR (created if missing; "
-                        "keys relative to the prefix), reusing cached parts")
-    p.add_argument("--shard", type=_shard, metavar="I/N|auto",
-                   help="take only shard I of N (0 <= I < N): a deterministic split of the "
-                        "objects for a fleet of machines; 'auto' takes I/N from the job "
-                        "runner (Kubernetes Indexed Job, Slurm array, RANK/WORLD_SIZE)")
-    p.add_argument("--shard-count", type=_positive_int, metavar="N",
-                   help="with --shard auto in a Kubernetes Indexed Job: the number of shards "
-                        "(the Job's completions; default $OSSFS_SHARD_COUNT)")
-    p.add_argument("--threads", type=_positive_int, default=16, metavar="N",
-                   help="parts fetched at once across all objects (default 16)")
+    p.add_argument(
+        "--to",
+        metavar="DIR",
+        help="also write the objects as files under DIR (created if missing; "
+        "keys relative to the prefix), reusing cached parts",
+    )
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="I/N|auto",
+        help="take only shard I of N (0 <= I < N): a deterministic split of the "
+        "objects for a fleet of machines; 'auto' takes I/N from the job "
+        "runner (Kubernetes Indexed Job, Slurm array, RANK/WORLD_SIZE)",
+    )
+    p.add_argument(
+        "--shard-count",
+        type=_positive_int,
+        metavar="N",
+        help="with --shard auto in a Kubernetes Indexed Job: the number of shards "
+        "(the Job's completions; default $OSSFS_SHARD_COUNT)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="parts fetched at once across all objects (default 16)",
+    )
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     _add_metrics_option(p)
     _add_cache_options(p)
     _add_connection_options(p)
     _add_logging_options(p)
 
-    p = sub.add_parser("unmount", aliases=["umount"], help="unmount a mount",
-                       description="Unmount MOUNTPOINT (also a dead mount whose process "
-                                   "was killed).")
+    p = sub.add_parser(
+        "unmount",
+        aliases=["umount"],
+        help="unmount a mount",
+        description="Unmount MOUNTPOINT (also a dead mount whose process was killed).",
+    )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("-z", "--lazy", action="store_true",
-                   help="detach now, finish when the mount is no longer busy")
+    p.add_argument(
+        "-z",
+        "--lazy",
+        action="store_true",
+        help="detach now, finish when the mount is no longer busy",
+    )
     _add_logging_options(p)
 
-    p = sub.add_parser("status", help="show a mount's cache use and request counters",
-                       description="Show what a running mount has cached and fetched.")
+    p = sub.add_parser(
+        "status",
+        help="show a mount's cache use and request counters",
+        description="Show what a running mount has cached and fetched.",
+    )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p.add_argument("--all", action="store_true", help="list every cached object")
@@ -381,12 +547,18 @@ def describe_os_error(e: OSError) -> str:
 
 
 def setup_logging(verbose: int, quiet: bool, stream: Any = None) -> None:
-    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[
-        min(verbose, 2)]
+    level = (
+        logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    )
     handler = logging.StreamHandler(stream or sys.stderr)
     # Keys and server text end up in log messages: one record is always one line.
-    handler.setFormatter(SafeFormatter("ossfs: %(message)s" if verbose == 0 else
-                                       "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        SafeFormatter(
+            "ossfs: %(message)s"
+            if verbose == 0
+            else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -397,18 +569,28 @@ def setup_logging(verbose: int, quiet: bool, stream: Any = None) -> None:
 
 def connection_options(args: argparse.Namespace) -> ConnectionOptions:
     return ConnectionOptions(
-        endpoint=args.endpoint, region=args.region, dialect=args.dialect,
-        signature_version=args.signature_version, path_style=args.path_style,
-        profile=args.profile, config_path=args.config, anonymous=args.anonymous,
+        endpoint=args.endpoint,
+        region=args.region,
+        dialect=args.dialect,
+        signature_version=args.signature_version,
+        path_style=args.path_style,
+        profile=args.profile,
+        config_path=args.config,
+        anonymous=args.anonymous,
     )
 
 
-def make_client(args: argparse.Namespace, url: ObjectUrl, *, connections: int,
-                rate_limit: int | None = None) -> HttpObjectClient:
+def make_client(
+    args: argparse.Namespace, url: ObjectUrl, *, connections: int, rate_limit: int | None = None
+) -> HttpObjectClient:
     endpoint, source = resolve_connection(connection_options(args), url.scheme)
-    config = ClientConfig(connections=connections, attempts=args.attempts,
-                          stall_timeout=args.stall_timeout, timeout=args.timeout,
-                          rate_limit=rate_limit)
+    config = ClientConfig(
+        connections=connections,
+        attempts=args.attempts,
+        stall_timeout=args.stall_timeout,
+        timeout=args.timeout,
+        rate_limit=rate_limit,
+    )
     return HttpObjectClient(endpoint, config, credentials=credentials_from(source))
 
 
@@ -461,8 +643,11 @@ def _cmd_ls(args: argparse.Namespace) -> int:
             guard = ListingGuard(str(url))
             while True:
                 page = await client.list_page(
-                    url.bucket, prefix=url.key, delimiter="" if args.recursive else "/",
-                    continuation_token=token)
+                    url.bucket,
+                    prefix=url.key,
+                    delimiter="" if args.recursive else "/",
+                    continuation_token=token,
+                )
                 guard.check(page, token)
                 for prefix in map(printable, page.prefixes):
                     print(f"{'PRE':>12}  {'':19}  {prefix}" if args.long else prefix)
@@ -510,8 +695,9 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
     url = parse_object_url(args.url)
     if not url.key or url.key.endswith("/"):
-        raise UsageError(f"{args.url} names a prefix, not an object (use ossfs materialize "
-                         "for prefixes)")
+        raise UsageError(
+            f"{args.url} names a prefix, not an object (use ossfs materialize for prefixes)"
+        )
     validate_part_size(args.part_size)
     if args.limit_rate is not None and args.limit_rate < 1024:
         raise UsageError("--limit-rate must be at least 1K (bytes per second)")
@@ -523,23 +709,31 @@ def _cmd_download(args: argparse.Namespace) -> int:
     bar = ProgressBar(0, description=os.path.basename(file_path), enabled=show)
 
     request = DownloadRequest(
-        bucket=url.bucket, key=url.key, file_path=file_path, part_size=args.part_size,
-        threads=args.threads, checkpoint_dir=args.checkpoint_dir,
+        bucket=url.bucket,
+        key=url.key,
+        file_path=file_path,
+        part_size=args.part_size,
+        threads=args.threads,
+        checkpoint_dir=args.checkpoint_dir,
         enable_checkpoint=not args.no_resume,
-        range_start=range_start, range_end=range_end,
-        progress=bar.progress, on_part=bar.set_count,
+        range_start=range_start,
+        range_end=range_end,
+        progress=bar.progress,
+        on_part=bar.set_count,
         notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None,
         scheme=url.scheme,
     )
 
     async def run() -> Any:
-        async with make_client(args, url, connections=args.threads,
-                               rate_limit=args.limit_rate) as client:
+        async with make_client(
+            args, url, connections=args.threads, rate_limit=args.limit_rate
+        ) as client:
             return await download(client, request)
 
     def resumable() -> bool:
         return not args.no_resume and os.path.exists(
-            checkpoint_path_for(request, os.path.abspath(file_path)))
+            checkpoint_path_for(request, os.path.abspath(file_path))
+        )
 
     try:
         result = run_trio(run)
@@ -554,14 +748,21 @@ def _cmd_download(args: argparse.Namespace) -> int:
         bar.close()
     if not args.quiet:
         rate = result.bytes_fetched / result.elapsed if result.elapsed > 0 else 0.0
-        check = {"crc64": "CRC-64 verified", "md5": "MD5 verified",
-                 "parts": "per-part CRC-64 (ranged download)"}.get(
-                     result.verified_by or "",
-                     "per-part CRC-64 only (the service sent no checksum of the object)")
+        check = {
+            "crc64": "CRC-64 verified",
+            "md5": "MD5 verified",
+            "parts": "per-part CRC-64 (ranged download)",
+        }.get(
+            result.verified_by or "",
+            "per-part CRC-64 only (the service sent no checksum of the object)",
+        )
         reuse = f", {result.parts_reused} reused from checkpoint" if result.parts_reused else ""
-        print(f"downloaded {printable(url)} to {printable(result.path)}: "
-              f"{format_size(result.size)} in {result.elapsed:.1f}s ({format_size(rate)}/s), "
-              f"{result.parts} part(s){reuse}, {check}", file=sys.stderr)
+        print(
+            f"downloaded {printable(url)} to {printable(result.path)}: "
+            f"{format_size(result.size)} in {result.elapsed:.1f}s ({format_size(rate)}/s), "
+            f"{result.parts} part(s){reuse}, {check}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -624,23 +825,42 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     metrics = _metrics_server(args.metrics)
     prefix = url.key.strip("/")
     config = mount.MountConfig(
-        source=object_url(url.scheme, url.bucket, prefix), bucket=url.bucket,
-        prefix=prefix + "/" if prefix else "", mountpoint=mountpoint,
-        cache_dir=os.path.abspath(cache_dir), cache_size=args.cache_size,
-        cache_min_free=args.cache_min_free, part_size=args.part_size, threads=args.threads,
-        read_ahead=args.read_ahead, kernel_read_ahead=args.kernel_read_ahead,
-        ttl=args.ttl, negative_ttl=args.negative_ttl,
-        uid=args.uid, gid=args.gid, umask=args.umask, allow_other=args.allow_other,
-        foreground=args.foreground, log_file=log_file, profile=args.profile,
-        endpoint=endpoint.url, dialect=endpoint.dialect,
+        source=object_url(url.scheme, url.bucket, prefix),
+        bucket=url.bucket,
+        prefix=prefix + "/" if prefix else "",
+        mountpoint=mountpoint,
+        cache_dir=os.path.abspath(cache_dir),
+        cache_size=args.cache_size,
+        cache_min_free=args.cache_min_free,
+        part_size=args.part_size,
+        threads=args.threads,
+        read_ahead=args.read_ahead,
+        kernel_read_ahead=args.kernel_read_ahead,
+        ttl=args.ttl,
+        negative_ttl=args.negative_ttl,
+        uid=args.uid,
+        gid=args.gid,
+        umask=args.umask,
+        allow_other=args.allow_other,
+        foreground=args.foreground,
+        log_file=log_file,
+        profile=args.profile,
+        endpoint=endpoint.url,
+        dialect=endpoint.dialect,
         config_path=os.path.abspath(args.config) if args.config else None,
-        region=args.region, signature_version=args.signature_version,
-        path_style=args.path_style, anonymous=args.anonymous,
+        region=args.region,
+        signature_version=args.signature_version,
+        path_style=args.path_style,
+        anonymous=args.anonymous,
         max_dir_entries=args.max_dir_entries,
         metrics=metrics.where if metrics is not None else None,
     )
-    client_config = ClientConfig(connections=args.threads, attempts=args.attempts,
-                                 stall_timeout=args.stall_timeout, timeout=args.timeout)
+    client_config = ClientConfig(
+        connections=args.threads,
+        attempts=args.attempts,
+        stall_timeout=args.stall_timeout,
+        timeout=args.timeout,
+    )
 
     def make() -> HttpObjectClient:
         # Made in the mount's own process (after the fork), where its refreshes run.
@@ -703,27 +923,40 @@ def _cmd_status(args: argparse.Namespace) -> int:
     objects = st["objects_cached"]
     print(f"source:      {printable(st['source'])} (pid {st['pid']}, up {st['uptime']:.0f}s)")
     print(f"cache:       {st['cache_dir']}")
-    print(f"cache use:   {format_size(st['cache_used_bytes'])} of "
-          f"{format_size(st['cache_size_bytes'])}, {len(objects)} object(s), "
-          f"{format_size(st['cache_evicted_bytes'])} evicted")
-    print(f"requests:    {req['requests']} ({req['retries']} retries, {req['errors']} errors), "
-          f"{format_size(req['bytes_received'])} received")
+    print(
+        f"cache use:   {format_size(st['cache_used_bytes'])} of "
+        f"{format_size(st['cache_size_bytes'])}, {len(objects)} object(s), "
+        f"{format_size(st['cache_evicted_bytes'])} evicted"
+    )
+    print(
+        f"requests:    {req['requests']} ({req['retries']} retries, {req['errors']} errors), "
+        f"{format_size(req['bytes_received'])} received"
+    )
     print(f"parts:       {st['parts_fetched']} fetched, {format_size(st['bytes_fetched'])}")
     if "cache_hit_bytes" in st:
-        print(f"reads:       {format_size(st['cache_hit_bytes'])} found in the cache, "
-              f"{format_size(st['cache_miss_bytes'])} not")
+        print(
+            f"reads:       {format_size(st['cache_hit_bytes'])} found in the cache, "
+            f"{format_size(st['cache_miss_bytes'])} not"
+        )
     if st.get("crc_mismatches"):
-        print(f"integrity:   {st['crc_mismatches']} object(s) whose cached bytes did not match "
-              "the service's CRC-64 (dropped and fetched again; see the log)")
+        print(
+            f"integrity:   {st['crc_mismatches']} object(s) whose cached bytes did not match "
+            "the service's CRC-64 (dropped and fetched again; see the log)"
+        )
     if st.get("uncached_bytes"):
-        print(f"uncached:    {format_size(st['uncached_bytes'])} served from the network "
-              "because the cache disk was full")
+        print(
+            f"uncached:    {format_size(st['uncached_bytes'])} served from the network "
+            "because the cache disk was full"
+        )
     if st.get("log_file"):
         print(f"log:         {st['log_file']}")
     if st.get("metrics"):
         print(f"metrics:     http://{st['metrics']}/metrics")
-    shown = objects if args.all else sorted(
-        objects, key=lambda o: o["cached_bytes"], reverse=True)[:_STATUS_OBJECTS]
+    shown = (
+        objects
+        if args.all
+        else sorted(objects, key=lambda o: o["cached_bytes"], reverse=True)[:_STATUS_OBJECTS]
+    )
     versions: dict[str, int] = {}
     for o in objects:
         versions[o["key"]] = versions.get(o["key"], 0) + 1
@@ -731,8 +964,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         pct = 100.0 * o["cached_bytes"] / o["size"] if o["size"] else 100.0
         # The cache may hold more than one version of a key: the ETag tells them apart.
         etag = f"  (ETag {o['etag']})" if versions[o["key"]] > 1 else ""
-        print(f"  {pct:5.1f}%  {format_size(o['cached_bytes']):>10} of "
-              f"{format_size(o['size']):>10}  {printable(o['key'])}{etag}")
+        print(
+            f"  {pct:5.1f}%  {format_size(o['cached_bytes']):>10} of "
+            f"{format_size(o['size']):>10}  {printable(o['key'])}{etag}"
+        )
     if len(shown) < len(objects):
         print(f"  ... and {len(objects) - len(shown)} more (--all lists every object)")
     return 0
@@ -747,8 +982,10 @@ def _mount_target(path: str) -> tuple[dict[str, Any], str]:
     while mounted_fstype(root) != "fuse.ossfs":
         parent = os.path.dirname(root)
         if parent == root:
-            raise UsageError(f"{path} is not inside an ossfs mount (give a path in a "
-                             "mount, or oss://BUCKET/PREFIX)")
+            raise UsageError(
+                f"{path} is not inside an ossfs mount (give a path in a "
+                "mount, or oss://BUCKET/PREFIX)"
+            )
         root = parent
     if is_dead_mount(root):
         raise UsageError(dead_mount_message(root))
@@ -792,11 +1029,11 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         info, key = _mount_target(args.target)
         bucket = info["bucket"]
         # Connect as the mount does, unless the command line says otherwise.
-        endpoint, source = resolve_connection(connect_as_mount(connection_options(args), info),
-                                              info["dialect"])
+        endpoint, source = resolve_connection(
+            connect_as_mount(connection_options(args), info), info["dialect"]
+        )
         url = ObjectUrl(info["dialect"], bucket, key)
-        cache_dir, part_size, cache_size = info["cache_dir"], info["part_size"], info[
-            "cache_size"]
+        cache_dir, part_size, cache_size = info["cache_dir"], info["part_size"], info["cache_size"]
     validate_part_size(part_size)
     shard = _materialize_shard(args)
     if args.to is not None:
@@ -825,17 +1062,29 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         bar.set_count(done, total)
 
     request = MaterializeRequest(
-        bucket=bucket, key=key, part_size=part_size, threads=args.threads, to_dir=args.to,
-        shard=shard, progress=progress, on_object=on_object,
+        bucket=bucket,
+        key=key,
+        part_size=part_size,
+        threads=args.threads,
+        to_dir=args.to,
+        shard=shard,
+        progress=progress,
+        on_object=on_object,
         notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None,
-        scheme=url.scheme)
+        scheme=url.scheme,
+    )
     cache = CacheDir(cache_dir, max_bytes=cache_size, min_free_fraction=args.cache_min_free)
-    config = ClientConfig(connections=args.threads, attempts=args.attempts,
-                          stall_timeout=args.stall_timeout, timeout=args.timeout)
+    config = ClientConfig(
+        connections=args.threads,
+        attempts=args.attempts,
+        stall_timeout=args.stall_timeout,
+        timeout=args.timeout,
+    )
 
     async def run() -> Any:
-        async with HttpObjectClient(endpoint, config,
-                                    credentials=credentials_from(source)) as client:
+        async with HttpObjectClient(
+            endpoint, config, credentials=credentials_from(source)
+        ) as client:
             if metrics is not None:
                 from ossfs.metrics import status_reader
 
@@ -870,12 +1119,18 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         rate = result.bytes_fetched / result.elapsed if result.elapsed > 0 else 0.0
         out = f", {result.written} written to {args.to}" if args.to else ""
         done = result.objects - len(result.failed)
-        count = (f"{done} of {result.objects} object(s) ({len(result.failed)} failed)"
-                 if result.failed else f"{done} object(s)")
-        print(f"materialized {count} of {printable(url)} "
-              f"({format_size(result.total_bytes)}) in {result.elapsed:.1f}s: "
-              f"{format_size(result.bytes_fetched)} fetched ({format_size(rate)}/s), "
-              f"{format_size(result.bytes_reused)} already cached{out}", file=sys.stderr)
+        count = (
+            f"{done} of {result.objects} object(s) ({len(result.failed)} failed)"
+            if result.failed
+            else f"{done} object(s)"
+        )
+        print(
+            f"materialized {count} of {printable(url)} "
+            f"({format_size(result.total_bytes)}) in {result.elapsed:.1f}s: "
+            f"{format_size(result.bytes_fetched)} fetched ({format_size(rate)}/s), "
+            f"{format_size(result.bytes_reused)} already cached{out}",
+            file=sys.stderr,
+        )
     return EXIT_FAILURE if result.failed else 0
 
 
@@ -907,14 +1162,46 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 # Generic mount options that mount(8) and mount.fuse3 pass along; they mean
 # nothing to a read-only network file system and are accepted silently.
-_IGNORED_MOUNT_OPTIONS = frozenset({
-    "rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto",
-    "user", "nouser", "users", "owner", "group", "defaults", "nofail", "_netdev", "atime",
-    "noatime", "relatime", "strictatime", "nodiratime", "async", "sync", "silent", "loud",
-})
-_FLAG_MOUNT_OPTIONS = frozenset({
-    "allow_other", "foreground", "anonymous", "path_style", "virtual_host",
-})
+_IGNORED_MOUNT_OPTIONS = frozenset(
+    {
+        "rw",
+        "ro",
+        "dev",
+        "nodev",
+        "suid",
+        "nosuid",
+        "exec",
+        "noexec",
+        "auto",
+        "noauto",
+        "user",
+        "nouser",
+        "users",
+        "owner",
+        "group",
+        "defaults",
+        "nofail",
+        "_netdev",
+        "atime",
+        "noatime",
+        "relatime",
+        "strictatime",
+        "nodiratime",
+        "async",
+        "sync",
+        "silent",
+        "loud",
+    }
+)
+_FLAG_MOUNT_OPTIONS = frozenset(
+    {
+        "allow_other",
+        "foreground",
+        "anonymous",
+        "path_style",
+        "virtual_host",
+    }
+)
 
 
 def _mount_option_strings() -> set[str]:
@@ -955,8 +1242,10 @@ def mount_helper_argv(argv: list[str]) -> list[str]:
                     continue
                 flag = "--" + name.replace("_", "-")
                 if name in ("access_key_id", "access_key_secret", "session_token"):
-                    raise UsageError(f"mount option {name} is not accepted (it would show in "
-                                     "ps); use -o config=FILE,profile=NAME")
+                    raise UsageError(
+                        f"mount option {name} is not accepted (it would show in "
+                        "ps); use -o config=FILE,profile=NAME"
+                    )
                 if name in _FLAG_MOUNT_OPTIONS and not sep:
                     out.append("-f" if name == "foreground" else flag)
                 elif sep and flag in known and name not in _FLAG_MOUNT_OPTIONS:

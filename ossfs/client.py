@@ -212,8 +212,7 @@ class RateLimiter:
         async with self._lock:
             now = trio.current_time()
             if self._stamp is not None:
-                self._tokens = min(self.burst,
-                                   self._tokens + (now - self._stamp) * self.rate)
+                self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
             self._stamp = now
             self._tokens -= n
             if self._tokens < 0:
@@ -279,22 +278,28 @@ class _Cycle:
         last = self.last or "no answer"
         if self.scope.cancelled_caught:
             last = f"attempt {self.attempts} was still waiting for the server" + (
-                f"; before that: {self.last}" if self.last else "")
+                f"; before that: {self.last}" if self.last else ""
+            )
         if timed_out:
             limit = f"{self.config.timeout:g}s"
             if self.received and self.config.min_speed > 0:
-                limit += f" + {self.received / self.config.min_speed:.0f}s earned by " \
-                         f"{self.received} bytes"
-            text = (f"{self.what} timed out after {elapsed:.1f}s and {self.attempts} "
-                    f"attempt{'s' if self.attempts != 1 else ''} (limit {limit}): {last}")
+                limit += (
+                    f" + {self.received / self.config.min_speed:.0f}s earned by "
+                    f"{self.received} bytes"
+                )
+            text = (
+                f"{self.what} timed out after {elapsed:.1f}s and {self.attempts} "
+                f"attempt{'s' if self.attempts != 1 else ''} (limit {limit}): {last}"
+            )
         else:
-            text = (f"{self.what} failed after {self.attempts} "
-                    f"attempt{'s' if self.attempts != 1 else ''}")
+            text = (
+                f"{self.what} failed after {self.attempts} "
+                f"attempt{'s' if self.attempts != 1 else ''}"
+            )
             if self.resumed:
                 text += f" ({self.resumed} of them resumed a transfer that had moved)"
             text += f": {last}"
-        return GaveUpError(text, attempts=self.attempts, elapsed=elapsed,
-                           timed_out=timed_out)
+        return GaveUpError(text, attempts=self.attempts, elapsed=elapsed, timed_out=timed_out)
 
 
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -329,9 +334,13 @@ class HttpObjectClient:
         tls = _tls_context() if endpoint.scheme == "https" else None
         self._pool: wire.Pool | None = None
         if not _proxied(endpoint.url):
-            self._pool = wire.Pool(endpoint.url, max_idle=n,
-                                   connect_timeout=self.config.connect_timeout,
-                                   stall=self.config.stall_timeout, ssl_context=tls)
+            self._pool = wire.Pool(
+                endpoint.url,
+                max_idle=n,
+                connect_timeout=self.config.connect_timeout,
+                stall=self.config.stall_timeout,
+                ssl_context=tls,
+            )
         self._http = httpx.AsyncClient(
             verify=tls if tls is not None else True,
             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
@@ -368,8 +377,14 @@ class HttpObjectClient:
         if not cycle.fits(delay):
             return False
         self.stats.retries += 1
-        log.info("retrying %s in %.2fs (attempt %d of %d): %s", cycle.what, delay,
-                 cycle.failures + 1, self.config.attempts, cycle.last)
+        log.info(
+            "retrying %s in %.2fs (attempt %d of %d): %s",
+            cycle.what,
+            delay,
+            cycle.failures + 1,
+            self.config.attempts,
+            cycle.last,
+        )
         await trio.sleep(delay)
         return True
 
@@ -397,9 +412,14 @@ class HttpObjectClient:
             self._signed = (creds, dataclasses.replace(self.endpoint, credentials=creds))
         return self._signed[1]
 
-    async def _simple(self, what: str, build: Callable[[proto.Endpoint], proto.HttpRequest],
-                      resource: str, *, body_limit: int = 0
-                      ) -> tuple[int, httpx.Headers, bytes]:
+    async def _simple(
+        self,
+        what: str,
+        build: Callable[[proto.Endpoint], proto.HttpRequest],
+        resource: str,
+        *,
+        body_limit: int = 0,
+    ) -> tuple[int, httpx.Headers, bytes]:
         """Send a request whose answer body is small, retrying what can be retried.
 
         Returns status, headers and body of a 2xx answer. A body longer than
@@ -422,8 +442,9 @@ class HttpObjectClient:
                     break
         raise self._give_up(cycle, why or "attempts")
 
-    async def _simple_once(self, req: proto.HttpRequest, cycle: _Cycle, resource: str,
-                           body_limit: int) -> tuple[int, httpx.Headers, bytes]:
+    async def _simple_once(
+        self, req: proto.HttpRequest, cycle: _Cycle, resource: str, body_limit: int
+    ) -> tuple[int, httpx.Headers, bytes]:
         try:
             async with self._http.stream(req.method, req.url, headers=req.headers) as resp:
                 status = resp.status_code
@@ -441,10 +462,14 @@ class HttpObjectClient:
         if ok:
             if not whole:
                 self.stats.errors += 1
-                raise ServiceError(status, "ListingTooLarge",
-                                   f"the answer is longer than {body_limit} bytes; a listing "
-                                   "page is never that long",
-                                   _request_id(resp.headers), resource=resource)
+                raise ServiceError(
+                    status,
+                    "ListingTooLarge",
+                    f"the answer is longer than {body_limit} bytes; a listing "
+                    "page is never that long",
+                    _request_id(resp.headers),
+                    resource=resource,
+                )
             return status, resp.headers, body
         err = proto.error_from_response(status, resp.headers, body, resource=resource)
         if status not in _RETRY_STATUS:
@@ -481,8 +506,13 @@ class HttpObjectClient:
         status, headers, body = await self._simple(
             f"LIST {resource}",
             lambda ep: proto.build_list(
-                ep, bucket, prefix=prefix, delimiter=delimiter,
-                continuation_token=continuation_token, max_keys=max_keys, now=self._clock(),
+                ep,
+                bucket,
+                prefix=prefix,
+                delimiter=delimiter,
+                continuation_token=continuation_token,
+                max_keys=max_keys,
+                now=self._clock(),
             ),
             self._resource(bucket),
             body_limit=self.config.max_list_bytes,
@@ -491,8 +521,7 @@ class HttpObjectClient:
             return parse_list_objects_v2(body)
         except XmlError as e:
             self.stats.errors += 1
-            raise ServiceError(status, "MalformedListing", str(e),
-                               _request_id(headers)) from e
+            raise ServiceError(status, "MalformedListing", str(e), _request_id(headers)) from e
 
     async def get_range(
         self, bucket: str, key: str, start: int, end: int, etag: str | None, sink: Sink
@@ -513,8 +542,9 @@ class HttpObjectClient:
                 cycle.attempts += 1
                 before = pos
                 try:
-                    pos, crc = await self._get_once(bucket, key, pos, end, etag, sink,
-                                                    resource, cycle)
+                    pos, crc = await self._get_once(
+                        bucket, key, pos, end, etag, sink, resource, cycle
+                    )
                     return GetResult(pos - start, crc)
                 except _Retryable as e:
                     pos = before + e.received
@@ -544,14 +574,29 @@ class HttpObjectClient:
         return None
 
     async def _get_once(
-        self, bucket: str, key: str, start: int, end: int, etag: str | None, sink: Sink,
-        resource: str, cycle: _Cycle,
+        self,
+        bucket: str,
+        key: str,
+        start: int,
+        end: int,
+        etag: str | None,
+        sink: Sink,
+        resource: str,
+        cycle: _Cycle,
     ) -> tuple[int, int | None]:
         """One GET of ``[start, end)``: the position reached and the CRC-64 the answer
         carried (of the whole object, x-oss-hash-crc64ecma), if any."""
         traffic = self.config.rate_limit * 8 if self.config.rate_limit else None
-        req = proto.build_get(await self._signing_endpoint(), bucket, key, start=start,
-                              end=end, etag=etag, now=self._clock(), traffic_limit=traffic)
+        req = proto.build_get(
+            await self._signing_endpoint(),
+            bucket,
+            key,
+            start=start,
+            end=end,
+            etag=etag,
+            now=self._clock(),
+            traffic_limit=traffic,
+        )
         pos = start
 
         async def deliver(data: memoryview) -> None:
@@ -572,15 +617,24 @@ class HttpObjectClient:
         if self._pool is not None:
             crc = await self._get_wire(req, start, end, resource, deliver, lambda: pos - start)
         else:
-            crc = await self._get_httpx(req, start, end, resource, deliver,
-                                        lambda: pos - start, cycle)
+            crc = await self._get_httpx(
+                req, start, end, resource, deliver, lambda: pos - start, cycle
+            )
         if pos < end:
-            raise _Retryable(f"body ended after {pos - start} of {end - start} bytes",
-                             received=pos - start)
+            raise _Retryable(
+                f"body ended after {pos - start} of {end - start} bytes", received=pos - start
+            )
         return pos, crc
 
-    def _check_answer(self, status: int, headers: Mapping[str, str], body: bytes | None,
-                      start: int, end: int, resource: str) -> int | None:
+    def _check_answer(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        start: int,
+        end: int,
+        resource: str,
+    ) -> int | None:
         """Raise for anything but a 206 covering exactly ``[start, end)``; return the
         object's CRC-64 when the answer carries it.
 
@@ -589,9 +643,13 @@ class HttpObjectClient:
         request_id = headers.get("x-oss-request-id") or headers.get("x-amz-request-id")
         if status != 206:
             if status == 200:
-                raise ServiceError(200, "RangeIgnored", "the server answered 200 with the "
-                                   "whole object to a ranged GET", request_id,
-                                   resource=resource)
+                raise ServiceError(
+                    200,
+                    "RangeIgnored",
+                    "the server answered 200 with the whole object to a ranged GET",
+                    request_id,
+                    resource=resource,
+                )
             err = proto.error_from_response(status, headers, body or b"", resource=resource)
             if status in _RETRY_STATUS:
                 raise _Retryable(str(err))
@@ -600,8 +658,9 @@ class HttpObjectClient:
         problem = proto.check_content_range(headers, start, end)
         length = headers.get("content-length")
         if problem is None and length is not None and length.strip() != str(end - start):
-            problem = (f"Content-Length {length[:40]!r} does not match the requested "
-                       f"{end - start} bytes")
+            problem = (
+                f"Content-Length {length[:40]!r} does not match the requested {end - start} bytes"
+            )
         if problem:
             self.stats.errors += 1
             raise ServiceError(206, "BadContentRange", problem, request_id, resource=resource)
@@ -609,8 +668,13 @@ class HttpObjectClient:
         return int(crc) if crc and crc.isdigit() else None
 
     async def _get_wire(
-        self, req: proto.HttpRequest, start: int, end: int, resource: str,
-        deliver: Callable[[memoryview], Awaitable[None]], received: Callable[[], int],
+        self,
+        req: proto.HttpRequest,
+        start: int,
+        end: int,
+        resource: str,
+        deliver: Callable[[memoryview], Awaitable[None]],
+        received: Callable[[], int],
     ) -> int | None:
         """`_get_once` over the own HTTP/1.1 pool; the answer's CRC-64, if any."""
         parts = urlsplit(req.url)
@@ -622,12 +686,14 @@ class HttpObjectClient:
         host = parts.hostname or ""
         try:
             try:
-                return await self._exchange(host, req.method, target, headers, start, end,
-                                            resource, deliver, stale_ok=True)
+                return await self._exchange(
+                    host, req.method, target, headers, start, end, resource, deliver, stale_ok=True
+                )
             except _StaleConnection:
                 # The server had closed an idle connection: not a failure; once more.
-                return await self._exchange(host, req.method, target, headers, start, end,
-                                            resource, deliver, stale_ok=False)
+                return await self._exchange(
+                    host, req.method, target, headers, start, end, resource, deliver, stale_ok=False
+                )
         except wire.WireError as e:
             if e.fatal:
                 self.stats.errors += 1
@@ -635,9 +701,17 @@ class HttpObjectClient:
             raise _Retryable(e.reason, received=received()) from e
 
     async def _exchange(
-        self, host: str, method: str, target: str, headers: list[tuple[str, str]],
-        start: int, end: int, resource: str, deliver: Callable[[memoryview], Awaitable[None]],
-        *, stale_ok: bool,
+        self,
+        host: str,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        start: int,
+        end: int,
+        resource: str,
+        deliver: Callable[[memoryview], Awaitable[None]],
+        *,
+        stale_ok: bool,
     ) -> int | None:
         """One request and its answer on one connection of the pool.
 
@@ -657,17 +731,25 @@ class HttpObjectClient:
             self._count(head.status)
             if not head.keep_alive:
                 conn.reusable = False
-            body = (await conn.read_all(head, limit=_ERROR_BODY_LIMIT)
-                    if _reads_error_body(head.status) else None)
+            body = (
+                await conn.read_all(head, limit=_ERROR_BODY_LIMIT)
+                if _reads_error_body(head.status)
+                else None
+            )
             # Raising leaves any body unread, and the pool closes the connection.
             crc = self._check_answer(head.status, head.headers, body, start, end, resource)
             await conn.read_body(head, lambda _done, data: deliver(data))
             return crc
 
     async def _get_httpx(
-        self, req: proto.HttpRequest, start: int, end: int, resource: str,
+        self,
+        req: proto.HttpRequest,
+        start: int,
+        end: int,
+        resource: str,
         deliver: Callable[[memoryview], Awaitable[None]],
-        received: Callable[[], int], cycle: _Cycle,
+        received: Callable[[], int],
+        cycle: _Cycle,
     ) -> int | None:
         """`_get_once` through httpx (behind a proxy); the answer's CRC-64, if any."""
         try:
@@ -676,8 +758,7 @@ class HttpObjectClient:
                 body = None
                 if _reads_error_body(resp.status_code):
                     body, _ = await _read_capped(resp, _ERROR_BODY_LIMIT, cycle)
-                crc = self._check_answer(resp.status_code, resp.headers, body, start, end,
-                                         resource)
+                crc = self._check_answer(resp.status_code, resp.headers, body, start, end, resource)
                 async for chunk in resp.aiter_raw():
                     await deliver(memoryview(chunk))
                 return crc

@@ -53,13 +53,27 @@ __all__ = [
 
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,62}$")
-_PROFILE_KEYS = frozenset({
-    "endpoint", "region", "dialect", "signature_version", "path_style",
-    "access_key_id", "access_key_secret", "session_token",
-    "credential_process", "ecs_ram_role", "metadata_endpoint", "role_arn",
-    "oidc_provider_arn", "oidc_token_file", "web_identity_token_file", "role_session_name",
-    "sts_endpoint",
-})
+_PROFILE_KEYS = frozenset(
+    {
+        "endpoint",
+        "region",
+        "dialect",
+        "signature_version",
+        "path_style",
+        "access_key_id",
+        "access_key_secret",
+        "session_token",
+        "credential_process",
+        "ecs_ram_role",
+        "metadata_endpoint",
+        "role_arn",
+        "oidc_provider_arn",
+        "oidc_token_file",
+        "web_identity_token_file",
+        "role_session_name",
+        "sts_endpoint",
+    }
+)
 _SECRET_KEYS = frozenset({"access_key_secret", "session_token"})
 
 
@@ -79,8 +93,9 @@ def parse_object_url(text: str) -> ObjectUrl:
     """Parse an object or prefix URL; raise UsageError with a hint when it is not one."""
     scheme, sep, rest = text.partition("://")
     if not sep or scheme.lower() not in ("oss", "s3"):
-        raise UsageError(f"not an object URL: {text!r} (expected oss://BUCKET/KEY "
-                         "or s3://BUCKET/KEY)")
+        raise UsageError(
+            f"not an object URL: {text!r} (expected oss://BUCKET/KEY or s3://BUCKET/KEY)"
+        )
     bucket, _, key = rest.partition("/")
     if not _BUCKET_RE.match(bucket):
         raise UsageError(f"not a valid bucket name: {bucket!r} in {text!r}")
@@ -101,8 +116,7 @@ class ConnectionOptions:
     anonymous: bool = False
 
 
-def default_cache_dir(endpoint_url: str, bucket: str,
-                      env: Mapping[str, str] | None = None) -> str:
+def default_cache_dir(endpoint_url: str, bucket: str, env: Mapping[str, str] | None = None) -> str:
     """``~/.cache/ossfs/<host_port>/<bucket>`` (or under ``$XDG_CACHE_HOME``): one cache
     per endpoint and bucket."""
     env = os.environ if env is None else env
@@ -123,7 +137,8 @@ def connect_as_mount(opts: ConnectionOptions, mount: Mapping[str, Any]) -> Conne
         path_style=opts.path_style if opts.path_style is not None else mount.get("path_style"),
         profile=opts.profile or mount.get("profile"),
         config_path=opts.config_path or mount.get("config_path"),
-        anonymous=opts.anonymous or bool(mount.get("anonymous")))
+        anonymous=opts.anonymous or bool(mount.get("anonymous")),
+    )
 
 
 def default_config_path(env: Mapping[str, str]) -> Path:
@@ -163,11 +178,13 @@ def load_profile(path: Path, name: str, *, required: bool) -> dict[str, Any]:
         raise UsageError(f"profile {name!r} in {path} must be a table")
     unknown = set(profile) - _PROFILE_KEYS
     if unknown:
-        raise UsageError(f"unknown setting(s) {', '.join(sorted(unknown))} in profile "
-                         f"{name!r} of {path}")
+        raise UsageError(
+            f"unknown setting(s) {', '.join(sorted(unknown))} in profile {name!r} of {path}"
+        )
     if _SECRET_KEYS & set(profile) and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise UsageError(f"config file {path} holds secrets but other users can read it; "
-                         f"run: chmod 600 {path}")
+        raise UsageError(
+            f"config file {path} holds secrets but other users can read it; run: chmod 600 {path}"
+        )
     return profile
 
 
@@ -221,8 +238,11 @@ def resolve_connection(
         region = _region_from_host(host, dialect)
     region = region or _DEFAULT_REGION[dialect]
     if url is None:
-        url = (f"https://oss-{region}.aliyuncs.com" if dialect == "oss"
-               else f"https://s3.{region}.amazonaws.com")
+        url = (
+            f"https://oss-{region}.aliyuncs.com"
+            if dialect == "oss"
+            else f"https://s3.{region}.amazonaws.com"
+        )
 
     sigv = opts.signature_version or profile.get("signature_version") or "v4"
     if sigv not in ("v1", "v4"):
@@ -240,9 +260,14 @@ def resolve_connection(
             raise UsageError(no_credentials_message(dialect, env, where))
         if isinstance(source, Static):
             creds, source = source.credentials, None
-    endpoint = Endpoint(url=url, dialect=dialect, region=region,
-                        signature_version=cast(Literal["v1", "v4"], sigv),
-                        path_style=path_style, credentials=creds)
+    endpoint = Endpoint(
+        url=url,
+        dialect=dialect,
+        region=region,
+        signature_version=cast(Literal["v1", "v4"], sigv),
+        path_style=path_style,
+        credentials=creds,
+    )
     return endpoint, source
 
 
@@ -256,4 +281,3 @@ def _endpoint_url(raw: str) -> tuple[str, str]:
     if parts.path not in ("", "/") or parts.query:
         raise UsageError(f"endpoint {raw!r} must not have a path or query")
     return f"{parts.scheme}://{parts.netloc}", parts.hostname
-

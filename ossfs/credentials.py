@@ -173,17 +173,25 @@ def select_source(
     RRSA variables ...).
     """
     if dialect == "oss":
-        return (_env_keys(env, "OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN")
-                or _env_keys(env, "ALIBABA_CLOUD_ACCESS_KEY_ID",
-                             "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_SECURITY_TOKEN")
-                or _rrsa_env(env)
-                or _from_profile(profile, profile_where, dialect, env, region)
-                or _ecs_role(env, profile, _nothing_found(dialect, env, profile_where)))
-    return (_env_keys(env, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-            or _web_identity_env(env, region)
+        return (
+            _env_keys(env, "OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN")
+            or _env_keys(
+                env,
+                "ALIBABA_CLOUD_ACCESS_KEY_ID",
+                "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+                "ALIBABA_CLOUD_SECURITY_TOKEN",
+            )
+            or _rrsa_env(env)
             or _from_profile(profile, profile_where, dialect, env, region)
-            or _aws_shared_files(env, region)
-            or _ec2_role(env, profile, _nothing_found(dialect, env, profile_where)))
+            or _ecs_role(env, profile, _nothing_found(dialect, env, profile_where))
+        )
+    return (
+        _env_keys(env, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+        or _web_identity_env(env, region)
+        or _from_profile(profile, profile_where, dialect, env, region)
+        or _aws_shared_files(env, region)
+        or _ec2_role(env, profile, _nothing_found(dialect, env, profile_where))
+    )
 
 
 def _truthy(env: Mapping[str, str], name: str) -> bool:
@@ -201,22 +209,29 @@ def _env_keys(env: Mapping[str, str], ak: str, sk: str, token: str) -> Static | 
 
 
 def _rrsa_env(env: Mapping[str, str]) -> AssumeRoleWithToken | None:
-    names = ("ALIBABA_CLOUD_ROLE_ARN", "ALIBABA_CLOUD_OIDC_PROVIDER_ARN",
-             "ALIBABA_CLOUD_OIDC_TOKEN_FILE")
+    names = (
+        "ALIBABA_CLOUD_ROLE_ARN",
+        "ALIBABA_CLOUD_OIDC_PROVIDER_ARN",
+        "ALIBABA_CLOUD_OIDC_TOKEN_FILE",
+    )
     given = [n for n in names if env.get(n)]
     if not given:
         return None
     if len(given) < len(names):
         missing = ", ".join(n for n in names if n not in given)
-        raise UsageError(f"{missing} not set (RRSA needs ALIBABA_CLOUD_ROLE_ARN, "
-                         "ALIBABA_CLOUD_OIDC_PROVIDER_ARN and ALIBABA_CLOUD_OIDC_TOKEN_FILE)")
+        raise UsageError(
+            f"{missing} not set (RRSA needs ALIBABA_CLOUD_ROLE_ARN, "
+            "ALIBABA_CLOUD_OIDC_PROVIDER_ARN and ALIBABA_CLOUD_OIDC_TOKEN_FILE)"
+        )
     return AssumeRoleWithToken(
-        flavor="oidc", role_arn=env["ALIBABA_CLOUD_ROLE_ARN"],
+        flavor="oidc",
+        role_arn=env["ALIBABA_CLOUD_ROLE_ARN"],
         provider_arn=env["ALIBABA_CLOUD_OIDC_PROVIDER_ARN"],
         token_file=env["ALIBABA_CLOUD_OIDC_TOKEN_FILE"],
         sts_endpoint=_alibaba_sts(env.get("ALIBABA_CLOUD_STS_ENDPOINT")),
         session_name=_session_name(env.get("ALIBABA_CLOUD_ROLE_SESSION_NAME")),
-        where="RRSA: ALIBABA_CLOUD_ROLE_ARN")
+        where="RRSA: ALIBABA_CLOUD_ROLE_ARN",
+    )
 
 
 def _web_identity_env(env: Mapping[str, str], region: str) -> AssumeRoleWithToken | None:
@@ -225,46 +240,64 @@ def _web_identity_env(env: Mapping[str, str], region: str) -> AssumeRoleWithToke
         return None
     if not (arn and token_file):
         missing = "AWS_WEB_IDENTITY_TOKEN_FILE" if arn else "AWS_ROLE_ARN"
-        raise UsageError(f"{missing} is not set (AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE "
-                         "go together)")
+        raise UsageError(
+            f"{missing} is not set (AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE go together)"
+        )
     return AssumeRoleWithToken(
-        flavor="web_identity", role_arn=arn, token_file=token_file,
+        flavor="web_identity",
+        role_arn=arn,
+        token_file=token_file,
         sts_endpoint=_aws_sts(env, region),
         session_name=_session_name(env.get("AWS_ROLE_SESSION_NAME")),
-        where="AWS_ROLE_ARN")
+        where="AWS_ROLE_ARN",
+    )
 
 
-def _from_profile(profile: Mapping[str, Any], where: str, dialect: str,
-                  env: Mapping[str, str], region: str) -> Source | None:
-    kinds = [k for k in ("access_key_id", "credential_process", "ecs_ram_role", "role_arn")
-             if profile.get(k) not in (None, "", False)]
+def _from_profile(
+    profile: Mapping[str, Any], where: str, dialect: str, env: Mapping[str, str], region: str
+) -> Source | None:
+    kinds = [
+        k
+        for k in ("access_key_id", "credential_process", "ecs_ram_role", "role_arn")
+        if profile.get(k) not in (None, "", False)
+    ]
     if not kinds and profile.get("access_key_secret"):
         raise UsageError(f"the {where} needs both access_key_id and access_key_secret")
     if len(kinds) > 1:
-        raise UsageError(f"the {where} sets {' and '.join(kinds)}: choose one way to get "
-                         "credentials")
+        raise UsageError(
+            f"the {where} sets {' and '.join(kinds)}: choose one way to get credentials"
+        )
     if not kinds:
         return None
     kind = kinds[0]
     if kind == "access_key_id":
         if not profile.get("access_key_secret"):
             raise UsageError(f"the {where} needs both access_key_id and access_key_secret")
-        return Static(where, Credentials(str(profile["access_key_id"]),
-                                         str(profile["access_key_secret"]),
-                                         profile.get("session_token") or None))
+        return Static(
+            where,
+            Credentials(
+                str(profile["access_key_id"]),
+                str(profile["access_key_secret"]),
+                profile.get("session_token") or None,
+            ),
+        )
     if kind == "credential_process":
         command = str(profile["credential_process"])
         _split(command, where)
         return Process(command, where)
     if kind == "ecs_ram_role":
         if dialect != "oss":
-            raise UsageError(f"the {where} sets ecs_ram_role, which is for oss:// (use the EC2 "
-                             "instance role for s3://)")
+            raise UsageError(
+                f"the {where} sets ecs_ram_role, which is for oss:// (use the EC2 "
+                "instance role for s3://)"
+            )
         role = profile["ecs_ram_role"]
         return InstanceRole(
-            flavor="ecs", endpoint=_metadata_endpoint(env, profile, "ecs"),
+            flavor="ecs",
+            endpoint=_metadata_endpoint(env, profile, "ecs"),
             role=None if role is True else str(role),
-            require_token=_truthy(env, "ALIBABA_CLOUD_IMDSV1_DISABLED"))
+            require_token=_truthy(env, "ALIBABA_CLOUD_IMDSV1_DISABLED"),
+        )
     # role_arn: an OIDC role (oss) or a web identity role (s3), with a token file.
     token_key = "oidc_token_file" if dialect == "oss" else "web_identity_token_file"
     token_file = profile.get(token_key)
@@ -274,16 +307,25 @@ def _from_profile(profile: Mapping[str, Any], where: str, dialect: str,
         if not profile.get("oidc_provider_arn"):
             raise UsageError(f"the {where} sets role_arn but not oidc_provider_arn")
         return AssumeRoleWithToken(
-            flavor="oidc", role_arn=str(profile["role_arn"]),
-            provider_arn=str(profile["oidc_provider_arn"]), token_file=str(token_file),
-            sts_endpoint=_alibaba_sts(profile.get("sts_endpoint")
-                                      or env.get("ALIBABA_CLOUD_STS_ENDPOINT")),
-            session_name=_session_name(profile.get("role_session_name")), where=where)
+            flavor="oidc",
+            role_arn=str(profile["role_arn"]),
+            provider_arn=str(profile["oidc_provider_arn"]),
+            token_file=str(token_file),
+            sts_endpoint=_alibaba_sts(
+                profile.get("sts_endpoint") or env.get("ALIBABA_CLOUD_STS_ENDPOINT")
+            ),
+            session_name=_session_name(profile.get("role_session_name")),
+            where=where,
+        )
     sts = str(profile["sts_endpoint"]) if profile.get("sts_endpoint") else _aws_sts(env, region)
     return AssumeRoleWithToken(
-        flavor="web_identity", role_arn=str(profile["role_arn"]), token_file=str(token_file),
-        sts_endpoint=_url(sts), session_name=_session_name(profile.get("role_session_name")),
-        where=where)
+        flavor="web_identity",
+        role_arn=str(profile["role_arn"]),
+        token_file=str(token_file),
+        sts_endpoint=_url(sts),
+        session_name=_session_name(profile.get("role_session_name")),
+        where=where,
+    )
 
 
 def _aws_shared_files(env: Mapping[str, str], region: str) -> Source | None:
@@ -297,8 +339,10 @@ def _aws_shared_files(env: Mapping[str, str], region: str) -> Source | None:
     found = []
     # The credentials file's sections are bare names; the config file's are
     # "profile NAME", except "default". Keys of the credentials file win.
-    for path, title in ((conf_path, name if name == "default" else f"profile {name}"),
-                        (cred_path, name)):
+    for path, title in (
+        (conf_path, name if name == "default" else f"profile {name}"),
+        (cred_path, name),
+    ):
         parsed = _read_ini(path)
         if parsed is not None and parsed.has_section(title):
             section.update(parsed[title])
@@ -310,23 +354,33 @@ def _aws_shared_files(env: Mapping[str, str], region: str) -> Source | None:
     where = f"AWS profile {name!r} of {' and '.join(found)}"
     if section.get("aws_access_key_id") or section.get("aws_secret_access_key"):
         if not (section.get("aws_access_key_id") and section.get("aws_secret_access_key")):
-            raise UsageError(f"the {where} needs both aws_access_key_id and "
-                             "aws_secret_access_key")
-        return Static(where, Credentials(section["aws_access_key_id"],
-                                         section["aws_secret_access_key"],
-                                         section.get("aws_session_token") or None))
+            raise UsageError(f"the {where} needs both aws_access_key_id and aws_secret_access_key")
+        return Static(
+            where,
+            Credentials(
+                section["aws_access_key_id"],
+                section["aws_secret_access_key"],
+                section.get("aws_session_token") or None,
+            ),
+        )
     if section.get("credential_process"):
         _split(section["credential_process"], where)
         return Process(section["credential_process"], where)
     if section.get("role_arn") and section.get("web_identity_token_file"):
         return AssumeRoleWithToken(
-            flavor="web_identity", role_arn=section["role_arn"],
-            token_file=section["web_identity_token_file"], sts_endpoint=_aws_sts(env, region),
-            session_name=_session_name(section.get("role_session_name")), where=where)
+            flavor="web_identity",
+            role_arn=section["role_arn"],
+            token_file=section["web_identity_token_file"],
+            sts_endpoint=_aws_sts(env, region),
+            session_name=_session_name(section.get("role_session_name")),
+            where=where,
+        )
     if section.get("role_arn"):
-        raise UsageError(f"the {where} assumes a role with source_profile or "
-                         "credential_source, which ossfs does not do (give keys, "
-                         "credential_process or web_identity_token_file)")
+        raise UsageError(
+            f"the {where} assumes a role with source_profile or "
+            "credential_source, which ossfs does not do (give keys, "
+            "credential_process or web_identity_token_file)"
+        )
     if named:
         raise UsageError(f"the {where} has no credentials")
     return None
@@ -343,32 +397,41 @@ def _read_ini(path: Path) -> configparser.ConfigParser | None:
     try:
         parser.read_string(text, source=str(path))
     except configparser.Error as e:
-        raise UsageError(f"{path} is not a valid AWS config file: "
-                         f"{str(e).splitlines()[0]}") from None
+        raise UsageError(
+            f"{path} is not a valid AWS config file: {str(e).splitlines()[0]}"
+        ) from None
     return parser
 
 
-def _ecs_role(env: Mapping[str, str], profile: Mapping[str, Any],
-              fallback: str) -> InstanceRole | None:
+def _ecs_role(
+    env: Mapping[str, str], profile: Mapping[str, Any], fallback: str
+) -> InstanceRole | None:
     if _truthy(env, "ALIBABA_CLOUD_ECS_METADATA_DISABLED"):
         return None
     role = env.get("ALIBABA_CLOUD_ECS_METADATA") or None
-    return InstanceRole(flavor="ecs", endpoint=_metadata_endpoint(env, profile, "ecs"),
-                        role=role, require_token=_truthy(env, "ALIBABA_CLOUD_IMDSV1_DISABLED"),
-                        fallback=None if role else fallback)
+    return InstanceRole(
+        flavor="ecs",
+        endpoint=_metadata_endpoint(env, profile, "ecs"),
+        role=role,
+        require_token=_truthy(env, "ALIBABA_CLOUD_IMDSV1_DISABLED"),
+        fallback=None if role else fallback,
+    )
 
 
-def _ec2_role(env: Mapping[str, str], profile: Mapping[str, Any],
-              fallback: str) -> InstanceRole | None:
+def _ec2_role(
+    env: Mapping[str, str], profile: Mapping[str, Any], fallback: str
+) -> InstanceRole | None:
     if _truthy(env, "AWS_EC2_METADATA_DISABLED"):
         return None
-    return InstanceRole(flavor="ec2", endpoint=_metadata_endpoint(env, profile, "ec2"),
-                        require_token=_truthy(env, "AWS_EC2_METADATA_V1_DISABLED"),
-                        fallback=fallback)
+    return InstanceRole(
+        flavor="ec2",
+        endpoint=_metadata_endpoint(env, profile, "ec2"),
+        require_token=_truthy(env, "AWS_EC2_METADATA_V1_DISABLED"),
+        fallback=fallback,
+    )
 
 
-def _metadata_endpoint(env: Mapping[str, str], profile: Mapping[str, Any],
-                       flavor: str) -> str:
+def _metadata_endpoint(env: Mapping[str, str], profile: Mapping[str, Any], flavor: str) -> str:
     if flavor == "ecs":
         given = profile.get("metadata_endpoint") or env.get("OSSFS_ECS_METADATA_ENDPOINT")
         return _url(str(given)) if given else ECS_METADATA
@@ -414,17 +477,20 @@ def _split(command: str, where: str) -> list[str]:
 def _nothing_found(dialect: str, env: Mapping[str, str], profile_where: str) -> str:
     """What the chain looked for, for the message when the metadata service fails too."""
     if dialect == "oss":
-        text = ("no credentials found (OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET, "
-                f"ALIBABA_CLOUD_ACCESS_KEY_ID, RRSA variables, the {profile_where})")
+        text = (
+            "no credentials found (OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET, "
+            f"ALIBABA_CLOUD_ACCESS_KEY_ID, RRSA variables, the {profile_where})"
+        )
         other = "AWS_ACCESS_KEY_ID"
     else:
-        text = ("no credentials found (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                f"AWS_ROLE_ARN, the {profile_where}, the AWS profile files)")
+        text = (
+            "no credentials found (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            f"AWS_ROLE_ARN, the {profile_where}, the AWS profile files)"
+        )
         other = "OSS_ACCESS_KEY_ID"
     if env.get(other):
         mine = "OSS_ACCESS_KEY_ID" if dialect == "oss" else "AWS_ACCESS_KEY_ID"
-        text += (f" ({other} is set, but {dialect}:// URLs and the {dialect} dialect "
-                 f"use {mine})")
+        text += f" ({other} is set, but {dialect}:// URLs and the {dialect} dialect use {mine})"
     return text
 
 
@@ -475,26 +541,32 @@ def parse_process_output(text: bytes) -> Issued:
     if "access_key_id" in doc or "mode" in doc:
         mode = doc.get("mode", "AK")
         if mode not in ("AK", "StsToken"):
-            raise ValueError(f"its output has mode {printable(str(mode)[:20])!r} "
-                             "(AK or StsToken expected)")
+            raise ValueError(
+                f"its output has mode {printable(str(mode)[:20])!r} (AK or StsToken expected)"
+            )
         token = doc.get("sts_token") or None
         if mode == "StsToken" and not token:
             raise ValueError("its output has mode StsToken but no sts_token")
         expiration = doc.get("expiration")
-        return Issued(Credentials(_field(doc, "access_key_id", what),
-                                  _field(doc, "access_key_secret", what), token),
-                      parse_time(expiration, "expiration") if expiration else None)
+        return Issued(
+            Credentials(
+                _field(doc, "access_key_id", what), _field(doc, "access_key_secret", what), token
+            ),
+            parse_time(expiration, "expiration") if expiration else None,
+        )
     if "SecretAccessKey" in doc:
         if doc.get("Version") != 1:
-            raise ValueError("its output needs \"Version\": 1")
+            raise ValueError('its output needs "Version": 1')
         secret = _field(doc, "SecretAccessKey", what)
         token = doc.get("SessionToken") or None
     else:
         secret = _field(doc, "AccessKeySecret", what)
         token = doc.get("SecurityToken") or None
     expiration = doc.get("Expiration")
-    return Issued(Credentials(_field(doc, "AccessKeyId", what), secret, token),
-                  parse_time(expiration, "Expiration") if expiration else None)
+    return Issued(
+        Credentials(_field(doc, "AccessKeyId", what), secret, token),
+        parse_time(expiration, "Expiration") if expiration else None,
+    )
 
 
 def parse_metadata_credentials(text: bytes, flavor: Literal["ecs", "ec2"]) -> Issued:
@@ -510,11 +582,17 @@ def parse_metadata_credentials(text: bytes, flavor: Literal["ecs", "ec2"]) -> Is
         raise ValueError(f"the answer's Code is {printable(str(code)[:40])!r}")
     what = "the answer"
     if flavor == "ecs":
-        creds = Credentials(_field(doc, "AccessKeyId", what), _field(doc, "AccessKeySecret", what),
-                            _field(doc, "SecurityToken", what))
+        creds = Credentials(
+            _field(doc, "AccessKeyId", what),
+            _field(doc, "AccessKeySecret", what),
+            _field(doc, "SecurityToken", what),
+        )
     else:
-        creds = Credentials(_field(doc, "AccessKeyId", what), _field(doc, "SecretAccessKey", what),
-                            _field(doc, "Token", what))
+        creds = Credentials(
+            _field(doc, "AccessKeyId", what),
+            _field(doc, "SecretAccessKey", what),
+            _field(doc, "Token", what),
+        )
     return Issued(creds, parse_time(_field(doc, "Expiration", what), "Expiration"))
 
 
@@ -530,15 +608,21 @@ def parse_oidc_answer(status: int, text: bytes) -> Issued:
         code = printable(str(doc.get("Code", "?"))[:80])
         message = printable(str(doc.get("Message", ""))[:200])
         rid = printable(str(doc.get("RequestId", ""))[:80])
-        raise ValueError(f"STS answered {status} {code}: {message}"
-                         + (f" (request id {rid})" if rid else ""))
+        raise ValueError(
+            f"STS answered {status} {code}: {message}" + (f" (request id {rid})" if rid else "")
+        )
     c = doc["Credentials"]
     if not isinstance(c, dict):
         raise ValueError("STS's answer has no Credentials")
     what = "STS's answer"
-    return Issued(Credentials(_field(c, "AccessKeyId", what), _field(c, "AccessKeySecret", what),
-                              _field(c, "SecurityToken", what)),
-                  parse_time(_field(c, "Expiration", what), "Expiration"))
+    return Issued(
+        Credentials(
+            _field(c, "AccessKeyId", what),
+            _field(c, "AccessKeySecret", what),
+            _field(c, "SecurityToken", what),
+        ),
+        parse_time(_field(c, "Expiration", what), "Expiration"),
+    )
 
 
 def _local(tag: str) -> str:
@@ -571,15 +655,21 @@ def parse_web_identity_answer(status: int, text: bytes) -> Issued:
         raise ValueError("STS's answer has no Credentials")
     values = {_local(e.tag): (e.text or "").strip() for e in c}
     what = "STS's answer"
-    return Issued(Credentials(_field(values, "AccessKeyId", what),
-                              _field(values, "SecretAccessKey", what),
-                              _field(values, "SessionToken", what)),
-                  parse_time(_field(values, "Expiration", what), "Expiration"))
+    return Issued(
+        Credentials(
+            _field(values, "AccessKeyId", what),
+            _field(values, "SecretAccessKey", what),
+            _field(values, "SessionToken", what),
+        ),
+        parse_time(_field(values, "Expiration", what), "Expiration"),
+    )
 
 
 def describe_failure(source: Source, reason: str) -> CredentialError:
     """The one line a user sees when *source* gives no credentials."""
     if isinstance(source, InstanceRole) and source.fallback:
-        return CredentialError(f"{source.fallback}, and {source.name} gave none: {reason}; "
-                               "use --anonymous for a public bucket")
+        return CredentialError(
+            f"{source.fallback}, and {source.name} gave none: {reason}; "
+            "use --anonymous for a public bucket"
+        )
     return CredentialError(f"cannot get credentials from {source.name}: {reason}")

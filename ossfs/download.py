@@ -160,8 +160,15 @@ def temp_path_for(file_path: str) -> str:
 def checkpoint_path_for(request: DownloadRequest, file_path: str) -> str:
     """Where the checkpoint of *request* lives: one per object, range and destination."""
     directory = request.checkpoint_dir or os.path.dirname(file_path) or "."
-    ident = "\n".join([request.bucket, request.key, os.path.abspath(file_path),
-                       str(request.range_start), str(request.range_end)])
+    ident = "\n".join(
+        [
+            request.bucket,
+            request.key,
+            os.path.abspath(file_path),
+            str(request.range_start),
+            str(request.range_end),
+        ]
+    )
     digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
     return os.path.join(directory, f"{os.path.basename(file_path)}.{digest}{CHECKPOINT_SUFFIX}")
 
@@ -184,8 +191,9 @@ def _validate(request: DownloadRequest) -> str:
     if request.threads < 1:
         raise UsageError("threads must be at least 1")
     if not request.key or request.key.endswith("/"):
-        raise UsageError(f"{_url(request)} names a prefix, not an "
-                         "object (use ossfs materialize for prefixes)")
+        raise UsageError(
+            f"{_url(request)} names a prefix, not an object (use ossfs materialize for prefixes)"
+        )
     path = os.path.abspath(request.file_path)
     if os.path.isdir(path):
         raise UsageError(f"{request.file_path} is a directory")
@@ -210,13 +218,17 @@ class _Lock:
         try:
             self.fd = open_private_file(path, os.O_RDWR | os.O_CREAT, 0o666)
         except UnsafeFileError as e:
-            raise UsageError(f"{e}: it is not a temp file of ossfs download, so nothing is "
-                             "written through it (remove it and run again)") from None
+            raise UsageError(
+                f"{e}: it is not a temp file of ossfs download, so nothing is "
+                "written through it (remove it and run again)"
+            ) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise UsageError(f"another download to {path[:-len(TEMP_SUFFIX)]} is running") from None
+            raise UsageError(
+                f"another download to {path[: -len(TEMP_SUFFIX)]} is running"
+            ) from None
 
     def same_file(self, fd: int) -> bool:
         """Whether *fd* is the locked temp file (and not what a swapped name points to)."""
@@ -261,8 +273,9 @@ class _DownloadStore(PartStore):
 
 def _no_space(error: OSError, path: str) -> NoSpaceError:
     """The one-line error for a full disk (or quota) at *path*."""
-    return NoSpaceError(f"{disk_full_reason(error)} writing {path} (free some space there)",
-                        path=path)
+    return NoSpaceError(
+        f"{disk_full_reason(error)} writing {path} (free some space there)", path=path
+    )
 
 
 def _discard_unsafe_checkpoint(ckpt: str, notice: Callable[[str], None]) -> None:
@@ -278,14 +291,19 @@ def _discard_unsafe_checkpoint(ckpt: str, notice: Callable[[str], None]) -> None
         return
     if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1:
         return
-    why = ("it is a symbolic link" if stat.S_ISLNK(st.st_mode) else
-           "it is not a regular file" if not stat.S_ISREG(st.st_mode) else
-           "it is not a file of ours")
+    why = (
+        "it is a symbolic link"
+        if stat.S_ISLNK(st.st_mode)
+        else "it is not a regular file"
+        if not stat.S_ISREG(st.st_mode)
+        else "it is not a file of ours"
+    )
     try:
         os.unlink(ckpt)
     except IsADirectoryError:
-        raise UsageError(f"checkpoint path {ckpt} is a directory (remove it and run "
-                         "again)") from None
+        raise UsageError(
+            f"checkpoint path {ckpt} is a directory (remove it and run again)"
+        ) from None
     notice(f"not resuming from checkpoint {ckpt}: {why}; starting over")
 
 
@@ -313,26 +331,30 @@ async def download(client: ObjectClient, request: DownloadRequest) -> DownloadRe
             _discard_unsafe_checkpoint(ckpt, notice)
         if ckpt is not None and not temp_existed and os.path.exists(ckpt):
             # The checkpoint describes bytes that are gone: trust none of it.
-            notice(f"not resuming from checkpoint {ckpt}: its data file {temp} is missing; "
-                   "starting over")
+            notice(
+                f"not resuming from checkpoint {ckpt}: its data file {temp} is missing; "
+                "starting over"
+            )
             unlink_quietly(ckpt)
         restarts = 0
         while True:
             try:
-                result = await _attempt(client, request, path, temp, ckpt, lock, notice,
-                                        began, restarts)
+                result = await _attempt(
+                    client, request, path, temp, ckpt, lock, notice, began, restarts
+                )
                 ok = True
                 return result
             except ObjectChangedError as e:
                 restarts += 1
                 if restarts > RESTARTS:
-                    e.args = (f"{_url(request)} kept changing during the download (replaced "
-                              f"{restarts} times; the last time: {e}); no part of it is kept "
-                              f"and {request.file_path} is not written: run the same command "
-                              "again once the object stays the same",)
+                    e.args = (
+                        f"{_url(request)} kept changing during the download (replaced "
+                        f"{restarts} times; the last time: {e}); no part of it is kept "
+                        f"and {request.file_path} is not written: run the same command "
+                        "again once the object stays the same",
+                    )
                     raise
-                notice(f"{_url(request)} changed during the download; "
-                       "starting over")
+                notice(f"{_url(request)} changed during the download; starting over")
     finally:
         if not ok and (ckpt is None or not os.path.exists(ckpt)):
             # Without a checkpoint the temp file can never be resumed: leave nothing.
@@ -353,16 +375,21 @@ async def _attempt(
 ) -> DownloadResult:
     meta = await client.head(request.bucket, request.key)
     start, length = _resolve_range(request, meta)
-    identity = StoreIdentity(bucket=request.bucket, key=request.key, etag=meta.etag,
-                             size=meta.size, part_size=request.part_size,
-                             start=start, length=length)
+    identity = StoreIdentity(
+        bucket=request.bucket,
+        key=request.key,
+        etag=meta.etag,
+        size=meta.size,
+        part_size=request.part_size,
+        start=start,
+        length=length,
+    )
 
     def discarded(d: Discarded) -> None:
         notice(f"not resuming from checkpoint {d.path}: {d.reason}; starting over")
 
     try:
-        store = _DownloadStore.open(identity, temp, ckpt, data_mode=0o666,
-                                    on_discard=discarded)
+        store = _DownloadStore.open(identity, temp, ckpt, data_mode=0o666, on_discard=discarded)
     except OSError as e:
         if is_disk_full(e):
             raise _no_space(e, ckpt or temp) from None
@@ -370,8 +397,10 @@ async def _attempt(
     try:
         if not lock.same_file(store.fileno()):
             # The name was swapped between our check and the store's open.
-            raise UsageError(f"{temp} was replaced while the download started; nothing is "
-                             "written through it (run again)")
+            raise UsageError(
+                f"{temp} was replaced while the download started; nothing is "
+                "written through it (run again)"
+            )
         return await _run(client, request, store, meta, path, temp, notice, began, restarts)
     except ObjectChangedError:
         # The recorded parts belong to the old version: throw them away now so the
@@ -398,8 +427,7 @@ async def _run(
     if reused:
         bad = await trio.to_thread.run_sync(_find_bad_parts, store, reused)
         if bad:
-            notice(f"{len(bad)} recorded part(s) failed their CRC check and will be fetched "
-                   "again")
+            notice(f"{len(bad)} recorded part(s) failed their CRC check and will be fetched again")
             store.drop(bad)
         reused = sorted(store.parts)
     done = store.present_bytes
@@ -459,8 +487,11 @@ def _check_space(temp: str, needed: int) -> None:
     st = os.statvfs(os.path.dirname(temp))
     free = st.f_bavail * st.f_frsize
     if needed > free:
-        raise NoSpaceError(f"no space left for {temp}: {format_size(needed)} more needed, "
-                           f"{format_size(free)} free", path=temp)
+        raise NoSpaceError(
+            f"no space left for {temp}: {format_size(needed)} more needed, "
+            f"{format_size(free)} free",
+            path=temp,
+        )
 
 
 def _check_integrity(store: PartStore, meta: ObjectMeta) -> Verification | None:
@@ -480,9 +511,11 @@ def _check_integrity(store: PartStore, meta: ObjectMeta) -> Verification | None:
             pos += len(chunk)
         if md5.hexdigest().lower() != meta.etag.lower():
             store.drop(list(store.parts))
-            raise IntegrityError(f"MD5 mismatch: the ETag says {meta.etag}, the downloaded "
-                                 f"bytes give {md5.hexdigest()}; dropped every part, run "
-                                 "again to fetch them")
+            raise IntegrityError(
+                f"MD5 mismatch: the ETag says {meta.etag}, the downloaded "
+                f"bytes give {md5.hexdigest()}; dropped every part, run "
+                "again to fetch them"
+            )
         return "md5"
     return None
 
@@ -504,8 +537,9 @@ def _finish(store: PartStore, path: str, temp: str, meta: ObjectMeta) -> None:
         os.utime(store.fileno(), (meta.mtime, meta.mtime))
     mine, there = os.fstat(store.fileno()), os.lstat(temp)
     if (mine.st_dev, mine.st_ino) != (there.st_dev, there.st_ino):
-        raise UsageError(f"{temp} was replaced during the download; {path} is left as it "
-                         "was (run again)")
+        raise UsageError(
+            f"{temp} was replaced during the download; {path} is left as it was (run again)"
+        )
     os.replace(temp, path)
     fsync_dir(os.path.dirname(path))
     store.remove_index()

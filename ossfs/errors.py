@@ -135,8 +135,7 @@ class GaveUpError(TransferError):
     :timed_out: the deadline ended it (not the count of attempts).
     """
 
-    def __init__(self, message: str, *, attempts: int, elapsed: float,
-                 timed_out: bool) -> None:
+    def __init__(self, message: str, *, attempts: int, elapsed: float, timed_out: bool) -> None:
         super().__init__(message)
         self.attempts = attempts
         self.elapsed = elapsed

@@ -27,11 +27,11 @@ __all__ = ["printable", "SafeFormatter"]
 
 _UNSAFE = re.compile(
     "["
-    "\x00-\x1f\x7f-\x9f"          # C0, DEL, C1
-    "\u061c\u200e\u200f"          # Arabic letter mark, LRM, RLM
-    "\u2028\u2029"                # line and paragraph separators
+    "\x00-\x1f\x7f-\x9f"  # C0, DEL, C1
+    "\u061c\u200e\u200f"  # Arabic letter mark, LRM, RLM
+    "\u2028\u2029"  # line and paragraph separators
     "\u202a-\u202e\u2066-\u2069"  # bidi embeddings, overrides and isolates
-    "\ud800-\udfff"               # lone surrogates
+    "\ud800-\udfff"  # lone surrogates
     "]"
 )
 

@@ -69,8 +69,16 @@ class Budget(Protocol):
         Raises NoSpaceError when even a reader's own part cannot be written without
         going below the free-space floor."""
 
-    def settle(self, store: PartStore, part: int, nbytes: int, *, written: int,
-               committed: bool, readahead: bool) -> None:
+    def settle(
+        self,
+        store: PartStore,
+        part: int,
+        nbytes: int,
+        *,
+        written: int,
+        committed: bool,
+        readahead: bool,
+    ) -> None:
         """End a reservation: the fetch committed the part, or stopped after *written*."""
 
 
@@ -122,8 +130,14 @@ class Streams:
     actually takes rather than with the number of requests.
     """
 
-    def __init__(self, max_window: int, *, max_streams: int = 16,
-                 back_slack: int = 1 << 20, skip: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        max_window: int,
+        *,
+        max_streams: int = 16,
+        back_slack: int = 1 << 20,
+        skip: int = 1 << 20,
+    ) -> None:
         self.max_window = max_window
         self.max_streams = max_streams
         self.back_slack = back_slack
@@ -163,11 +177,11 @@ class Fetcher:
         self.limiter = trio.CapacityLimiter(self.connections)
         # Read-ahead flights also take this one, so guesses never hold every connection.
         self.readahead_limiter = trio.CapacityLimiter(
-            max(1, min(self.connections - 1, int(self.connections * readahead_share))))
+            max(1, min(self.connections - 1, int(self.connections * readahead_share)))
+        )
         self._budget = budget
         self.read_ahead_bytes = read_ahead
-        self._streams: weakref.WeakKeyDictionary[PartStore, Streams] = (
-            weakref.WeakKeyDictionary())
+        self._streams: weakref.WeakKeyDictionary[PartStore, Streams] = weakref.WeakKeyDictionary()
         self._flights: dict[tuple[int, int], _Flight] = {}
         self._opening: dict[str, trio.Event] = {}
         # Called with a store whose complete bytes did not match the service's CRC-64
@@ -252,8 +266,9 @@ class Fetcher:
         if flight.error is not None and not isinstance(flight.error, trio.Cancelled):
             raise flight.error
 
-    def _new_flight(self, store: PartStore, part: int, *, readahead: bool,
-                    refresh: bool = True) -> _Flight | None:
+    def _new_flight(
+        self, store: PartStore, part: int, *, readahead: bool, refresh: bool = True
+    ) -> _Flight | None:
         """Register a flight for a missing part, with room reserved for it.
 
         None when the part turned out present, or when it is read-ahead the
@@ -296,8 +311,9 @@ class Fetcher:
         finally:
             store.flight_ended()
 
-    def _land(self, store: PartStore, part: int, flight: _Flight,
-              error: BaseException | None) -> None:
+    def _land(
+        self, store: PartStore, part: int, flight: _Flight, error: BaseException | None
+    ) -> None:
         """End *flight* (once): unregister it, give back its room, wake its waiters."""
         if flight.done.is_set():
             return
@@ -305,13 +321,19 @@ class Fetcher:
             del self._flights[(id(store), part)]
         if flight.admitted and self._budget is not None:
             committed = error is None and store.is_present(part)
-            self._budget.settle(store, part, flight.end - flight.first,
-                                written=flight.written - flight.first,
-                                committed=committed, readahead=flight.readahead)
+            self._budget.settle(
+                store,
+                part,
+                flight.end - flight.first,
+                written=flight.written - flight.first,
+                committed=committed,
+                readahead=flight.readahead,
+            )
         flight.finish(error)
 
-    async def _fetch(self, store: PartStore, part: int, flight: _Flight,
-                     on_bytes: ByteCallback | None) -> None:
+    async def _fetch(
+        self, store: PartStore, part: int, flight: _Flight, on_bytes: ByteCallback | None
+    ) -> None:
         if not await self._claim(store, part):
             return  # another process fetched it meanwhile
         try:
@@ -362,8 +384,9 @@ class Fetcher:
                 return False
         return True
 
-    async def _download(self, store: PartStore, part: int, flight: _Flight,
-                        on_bytes: ByteCallback | None) -> None:
+    async def _download(
+        self, store: PartStore, part: int, flight: _Flight, on_bytes: ByteCallback | None
+    ) -> None:
         await self._download_run(store, [(part, flight)], on_bytes)
 
     # ---------------------------------------------------------------- background
@@ -390,8 +413,7 @@ class Fetcher:
             log.error("%s", e)
         except Exception as e:
             # Recorded in the flight: the readers waiting on it raise it.
-            log.debug("background fetch of part %d of %s failed: %s", part,
-                      store.identity.key, e)
+            log.debug("background fetch of part %d of %s failed: %s", part, store.identity.key, e)
 
     async def wait_for(self, store: PartStore, offset: int, end: int) -> None:
         """Return once object bytes ``[offset, end)`` are on disk, fetching what is missing.
@@ -423,14 +445,15 @@ class Fetcher:
         buf = bytearray(end - offset)
 
         def sink(at: int, data: memoryview) -> None:
-            buf[at - offset:at - offset + len(data)] = data
+            buf[at - offset : at - offset + len(data)] = data
 
         async with self.limiter:
-            got = await self.client.get_range(ident.bucket, ident.key, offset, end,
-                                              ident.etag, sink)
+            got = await self.client.get_range(
+                ident.bucket, ident.key, offset, end, ident.etag, sink
+            )
         self.bytes_fetched += got.nbytes
         self.uncached_bytes += got.nbytes
-        return bytes(buf[:got.nbytes])
+        return bytes(buf[: got.nbytes])
 
     def observe(self, store: PartStore, offset: int, size: int) -> int:
         """Record a read of *store* by any reader; return its stream's read-ahead window."""
@@ -453,15 +476,21 @@ class Fetcher:
             return
         nbytes = min(nbytes, end - offset)
         run_limit = max(store.layout.part_size, min(MAX_RUN_BYTES, nbytes // 4))
-        wanted = [p for p in store.layout.parts_for(offset, nbytes)
-                  if not store.is_present(p) and (id(store), p) not in self._flights]
+        wanted = [
+            p
+            for p in store.layout.parts_for(offset, nbytes)
+            if not store.is_present(p) and (id(store), p) not in self._flights
+        ]
         if not wanted:
             return
         # Wait until a whole run is missing, unless the reader is about to need it:
         # a window that grows by one read at a time would otherwise mean one GET per part.
         frontier, _ = store.layout.bounds(wanted[0])
-        if (len(wanted) * store.layout.part_size < run_limit
-                and frontier - offset > run_limit and wanted[-1] != store.layout.count - 1):
+        if (
+            len(wanted) * store.layout.part_size < run_limit
+            and frontier - offset > run_limit
+            and wanted[-1] != store.layout.count - 1
+        ):
             return
         run: list[tuple[int, _Flight]] = []
         store.refresh()  # another process sharing the store may have fetched some
@@ -510,8 +539,13 @@ class Fetcher:
         except BaseException as e:
             error = e
             if not isinstance(e, trio.Cancelled):
-                log.debug("read-ahead of parts %d-%d of %s failed: %s", run[0][0],
-                          run[-1][0], store.identity.key, e)
+                log.debug(
+                    "read-ahead of parts %d-%d of %s failed: %s",
+                    run[0][0],
+                    run[-1][0],
+                    store.identity.key,
+                    e,
+                )
             if not isinstance(e, Exception):
                 raise
         finally:
@@ -528,8 +562,9 @@ class Fetcher:
             except IntegrityError as e:
                 log.error("%s", e)
 
-    async def _download_run(self, store: PartStore, run: list[tuple[int, _Flight]],
-                            on_bytes: ByteCallback | None = None) -> None:
+    async def _download_run(
+        self, store: PartStore, run: list[tuple[int, _Flight]], on_bytes: ByteCallback | None = None
+    ) -> None:
         """GET consecutive parts (one or more) into *store*.
 
         Each part is committed with the CRC-64 of its bytes as they arrived, and its
@@ -575,8 +610,9 @@ class Fetcher:
             return _writeback(store, started)
 
         async with self.limiter:
-            got = await self.client.get_range(ident.bucket, ident.key, run[0][1].first,
-                                              run[-1][1].end, ident.etag, sink)
+            got = await self.client.get_range(
+                ident.bucket, ident.key, run[0][1].first, run[-1][1].end, ident.etag, sink
+            )
         if got.object_crc64 is not None:
             store.server_crc64 = got.object_crc64
         self.bytes_fetched += got.nbytes
@@ -618,5 +654,7 @@ def _disk_full_is_no_space(store: PartStore) -> Iterator[None]:
     except OSError as e:
         if not is_disk_full(e):
             raise
-        raise NoSpaceError(f"the cache disk is full ({os.strerror(e.errno or 0)}) writing "
-                           f"{store.data_path}", path=store.data_path) from e
+        raise NoSpaceError(
+            f"the cache disk is full ({os.strerror(e.errno or 0)}) writing {store.data_path}",
+            path=store.data_path,
+        ) from e

@@ -112,8 +112,9 @@ class Operations(pyfuse3.Operations):
         # S3 has no CRC-64 to show; OSS has it on HEAD (not in listings).
         self._has_crc64 = has_crc64
         self._crc_missing = 0  # objects in a row the service had no CRC-64 for
-        self._file_xattrs = _FILE_XATTRS if has_crc64 else tuple(
-            n for n in _FILE_XATTRS if n != "crc64")
+        self._file_xattrs = (
+            _FILE_XATTRS if has_crc64 else tuple(n for n in _FILE_XATTRS if n != "crc64")
+        )
         self._handles: dict[int, _Handle] = {}
         self._dirs: dict[int, tuple[Node, DirReader]] = {}
         self._next_fh = 1
@@ -144,8 +145,12 @@ class Operations(pyfuse3.Operations):
             raise
         except ObjectChangedError as e:
             self.errors += 1
-            log.error("%s %s: the object changed while open; reopen to read the new version "
-                      "(%s)", what, path, e)
+            log.error(
+                "%s %s: the object changed while open; reopen to read the new version (%s)",
+                what,
+                path,
+                e,
+            )
             raise pyfuse3.FUSEError(errno.EIO) from None
         except OssfsError as e:
             code = errno_for(e)
@@ -196,8 +201,9 @@ class Operations(pyfuse3.Operations):
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
         return a
 
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         self.requests["lookup"] += 1
         text = os.fsdecode(name)
         async with self._errors("lookup", text):
@@ -212,8 +218,9 @@ class Operations(pyfuse3.Operations):
         node.lookups += 1
         return self._attrs(node)
 
-    async def getattr(self, inode: int,
-                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         self.requests["getattr"] += 1
         async with self._errors("getattr", str(inode)):
             return self._attrs(self.ns.node(inode))
@@ -255,7 +262,8 @@ class Operations(pyfuse3.Operations):
             up = await self.ns.lookup(parent.inode, "..")
             for offset, name, node in ((1, b".", parent), (2, b"..", up)):
                 if start_id < offset and not pyfuse3.readdir_reply(
-                        token, name, self._attrs(node), offset):
+                    token, name, self._attrs(node), offset
+                ):
                     return
         pos = max(0, start_id - 2)
         while True:
@@ -265,8 +273,9 @@ class Operations(pyfuse3.Operations):
                 return
             for i, entry in self.ns.iter_entries(reader, pos):
                 node = self.ns.remember(parent, entry)
-                if not pyfuse3.readdir_reply(token, os.fsencode(entry.name),
-                                             self._attrs(node), i + 3):
+                if not pyfuse3.readdir_reply(
+                    token, os.fsencode(entry.name), self._attrs(node), i + 3
+                ):
                     return
                 node.lookups += 1
                 pos = i + 1
@@ -281,8 +290,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
-    async def open(self, inode: int, flags: int,
-                   ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         self.requests["open"] += 1
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -293,19 +301,23 @@ class Operations(pyfuse3.Operations):
             if await self.ns.refresh(node) is not node:
                 # The object is another version than this inode's. ESTALE makes the
                 # kernel look the name up again (and open the new version's inode).
-                log.info("open %s: the object changed; it gets a new inode",
-                         node.path)
+                log.info("open %s: the object changed; it gets a new inode", node.path)
                 raise pyfuse3.FUSEError(errno.ESTALE)
             meta = node.meta
             assert meta is not None
-            ident = identity_for(self.ns.bucket, meta.key, meta.etag, meta.size,
-                                 self.opts.part_size)
+            ident = identity_for(
+                self.ns.bucket, meta.key, meta.etag, meta.size, self.opts.part_size
+            )
             store = await self.fetcher.open_store(self.cache, ident)
             self._inode_of[ident] = inode
             if self._prefetch is not None:
                 self._prefetch.on_open(node)
-            if store.complete and not store.crc_checked and store.server_crc64 is None \
-                    and self._has_crc64:
+            if (
+                store.complete
+                and not store.crc_checked
+                and store.server_crc64 is None
+                and self._has_crc64
+            ):
                 # (A store with server_crc64 was fetched here: the fetch checks it.)
                 # Cached by another process or run: compare the whole with the
                 # service's CRC-64 once, in the background (a HEAD at most).
@@ -336,8 +348,10 @@ class Operations(pyfuse3.Operations):
                 store.crc_checked = True
                 self._crc_missing += 1
                 if self._crc_missing == _NO_CRC_AFTER and self._has_crc64:
-                    log.info("the service sends no CRC-64 of its objects: cached objects "
-                             "are checked against their own part CRCs only")
+                    log.info(
+                        "the service sends no CRC-64 of its objects: cached objects "
+                        "are checked against their own part CRCs only"
+                    )
                     self._has_crc64 = False
                 return
             self._crc_missing = 0
@@ -351,8 +365,9 @@ class Operations(pyfuse3.Operations):
 
     def _drop_pages(self, store: PartStore) -> None:
         """Cached bytes of *store* were wrong: the kernel's copies of them go too."""
-        inodes = {h.node.inode for h in self._handles.values()
-                  if h.store.identity == store.identity}
+        inodes = {
+            h.node.inode for h in self._handles.values() if h.store.identity == store.identity
+        }
         opened = self._inode_of.get(store.identity)
         if opened is not None:
             inodes.add(opened)
@@ -398,7 +413,7 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         key = name.decode(errors="replace")
-        attr = key[len(_XATTR_PREFIX):]
+        attr = key[len(_XATTR_PREFIX) :]
         node = self.ns.node(inode)
         async with self._errors("getxattr", node.path):
             if inode == pyfuse3.ROOT_INODE and attr in _ROOT_XATTRS:
@@ -417,8 +432,9 @@ class Operations(pyfuse3.Operations):
                 if crc is None:
                     raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
                 return str(crc).encode()
-            info = self.cache.info_for(identity_for(self.ns.bucket, meta.key, meta.etag,
-                                                    meta.size, self.opts.part_size))
+            info = self.cache.info_for(
+                identity_for(self.ns.bucket, meta.key, meta.etag, meta.size, self.opts.part_size)
+            )
             return str(info.cached_bytes if info else 0).encode()
 
     # ---------------------------------------------------------------- read-only

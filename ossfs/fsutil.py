@@ -100,8 +100,9 @@ def write_temp(path: str, data: bytes, mode: int, *, durable: bool = True) -> st
     return tmp
 
 
-def write_atomically(path: str, data: bytes, mode: int = 0o600, *,
-                     durable: bool = True, mtime: float | None = None) -> None:
+def write_atomically(
+    path: str, data: bytes, mode: int = 0o600, *, durable: bool = True, mtime: float | None = None
+) -> None:
     """Replace *path* with *data*: write temp, (fsync), rename, (fsync the directory).
 
     Not durable is still atomic: readers see the old file or the new one, and
@@ -160,8 +161,9 @@ def _check_ours(fd: int, path: str) -> None:
         raise UnsafeFileError(path, "has other hard links")
 
 
-def open_private_file(path: str, flags: int, mode: int = 0o600, *,
-                      dir_fd: int | None = None) -> int:
+def open_private_file(
+    path: str, flags: int, mode: int = 0o600, *, dir_fd: int | None = None
+) -> int:
     """Open (or with ``O_CREAT`` create) *path* as a regular file of ours.
 
     Never follows a symbolic link in the last component, never blocks on a
@@ -170,8 +172,9 @@ def open_private_file(path: str, flags: int, mode: int = 0o600, *,
     would change some other file. Resuming our own temp file works as before.
     """
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode,
-                     dir_fd=dir_fd)
+        fd = os.open(
+            path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd
+        )
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
             raise UnsafeFileError(path, _describe(path, dir_fd)) from None
@@ -190,8 +193,12 @@ def create_exclusive(path: str, mode: int = 0o600, *, dir_fd: int | None = None)
     of an interrupted run, a planted symbolic link) is removed first, never followed."""
     for _ in range(8):
         try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                           | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+            return os.open(
+                path,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                mode,
+                dir_fd=dir_fd,
+            )
         except FileExistsError:
             try:
                 os.unlink(path, dir_fd=dir_fd)  # removes a symlink itself, not its target
@@ -202,8 +209,7 @@ def create_exclusive(path: str, mode: int = 0o600, *, dir_fd: int | None = None)
     raise UnsafeFileError(path, "keeps being re-created by someone else")
 
 
-def open_subdirectory(dir_fd: int, names: list[str], *, shown_as: str,
-                      create: bool = True) -> int:
+def open_subdirectory(dir_fd: int, names: list[str], *, shown_as: str, create: bool = True) -> int:
     """Open the directory ``dir_fd/names[0]/names[1]/...``, creating what is missing.
 
     No component may be a symbolic link or anything but a directory
@@ -235,8 +241,9 @@ def open_subdirectory(dir_fd: int, names: list[str], *, shown_as: str,
 
 def _open_dir_at(dir_fd: int, name: str, shown: str) -> int:
     try:
-        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                       dir_fd=dir_fd)
+        return os.open(
+            name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+        )
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
             raise UnsafeFileError(shown, _describe(name, dir_fd, want_dir=True)) from None

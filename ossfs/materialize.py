@@ -58,8 +58,16 @@ from ossfs.model import ObjectMeta, format_size, object_url
 from ossfs.namespace import ListingGuard, valid_name
 from ossfs.pool import run_pool
 
-__all__ = ["MaterializeRequest", "MaterializeResult", "materialize", "check_shard", "in_shard",
-           "list_objects", "shard_from_environment", "SHARD_COUNT_VARIABLE"]
+__all__ = [
+    "MaterializeRequest",
+    "MaterializeResult",
+    "materialize",
+    "check_shard",
+    "in_shard",
+    "list_objects",
+    "shard_from_environment",
+    "SHARD_COUNT_VARIABLE",
+]
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +136,17 @@ def _env_int(env: Mapping[str, str], name: str, *, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise UsageError(f"--shard auto: {name}='{printable(text)}' is not a whole number"
-                         ) from None
+        raise UsageError(
+            f"--shard auto: {name}='{printable(text)}' is not a whole number"
+        ) from None
     if value < least:
         raise UsageError(f"--shard auto: {name}={value} must be at least {least}")
     return value
 
 
-def shard_from_environment(env: Mapping[str, str], count: int | None = None
-                           ) -> tuple[tuple[int, int], str]:
+def shard_from_environment(
+    env: Mapping[str, str], count: int | None = None
+) -> tuple[tuple[int, int], str]:
     """``--shard auto``: shard (I, N) from the job runner's variables, and where it came from.
 
     - Kubernetes Indexed Job: ``JOB_COMPLETION_INDEX``; N is *count* (``--shard-count``)
@@ -160,24 +170,28 @@ def shard_from_environment(env: Mapping[str, str], count: int | None = None
     if "JOB_COMPLETION_INDEX" in env:
         index = _env_int(env, "JOB_COMPLETION_INDEX", least=0)
         if given is None:
-            raise UsageError(f"--shard auto: JOB_COMPLETION_INDEX={index} (a Kubernetes "
-                             "Indexed Job) needs the shard count: give --shard-count N or "
-                             f"set {SHARD_COUNT_VARIABLE} to the Job's completions")
+            raise UsageError(
+                f"--shard auto: JOB_COMPLETION_INDEX={index} (a Kubernetes "
+                "Indexed Job) needs the shard count: give --shard-count N or "
+                f"set {SHARD_COUNT_VARIABLE} to the Job's completions"
+            )
         if index >= given:
-            raise UsageError(f"--shard auto: JOB_COMPLETION_INDEX={index} is not below "
-                             f"{given_from}={given}")
+            raise UsageError(
+                f"--shard auto: JOB_COMPLETION_INDEX={index} is not below {given_from}={given}"
+            )
         found.append(((index, given), f"JOB_COMPLETION_INDEX={index}, {given_from}={given}"))
 
     if "SLURM_ARRAY_TASK_ID" in env:
         if "SLURM_ARRAY_TASK_COUNT" not in env:
-            raise UsageError("--shard auto: SLURM_ARRAY_TASK_ID is set but "
-                             "SLURM_ARRAY_TASK_COUNT is not")
+            raise UsageError(
+                "--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not"
+            )
         task = _env_int(env, "SLURM_ARRAY_TASK_ID", least=0)
         tasks = _env_int(env, "SLURM_ARRAY_TASK_COUNT", least=1)
-        low = _env_int(env, "SLURM_ARRAY_TASK_MIN", least=0) \
-            if "SLURM_ARRAY_TASK_MIN" in env else 0
-        step = _env_int(env, "SLURM_ARRAY_TASK_STEP", least=1) \
-            if "SLURM_ARRAY_TASK_STEP" in env else 1
+        low = _env_int(env, "SLURM_ARRAY_TASK_MIN", least=0) if "SLURM_ARRAY_TASK_MIN" in env else 0
+        step = (
+            _env_int(env, "SLURM_ARRAY_TASK_STEP", least=1) if "SLURM_ARRAY_TASK_STEP" in env else 1
+        )
         index, off = divmod(task - low, step)
         high = env.get("SLURM_ARRAY_TASK_MAX", "").strip()
         last = low + (tasks - 1) * step
@@ -187,14 +201,19 @@ def shard_from_environment(env: Mapping[str, str], count: int | None = None
                 f"SLURM_ARRAY_TASK_COUNT={tasks} evenly spaced tasks from "
                 f"SLURM_ARRAY_TASK_MIN={low} (step {step}"
                 + (f", SLURM_ARRAY_TASK_MAX={printable(high)}" if high else "")
-                + "): use a range such as --array=0-N, or give --shard I/N")
-        found.append(((index, tasks), f"SLURM_ARRAY_TASK_ID={task}, "
-                      f"SLURM_ARRAY_TASK_MIN={low}, SLURM_ARRAY_TASK_COUNT={tasks}"))
+                + "): use a range such as --array=0-N, or give --shard I/N"
+            )
+        found.append(
+            (
+                (index, tasks),
+                f"SLURM_ARRAY_TASK_ID={task}, "
+                f"SLURM_ARRAY_TASK_MIN={low}, SLURM_ARRAY_TASK_COUNT={tasks}",
+            )
+        )
 
     if "RANK" in env or "WORLD_SIZE" in env:
         if "RANK" not in env or "WORLD_SIZE" not in env:
-            missing, present = ("WORLD_SIZE", "RANK") if "RANK" in env else ("RANK",
-                                                                             "WORLD_SIZE")
+            missing, present = ("WORLD_SIZE", "RANK") if "RANK" in env else ("RANK", "WORLD_SIZE")
             raise UsageError(f"--shard auto: {present} is set but {missing} is not")
         rank = _env_int(env, "RANK", least=0)
         size = _env_int(env, "WORLD_SIZE", least=1)
@@ -203,20 +222,22 @@ def shard_from_environment(env: Mapping[str, str], count: int | None = None
         found.append(((rank, size), f"RANK={rank}, WORLD_SIZE={size}"))
 
     if not found:
-        raise UsageError("--shard auto found no job runner: set JOB_COMPLETION_INDEX "
-                         f"(Kubernetes Indexed Job, with --shard-count N or "
-                         f"{SHARD_COUNT_VARIABLE}), SLURM_ARRAY_TASK_ID and "
-                         "SLURM_ARRAY_TASK_COUNT (Slurm array), or RANK and WORLD_SIZE; "
-                         "or give --shard I/N")
+        raise UsageError(
+            "--shard auto found no job runner: set JOB_COMPLETION_INDEX "
+            f"(Kubernetes Indexed Job, with --shard-count N or "
+            f"{SHARD_COUNT_VARIABLE}), SLURM_ARRAY_TASK_ID and "
+            "SLURM_ARRAY_TASK_COUNT (Slurm array), or RANK and WORLD_SIZE; "
+            "or give --shard I/N"
+        )
     shards = {shard for shard, _ in found}
     if len(shards) > 1:
         said = "; ".join(f"{i}/{n} from {why}" for (i, n), why in found)
-        raise UsageError(f"--shard auto: the job runners disagree ({said}): "
-                         "give --shard I/N")
+        raise UsageError(f"--shard auto: the job runners disagree ({said}): give --shard I/N")
     shard, why = found[0]
     if given is not None and shard[1] != given:
-        raise UsageError(f"--shard auto: {given_from}={given} does not match the "
-                         f"{shard[1]} shards of {why}")
+        raise UsageError(
+            f"--shard auto: {given_from}={given} does not match the {shard[1]} shards of {why}"
+        )
     return shard, why
 
 
@@ -252,7 +273,7 @@ async def list_objects(client: ObjectClient, bucket: str, key: str) -> list[Obje
 def _destination(prefix: str, key: str) -> list[str] | None:
     """The path components of object *key* below the output directory; None when the
     key cannot be a safe relative path (``..``, empty components, overlong names)."""
-    rel = key[len(prefix):] if key.startswith(prefix) else key
+    rel = key[len(prefix) :] if key.startswith(prefix) else key
     parts = rel.split("/")
     if not all(valid_name(p) for p in parts):
         return None
@@ -277,8 +298,11 @@ def _write_out(store: PartStore, meta: ObjectMeta, to_dir: str, parts: list[str]
     try:
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if (stat.S_ISREG(st.st_mode) and st.st_size == meta.size
-                    and int(st.st_mtime) == int(meta.mtime)):
+            if (
+                stat.S_ISREG(st.st_mode)
+                and st.st_size == meta.size
+                and int(st.st_mtime) == int(meta.mtime)
+            ):
                 return False
         except FileNotFoundError:
             pass
@@ -328,13 +352,17 @@ def _copy(src: int, dst: int, size: int, key: str) -> None:
 
 
 def _no_space(error: OSError, where: str) -> NoSpaceError:
-    return NoSpaceError(f"{disk_full_reason(error)} writing {where}; what is already "
-                        "fetched is kept: free some space and run the same command again "
-                        "to continue", path=where)
+    return NoSpaceError(
+        f"{disk_full_reason(error)} writing {where}; what is already "
+        "fetched is kept: free some space and run the same command again "
+        "to continue",
+        path=where,
+    )
 
 
-async def materialize(client: ObjectClient, cache: CacheDir,
-                      request: MaterializeRequest) -> MaterializeResult:
+async def materialize(
+    client: ObjectClient, cache: CacheDir, request: MaterializeRequest
+) -> MaterializeResult:
     """Run *request*; per-object failures are collected, not raised."""
     began = time.monotonic()
     if request.shard is not None:
@@ -346,22 +374,31 @@ async def materialize(client: ObjectClient, cache: CacheDir,
     listed = await list_objects(client, request.bucket, request.key)
     if not listed:
         where = run.url(request.key)
-        raise OssfsError(f"nothing to materialize: no object is {where} or under it"
-                         if request.key and not request.key.endswith("/")
-                         else f"nothing to materialize: no object under {where}")
+        raise OssfsError(
+            f"nothing to materialize: no object is {where} or under it"
+            if request.key and not request.key.endswith("/")
+            else f"nothing to materialize: no object under {where}"
+        )
     run.objects = [o for o in listed if in_shard(o.key, request.shard)]
     if not run.objects and request.shard is not None:
-        run.notice(f"shard {request.shard[0]}/{request.shard[1]} holds none of the "
-                   f"{len(listed)} object(s) under {run.url(request.key)}")
+        run.notice(
+            f"shard {request.shard[0]}/{request.shard[1]} holds none of the "
+            f"{len(listed)} object(s) under {run.url(request.key)}"
+        )
     run.total = sum(o.size for o in run.objects)
     run.warn_if_too_large()
     await run.run_pass(list(range(len(run.objects))))
     await run.restart_changed()
     return MaterializeResult(
-        objects=len(run.objects), total_bytes=run.total,
-        bytes_fetched=run.fetcher.bytes_fetched, bytes_reused=run.reused,
-        parts_fetched=run.fetcher.parts_fetched, written=run.written, skipped=run.skipped,
-        failed=run.failed, elapsed=time.monotonic() - began,
+        objects=len(run.objects),
+        total_bytes=run.total,
+        bytes_fetched=run.fetcher.bytes_fetched,
+        bytes_reused=run.reused,
+        parts_fetched=run.fetcher.parts_fetched,
+        written=run.written,
+        skipped=run.skipped,
+        failed=run.failed,
+        elapsed=time.monotonic() - began,
     )
 
 
@@ -372,8 +409,7 @@ class _Run:
     in listing order, so early objects finish first (and can be written out early).
     """
 
-    def __init__(self, client: ObjectClient, cache: CacheDir,
-                 request: MaterializeRequest) -> None:
+    def __init__(self, client: ObjectClient, cache: CacheDir, request: MaterializeRequest) -> None:
         self.client = client
         self.cache = cache
         self.request = request
@@ -381,8 +417,9 @@ class _Run:
         self.objects: list[ObjectMeta] = []
         self.total = 0  # bytes of all objects
         key = request.key
-        self.prefix = key if key.endswith("/") else (
-            key.rsplit("/", 1)[0] + "/" if "/" in key else "")
+        self.prefix = (
+            key if key.endswith("/") else (key.rsplit("/", 1)[0] + "/" if "/" in key else "")
+        )
         self.done_bytes = 0  # cached so far, fetched or found
         self.reused = 0  # found in the cache
         self.objects_done = 0
@@ -405,14 +442,18 @@ class _Run:
         cap = self.cache.max_bytes
         largest = max((o.size for o in self.objects), default=0)
         if self.request.to_dir is None and self.total > cap:
-            self.notice(f"{format_size(self.total)} does not fit in the cache "
-                        f"({format_size(cap)}): the cache keeps its limit, so what is fetched "
-                        "first is evicted again (use --to DIR or a larger --cache-size)")
+            self.notice(
+                f"{format_size(self.total)} does not fit in the cache "
+                f"({format_size(cap)}): the cache keeps its limit, so what is fetched "
+                "first is evicted again (use --to DIR or a larger --cache-size)"
+            )
         elif self.request.to_dir is not None and largest > cap:
-            self.notice(f"the largest object ({format_size(largest)}) is larger than the "
-                        f"cache ({format_size(cap)}): each object passes through the cache "
-                        "whole on its way to --to, so the cache goes over its limit while it "
-                        "does (use ossfs download for such objects, or a larger --cache-size)")
+            self.notice(
+                f"the largest object ({format_size(largest)}) is larger than the "
+                f"cache ({format_size(cap)}): each object passes through the cache "
+                "whole on its way to --to, so the cache goes over its limit while it "
+                "does (use ossfs download for such objects, or a larger --cache-size)"
+            )
 
     def _progress(self, n: int) -> None:
         if self.request.progress is not None:
@@ -427,16 +468,24 @@ class _Run:
             for i in indexes:
                 await self._open(i, send)
 
-        await run_pool(self.request.threads, feed, self._fetch_part,
-                       buffer=self.request.threads * 2)
+        await run_pool(
+            self.request.threads, feed, self._fetch_part, buffer=self.request.threads * 2
+        )
 
-    async def _open(self, i: int, send: trio.MemorySendChannel[tuple[int, PartStore, int]],
-                    ) -> None:
+    async def _open(
+        self,
+        i: int,
+        send: trio.MemorySendChannel[tuple[int, PartStore, int]],
+    ) -> None:
         """Open object *i*'s store and send its missing parts to the workers."""
         meta, cache = self.objects[i], self.cache
         try:
-            store = await self.fetcher.open_store(cache, identity_for(
-                self.request.bucket, meta.key, meta.etag, meta.size, self.request.part_size))
+            store = await self.fetcher.open_store(
+                cache,
+                identity_for(
+                    self.request.bucket, meta.key, meta.etag, meta.size, self.request.part_size
+                ),
+            )
         except OSError as e:
             if is_disk_full(e):  # creating the store's index
                 raise _no_space(e, f"the cache {cache.root}") from None
@@ -468,9 +517,11 @@ class _Run:
             # would fail the same way. Stop; what is cached stays.
             if isinstance(e.__cause__, OSError):
                 raise _no_space(e.__cause__, f"the cache {cache.root}") from None
-            raise NoSpaceError(f"{e}; what is already fetched is kept: free some space "
-                               "and run the same command again to continue",
-                               path=cache.root) from None
+            raise NoSpaceError(
+                f"{e}; what is already fetched is kept: free some space "
+                "and run the same command again to continue",
+                path=cache.root,
+            ) from None
         except ObjectChangedError as e:
             if i not in self.object_failed:
                 self.object_failed.add(i)
@@ -497,8 +548,7 @@ class _Run:
             if i not in self.object_failed and to_dir is not None:
                 if dest is None:
                     self.skipped += 1
-                    self.notice(f"skipping {meta.key}: it cannot be a file name under "
-                                f"{to_dir}")
+                    self.notice(f"skipping {meta.key}: it cannot be a file name under {to_dir}")
                 elif await trio.to_thread.run_sync(_write_out, store, meta, to_dir, dest):
                     self.written += 1
         except UnsafeFileError as e:
@@ -525,8 +575,10 @@ class _Run:
             again = sorted(self.changed)
             if restart == RESTARTS:
                 for i in again:
-                    self.failed.append(f"{self.url(self.objects[i].key)}: it kept changing "
-                                       f"while it was fetched ({self.changed[i]})")
+                    self.failed.append(
+                        f"{self.url(self.objects[i].key)}: it kept changing "
+                        f"while it was fetched ({self.changed[i]})"
+                    )
                 return
             retry: list[int] = []
             for i in again:

@@ -47,15 +47,40 @@ from prometheus_client.registry import Collector
 
 from ossfs.errors import UsageError
 
-__all__ = ["parse_listen", "OpTimes", "time_operations", "families", "MetricsServer",
-           "OP_BUCKETS", "status_reader"]
+__all__ = [
+    "parse_listen",
+    "OpTimes",
+    "time_operations",
+    "families",
+    "MetricsServer",
+    "OP_BUCKETS",
+    "status_reader",
+]
 
 log = logging.getLogger(__name__)
 
 # Upper bounds (seconds) of the FUSE latency buckets: from a cached getattr
 # (tens of microseconds) to a read that waits for a retried GET (a minute).
-OP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-              0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+OP_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 
 Status = Mapping[str, Any]
 
@@ -71,8 +96,10 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         raise ValueError(f"not ADDR:PORT: {text!r} (e.g. 127.0.0.1:9100)")
     if not host:
-        raise ValueError(f"no address in {text!r}: give where to listen, e.g. "
-                         f"127.0.0.1:{port_text}, or 0.0.0.0:{port_text} for every interface")
+        raise ValueError(
+            f"no address in {text!r}: give where to listen, e.g. "
+            f"127.0.0.1:{port_text}, or 0.0.0.0:{port_text} for every interface"
+        )
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         try:
@@ -127,15 +154,19 @@ def time_operations(ops: Any, times: OpTimes, names: Iterator[str] | None = None
     import pyfuse3  # only a mount calls this
 
     if names is None:
-        names = (n for n, v in vars(pyfuse3.Operations).items()
-                 if callable(v) and not n.startswith("_") and n not in ("init", "stacktrace"))
+        names = (
+            n
+            for n, v in vars(pyfuse3.Operations).items()
+            if callable(v) and not n.startswith("_") and n not in ("init", "stacktrace")
+        )
     for name in names:
         handler = getattr(ops, name)
         setattr(ops, name, _timed(name, handler, times))
 
 
-def _timed(name: str, handler: Callable[..., Awaitable[Any]],
-           times: OpTimes) -> Callable[..., Awaitable[Any]]:
+def _timed(
+    name: str, handler: Callable[..., Awaitable[Any]], times: OpTimes
+) -> Callable[..., Awaitable[Any]]:
     clock = time.perf_counter
 
     @functools.wraps(handler)
@@ -167,63 +198,116 @@ def families(status: Status) -> list[Metric]:
     req = status.get("requests") or {}
     by_kind = req.get("by_kind")
     if by_kind is not None:
-        f = CounterMetricFamily("ossfs_requests", "Requests to the service by kind (head, "
-                                "get, list) and HTTP status (0: no answer, the connection "
-                                "failed)", labels=("kind", "status"))
+        f = CounterMetricFamily(
+            "ossfs_requests",
+            "Requests to the service by kind (head, "
+            "get, list) and HTTP status (0: no answer, the connection "
+            "failed)",
+            labels=("kind", "status"),
+        )
         for kind, statuses in sorted(by_kind.items()):
             for code, n in sorted(statuses.items()):
                 f.add_metric((kind, code), n)
         out.append(f)
-    counter("request_retries", "Requests sent again (after an error, or to resume a "
-            "broken GET)", req.get("retries"))
-    counter("request_failures", "Requests that failed for good (retries used up, or an "
-            "answer that cannot be retried)", req.get("errors"))
-    counter("received", "Object bytes received in GET bodies (also those not cached)",
-            req.get("bytes_received"), unit="bytes")
-    gauge("gets_in_flight", "Ranged GETs running (each holds a connection or waits for one)",
-          req.get("gets_in_flight"))
-    counter("fetched", "Object bytes fetched into the cache", status.get("bytes_fetched"),
-            unit="bytes")
+    counter(
+        "request_retries",
+        "Requests sent again (after an error, or to resume a broken GET)",
+        req.get("retries"),
+    )
+    counter(
+        "request_failures",
+        "Requests that failed for good (retries used up, or an answer that cannot be retried)",
+        req.get("errors"),
+    )
+    counter(
+        "received",
+        "Object bytes received in GET bodies (also those not cached)",
+        req.get("bytes_received"),
+        unit="bytes",
+    )
+    gauge(
+        "gets_in_flight",
+        "Ranged GETs running (each holds a connection or waits for one)",
+        req.get("gets_in_flight"),
+    )
+    counter(
+        "fetched", "Object bytes fetched into the cache", status.get("bytes_fetched"), unit="bytes"
+    )
     counter("fetched_parts", "Cache parts fetched", status.get("parts_fetched"))
-    counter("cache_hit", "Bytes of reads whose cache part was present (page-cache hits "
-            "never reach the mount)", status.get("cache_hit_bytes"), unit="bytes")
-    counter("cache_miss", "Bytes of reads whose cache part had to be fetched (or was "
-            "being fetched)", status.get("cache_miss_bytes"), unit="bytes")
-    gauge("cache_used", "Bytes the cache holds", status.get("cache_used_bytes"),
-          unit="bytes")
-    gauge("cache_limit", "The cache's size cap (--cache-size)",
-          status.get("cache_size_bytes"), unit="bytes")
-    counter("cache_evicted", "Bytes evicted from the cache",
-            status.get("cache_evicted_bytes"), unit="bytes")
-    counter("cache_skipped", "Bytes served from the network and not cached because the "
-            "cache disk was full", status.get("uncached_bytes"), unit="bytes")
-    gauge("buffered", "Memory held by the receive buffers of open data connections",
-          status.get("buffered_bytes"), unit="bytes")
-    counter("crc_mismatches", "Objects whose cached bytes did not match the service's "
-            "CRC-64 (dropped and fetched again)", status.get("crc_mismatches"))
-    counter("parts_verified", "Cached parts checked against their CRC-64 before use",
-            status.get("parts_verified"))
-    counter("fuse_errors", "FUSE requests that failed with an error other than ENOENT",
-            status.get("fs_errors"))
+    counter(
+        "cache_hit",
+        "Bytes of reads whose cache part was present (page-cache hits never reach the mount)",
+        status.get("cache_hit_bytes"),
+        unit="bytes",
+    )
+    counter(
+        "cache_miss",
+        "Bytes of reads whose cache part had to be fetched (or was being fetched)",
+        status.get("cache_miss_bytes"),
+        unit="bytes",
+    )
+    gauge("cache_used", "Bytes the cache holds", status.get("cache_used_bytes"), unit="bytes")
+    gauge(
+        "cache_limit",
+        "The cache's size cap (--cache-size)",
+        status.get("cache_size_bytes"),
+        unit="bytes",
+    )
+    counter(
+        "cache_evicted",
+        "Bytes evicted from the cache",
+        status.get("cache_evicted_bytes"),
+        unit="bytes",
+    )
+    counter(
+        "cache_skipped",
+        "Bytes served from the network and not cached because the cache disk was full",
+        status.get("uncached_bytes"),
+        unit="bytes",
+    )
+    gauge(
+        "buffered",
+        "Memory held by the receive buffers of open data connections",
+        status.get("buffered_bytes"),
+        unit="bytes",
+    )
+    counter(
+        "crc_mismatches",
+        "Objects whose cached bytes did not match the service's CRC-64 (dropped and fetched again)",
+        status.get("crc_mismatches"),
+    )
+    counter(
+        "parts_verified",
+        "Cached parts checked against their CRC-64 before use",
+        status.get("parts_verified"),
+    )
+    counter(
+        "fuse_errors",
+        "FUSE requests that failed with an error other than ENOENT",
+        status.get("fs_errors"),
+    )
     fs_requests = status.get("fs_requests")
     if fs_requests is not None:
-        f = CounterMetricFamily("ossfs_fuse_requests", "FUSE requests the kernel sent, by "
-                                "operation (as in ossfs status)", labels=("op",))
+        f = CounterMetricFamily(
+            "ossfs_fuse_requests",
+            "FUSE requests the kernel sent, by operation (as in ossfs status)",
+            labels=("op",),
+        )
         for op, n in sorted({**fs_requests, "read": status.get("fs_reads", 0)}.items()):
             f.add_metric((op,), n)
         out.append(f)
     op_seconds = status.get("fs_op_seconds")
     if op_seconds is not None:
-        h = HistogramMetricFamily("ossfs_fuse_request_duration_seconds", "Time the mount "
-                                  "took to answer FUSE requests, by operation",
-                                  labels=("op",))
+        h = HistogramMetricFamily(
+            "ossfs_fuse_request_duration_seconds",
+            "Time the mount took to answer FUSE requests, by operation",
+            labels=("op",),
+        )
         bounds = [*(repr(float(b)) for b in OP_BUCKETS), "+Inf"]
         for op, times in sorted(op_seconds.items()):
-            h.add_metric((op,), list(zip(bounds, times["buckets"], strict=True)),
-                         times["sum"])
+            h.add_metric((op,), list(zip(bounds, times["buckets"], strict=True)), times["sum"])
         out.append(h)
-    counter("objects_done", "Objects materialized (done or failed)",
-            status.get("objects_done"))
+    counter("objects_done", "Objects materialized (done or failed)", status.get("objects_done"))
     return out
 
 
@@ -273,8 +357,9 @@ class MetricsServer:
     def __init__(self, address: str, port: int) -> None:
         self.where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         try:
-            infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
+            infos = socket.getaddrinfo(
+                address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
         except (socket.gaierror, UnicodeError) as e:
             reason = e.strerror if isinstance(e, socket.gaierror) else str(e)
             raise UsageError(f"--metrics {self.where}: unknown address ({reason})") from None
@@ -290,12 +375,14 @@ class MetricsServer:
         self._registry.register(_StatusCollector(lambda: self._read()))
         ProcessCollector(registry=self._registry)
         try:
-            self._httpd = make_server(str(sockaddr[0]), port, make_wsgi_app(self._registry),
-                                      Server, handler_class=_Quiet)
+            self._httpd = make_server(
+                str(sockaddr[0]), port, make_wsgi_app(self._registry), Server, handler_class=_Quiet
+            )
         except OSError as e:
             hint = " (another process listens there)" if e.errno == errno.EADDRINUSE else ""
-            raise UsageError(f"--metrics {self.where}: cannot listen there: "
-                             f"{e.strerror or e}{hint}") from None
+            raise UsageError(
+                f"--metrics {self.where}: cannot listen there: {e.strerror or e}{hint}"
+            ) from None
         self.port = self._httpd.server_address[1]
         self.where = f"[{address}]:{self.port}" if ":" in address else f"{address}:{self.port}"
         self._thread: threading.Thread | None = None
@@ -303,8 +390,9 @@ class MetricsServer:
     def start(self, read: Callable[[], Status | None]) -> None:
         """Serve, reading the numbers with *read* at each scrape."""
         self._read = read
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        name="ossfs-metrics", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="ossfs-metrics", daemon=True
+        )
         self._thread.start()
         log.info("metrics on http://%s/metrics", self.where)
 

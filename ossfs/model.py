@@ -123,8 +123,9 @@ class PartLayout:
         hi = min(offset + size, self.start + self.length)
         if hi <= lo:
             return range(0)
-        return range((lo - self.start) // self.part_size,
-                     (hi - 1 - self.start) // self.part_size + 1)
+        return range(
+            (lo - self.start) // self.part_size, (hi - 1 - self.start) // self.part_size + 1
+        )
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
@@ -148,8 +149,9 @@ def parse_size(text: str) -> int:
     """
     m = _SIZE_RE.match(text)
     if not m:
-        raise ValueError(f"not a size: {text!r} (use a number with an optional unit: "
-                         "4096, 100K, 8MiB, 64M, 2G)")
+        raise ValueError(
+            f"not a size: {text!r} (use a number with an optional unit: 4096, 100K, 8MiB, 64M, 2G)"
+        )
     number, unit, _ = m.groups()
     value = float(number) * _UNITS[unit.lower()]
     if value != int(value):
@@ -160,8 +162,10 @@ def parse_size(text: str) -> int:
 def validate_part_size(part_size: int) -> None:
     """UsageError unless *part_size* is one the services take (100 KiB to 5 GiB)."""
     if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
-        raise UsageError(f"part size {format_size(part_size)} is out of range "
-                         f"({format_size(MIN_PART_SIZE)} to {format_size(MAX_PART_SIZE)})")
+        raise UsageError(
+            f"part size {format_size(part_size)} is out of range "
+            f"({format_size(MIN_PART_SIZE)} to {format_size(MAX_PART_SIZE)})"
+        )
 
 
 def format_size(n: float) -> str:
@@ -197,7 +201,6 @@ def resolve_range(start: int, end: int | None, size: int) -> tuple[int, int]:
     if start < 0 or (end is not None and end < start):
         raise ValueError(f"invalid range {start}-{'' if end is None else end}")
     if start >= size:
-        raise ValueError(f"range starts at byte {start}, past the end of the object "
-                         f"({size} bytes)")
+        raise ValueError(f"range starts at byte {start}, past the end of the object ({size} bytes)")
     last = size - 1 if end is None else min(end, size - 1)
     return start, last - start + 1

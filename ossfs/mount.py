@@ -85,8 +85,13 @@ class MountConfig:
 
 
 def _fuse_options(config: MountConfig) -> set[str]:
-    opts = {"ro", "default_permissions", "noatime", "subtype=ossfs",
-            f"fsname={config.source.replace(',', '_')}"}
+    opts = {
+        "ro",
+        "default_permissions",
+        "noatime",
+        "subtype=ossfs",
+        f"fsname={config.source.replace(',', '_')}",
+    }
     if config.allow_other:
         opts.add("allow_other")
     return opts
@@ -103,22 +108,36 @@ _KEEP_IDLE = 1024
 _COUNT_INTERVAL = 30.0
 
 
-async def _serve(config: MountConfig, make_client: ClientFactory,
-                 ready: Callable[[str | None], None],
-                 metrics: MetricsServer | None = None) -> int | None:
+async def _serve(
+    config: MountConfig,
+    make_client: ClientFactory,
+    ready: Callable[[str | None], None],
+    metrics: MetricsServer | None = None,
+) -> int | None:
     """Serve the mount; the signal that ended it, None when it was unmounted."""
     client = make_client()
     try:
         # One listing proves the endpoint, the credentials and the bucket.
         await client.list_page(config.bucket, prefix=config.prefix, delimiter="/", max_keys=1)
         _raise_fd_limit()
-        cache = CacheDir(config.cache_dir, max_bytes=config.cache_size,
-                         min_free_fraction=config.cache_min_free, keep_idle=_KEEP_IDLE)
-        fetcher = Fetcher(client, connections=config.threads, budget=cache,
-                          read_ahead=config.read_ahead)
-        ns = Namespace(client, config.bucket, config.prefix, ttl=config.ttl,
-                       negative_ttl=config.negative_ttl, scheme=config.dialect,
-                       max_dir_entries=config.max_dir_entries)
+        cache = CacheDir(
+            config.cache_dir,
+            max_bytes=config.cache_size,
+            min_free_fraction=config.cache_min_free,
+            keep_idle=_KEEP_IDLE,
+        )
+        fetcher = Fetcher(
+            client, connections=config.threads, budget=cache, read_ahead=config.read_ahead
+        )
+        ns = Namespace(
+            client,
+            config.bucket,
+            config.prefix,
+            ttl=config.ttl,
+            negative_ttl=config.negative_ttl,
+            scheme=config.dialect,
+            max_dir_entries=config.max_dir_entries,
+        )
         started = time.time()
 
         def describe() -> dict[str, Any]:
@@ -159,12 +178,25 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
                 **({"fs_op_seconds": op_times.as_dict()} if op_times is not None else {}),
             }
 
-        fs_opts = FsOptions(uid=config.uid, gid=config.gid, umask=config.umask,
-                            ttl=config.ttl, negative_ttl=config.negative_ttl,
-                            part_size=config.part_size)
+        fs_opts = FsOptions(
+            uid=config.uid,
+            gid=config.gid,
+            umask=config.umask,
+            ttl=config.ttl,
+            negative_ttl=config.negative_ttl,
+            part_size=config.part_size,
+        )
         prefetch = SiblingPrefetch(ns, cache, fetcher, config.part_size)
-        ops = Operations(ns, fetcher, cache, fs_opts, describe=describe, status=status,
-                         has_crc64=config.dialect == "oss", prefetch=prefetch)
+        ops = Operations(
+            ns,
+            fetcher,
+            cache,
+            fs_opts,
+            describe=describe,
+            status=status,
+            has_crc64=config.dialect == "oss",
+            prefetch=prefetch,
+        )
         op_times: OpTimes | None = None
         if metrics is not None:
             from ossfs.metrics import OpTimes, time_operations
@@ -192,8 +224,9 @@ async def _serve(config: MountConfig, make_client: ClientFactory,
                 nursery.start_soon(_keep_spares, cache)
                 nursery.start_soon(_on_signals, nursery.cancel_scope, received)
                 if config.kernel_read_ahead > 0:
-                    nursery.start_soon(_after_init, config.mountpoint,
-                                       max(4, config.kernel_read_ahead // 1024))
+                    nursery.start_soon(
+                        _after_init, config.mountpoint, max(4, config.kernel_read_ahead // 1024)
+                    )
                 await pyfuse3.main(min_tasks=_FUSE_WORKERS)
                 unmounted = True
                 nursery.cancel_scope.cancel()
@@ -280,9 +313,12 @@ def _captured(fd: int) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def run(config: MountConfig, make_client: ClientFactory,
-        configure_logging: Callable[[str | None], None],
-        metrics: MetricsServer | None = None) -> int:
+def run(
+    config: MountConfig,
+    make_client: ClientFactory,
+    configure_logging: Callable[[str | None], None],
+    metrics: MetricsServer | None = None,
+) -> int:
     """Mount and serve until unmounted; daemonize first unless in the foreground.
 
     *metrics* (bound by the caller, so that a port in use fails before anything
@@ -306,8 +342,10 @@ def run(config: MountConfig, make_client: ClientFactory,
         if message.startswith("ready"):
             return 0
         os.waitpid(pid, 0)
-        print(f"ossfs: error: {message.strip() or 'the mount process died during start-up'}",
-              file=sys.stderr)
+        print(
+            f"ossfs: error: {message.strip() or 'the mount process died during start-up'}",
+            file=sys.stderr,
+        )
         return 1
 
     # The child: detach from the terminal, report readiness, serve.
@@ -351,4 +389,3 @@ def run(config: MountConfig, make_client: ClientFactory,
         ready(f"{type(e).__name__}: {e}")
         code = 1
     os._exit(code)
-

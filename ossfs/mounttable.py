@@ -16,8 +16,14 @@ import re
 
 from ossfs.errors import UsageError
 
-__all__ = ["check_mountpoint", "unmount", "mounted_fstype", "is_dead_mount",
-           "dead_mount_message", "tune_kernel_read_ahead"]
+__all__ = [
+    "check_mountpoint",
+    "unmount",
+    "mounted_fstype",
+    "is_dead_mount",
+    "dead_mount_message",
+    "tune_kernel_read_ahead",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +42,7 @@ def _mountinfo(path: str) -> tuple[str, str] | None:
                 fields = line.split()
                 sep = fields.index(b"-")
                 # Spaces and the like are octal escapes (\040) in mountinfo.
-                point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]),
-                               fields[4])
+                point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
                 if point == want:
                     # The last mount on a path is the visible one.
                     found = (os.fsdecode(fields[sep + 1]), os.fsdecode(fields[2]))
@@ -113,8 +118,10 @@ def check_mountpoint(path: str) -> str:
             try:
                 unmount(path, lazy=True)
             except UsageError as e:
-                raise UsageError(f"mountpoint {path} holds a dead ossfs mount that cannot "
-                                 f"be unmounted ({e}); run: ossfs unmount -z {path}") from None
+                raise UsageError(
+                    f"mountpoint {path} holds a dead ossfs mount that cannot "
+                    f"be unmounted ({e}); run: ossfs unmount -z {path}"
+                ) from None
     try:
         os.stat(path)
     except FileNotFoundError:
@@ -143,8 +150,12 @@ def unmount(path: str, *, lazy: bool = False) -> None:
     try:
         result = subprocess.run(args, capture_output=True, text=True, check=False)
     except FileNotFoundError:
-        result = subprocess.run(["umount"] + (["-l"] if lazy else []) + [path],
-                                capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            ["umount"] + (["-l"] if lazy else []) + [path],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     if result.returncode != 0:
         message = (result.stderr or result.stdout).strip().splitlines()
         raise UsageError(f"cannot unmount {path}: {message[-1] if message else 'failed'}")

@@ -57,8 +57,15 @@ from ossfs.client import ObjectClient
 from ossfs.errors import ListingError, NotFoundError, ServiceError, unwrap_groups
 from ossfs.model import ListPage, ObjectMeta, object_url
 
-__all__ = ["Node", "Namespace", "DirReader", "ListingGuard", "ROOT_INODE",
-           "DEFAULT_MAX_DIR_ENTRIES", "valid_name"]
+__all__ = [
+    "Node",
+    "Namespace",
+    "DirReader",
+    "ListingGuard",
+    "ROOT_INODE",
+    "DEFAULT_MAX_DIR_ENTRIES",
+    "valid_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +81,11 @@ _MAX_EMPTY_PAGES = 1000
 
 
 def valid_name(name: str) -> bool:
-    return (name not in ("", ".", "..") and "\0" not in name
-            and len(name.encode("utf-8", "surrogateescape")) <= _NAME_MAX)
+    return (
+        name not in ("", ".", "..")
+        and "\0" not in name
+        and len(name.encode("utf-8", "surrogateescape")) <= _NAME_MAX
+    )
 
 
 class ListingGuard:
@@ -114,8 +124,10 @@ class ListingGuard:
         if names:
             first = min(names)
             if self._last is not None and first <= self._last:
-                raise self._fail(f"page {self.pages} starts at {first!r}, not after "
-                                 f"{self._last!r} where page {self.pages - 1} ended")
+                raise self._fail(
+                    f"page {self.pages} starts at {first!r}, not after "
+                    f"{self._last!r} where page {self.pages - 1} ended"
+                )
             self._last = max(names)
             self._empty_tokens.clear()
         if nxt is None:
@@ -234,11 +246,9 @@ class Namespace:
         self._by_path: dict[str, int] = {"": ROOT_INODE}
         self._next_inode = ROOT_INODE + 1
         self._listings: TTLCache[str, _Listing] = TTLCache(maxsize=max_dirs, ttl=max(ttl, 1e-3))
-        self._negative: TTLCache[str, bool] = TTLCache(maxsize=65536,
-                                                       ttl=max(negative_ttl, 1e-3))
+        self._negative: TTLCache[str, bool] = TTLCache(maxsize=65536, ttl=max(negative_ttl, 1e-3))
         # The reader building each directory's listing now (shared; see `_from_listing`).
-        self._filling: TTLCache[str, DirReader] = TTLCache(maxsize=max_dirs,
-                                                            ttl=max(ttl, 1e-3))
+        self._filling: TTLCache[str, DirReader] = TTLCache(maxsize=max_dirs, ttl=max(ttl, 1e-3))
         self._nursery: trio.Nursery | None = None
         # Directory walks: the position of the subdirectory opened last, per parent.
         self._walks: dict[str, int] = {}
@@ -440,8 +450,9 @@ class Namespace:
 
         async def as_dir() -> None:
             self.list_requests += 1
-            page = await self.client.list_page(self.bucket, prefix=key + "/", delimiter="/",
-                                               max_keys=1)
+            page = await self.client.list_page(
+                self.bucket, prefix=key + "/", delimiter="/", max_keys=1
+            )
             found["dir"] = bool(page.objects or page.prefixes)
 
         async def as_file() -> None:
@@ -542,7 +553,7 @@ class Namespace:
             self._walks.pop(next(iter(self._walks)))
         if last is None or not last < pos <= last + 2:
             return  # not (yet) a walk in order
-        for sibling in listing.dirs[pos + 1:pos + 1 + _WALK_AHEAD]:
+        for sibling in listing.dirs[pos + 1 : pos + 1 + _WALK_AHEAD]:
             sub = f"{parent}/{sibling}" if parent else sibling
             if sub in self._listings or sub in self._filling:
                 continue
@@ -568,24 +579,27 @@ class Namespace:
             reader.guard = ListingGuard(self._resource(reader.path))
         self.list_requests += 1
         sent = reader.token
-        page = await self.client.list_page(self.bucket, prefix=prefix, delimiter="/",
-                                           continuation_token=sent)
+        page = await self.client.list_page(
+            self.bucket, prefix=prefix, delimiter="/", continuation_token=sent
+        )
         reader.guard.check(page, sent)
         held = len(reader.entries) + len(reader._pending)
         if held + len(page.objects) + len(page.prefixes) > self.max_dir_entries:
-            raise ListingError(f"{self._resource(reader.path)} has more than "
-                               f"{self.max_dir_entries} entries, the most one directory of "
-                               "the mount may hold (--max-dir-entries)")
+            raise ListingError(
+                f"{self._resource(reader.path)} has more than "
+                f"{self.max_dir_entries} entries, the most one directory of "
+                "the mount may hold (--max-dir-entries)"
+            )
         items: list[tuple[str, _Entry]] = []
         for obj in page.objects:
-            name = obj.key[len(prefix):]
+            name = obj.key[len(prefix) :]
             if not obj.key.startswith(prefix) or name == "":
                 continue  # the directory's own marker object
             if "/" in name:
                 continue  # cannot happen with a delimiter; be safe with odd servers
             items.append((obj.key, _Entry(name, False, obj)))
         for p in page.prefixes:
-            name = p[len(prefix):].rstrip("/")
+            name = p[len(prefix) :].rstrip("/")
             if not p.startswith(prefix):
                 continue
             items.append((p, _Entry(name, True, None)))
@@ -618,8 +632,7 @@ class Namespace:
             for i, (pkey, pending) in enumerate(reader._pending):
                 if pending.name == entry.name:
                     del reader._pending[i]
-                    self._warn_once(pkey, "it is also a directory prefix; the directory "
-                                          "is shown")
+                    self._warn_once(pkey, "it is also a directory prefix; the directory is shown")
                     break
             self._emit(reader, entry)
         else:
@@ -634,4 +647,3 @@ class Namespace:
     def iter_entries(self, reader: DirReader, start: int) -> Iterator[tuple[int, _Entry]]:
         for i in range(start, len(reader.entries)):
             yield i, reader.entries[i]
-

@@ -41,8 +41,9 @@ class _Walk:
 class SiblingPrefetch:
     """Watches opens per directory and prefetches ahead of an in-order walk."""
 
-    def __init__(self, namespace: Namespace, cache: CacheDir, fetcher: Fetcher,
-                 part_size: int) -> None:
+    def __init__(
+        self, namespace: Namespace, cache: CacheDir, fetcher: Fetcher, part_size: int
+    ) -> None:
         self.ns = namespace
         self.cache = cache
         self.fetcher = fetcher

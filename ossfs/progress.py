@@ -22,8 +22,15 @@ class ProgressBar:
     """Bytes, rate, ETA and a counter of *counting* (parts, objects); silent when
     *stream* is not a terminal."""
 
-    def __init__(self, total: int, *, description: str = "", counting: str = "parts",
-                 stream: TextIO | None = None, enabled: bool | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        description: str = "",
+        counting: str = "parts",
+        stream: TextIO | None = None,
+        enabled: bool | None = None,
+    ) -> None:
         stream = stream or sys.stderr
         if enabled is None:
             enabled = stream.isatty()
@@ -31,9 +38,18 @@ class ProgressBar:
         self._total: int | None = None
         self._bar: tqdm[Any] | None = None
         if enabled:
-            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc=printable(description), file=stream, dynamic_ncols=True,
-                             miniters=1, mininterval=0.2, smoothing=0.1)
+            self._bar = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=printable(description),
+                file=stream,
+                dynamic_ncols=True,
+                miniters=1,
+                mininterval=0.2,
+                smoothing=0.1,
+            )
 
     def set_total(self, total: int) -> None:
         if self._bar is not None:

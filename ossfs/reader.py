@@ -130,8 +130,7 @@ class Reader:
         self.verifications += 1
         try:
             if not await trio.to_thread.run_sync(store.verify, part):
-                log.warning("%s: cached part %d failed its CRC check; fetching it again",
-                            url, part)
+                log.warning("%s: cached part %d failed its CRC check; fetching it again", url, part)
                 store.drop([part])
         finally:
             del self._verifying[key]

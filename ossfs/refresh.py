@@ -115,7 +115,8 @@ class RefreshingCredentials:
         self._fetch = fetch
         self.name = name
         self._failure = failure or (
-            lambda reason: CredentialError(f"cannot get credentials from {name}: {reason}"))
+            lambda reason: CredentialError(f"cannot get credentials from {name}: {reason}")
+        )
         self._clock = clock
         self._issued: Issued | None = None
         self._refresh_at = math.inf
@@ -201,8 +202,12 @@ class RefreshingCredentials:
     def _succeeded(self, issued: Issued) -> None:
         now = self._clock()
         if self._failures:
-            log.warning("credentials from %s refreshed after %d failed attempt(s)%s",
-                        self.name, self._failures, _until(issued))
+            log.warning(
+                "credentials from %s refreshed after %d failed attempt(s)%s",
+                self.name,
+                self._failures,
+                _until(issued),
+            )
         elif self._issued is not None:
             log.info("credentials from %s refreshed%s", self.name, _until(issued))
         self._issued = issued
@@ -225,9 +230,14 @@ class RefreshingCredentials:
             self._retry_at = now + delay
             self._failures += 1
             if self._failures == 1:
-                log.warning("cannot refresh credentials from %s: %s; the current ones are "
-                            "valid until %s; trying again in %.0f s", self.name, reason,
-                            _iso(issued.expiration), delay)
+                log.warning(
+                    "cannot refresh credentials from %s: %s; the current ones are "
+                    "valid until %s; trying again in %.0f s",
+                    self.name,
+                    reason,
+                    _iso(issued.expiration),
+                    delay,
+                )
             else:
                 log.debug("refreshing credentials from %s failed again: %s", self.name, reason)
             return
@@ -235,7 +245,8 @@ class RefreshingCredentials:
         if issued is not None and issued.expiration is not None:
             self._error = CredentialError(
                 f"credentials from {self.name} expired at {_iso(issued.expiration)} and new "
-                f"ones could not be had: {reason}")
+                f"ones could not be had: {reason}"
+            )
         else:
             self._error = self._failure(reason)
         if background:  # pragma: no cover - a background refresh starts only while valid
@@ -254,16 +265,18 @@ def _until(issued: Issued) -> str:
     return f" (valid until {_iso(issued.expiration)})" if issued.expiration else ""
 
 
-def for_source(source: Source, *, clock: Callable[[], float] = time.time
-               ) -> RefreshingCredentials:
+def for_source(source: Source, *, clock: Callable[[], float] = time.time) -> RefreshingCredentials:
     """A `RefreshingCredentials` that fetches from *source*."""
 
     async def fetch() -> Issued:
         return await fetch_source(source)
 
-    return RefreshingCredentials(fetch, name=source.name,
-                                 failure=lambda reason: describe_failure(source, reason),
-                                 clock=clock)
+    return RefreshingCredentials(
+        fetch,
+        name=source.name,
+        failure=lambda reason: describe_failure(source, reason),
+        clock=clock,
+    )
 
 
 async def fetch_source(source: Source) -> Issued:
@@ -291,8 +304,13 @@ async def _run_process(source: Process) -> Issued:
     program = printable(argv[0])
     try:
         with trio.move_on_after(PROCESS_TIMEOUT) as scope:
-            result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True,
-                                            check=False, stdin=subprocess.DEVNULL)
+            result = await trio.run_process(
+                argv,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
     except OSError as e:
         raise _Failed(f"cannot run {program}: {e.strerror or e}") from None
     if scope.cancelled_caught:
@@ -311,8 +329,10 @@ async def _run_process(source: Process) -> Issued:
 
 
 def _tls() -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or None,
-                                      capath=os.environ.get("SSL_CERT_DIR") or None)
+    return ssl.create_default_context(
+        cafile=os.environ.get("SSL_CERT_FILE") or None,
+        capath=os.environ.get("SSL_CERT_DIR") or None,
+    )
 
 
 def _client(*, metadata: bool) -> httpx.AsyncClient:
@@ -320,15 +340,26 @@ def _client(*, metadata: bool) -> httpx.AsyncClient:
         # The metadata service is on this machine's link: never through a proxy.
         return httpx.AsyncClient(
             timeout=httpx.Timeout(METADATA_TIMEOUT, connect=METADATA_CONNECT_TIMEOUT),
-            trust_env=False, headers={"User-Agent": _USER_AGENT}, follow_redirects=False)
+            trust_env=False,
+            headers={"User-Agent": _USER_AGENT},
+            follow_redirects=False,
+        )
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(STS_TIMEOUT, connect=STS_CONNECT_TIMEOUT), verify=_tls(),
-        headers={"User-Agent": _USER_AGENT}, follow_redirects=False)
+        timeout=httpx.Timeout(STS_TIMEOUT, connect=STS_CONNECT_TIMEOUT),
+        verify=_tls(),
+        headers={"User-Agent": _USER_AGENT},
+        follow_redirects=False,
+    )
 
 
-async def _call(client: httpx.AsyncClient, method: str, url: str, *,
-                headers: dict[str, str] | None = None,
-                data: dict[str, str] | None = None) -> tuple[int, bytes]:
+async def _call(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    data: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
     """Status and (at most `ANSWER_LIMIT` bytes of) body; `_Failed` on a network error."""
     try:
         async with client.stream(method, url, headers=headers, data=data) as resp:
@@ -336,8 +367,7 @@ async def _call(client: httpx.AsyncClient, method: str, url: str, *,
             async for chunk in resp.aiter_bytes():
                 body += chunk
                 if len(body) > ANSWER_LIMIT:
-                    raise _Failed(f"{method} {url}: the answer is longer than "
-                                  f"{ANSWER_LIMIT} bytes")
+                    raise _Failed(f"{method} {url}: the answer is longer than {ANSWER_LIMIT} bytes")
             return resp.status_code, body
     except httpx.TimeoutException:
         raise _Failed(f"{method} {url}: no answer in time") from None
@@ -347,8 +377,11 @@ async def _call(client: httpx.AsyncClient, method: str, url: str, *,
 
 
 def _status_line(method: str, url: str, status: int, body: bytes) -> str:
-    said = printable(body[:200].decode(errors="replace").strip().splitlines()[0]) \
-        if body.strip() else ""
+    said = (
+        printable(body[:200].decode(errors="replace").strip().splitlines()[0])
+        if body.strip()
+        else ""
+    )
     return f"{method} {url} answered {status}" + (f": {said}" if said else "")
 
 
@@ -358,31 +391,38 @@ def _status_line(method: str, url: str, status: int, body: bytes) -> str:
 async def _instance_role(source: InstanceRole) -> Issued:
     if source.flavor == "ecs":
         base = f"{source.endpoint}/latest/meta-data/ram/security-credentials/"
-        ttl_header, token_header = ("X-aliyun-ecs-metadata-token-ttl-seconds",
-                                    "X-aliyun-ecs-metadata-token")
+        ttl_header, token_header = (
+            "X-aliyun-ecs-metadata-token-ttl-seconds",
+            "X-aliyun-ecs-metadata-token",
+        )
     else:
         base = f"{source.endpoint}/latest/meta-data/iam/security-credentials/"
-        ttl_header, token_header = ("X-aws-ec2-metadata-token-ttl-seconds",
-                                    "X-aws-ec2-metadata-token")
+        ttl_header, token_header = (
+            "X-aws-ec2-metadata-token-ttl-seconds",
+            "X-aws-ec2-metadata-token",
+        )
     async with _client(metadata=True) as client:
         # The hardened mode (ECS) / IMDSv2 (EC2): a session token first, sent with
         # every request after. A service that refuses it is asked without one,
         # unless the token is required.
         token_url = f"{source.endpoint}/latest/api/token"
-        status, body = await _call(client, "PUT", token_url,
-                                   headers={ttl_header: str(METADATA_TOKEN_TTL)})
+        status, body = await _call(
+            client, "PUT", token_url, headers={ttl_header: str(METADATA_TOKEN_TTL)}
+        )
         headers: dict[str, str] = {}
         if status == 200 and body.strip():
             headers[token_header] = body.decode(errors="replace").strip()
         elif source.require_token:
-            raise _Failed(_status_line("PUT", token_url, status, body)
-                          + " (a metadata token is required)")
+            raise _Failed(
+                _status_line("PUT", token_url, status, body) + " (a metadata token is required)"
+            )
         role = source.role
         if not role:
             status, body = await _call(client, "GET", base, headers=headers)
             if status != 200:
-                raise _Failed(_status_line("GET", base, status, body)
-                              + " (asking which role is attached)")
+                raise _Failed(
+                    _status_line("GET", base, status, body) + " (asking which role is attached)"
+                )
             names = body.decode(errors="replace").split()
             if not names:
                 raise _Failed(f"no role is attached to this instance ({base} is empty)")
@@ -405,8 +445,9 @@ async def _assume_role(source: AssumeRoleWithToken) -> Issued:
         with open(source.token_file, "rb") as f:  # read each time: it is rotated
             token = f.read(64 * 1024).decode().strip()
     except OSError as e:
-        raise _Failed(f"cannot read the token file {printable(source.token_file)}: "
-                      f"{e.strerror or e}") from None
+        raise _Failed(
+            f"cannot read the token file {printable(source.token_file)}: {e.strerror or e}"
+        ) from None
     except UnicodeDecodeError:
         raise _Failed(f"the token file {printable(source.token_file)} is not text") from None
     if not token:
@@ -414,18 +455,25 @@ async def _assume_role(source: AssumeRoleWithToken) -> Issued:
     url = source.sts_endpoint + "/"
     if source.flavor == "oidc":
         form = {
-            "Action": "AssumeRoleWithOIDC", "Version": "2015-04-01", "Format": "JSON",
+            "Action": "AssumeRoleWithOIDC",
+            "Version": "2015-04-01",
+            "Format": "JSON",
             "Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "RoleArn": source.role_arn, "OIDCProviderArn": source.provider_arn or "",
-            "OIDCToken": token, "RoleSessionName": source.session_name,
+            "RoleArn": source.role_arn,
+            "OIDCProviderArn": source.provider_arn or "",
+            "OIDCToken": token,
+            "RoleSessionName": source.session_name,
             "DurationSeconds": str(ROLE_DURATION),
         }
         parse = parse_oidc_answer
     else:
         form = {
-            "Action": "AssumeRoleWithWebIdentity", "Version": "2011-06-15",
-            "RoleArn": source.role_arn, "RoleSessionName": source.session_name,
-            "WebIdentityToken": token, "DurationSeconds": str(ROLE_DURATION),
+            "Action": "AssumeRoleWithWebIdentity",
+            "Version": "2011-06-15",
+            "RoleArn": source.role_arn,
+            "RoleSessionName": source.session_name,
+            "WebIdentityToken": token,
+            "DurationSeconds": str(ROLE_DURATION),
         }
         parse = parse_web_identity_answer
     async with _client(metadata=False) as client:

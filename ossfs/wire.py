@@ -27,8 +27,15 @@ from urllib.parse import urlsplit
 
 import trio
 
-__all__ = ["WireError", "Head", "Connection", "Pool", "BodySink", "READ_SIZE",
-           "certificate_problem"]
+__all__ = [
+    "WireError",
+    "Head",
+    "Connection",
+    "Pool",
+    "BodySink",
+    "READ_SIZE",
+    "certificate_problem",
+]
 
 
 READ_SIZE = 1 << 20
@@ -70,8 +77,9 @@ class Head:
 class Connection:
     """One HTTP/1.1 connection, used for one request at a time."""
 
-    def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType | None,
-                 stall: float) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, sock: trio.socket.SocketType | None, stall: float
+    ) -> None:
         self._stream = stream
         self._sock = sock  # a plain socket can recv_into our buffer directly
         self._stall = stall
@@ -168,7 +176,7 @@ class Connection:
             head += self._view[:n]
             end = head.find(b"\r\n\r\n", max(0, len(head) - n - 3))
             if end >= 0:
-                self._pending = bytes(head[end + 4:]) + self._pending
+                self._pending = bytes(head[end + 4 :]) + self._pending
                 return _parse_head(bytes(head[:end]))
             if len(head) > _MAX_HEAD:
                 self.reusable = False
@@ -294,13 +302,17 @@ def certificate_problem(error: BaseException) -> str | None:
     seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, ssl.SSLCertVerificationError):
-            return (f"the server's TLS certificate is not trusted ({seen.verify_message}); "
-                    "set SSL_CERT_FILE to a CA bundle that signs it")
+            return (
+                f"the server's TLS certificate is not trusted ({seen.verify_message}); "
+                "set SSL_CERT_FILE to a CA bundle that signs it"
+            )
         if isinstance(seen, ssl.SSLError):
             # No retry helps a handshake that fails this way; the usual cause is an
             # https:// endpoint (the default when no scheme is given) on a plain-http port.
-            return (f"TLS handshake failed ({seen.reason or seen}); if the endpoint speaks "
-                    "plain HTTP, give it as --endpoint http://HOST:PORT")
+            return (
+                f"TLS handshake failed ({seen.reason or seen}); if the endpoint speaks "
+                "plain HTTP, give it as --endpoint http://HOST:PORT"
+            )
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -336,8 +348,15 @@ def _parse_head(raw: bytes) -> Head:
 class Pool:
     """Idle connections to one endpoint (``scheme://host:port``)."""
 
-    def __init__(self, url: str, *, max_idle: int, connect_timeout: float, stall: float,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_idle: int,
+        connect_timeout: float,
+        stall: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         parts = urlsplit(url)
         self.scheme = parts.scheme
         self.host = parts.hostname or ""

@@ -59,6 +59,7 @@ KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 
+
 class BenchError(Exception):
     """A step of a benchmark failed (a tool exited non-zero, wrong bytes, ...)."""
 
@@ -98,8 +99,12 @@ def ensure_apt(packages: Mapping[str, str]) -> None:
     sudo = [] if os.geteuid() == 0 else ["sudo"]
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", *missing], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*sudo, "apt-get", "install", "-y", "-qq", *missing],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     still = [cmd for cmd in packages if not find_command(cmd)]
     if still:
         raise BenchError(f"still missing after apt-get install: {', '.join(still)}")
@@ -115,8 +120,12 @@ def ensure_pip(module: str, requirement: str) -> bool:
     except ImportError:
         pass
     print(f"installing {requirement} into {VENV}", file=sys.stderr, flush=True)
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", requirement],
-                       check=False, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", requirement],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         print(f"cannot install {requirement}: {r.stderr.strip()[-300:]}", file=sys.stderr)
         return False
@@ -260,14 +269,26 @@ class Services:
     tmp: Path
     items: list[Service] = field(default_factory=list)
 
-    def start(self, name: str, cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
-              cwd: Path | None = None) -> Service:
+    def start(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Service:
         log = self.tmp / f"{name}.log"
         with open(log, "ab") as out:
-            proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=dict(env) if env else None,
-                                    cwd=cwd, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(
+                list(cmd),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=dict(env) if env else None,
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         svc = Service(name, proc, log)
         self.items.append(svc)
         return svc
@@ -285,20 +306,35 @@ class Services:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment for the tools: no CA bundle override (plain HTTP), no proxies."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("AWS_CA_BUNDLE",) and not k.lower().endswith("_proxy")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("AWS_CA_BUNDLE",) and not k.lower().endswith("_proxy")
+    }
     env.update(extra)
     return env
 
 
-def run_checked(cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
-                timeout: float = 600, cwd: Path | None = None,
-                stdout: Any = subprocess.DEVNULL) -> subprocess.CompletedProcess[bytes]:
+def run_checked(
+    cmd: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 600,
+    cwd: Path | None = None,
+    stdout: Any = subprocess.DEVNULL,
+) -> subprocess.CompletedProcess[bytes]:
     """Run *cmd*; a non-zero exit or a timeout is a `BenchError` with stderr's tail."""
     try:
-        r = subprocess.run(list(cmd), stdout=stdout, stderr=subprocess.PIPE,
-                           stdin=subprocess.DEVNULL, env=dict(env) if env else None,
-                           cwd=cwd, timeout=timeout, check=False)
+        r = subprocess.run(
+            list(cmd),
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env else None,
+            cwd=cwd,
+            timeout=timeout,
+            check=False,
+        )
     except subprocess.TimeoutExpired as e:
         raise BenchError(f"timed out after {timeout:.0f}s: {shlex.join(cmd)}") from e
     if r.returncode != 0:
@@ -320,14 +356,20 @@ class Usage:
     max_rss_kib: int
 
 
-def run_with_rusage(cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
-                    timeout: float = 900) -> Usage:
+def run_with_rusage(
+    cmd: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 900
+) -> Usage:
     """Run *cmd*; wall seconds and its peak RSS (``ru_maxrss`` of ``wait4``)."""
     t0 = time.perf_counter()
     err_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-rusage-{os.getpid()}.err"
     with open(err_path, "wb") as err:
-        proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=err,
-                                stdin=subprocess.DEVNULL, env=dict(env) if env else None)
+        proc = subprocess.Popen(
+            list(cmd),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env else None,
+        )
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -341,8 +383,10 @@ def run_with_rusage(cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
         seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
-            raise BenchError(f"exit {proc.returncode}: {shlex.join(cmd)}\n"
-                             f"{err_path.read_text(errors='replace')[-2000:]}")
+            raise BenchError(
+                f"exit {proc.returncode}: {shlex.join(cmd)}\n"
+                f"{err_path.read_text(errors='replace')[-2000:]}"
+            )
         return Usage(seconds, int(ru.ru_maxrss))
     finally:
         if proc.returncode is None:
@@ -429,8 +473,10 @@ def unmount(path: str | Path, pids: Sequence[int] = (), wait: float = 20) -> str
     note = ""
     if mounted(p):
         fm = find_command("fusermount3") or find_command("fusermount")
-        tries = ([[fm, "-u", p], [fm, "-u", "-z", p]] if fm else []) + [["umount", p],
-                                                                         ["umount", "-l", p]]
+        tries = ([[fm, "-u", p], [fm, "-u", "-z", p]] if fm else []) + [
+            ["umount", p],
+            ["umount", "-l", p],
+        ]
         for i, cmd in enumerate(tries):
             r = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if r.returncode == 0 and not mounted(p):
@@ -501,8 +547,8 @@ def clear_stale_mounts(under: Path, prefix: str) -> None:
     for p in mount_points():
         if not p.startswith(root):
             continue
-        top = p[len(root):].split(os.sep, 1)[0]
-        pid = top[len(prefix):]
+        top = p[len(root) :].split(os.sep, 1)[0]
+        pid = top[len(prefix) :]
         if not top.startswith(prefix) or not pid.isdigit() or _alive(int(pid)):
             continue
         print(f"unmounting a stale mount of an earlier run: {p}", file=sys.stderr)
@@ -517,7 +563,7 @@ def clear_stale_dirs(under: Path, prefix: str) -> None:
     if not under.is_dir():
         return
     for d in under.iterdir():
-        pid = d.name[len(prefix):]
+        pid = d.name[len(prefix) :]
         if not (d.name.startswith(prefix) and pid.isdigit()) or _alive(int(pid)):
             continue
         if any(m.startswith(str(d) + os.sep) for m in mount_points()):
@@ -562,8 +608,15 @@ def verify_file(path: str | Path, size: int, digest: str) -> None:
 NEEDLE = "needle-0f5e2b"
 
 
-def write_text_tree(root: Path, count: int, *, dirs: int = 10, size: int = 4096,
-                    needle_every: int = 10, seed: int = 1) -> int:
+def write_text_tree(
+    root: Path,
+    count: int,
+    *,
+    dirs: int = 10,
+    size: int = 4096,
+    needle_every: int = 10,
+    seed: int = 1,
+) -> int:
     """*count* text files of about *size* bytes in *dirs* subdirectories under *root*.
 
     Every *needle_every*-th file contains `NEEDLE` once; returns how many do.
@@ -595,13 +648,23 @@ def write_many(root: Path, count: int, size: int = 100) -> None:
 # ------------------------------------------------------------------ servers
 
 
-def start_test_server(services: Services, name: str, bucket: str, directory: Path,
-                      *extra: str) -> str:
+def start_test_server(
+    services: Services, name: str, bucket: str, directory: Path, *extra: str
+) -> str:
     """The package's OSS-dialect test server over *directory*; returns its base URL."""
     port_file = services.tmp / f"{name}.port"
     port_file.unlink(missing_ok=True)
-    cmd = [str(VENV_PYTHON if VENV_PYTHON.exists() else sys.executable), "-m", "ossfs.testing",
-           "serve", "--bucket", f"{bucket}={directory}", "--port-file", str(port_file), *extra]
+    cmd = [
+        str(VENV_PYTHON if VENV_PYTHON.exists() else sys.executable),
+        "-m",
+        "ossfs.testing",
+        "serve",
+        "--bucket",
+        f"{bucket}={directory}",
+        "--port-file",
+        str(port_file),
+        *extra,
+    ]
     svc = services.start(name, cmd, cwd=REPO)
     deadline = time.monotonic() + 60
     while not port_file.exists():
@@ -622,8 +685,15 @@ class ServerPair:
     ``BUCKET/KEY``.
     """
 
-    def __init__(self, services: Services, root: Path, bucket: str, *,
-                 workers: int = 2, count_requests: bool = False) -> None:
+    def __init__(
+        self,
+        services: Services,
+        root: Path,
+        bucket: str,
+        *,
+        workers: int = 2,
+        count_requests: bool = False,
+    ) -> None:
         self.services = services
         self.root = root
         self.bucket = bucket
@@ -642,8 +712,14 @@ class ServerPair:
         return f"{self.url}/{self.bucket}/{key}"
 
     def start(self) -> ServerPair:
-        self.listing_url = start_test_server(self.services, "listing-server", self.bucket,
-                                             self.root / self.bucket, "--anonymous", "--no-crc")
+        self.listing_url = start_test_server(
+            self.services,
+            "listing-server",
+            self.bucket,
+            self.root / self.bucket,
+            "--anonymous",
+            "--no-crc",
+        )
         nginx = find_command("nginx")
         if nginx is None:
             raise BenchError("nginx not found (apt-get install nginx-light)")
@@ -652,16 +728,21 @@ class ServerPair:
         self.port = free_port()
         lport = self.listing_url.rsplit(":", 1)[1]
         user = "user root;\n" if os.geteuid() == 0 else ""
-        temps = "".join(f"    {kind}_temp_path {t}/{kind}_temp;\n"
-                        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        temps = "".join(
+            f"    {kind}_temp_path {t}/{kind}_temp;\n"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
         self.nginx_conf.write_text(
             f"daemon off;\n{user}worker_processes {self.workers};\npid {t}/nginx.pid;\n"
             f"error_log {t}/error.log warn;\n"
             "events { worker_connections 4096; }\n"
             "http {\n"
-            + ("    access_log off;\n" if self.access_log is None else
-               "    log_format counts '$request_method $uri $status';\n"
-               f"    access_log {self.access_log} counts;\n")
+            + (
+                "    access_log off;\n"
+                if self.access_log is None
+                else "    log_format counts '$request_method $uri $status';\n"
+                f"    access_log {self.access_log} counts;\n"
+            )
             + "    sendfile on;\n    tcp_nopush on;\n"
             "    keepalive_requests 1000000;\n    keepalive_timeout 300s;\n"
             "    default_type application/octet-stream;\n"
@@ -681,9 +762,11 @@ class ServerPair:
             "        # Objects: files only (a directory is a missing key, not a 403/301).\n"
             "        location / { try_files $uri =404; }\n"
             "    }\n"
-            "}\n")
-        svc = self.services.start("nginx", [nginx, "-p", str(t), "-c", str(self.nginx_conf),
-                                            "-e", str(t / "error.log")])
+            "}\n"
+        )
+        svc = self.services.start(
+            "nginx", [nginx, "-p", str(t), "-c", str(self.nginx_conf), "-e", str(t / "error.log")]
+        )
         wait_for_port(self.port, svc.proc)
         return self
 
@@ -786,15 +869,18 @@ def rotations(items: Sequence[Any], n: int) -> list[list[Any]]:
     return out
 
 
-def target_cell(ratio: float | None, target: float, *, at_most: bool = False,
-                unit: str = "x", digits: int = 2) -> tuple[str, str]:
+def target_cell(
+    ratio: float | None, target: float, *, at_most: bool = False, unit: str = "x", digits: int = 2
+) -> tuple[str, str]:
     """(``"1.35x"``, ``">= 1.2x: met"``) for a measured ratio against a target."""
     sign = "<" if at_most else ">="
     if ratio is None:
         return "-", f"{sign} {target:g}{unit}: not measured"
     ok = ratio < target if at_most else ratio >= target
-    return (f"{ratio:.{digits}f}{unit}",
-            f"{sign} {target:g}{unit}: {'met' if ok else '**not met**'}")
+    return (
+        f"{ratio:.{digits}f}{unit}",
+        f"{sign} {target:g}{unit}: {'met' if ok else '**not met**'}",
+    )
 
 
 # ------------------------------------------------------------------ report
@@ -808,10 +894,12 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def machine_info(paths: Sequence[Path] = ()) -> list[str]:
     """Markdown bullet lines: date, kernel, CPU, nproc, memory, disks."""
+
     def out(cmd: Sequence[str]) -> str:
         try:
-            return subprocess.run(list(cmd), capture_output=True, text=True, timeout=10,
-                                  check=False).stdout.strip()
+            return subprocess.run(
+                list(cmd), capture_output=True, text=True, timeout=10, check=False
+            ).stdout.strip()
         except OSError:
             return "?"
 
@@ -824,8 +912,7 @@ def machine_info(paths: Sequence[Path] = ()) -> list[str]:
     mem = next((ln for ln in out(["free", "-h"]).splitlines() if ln.startswith("Mem:")), "?")
     lines = [
         f"- date: {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- machine: {platform.system()} {platform.release()}, {cpu}, "
-        f"nproc {out(['nproc'])}",
+        f"- machine: {platform.system()} {platform.release()}, {cpu}, nproc {out(['nproc'])}",
         f"- memory (`free -h`): `{' '.join(mem.split())}`",
     ]
     for p in paths:
@@ -837,10 +924,16 @@ def machine_info(paths: Sequence[Path] = ()) -> list[str]:
 
 def ossfs_revision() -> str:
     """The commit of the code measured, and whether ossfs/ had uncommitted changes."""
+
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True,
-                                  text=True, timeout=10, check=False).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", str(REPO), *args],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            ).stdout.strip()
         except OSError:
             return ""
 
@@ -848,8 +941,9 @@ def ossfs_revision() -> str:
     if not head:
         return "unknown (not a git checkout)"
     dirty = [ln for ln in git("status", "--porcelain", "--", "ossfs").splitlines() if ln]
-    return f"commit {head}" + (f" with {len(dirty)} uncommitted change(s) under ossfs/"
-                               if dirty else "")
+    return f"commit {head}" + (
+        f" with {len(dirty)} uncommitted change(s) under ossfs/" if dirty else ""
+    )
 
 
 def loadavg() -> str:

@@ -35,9 +35,13 @@ def moto_endpoint() -> Iterator[str]:
 def s3(moto_endpoint: str) -> Any:
     import boto3
 
-    return boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1",
-                        aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"])
+    return boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 @pytest.fixture
@@ -50,8 +54,11 @@ def s3_bucket(s3: Any) -> str:
 @pytest.fixture
 def cli_env(tmp_path: Any) -> dict[str, str]:
     """Environment for the ossfs command: test credentials, a private HOME and cache."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("AWS_", "OSS_", "OSSFS_", "ALIBABA_CLOUD_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "OSS_", "OSSFS_", "ALIBABA_CLOUD_"))
+    }
     env.update(AWS_ENV)
     # The chain's last step asks the instance metadata service: never a real one here.
     env["ALIBABA_CLOUD_ECS_METADATA_DISABLED"] = "true"

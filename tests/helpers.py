@@ -15,15 +15,27 @@ from pathlib import Path
 OSSFS = [sys.executable, "-m", "ossfs"]
 
 
-def run_ossfs(*args: str, env: Mapping[str, str] | None = None, timeout: float = 120,
-              check: bool = False, cwd: str | os.PathLike[str] | None = None,
-              ) -> subprocess.CompletedProcess[str]:
+def run_ossfs(
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+    check: bool = False,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run the command line as a user would; return its result (stdout/stderr as text)."""
-    result = subprocess.run([*OSSFS, *args], capture_output=True, text=True, timeout=timeout,
-                            env=dict(env) if env is not None else None, cwd=cwd)
+    result = subprocess.run(
+        [*OSSFS, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"ossfs {' '.join(args)} failed ({result.returncode}):\n"
-                             f"{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"ossfs {' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -66,8 +78,13 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 
 @contextlib.contextmanager
-def mounted(url: str, mountpoint: Path, *opts: str, env: Mapping[str, str] | None = None,
-            log: Path | None = None) -> Iterator[dict[str, object]]:
+def mounted(
+    url: str,
+    mountpoint: Path,
+    *opts: str,
+    env: Mapping[str, str] | None = None,
+    log: Path | None = None,
+) -> Iterator[dict[str, object]]:
     """Mount with the daemonizing command; always unmount and reap the daemon.
 
     Yields the mount's own description (``user.ossfs.mount``), which holds its pid.

@@ -95,10 +95,12 @@ SPARES = 64
 # A small object's named temp file (only without O_TMPFILE) older than this is debris.
 _STALE_TEMP = 3600.0
 
+
 def identity_for(bucket: str, key: str, etag: str, size: int, part_size: int) -> StoreIdentity:
     """The identity of a whole-object store in the cache."""
-    return StoreIdentity(bucket=bucket, key=key, etag=etag, size=size, part_size=part_size,
-                         start=0, length=size)
+    return StoreIdentity(
+        bucket=bucket, key=key, etag=etag, size=size, part_size=part_size, start=0, length=size
+    )
 
 
 @lru_cache(maxsize=65536)
@@ -143,15 +145,23 @@ class CachedObjectInfo:
 
     @classmethod
     def of(cls, identity: StoreIdentity, parts: dict[int, PartRecord]) -> CachedObjectInfo:
-        return cls(identity.bucket, identity.key, identity.etag, identity.size,
-                   sum(r.length for r in parts.values()), identity.layout.count, len(parts))
+        return cls(
+            identity.bucket,
+            identity.key,
+            identity.etag,
+            identity.size,
+            sum(r.length for r in parts.values()),
+            identity.layout.count,
+            len(parts),
+        )
 
 
 class CacheDir:
     """A cache root shared by processes; see the module docstring."""
 
-    def __init__(self, root: str, *, max_bytes: int, min_free_fraction: float = 0.05,
-                 keep_idle: int = 0) -> None:
+    def __init__(
+        self, root: str, *, max_bytes: int, min_free_fraction: float = 0.05, keep_idle: int = 0
+    ) -> None:
         self.root = os.path.abspath(root)
         self.max_bytes = max_bytes
         self.min_free_fraction = min_free_fraction
@@ -208,8 +218,10 @@ class CacheDir:
             os.close(fd)
             found = FORMAT
         if found != FORMAT:
-            raise CheckpointError(f"{self.root} holds a cache of another format ({found!r}); "
-                                  "use another --cache-dir or delete it")
+            raise CheckpointError(
+                f"{self.root} holds a cache of another format ({found!r}); "
+                "use another --cache-dir or delete it"
+            )
         # No walk of the cache here: with 100k small objects that takes a while. The
         # first `admit` counts (or a mount's background scan, see `background_scan`).
         self._scanned_at = -_RESCAN_INTERVAL
@@ -297,15 +309,20 @@ class CacheDir:
         if is_small(identity):
             self._shard(directory)
             looked = self._just_missed == directory
-            return SmallStore.open_small(identity, directory, looked=looked,
-                                         on_discard=lambda d: log.warning("cache: %s", d))
+            return SmallStore.open_small(
+                identity, directory, looked=looked, on_discard=lambda d: log.warning("cache: %s", d)
+            )
         for _ in range(5):
             _make_store_dir(directory)
             data = os.path.join(directory, "data")
             try:
-                store = PartStore.open(identity, data, os.path.join(directory, "index"),
-                                       shared=True,
-                                       on_discard=lambda d: log.warning("cache: %s", d))
+                store = PartStore.open(
+                    identity,
+                    data,
+                    os.path.join(directory, "index"),
+                    shared=True,
+                    on_discard=lambda d: log.warning("cache: %s", d),
+                )
             except FileNotFoundError:
                 continue  # another process evicted the directory just now: try again
             fcntl.flock(store.fileno(), fcntl.LOCK_SH)
@@ -337,8 +354,9 @@ class CacheDir:
                 verified = self._verified[key] = set()
             verified.intersection_update(store.parts)  # dropped since: check again
             store.verified = verified
-            store.crc_checked = (store.crc_checked or self._whole_checked.get(key, False)) \
-                and store.complete
+            store.crc_checked = (
+                store.crc_checked or self._whole_checked.get(key, False)
+            ) and store.complete
             entry = self._open[directory] = _Open(store, directory, key)
             if isinstance(store, SmallStore):
                 # Its LRU time is the file's own mtime: no utime if it is recent.
@@ -360,14 +378,19 @@ class CacheDir:
         if entry.refs > 0:
             return
         size = store.identity.size
-        if isinstance(store, SmallStore) and store.complete and self.keep_idle > 0 \
-                and size <= _IDLE_MAX_BYTES // 16:
+        if (
+            isinstance(store, SmallStore)
+            and store.complete
+            and self.keep_idle > 0
+            and size <= _IDLE_MAX_BYTES // 16
+        ):
             # Kept open for a while: opening it again is then a dictionary lookup (a
             # tree of small files is opened again and again by grep, make, git).
             self._idle[entry.directory] = entry
             self._idle_bytes += size
-            while self._idle and (len(self._idle) > self.keep_idle
-                                  or self._idle_bytes > _IDLE_MAX_BYTES):
+            while self._idle and (
+                len(self._idle) > self.keep_idle or self._idle_bytes > _IDLE_MAX_BYTES
+            ):
                 _, oldest = self._idle.popitem(last=False)
                 self._idle_bytes -= oldest.store.identity.size
                 self._close_entry(oldest)
@@ -452,8 +475,9 @@ class CacheDir:
             with suppress(OSError):
                 os.utime(entry.directory)
 
-    def note_access(self, store: PartStore, parts: range | list[int],
-                    read_to: int | None = None) -> None:
+    def note_access(
+        self, store: PartStore, parts: range | list[int], read_to: int | None = None
+    ) -> None:
         """Record a read of *parts*; a part read up to its end (*read_to*, an object
         offset) is no longer held for the stream that fetched it ahead."""
         entry = self._by_store.get(id(store))
@@ -462,8 +486,12 @@ class CacheDir:
         now = time.monotonic()
         for p in parts:
             entry.part_access[p] = now
-            if entry.ahead and read_to is not None and p in entry.ahead \
-                    and read_to >= store.layout.bounds(p)[1]:
+            if (
+                entry.ahead
+                and read_to is not None
+                and p in entry.ahead
+                and read_to >= store.layout.bounds(p)[1]
+            ):
                 del entry.ahead[p]
         self._touch(entry)
 
@@ -514,15 +542,20 @@ class CacheDir:
         now = time.monotonic()
         total = 0
         for key, entry in list(self._holding.items()):
-            if not (entry.pins or entry.fetching or entry.ahead) \
-                    or self._by_store.get(id(entry.store)) is not entry:
+            if (
+                not (entry.pins or entry.fetching or entry.ahead)
+                or self._by_store.get(id(entry.store)) is not entry
+            ):
                 del self._holding[key]  # holds nothing (any more): not looked at again
                 continue
             layout = entry.store.layout
             if layout.count == 1:
                 # A small object (the common case by far): held or not, no sets.
-                if entry.pins or entry.fetching or any(
-                        now - t < HOLD_SECONDS for t in entry.ahead.values()):
+                if (
+                    entry.pins
+                    or entry.fetching
+                    or any(now - t < HOLD_SECONDS for t in entry.ahead.values())
+                ):
                     total += layout.length
                 else:
                     del self._holding[key]
@@ -538,7 +571,8 @@ class CacheDir:
             # Every part is whole but the last (this runs for every fetch admitted).
             last = layout.count - 1
             total += len(parts) * layout.part_size - (
-                layout.part_size - layout.part_length(last) if last in parts else 0)
+                layout.part_size - layout.part_length(last) if last in parts else 0
+            )
         return total
 
     def admit(self, store: PartStore, part: int, nbytes: int, *, readahead: bool) -> bool:
@@ -564,8 +598,10 @@ class CacheDir:
             # The cap may be exceeded for a reader, the free-space floor never: the
             # reader is served from the network instead (NoSpaceError).
             self._note_full()
-            raise NoSpaceError(f"the cache disk {self.root} is full (keeping "
-                               f"{format_size(floor)} free)", path=self.root)
+            raise NoSpaceError(
+                f"the cache disk {self.root} is full (keeping {format_size(floor)} free)",
+                path=self.root,
+            )
         if entry is not None:
             entry.fetching[part] = nbytes
             self._reserved += nbytes
@@ -578,11 +614,22 @@ class CacheDir:
         now = time.monotonic()
         if now - self._full_logged >= _OVER_LOG_INTERVAL:
             self._full_logged = now
-            log.warning("cache %s: the disk is full and nothing more can be evicted; "
-                        "reads are served from the network without caching", self.root)
+            log.warning(
+                "cache %s: the disk is full and nothing more can be evicted; "
+                "reads are served from the network without caching",
+                self.root,
+            )
 
-    def settle(self, store: PartStore, part: int, nbytes: int, *, written: int,
-               committed: bool, readahead: bool) -> None:
+    def settle(
+        self,
+        store: PartStore,
+        part: int,
+        nbytes: int,
+        *,
+        written: int,
+        committed: bool,
+        readahead: bool,
+    ) -> None:
         """End the reservation `admit` made for *part*.
 
         *written* is how many of its bytes reached the data file. A fetch that
@@ -622,9 +669,13 @@ class CacheDir:
         if over > 0 and now - self._over_logged >= _OVER_LOG_INTERVAL:
             self._over_logged = now
             self._over = True
-            log.warning("cache %s: %s over its limit of %s: everything else is held by "
-                        "readers or fetches in progress; it shrinks back as they end",
-                        self.root, format_size(over), format_size(room))
+            log.warning(
+                "cache %s: %s over its limit of %s: everything else is held by "
+                "readers or fetches in progress; it shrinks back as they end",
+                self.root,
+                format_size(over),
+                format_size(room),
+            )
         elif over <= 0 and self._over:
             self._over = False
             log.info("cache %s: back within its limit", self.root)
@@ -638,7 +689,8 @@ class CacheDir:
         # every object that arrives.
         want = need + min(self.max_bytes // 50, _EVICT_EXTRA)
         candidates = sorted(
-            (st.st_mtime, path, st.st_blocks * 512) for path, st in self._walk()
+            (st.st_mtime, path, st.st_blocks * 512)
+            for path, st in self._walk()
             if path not in self._open
         )
         for _mtime, path, size in candidates:
@@ -717,8 +769,10 @@ class CacheDir:
                     punch_hole(fd, first, end - first)
                 except OSError as e:
                     if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
-                        log.warning("cache: the file system cannot punch holes; parts stay "
-                                    "allocated until the object is evicted")
+                        log.warning(
+                            "cache: the file system cannot punch holes; parts stay "
+                            "allocated until the object is evicted"
+                        )
                         return True
                     raise
             self.evicted_bytes += sum(entry.store.layout.part_length(p) for p in parts)
@@ -822,8 +876,15 @@ def _small_info(path: str) -> CachedObjectInfo | None:
         os.close(fd)
     if not isinstance(trailer, SmallTrailer):
         return None
-    return CachedObjectInfo(trailer.bucket, trailer.key, trailer.etag, trailer.size,
-                            trailer.size, 1 if trailer.size else 0, 1 if trailer.size else 0)
+    return CachedObjectInfo(
+        trailer.bucket,
+        trailer.key,
+        trailer.etag,
+        trailer.size,
+        trailer.size,
+        1 if trailer.size else 0,
+        1 if trailer.size else 0,
+    )
 
 
 def cached_objects(root: str) -> Iterator[CachedObjectInfo]:
@@ -857,8 +918,11 @@ def _make_store_dir(directory: str) -> None:
 
 def is_small(identity: StoreIdentity) -> bool:
     """Whether the cache keeps *identity* as one file (`ossfs.cache.small`)."""
-    return (identity.start == 0 and identity.length == identity.size
-            and identity.size <= identity.part_size)
+    return (
+        identity.start == 0
+        and identity.length == identity.size
+        and identity.size <= identity.part_size
+    )
 
 
 def _entry_path(store: PartStore) -> str:
@@ -871,4 +935,3 @@ def st_dir_mtime(directory: str) -> float:
         return os.stat(directory).st_mtime
     except FileNotFoundError:
         return 0.0
-

@@ -124,8 +124,9 @@ def _check(line: bytes) -> str | None:
 
 
 def format_header(identity: StoreIdentity) -> bytes:
-    return _line(f"{MAGIC} {VERSION} " + json.dumps(asdict(identity), sort_keys=True,
-                                                     separators=(",", ":")))
+    return _line(
+        f"{MAGIC} {VERSION} " + json.dumps(asdict(identity), sort_keys=True, separators=(",", ":"))
+    )
 
 
 def format_add(part: int, record: PartRecord) -> bytes:
@@ -198,7 +199,7 @@ def parse_index(data: bytes) -> IndexState:
         raise IndexCorrupt("index is empty or its header is torn")
     identity = _parse_header(data[:nl])
     state = IndexState(identity, {}, consumed=nl + 1)
-    apply_records(state, data[nl + 1:])
+    apply_records(state, data[nl + 1 :])
     return state
 
 
@@ -243,8 +244,9 @@ class IndexFile:
         return cls(path, state, fd)
 
     @classmethod
-    def create(cls, path: str, identity: StoreIdentity, *, mode: int = 0o600,
-               replace: bool = True) -> IndexFile:
+    def create(
+        cls, path: str, identity: StoreIdentity, *, mode: int = 0o600, replace: bool = True
+    ) -> IndexFile:
         """Write a new, empty index for *identity*.
 
         With ``replace=False`` an index that another process created meanwhile
@@ -260,8 +262,9 @@ class IndexFile:
         # Created in place with O_EXCL and one small write: a concurrent reader sees no
         # file, an empty one (and waits, see `load`) or the whole header.
         try:
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                         mode)
+            fd = os.open(
+                path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode
+            )
         except FileExistsError:
             existing = cls.load(path)
             if existing is not None:

@@ -51,8 +51,16 @@ from ossfs.cache.index import PartRecord, StoreIdentity
 from ossfs.cache.store import Discarded, PartStore, describe_mismatch
 from ossfs.fsutil import open_private_file
 
-__all__ = ["SmallStore", "small_name", "read_trailer", "SmallTrailer", "SUFFIX", "TMP_PREFIX",
-           "make_unnamed", "remove_small"]
+__all__ = [
+    "SmallStore",
+    "small_name",
+    "read_trailer",
+    "SmallTrailer",
+    "SUFFIX",
+    "TMP_PREFIX",
+    "make_unnamed",
+    "remove_small",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +77,17 @@ _LOOK_INTERVAL = 1.0
 @lru_cache(maxsize=65536)
 def small_name(identity: StoreIdentity) -> str:
     """The file name (without directory) of a small object's cache entry."""
-    blob = json.dumps({"small": 1, "bucket": identity.bucket, "key": identity.key,
-                       "etag": identity.etag, "size": identity.size},
-                      sort_keys=True, separators=(",", ":")).encode()
+    blob = json.dumps(
+        {
+            "small": 1,
+            "bucket": identity.bucket,
+            "key": identity.key,
+            "etag": identity.etag,
+            "size": identity.size,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
     return hashlib.sha256(blob).hexdigest() + SUFFIX
 
 
@@ -87,9 +103,13 @@ class SmallTrailer:
 
 
 def _encode_trailer(identity: StoreIdentity, crc: int, checked: bool) -> bytes:
-    doc: dict[str, object] = {"bucket": identity.bucket, "key": identity.key,
-                              "etag": identity.etag, "size": identity.size,
-                              "crc64": f"{crc:016x}"}
+    doc: dict[str, object] = {
+        "bucket": identity.bucket,
+        "key": identity.key,
+        "etag": identity.etag,
+        "size": identity.size,
+        "crc64": f"{crc:016x}",
+    }
     if checked:
         doc["checked"] = True
     body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
@@ -117,9 +137,14 @@ def read_trailer(fd: int, file_size: int) -> SmallTrailer | str:
         return "its trailer is damaged"
     try:
         doc = json.loads(body)
-        trailer = SmallTrailer(str(doc["bucket"]), str(doc["key"]), str(doc["etag"]),
-                               int(doc["size"]), int(doc["crc64"], 16),
-                               doc.get("checked") is True)
+        trailer = SmallTrailer(
+            str(doc["bucket"]),
+            str(doc["key"]),
+            str(doc["etag"]),
+            int(doc["size"]),
+            int(doc["crc64"], 16),
+            doc.get("checked") is True,
+        )
     except (ValueError, KeyError, TypeError):
         return "its trailer is damaged"
     if trailer.size != start:
@@ -130,8 +155,15 @@ def read_trailer(fd: int, file_size: int) -> SmallTrailer | str:
 class SmallStore(PartStore):
     """The cache entry of an object of at most one part (see the module docstring)."""
 
-    def __init__(self, identity: StoreIdentity, path: str, fd: int, published: bool,
-                 record: PartRecord | None, checked: bool = False) -> None:
+    def __init__(
+        self,
+        identity: StoreIdentity,
+        path: str,
+        fd: int,
+        published: bool,
+        record: PartRecord | None,
+        checked: bool = False,
+    ) -> None:
         super().__init__(identity, path, fd, None)
         self._published = published
         # The bytes matched the service's CRC-64 when they were fetched (trailer): the
@@ -148,8 +180,13 @@ class SmallStore(PartStore):
     # ---------------------------------------------------------------- opening
 
     @classmethod
-    def find(cls, identity: StoreIdentity, path: str, *,
-             on_discard: Callable[[Discarded], None] | None = None) -> SmallStore | None:
+    def find(
+        cls,
+        identity: StoreIdentity,
+        path: str,
+        *,
+        on_discard: Callable[[Discarded], None] | None = None,
+    ) -> SmallStore | None:
         """The published entry at *path*, locked for sharing; None when there is none.
 
         Cheap (an open and two reads): creating an entry is not (a new inode costs
@@ -162,9 +199,15 @@ class SmallStore(PartStore):
         return cls(identity, path, fd, True, record, checked)
 
     @classmethod
-    def open_small(cls, identity: StoreIdentity, path: str, *, looked: bool = False,
-                   spare: int | None = None,
-                   on_discard: Callable[[Discarded], None] | None = None) -> SmallStore:
+    def open_small(
+        cls,
+        identity: StoreIdentity,
+        path: str,
+        *,
+        looked: bool = False,
+        spare: int | None = None,
+        on_discard: Callable[[Discarded], None] | None = None,
+    ) -> SmallStore:
         """Find the entry at *path* or start an unpublished one; lock it for sharing.
 
         *looked*: the caller found no entry just now (`find`); no second look.
@@ -242,8 +285,7 @@ class SmallStore(PartStore):
             if temp is None:
                 # linkat(AT_SYMLINK_FOLLOW) of the descriptor's /proc link (os.link
                 # calls plain link() unless a directory descriptor is given).
-                os.link(str(self._fd), self.data_path, src_dir_fd=_proc_fds(),
-                        follow_symlinks=True)
+                os.link(str(self._fd), self.data_path, src_dir_fd=_proc_fds(), follow_symlinks=True)
             else:
                 os.rename(temp, self.data_path)
                 self._temp_path = None
@@ -311,9 +353,9 @@ class SmallStore(PartStore):
         self._retired.clear()
 
 
-def _open_published(identity: StoreIdentity, path: str,
-                    on_discard: Callable[[Discarded], None] | None
-                    ) -> tuple[int, PartRecord, bool] | None:
+def _open_published(
+    identity: StoreIdentity, path: str, on_discard: Callable[[Discarded], None] | None
+) -> tuple[int, PartRecord, bool] | None:
     """The published entry at *path* (descriptor locked shared, its record, and whether
     it matched the service's CRC-64), or None."""
     try:
@@ -325,8 +367,15 @@ def _open_published(identity: StoreIdentity, path: str,
         size = os.fstat(fd).st_size
         trailer = read_trailer(fd, size)
         if isinstance(trailer, SmallTrailer):
-            seen = StoreIdentity(trailer.bucket, trailer.key, trailer.etag, trailer.size,
-                                 identity.part_size, 0, trailer.size)
+            seen = StoreIdentity(
+                trailer.bucket,
+                trailer.key,
+                trailer.etag,
+                trailer.size,
+                identity.part_size,
+                0,
+                trailer.size,
+            )
             if seen == identity:
                 return fd, PartRecord(trailer.size, trailer.crc64), trailer.checked
             why = describe_mismatch(seen, identity)
@@ -418,11 +467,9 @@ def _new_temp(path: str) -> tuple[int, str | None]:
             if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
             _tmpfile_works = False
-            log.info("cache: %s has no O_TMPFILE; small objects use named temp files",
-                     directory)
+            log.info("cache: %s has no O_TMPFILE; small objects use named temp files", directory)
     if fd < 0:
         temp = os.path.join(directory, f"{TMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}")
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_SH)
     return fd, temp

@@ -61,19 +61,24 @@ def describe_mismatch(old: StoreIdentity, new: StoreIdentity) -> str:
         # The identity has no scheme (oss:// or s3://): name the key and the bucket.
         return f"it belongs to another object (key {old.key} in bucket {old.bucket})"
     if (old.etag, old.size) != (new.etag, new.size):
-        return (f"the object changed since it was written (ETag {old.etag}, {old.size} bytes "
-                f"then; ETag {new.etag}, {new.size} bytes now)")
+        return (
+            f"the object changed since it was written (ETag {old.etag}, {old.size} bytes "
+            f"then; ETag {new.etag}, {new.size} bytes now)"
+        )
     if old.part_size != new.part_size:
         return f"it was made with part size {old.part_size}, this run uses {new.part_size}"
-    return (f"it covers bytes {old.start}-{old.start + old.length - 1}, this run wants "
-            f"{new.start}-{new.start + new.length - 1}")
+    return (
+        f"it covers bytes {old.start}-{old.start + old.length - 1}, this run wants "
+        f"{new.start}-{new.start + new.length - 1}"
+    )
 
 
 class PartStore:
     """Bytes ``[identity.start, identity.start + identity.length)`` of an object version."""
 
-    def __init__(self, identity: StoreIdentity, data_path: str, data_fd: int,
-                 index: IndexFile | None) -> None:
+    def __init__(
+        self, identity: StoreIdentity, data_path: str, data_fd: int, index: IndexFile | None
+    ) -> None:
         self.identity = identity
         self.layout = identity.layout
         self.data_path = data_path
@@ -263,8 +268,9 @@ class PartStore:
         """CRC-64 of the whole range; every part must be present."""
         if not self.complete:
             raise ValueError("not every part is present")
-        return crc64_of_parts((self._parts[i].crc64, self._parts[i].length)
-                              for i in range(self.layout.count))
+        return crc64_of_parts(
+            (self._parts[i].crc64, self._parts[i].length) for i in range(self.layout.count)
+        )
 
     def check_crc(self) -> bool:
         """Compare the complete range with the service's whole-object CRC-64.
@@ -284,8 +290,12 @@ class PartStore:
         """The combined CRC-64 of the parts when it differs from the service's, else None
         (matched: `crc_checked` is set; or nothing to compare with). No I/O."""
         ident = self.identity
-        if self.server_crc64 is None or ident.start != 0 or ident.length != ident.size \
-                or self.crc_checked:
+        if (
+            self.server_crc64 is None
+            or ident.start != 0
+            or ident.length != ident.size
+            or self.crc_checked
+        ):
             return None
         actual = self.combined_crc() if self.layout.count else 0
         if actual == self.server_crc64:
@@ -309,7 +319,8 @@ class PartStore:
         raise IntegrityError(
             f"{ident.bucket}/{ident.key}: CRC-64 mismatch (the service says "
             f"{self.server_crc64}, the fetched bytes give {actual}); dropped {len(bad)} "
-            "part(s), run again to fetch them")
+            "part(s), run again to fetch them"
+        )
 
     def start_writeback(self, part: int) -> None:
         """Start writing *part* to disk now (see `ossfs.fsutil.start_writeback`).
@@ -374,8 +385,9 @@ class _Refused:
     why: Discarded | None
 
 
-def _load_index(identity: StoreIdentity, data_path: str,
-                index_path: str | None) -> IndexFile | _Refused | None:
+def _load_index(
+    identity: StoreIdentity, data_path: str, index_path: str | None
+) -> IndexFile | _Refused | None:
     """The index at *index_path* when it may serve *identity*, or why not.
 
     None: there is no index (or no checkpoint at all). `_Refused`: one exists, but
@@ -392,11 +404,13 @@ def _load_index(identity: StoreIdentity, data_path: str,
         return None
     refused: _Refused | None = None
     if index.state.identity != identity:
-        refused = _Refused(Discarded(index_path,
-                                     describe_mismatch(index.state.identity, identity)))
+        refused = _Refused(Discarded(index_path, describe_mismatch(index.state.identity, identity)))
     elif not os.path.exists(data_path):
-        refused = _Refused(Discarded(index_path, f"its data file {data_path} is missing")
-                           if index.state.parts else None)
+        refused = _Refused(
+            Discarded(index_path, f"its data file {data_path} is missing")
+            if index.state.parts
+            else None
+        )
     if refused is not None:
         index.close()
         return refused

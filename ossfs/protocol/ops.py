@@ -133,14 +133,36 @@ def _build(
     if creds is not None:
         if ep.dialect == "s3":
             headers["host"] = host
-            signing.sign_aws_v4(method=method, path=path, query=query, headers=headers,
-                                credentials=creds, region=ep.region, now=now)
+            signing.sign_aws_v4(
+                method=method,
+                path=path,
+                query=query,
+                headers=headers,
+                credentials=creds,
+                region=ep.region,
+                now=now,
+            )
         elif ep.signature_version == "v1":
-            signing.sign_oss_v1(method=method, bucket=bucket, key=key, query=query,
-                                headers=headers, credentials=creds, now=now)
+            signing.sign_oss_v1(
+                method=method,
+                bucket=bucket,
+                key=key,
+                query=query,
+                headers=headers,
+                credentials=creds,
+                now=now,
+            )
         else:
-            signing.sign_oss_v4(method=method, bucket=bucket, key=key, query=query,
-                                headers=headers, credentials=creds, region=ep.region, now=now)
+            signing.sign_oss_v4(
+                method=method,
+                bucket=bucket,
+                key=key,
+                query=query,
+                headers=headers,
+                credentials=creds,
+                region=ep.region,
+                now=now,
+            )
     return HttpRequest(method, url, headers)
 
 

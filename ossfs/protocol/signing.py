@@ -47,14 +47,39 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 # in the query (list-type, prefix, max-keys ...) is not signed.
 OSS_V1_SUBRESOURCES = frozenset(
     {
-        "acl", "append", "bucketInfo", "callback", "callback-var", "cloudboxes",
-        "continuation-token", "delete", "location", "objectMeta", "partNumber",
-        "position", "regionList", "resourceGroup", "response-cache-control",
-        "response-content-disposition", "response-content-encoding",
-        "response-content-language", "response-content-type", "response-expires",
-        "restore", "security-token", "sequential", "stat", "symlink", "tagging",
-        "uploadId", "uploads", "versionId", "versioning", "versions",
-        "x-oss-process", "x-oss-traffic-limit",
+        "acl",
+        "append",
+        "bucketInfo",
+        "callback",
+        "callback-var",
+        "cloudboxes",
+        "continuation-token",
+        "delete",
+        "location",
+        "objectMeta",
+        "partNumber",
+        "position",
+        "regionList",
+        "resourceGroup",
+        "response-cache-control",
+        "response-content-disposition",
+        "response-content-encoding",
+        "response-content-language",
+        "response-content-type",
+        "response-expires",
+        "restore",
+        "security-token",
+        "sequential",
+        "stat",
+        "symlink",
+        "tagging",
+        "uploadId",
+        "uploads",
+        "versionId",
+        "versioning",
+        "versions",
+        "x-oss-process",
+        "x-oss-traffic-limit",
     }
 )
 
@@ -97,8 +122,9 @@ def _lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _signing_key(prefix: str, secret: str, date: str, region: str, service: str,
-                 terminator: str) -> bytes:
+def _signing_key(
+    prefix: str, secret: str, date: str, region: str, service: str, terminator: str
+) -> bytes:
     """The V4 signing key of one day (four HMACs): the same for every request of
     that day, so it is derived once (a small object's GET spent a quarter of its
     signing time on it)."""
@@ -141,19 +167,26 @@ def oss_v1_string_to_sign(
 ) -> str:
     """The V1 string to sign; *date* is the Date header or the Expires value."""
     h = _lower_headers(headers)
-    oss_headers = sorted(
-        (k, v.strip()) for k, v in h.items() if k.startswith("x-oss-")
-    )
+    oss_headers = sorted((k, v.strip()) for k, v in h.items() if k.startswith("x-oss-"))
     canon_headers = "".join(f"{k}:{v}\n" for k, v in oss_headers)
     # A bare name sorts like an empty value (a name may also repeat).
     subresources = sorted((k, v or "") for k, v in query if k in OSS_V1_SUBRESOURCES)
     resource = _resource_path(bucket, key)
     if subresources:
         resource += "?" + "&".join(k if not v else f"{k}={v}" for k, v in subresources)
-    return "\n".join(
-        [method.upper(), h.get("content-md5", "").strip(), h.get("content-type", "").strip(),
-         date.strip()]
-    ) + "\n" + canon_headers + resource
+    return (
+        "\n".join(
+            [
+                method.upper(),
+                h.get("content-md5", "").strip(),
+                h.get("content-type", "").strip(),
+                date.strip(),
+            ]
+        )
+        + "\n"
+        + canon_headers
+        + resource
+    )
 
 
 def _v1_signature(secret: str, string_to_sign: str) -> str:
@@ -275,12 +308,19 @@ def sign_oss_v4(
         headers["x-oss-security-token"] = credentials.session_token
     extra = _oss_v4_additional(headers, additional_headers)
     canonical = oss_v4_canonical_request(
-        method=method, bucket=bucket, key=key, query=query, headers=headers,
+        method=method,
+        bucket=bucket,
+        key=key,
+        query=query,
+        headers=headers,
         additional_headers=extra,
     )
     signature = _oss_v4_signature(
-        secret=credentials.access_key_secret, datetime_iso=iso, region=region,
-        product=product, canonical_request=canonical,
+        secret=credentials.access_key_secret,
+        datetime_iso=iso,
+        region=region,
+        product=product,
+        canonical_request=canonical,
     )
     scope = _oss_v4_scope(iso[:8], region, product)
     auth = f"OSS4-HMAC-SHA256 Credential={credentials.access_key_id}/{scope}"
@@ -336,8 +376,9 @@ def sign_aws_v4(
     string_to_sign = "\n".join(
         ["AWS4-HMAC-SHA256", iso, scope, hashlib.sha256(canonical.encode()).hexdigest()]
     )
-    k = _signing_key("AWS4", credentials.access_key_secret, iso[:8], region, service,
-                     "aws4_request")
+    k = _signing_key(
+        "AWS4", credentials.access_key_secret, iso[:8], region, service, "aws4_request"
+    )
     signature = hmac.new(k, string_to_sign.encode(), hashlib.sha256).hexdigest()
     headers["Authorization"] = (
         f"AWS4-HMAC-SHA256 Credential={credentials.access_key_id}/{scope}, "
@@ -349,7 +390,7 @@ def sign_aws_v4(
 
 
 def _parse_v4_authorization(value: str) -> dict[str, str]:
-    body = value[len("OSS4-HMAC-SHA256"):].strip()
+    body = value[len("OSS4-HMAC-SHA256") :].strip()
     fields: dict[str, str] = {}
     for part in body.split(","):
         name, sep, val = part.strip().partition("=")
@@ -384,13 +425,16 @@ def check_oss_signature(
     elif auth.startswith("OSS "):
         ak, signature, expected = _check_v1(request, auth, secret_for, now)
     elif not auth:
-        raise SignatureError("AccessDenied", "You have no right to access this object "
-                             "because of bucket acl.")
+        raise SignatureError(
+            "AccessDenied", "You have no right to access this object because of bucket acl."
+        )
     else:
         raise SignatureError("InvalidArgument", "unsupported Authorization scheme")
     if not hmac.compare_digest(expected, signature):
-        raise SignatureError("SignatureDoesNotMatch", "The request signature we calculated "
-                             "does not match the signature you provided.")
+        raise SignatureError(
+            "SignatureDoesNotMatch",
+            "The request signature we calculated does not match the signature you provided.",
+        )
     return ak
 
 
@@ -409,19 +453,28 @@ class _SignedRequest:
 def _known_key(ak: str, secret_for: Mapping[str, str]) -> str:
     """The secret of access key *ak*; InvalidAccessKeyId when there is none."""
     if ak not in secret_for:
-        raise SignatureError("InvalidAccessKeyId", "The OSS Access Key Id you provided "
-                             "does not exist in our records.")
+        raise SignatureError(
+            "InvalidAccessKeyId",
+            "The OSS Access Key Id you provided does not exist in our records.",
+        )
     return secret_for[ak]
 
 
 def _check_skew(now: float, signed_at: float) -> None:
     if abs(now - signed_at) > MAX_CLOCK_SKEW:
-        raise SignatureError("RequestTimeTooSkewed", "The difference between the request "
-                             "time and the current time is too large.")
+        raise SignatureError(
+            "RequestTimeTooSkewed",
+            "The difference between the request time and the current time is too large.",
+        )
 
 
-def _check_v4(request: _SignedRequest, auth: str, secret_for: Mapping[str, str], now: float,
-              region: str | None) -> tuple[str, str, str]:
+def _check_v4(
+    request: _SignedRequest,
+    auth: str,
+    secret_for: Mapping[str, str],
+    now: float,
+    region: str | None,
+) -> tuple[str, str, str]:
     """(access key id, signature given, signature expected) of a V4 Authorization."""
     fields = _parse_v4_authorization(auth)
     try:
@@ -433,8 +486,10 @@ def _check_v4(request: _SignedRequest, auth: str, secret_for: Mapping[str, str],
         raise SignatureError("InvalidArgument", "malformed V4 credential scope")
     secret = _known_key(ak, secret_for)
     if region is not None and sig_region != region:
-        raise SignatureError("SignatureDoesNotMatch", "region in credential scope "
-                             f"is {sig_region!r}, expected {region!r}")
+        raise SignatureError(
+            "SignatureDoesNotMatch",
+            f"region in credential scope is {sig_region!r}, expected {region!r}",
+        )
     iso = request.lower.get("x-oss-date", "")
     try:
         signed_at = calendar.timegm(time.strptime(iso, "%Y%m%dT%H%M%SZ"))
@@ -445,18 +500,26 @@ def _check_v4(request: _SignedRequest, auth: str, secret_for: Mapping[str, str],
     _check_skew(now, signed_at)
     extra = [n for n in fields.get("AdditionalHeaders", "").split(";") if n]
     canonical = oss_v4_canonical_request(
-        method=request.method, bucket=request.bucket, key=request.key, query=request.query,
-        headers=request.headers, additional_headers=extra,
+        method=request.method,
+        bucket=request.bucket,
+        key=request.key,
+        query=request.query,
+        headers=request.headers,
+        additional_headers=extra,
     )
     expected = _oss_v4_signature(
-        secret=secret, datetime_iso=iso, region=sig_region, product=product,
+        secret=secret,
+        datetime_iso=iso,
+        region=sig_region,
+        product=product,
         canonical_request=canonical,
     )
     return ak, signature, expected
 
 
-def _check_v1(request: _SignedRequest, auth: str, secret_for: Mapping[str, str],
-              now: float) -> tuple[str, str, str]:
+def _check_v1(
+    request: _SignedRequest, auth: str, secret_for: Mapping[str, str], now: float
+) -> tuple[str, str, str]:
     """(access key id, signature given, signature expected) of a V1 Authorization."""
     ak, _, signature = auth[4:].partition(":")
     secret = _known_key(ak, secret_for)
@@ -466,6 +529,12 @@ def _check_v1(request: _SignedRequest, auth: str, secret_for: Mapping[str, str],
     except (TypeError, ValueError) as e:
         raise SignatureError("AccessDenied", "missing or bad Date header") from e
     _check_skew(now, signed_at)
-    sts = oss_v1_string_to_sign(method=request.method, bucket=request.bucket, key=request.key,
-                                query=request.query, headers=request.headers, date=date)
+    sts = oss_v1_string_to_sign(
+        method=request.method,
+        bucket=request.bucket,
+        key=request.key,
+        query=request.query,
+        headers=request.headers,
+        date=date,
+    )
     return ak, signature, _v1_signature(secret, sts)

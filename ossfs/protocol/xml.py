@@ -49,7 +49,7 @@ class ErrorDocument:
 
 def _local(tag: str) -> str:
     """Drop the ``{namespace}`` S3 puts in front of every tag."""
-    return tag[tag.index("}") + 1:] if tag[:1] == "{" else tag
+    return tag[tag.index("}") + 1 :] if tag[:1] == "{" else tag
 
 
 def _children(elem: ET.Element) -> dict[str, ET.Element]:
@@ -117,7 +117,8 @@ def parse_list_objects_v2(body: bytes) -> ListPage:
                         size=int(_text(c.get("Size")) or 0),
                         etag=strip_etag(_text(c.get("ETag"))),
                         mtime=parse_iso8601(_text(c.get("LastModified")))
-                        if c.get("LastModified") is not None else 0.0,
+                        if c.get("LastModified") is not None
+                        else 0.0,
                         object_type=_text(c.get("Type")) or None,
                         storage_class=_text(c.get("StorageClass")) or None,
                     )
@@ -186,8 +187,9 @@ def render_list_objects(
     out.append(f"<Prefix>{_enc(prefix, encoding_url)}</Prefix>")
     if v2:
         if continuation_token:
-            out.append(f"<ContinuationToken>{_enc(continuation_token, encoding_url)}"
-                       "</ContinuationToken>")
+            out.append(
+                f"<ContinuationToken>{_enc(continuation_token, encoding_url)}</ContinuationToken>"
+            )
         if start_after:
             out.append(f"<StartAfter>{_enc(start_after, encoding_url)}</StartAfter>")
     else:

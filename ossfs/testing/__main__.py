@@ -34,30 +34,61 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve buckets until SIGTERM/SIGINT")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=0, help="port (default 0: a free one)")
-    serve.add_argument("--bucket", action="append", default=[], metavar="NAME=DIR",
-                       help="serve the files under DIR as bucket NAME (repeatable)")
-    serve.add_argument("--memory-bucket", action="append", default=[], metavar="NAME",
-                       help="an empty in-memory bucket (repeatable)")
-    serve.add_argument("--random-object", action="append", default=[],
-                       metavar="BUCKET/KEY=SIZE",
-                       help="an in-memory object of SIZE pseudo-random bytes, e.g. "
-                            "mem/big.bin=256MiB (repeatable)")
+    serve.add_argument(
+        "--bucket",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve the files under DIR as bucket NAME (repeatable)",
+    )
+    serve.add_argument(
+        "--memory-bucket",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an empty in-memory bucket (repeatable)",
+    )
+    serve.add_argument(
+        "--random-object",
+        action="append",
+        default=[],
+        metavar="BUCKET/KEY=SIZE",
+        help="an in-memory object of SIZE pseudo-random bytes, e.g. "
+        "mem/big.bin=256MiB (repeatable)",
+    )
     serve.add_argument("--access-key-id", help="require requests signed with this key")
-    serve.add_argument("--access-key-secret",
-                       help="its secret (default: $OSS_ACCESS_KEY_SECRET)")
-    serve.add_argument("--anonymous", action="store_true",
-                       help="with a key: also serve unsigned requests")
-    serve.add_argument("--latency", type=float, default=0.0, metavar="S",
-                       help="seconds before the first byte of every answer")
-    serve.add_argument("--bandwidth", type=float, default=None, metavar="BYTES_PER_SEC",
-                       help="cap each connection's body rate")
-    serve.add_argument("--error-rate", type=float, default=0.0, metavar="R",
-                       help="fraction of requests answered with --error-status")
+    serve.add_argument("--access-key-secret", help="its secret (default: $OSS_ACCESS_KEY_SECRET)")
+    serve.add_argument(
+        "--anonymous", action="store_true", help="with a key: also serve unsigned requests"
+    )
+    serve.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds before the first byte of every answer",
+    )
+    serve.add_argument(
+        "--bandwidth",
+        type=float,
+        default=None,
+        metavar="BYTES_PER_SEC",
+        help="cap each connection's body rate",
+    )
+    serve.add_argument(
+        "--error-rate",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="fraction of requests answered with --error-status",
+    )
     serve.add_argument("--error-status", type=int, default=503, metavar="S")
     serve.add_argument("--seed", type=int, default=0, help="seed of the random errors")
-    serve.add_argument("--no-crc", action="store_true",
-                       help="no x-oss-hash-crc64ecma for directory buckets (no hashing "
-                            "of big files)")
+    serve.add_argument(
+        "--no-crc",
+        action="store_true",
+        help="no x-oss-hash-crc64ecma for directory buckets (no hashing of big files)",
+    )
     serve.add_argument("--port-file", metavar="PATH", help="write the port number here")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every request")
     return parser
@@ -78,15 +109,23 @@ def serve(args: argparse.Namespace) -> int:
     if args.access_key_id:
         secret = args.access_key_secret or os.environ.get("OSS_ACCESS_KEY_SECRET")
         if not secret:
-            print("error: --access-key-id needs --access-key-secret or $OSS_ACCESS_KEY_SECRET",
-                  file=sys.stderr)
+            print(
+                "error: --access-key-id needs --access-key-secret or $OSS_ACCESS_KEY_SECRET",
+                file=sys.stderr,
+            )
             return 2
         credentials = {args.access_key_id: secret}
     elif args.access_key_secret:
         print("error: --access-key-secret needs --access-key-id", file=sys.stderr)
         return 2
-    server = OssTestServer(host=args.host, port=args.port, credentials=credentials,
-                           allow_anonymous=args.anonymous, crc=not args.no_crc, seed=args.seed)
+    server = OssTestServer(
+        host=args.host,
+        port=args.port,
+        credentials=credentials,
+        allow_anonymous=args.anonymous,
+        crc=not args.no_crc,
+        seed=args.seed,
+    )
     server.faults.latency = args.latency
     server.faults.bandwidth = args.bandwidth
     server.faults.error_rate = args.error_rate
@@ -136,8 +175,10 @@ def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.command == "serve":
         return serve(args)
     raise AssertionError(args.command)

@@ -90,15 +90,26 @@ __all__ = [
     "default_error_code",
 ]
 
-FaultKind = Literal["status", "reset", "truncate", "stall", "replace", "corrupt", "endless",
-                    "token_loop", "keys_repeat", "endless_listing"]
+FaultKind = Literal[
+    "status",
+    "reset",
+    "truncate",
+    "stall",
+    "replace",
+    "corrupt",
+    "endless",
+    "token_loop",
+    "keys_repeat",
+    "endless_listing",
+]
 # What a request asks for: object HEAD, object GET, bucket listing, or anything
 # else (PUT, GET of the service root, ...).
 Op = Literal["head", "get", "list", "other"]
 
 LISTING_KINDS: frozenset[str] = frozenset({"token_loop", "keys_repeat", "endless_listing"})
-BODY_KINDS: frozenset[str] = frozenset({"reset", "truncate", "stall", "replace", "corrupt",
-                                        "endless"}) | LISTING_KINDS
+BODY_KINDS: frozenset[str] = (
+    frozenset({"reset", "truncate", "stall", "replace", "corrupt", "endless"}) | LISTING_KINDS
+)
 _KINDS: frozenset[str] = BODY_KINDS | {"status"}
 
 # OSS answers a bad parameter with InvalidArgument rather than the generic code.
@@ -177,13 +188,11 @@ class Fault:
         if self.after_bytes < 0 or self.offset < 0 or self.length < 1 or self.seconds < 0:
             raise ValueError("after_bytes, offset and seconds must be >= 0, length >= 1")
         if self.then not in ("continue", "close", "reset", "trickle"):
-            raise ValueError(f"then must be continue, close, reset or trickle, "
-                             f"not {self.then!r}")
+            raise ValueError(f"then must be continue, close, reset or trickle, not {self.then!r}")
         if self.interval <= 0:
             raise ValueError("interval must be > 0")
         if not 200 <= self.answer <= 599 or 300 <= self.answer < 400:
-            raise ValueError(f"an endless answer needs a 2xx, 4xx or 5xx status, "
-                             f"not {self.answer}")
+            raise ValueError(f"an endless answer needs a 2xx, 4xx or 5xx status, not {self.answer}")
 
     @property
     def error_code(self) -> str:

@@ -69,8 +69,9 @@ class MemoryClient:
 
     @staticmethod
     def _meta(key: str, obj: MemoryObject) -> ObjectMeta:
-        return ObjectMeta(key=key, size=len(obj.data), etag=obj.etag, mtime=obj.mtime,
-                          crc64=obj.crc64)
+        return ObjectMeta(
+            key=key, size=len(obj.data), etag=obj.etag, mtime=obj.mtime, crc64=obj.crc64
+        )
 
     def _get(self, bucket: str, key: str) -> MemoryObject:
         obj = self.objects.get((bucket, key))
@@ -84,8 +85,9 @@ class MemoryClient:
         await trio.sleep(self.latency)
         return self._meta(key, self._get(bucket, key))
 
-    async def get_range(self, bucket: str, key: str, start: int, end: int,
-                        etag: str | None, sink: Sink) -> GetResult:
+    async def get_range(
+        self, bucket: str, key: str, start: int, end: int, etag: str | None, sink: Sink
+    ) -> GetResult:
         self.gets += 1
         self.stats.requests += 1
         number = self.gets
@@ -97,8 +99,9 @@ class MemoryClient:
             if etag is not None and etag != obj.etag:
                 raise ObjectChangedError(412, "PreconditionFailed", resource=f"{bucket}/{key}")
             end = min(end, len(obj.data))
-            fail_at = (start + end) // 2 if self.fail_every and number % self.fail_every == 0 \
-                else None
+            fail_at = (
+                (start + end) // 2 if self.fail_every and number % self.fail_every == 0 else None
+            )
             pos = start
             while pos < end:
                 current = self.objects.get((bucket, key))
@@ -110,7 +113,7 @@ class MemoryClient:
                     raise TransferError(f"{bucket}/{key}: injected failure at {pos}")
                 if self.bandwidth:
                     await trio.sleep(n / self.bandwidth)
-                chunk = memoryview(obj.data)[pos:pos + n]
+                chunk = memoryview(obj.data)[pos : pos + n]
                 self.bytes_sent[key] += n
                 self.stats.bytes_received += n
                 result = sink(pos, chunk)
@@ -122,9 +125,15 @@ class MemoryClient:
         finally:
             self.in_flight -= 1
 
-    async def list_page(self, bucket: str, *, prefix: str = "", delimiter: str = "",
-                        continuation_token: str | None = None,
-                        max_keys: int = 1000) -> ListPage:
+    async def list_page(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        delimiter: str = "",
+        continuation_token: str | None = None,
+        max_keys: int = 1000,
+    ) -> ListPage:
         self.lists += 1
         self.stats.requests += 1
         await trio.sleep(self.latency)
@@ -136,7 +145,7 @@ class MemoryClient:
         for key in keys:
             if key <= after:
                 continue
-            rest = key[len(prefix):]
+            rest = key[len(prefix) :]
             if delimiter and delimiter in rest:
                 common = prefix + rest.split(delimiter, 1)[0] + delimiter
                 if common <= after or (prefixes and prefixes[-1] == common):

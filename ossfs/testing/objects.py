@@ -257,11 +257,15 @@ class Bucket:
         """All keys, sorted. The list is never mutated afterwards."""
         raise NotImplementedError
 
-    def list(
-        self, *, prefix: str, delimiter: str, after: str | None, max_keys: int
-    ) -> ListResult:
-        return list_keys(self.keys(), self._meta, prefix=prefix, delimiter=delimiter,
-                         after=after, max_keys=max_keys)
+    def list(self, *, prefix: str, delimiter: str, after: str | None, max_keys: int) -> ListResult:
+        return list_keys(
+            self.keys(),
+            self._meta,
+            prefix=prefix,
+            delimiter=delimiter,
+            after=after,
+            max_keys=max_keys,
+        )
 
 
 class MemoryBucket(Bucket):
@@ -326,7 +330,6 @@ class MemoryBucket(Bucket):
             if self._sorted is None:
                 self._sorted = sorted(self._data)
             return self._sorted
-
 
 
 class DirectoryBucket(Bucket):
@@ -494,8 +497,13 @@ class DirectoryBucket(Bucket):
         keys = sorted(meta)
         with self._lock:
             self._meta, self._sorted, self._dirs = meta, keys, dirs
-        log.debug("scanned %s: %d files in %d directories (%.3f s)", self.root, len(keys),
-                  len(dirs), time.monotonic() - started)
+        log.debug(
+            "scanned %s: %d files in %d directories (%.3f s)",
+            self.root,
+            len(keys),
+            len(dirs),
+            time.monotonic() - started,
+        )
 
     def _stale(self) -> bool:
         for path, mtime_ns in self._dirs.items():
@@ -513,4 +521,3 @@ class DirectoryBucket(Bucket):
             self.rescan()
         with self._lock:
             return self._sorted
-

@@ -275,8 +275,9 @@ def _decode_token(token: str) -> str:
         padded = token + "=" * (-len(token) % 4)
         return base64.b64decode(padded, altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError) as e:
-        raise OssError(400, "InvalidArgument", "The continuation token provided is "
-                       "incorrect.") from e
+        raise OssError(
+            400, "InvalidArgument", "The continuation token provided is incorrect."
+        ) from e
 
 
 _ENDLESS_MTIME = 1_700_000_000.0
@@ -286,8 +287,8 @@ def _endless_page(prefix: str, after: str | None, max_keys: int) -> ListResult:
     """A page of the made-up listing that never ends (the ``endless_listing`` fault)."""
     base = prefix + "endless-"
     first = 1
-    if after and after.startswith(base) and after[len(base):].isdigit():
-        first = int(after[len(base):]) + 1
+    if after and after.startswith(base) and after[len(base) :].isdigit():
+        first = int(after[len(base) :]) + 1
     keys = [f"{base}{n:012d}" for n in range(first, first + max(1, max_keys))]
     objects = tuple(ObjectMeta(k, 1, "0" * 32, _ENDLESS_MTIME) for k in keys)
     return ListResult(objects, (), keys[-1])
@@ -359,8 +360,7 @@ class _HttpServer(ThreadingHTTPServer):
         sock, addr = super().get_request()
         if self.owner.tls is not None:
             # The handshake happens on the first read, in the connection's own thread.
-            sock = self.owner.tls.wrap_socket(sock, server_side=True,
-                                             do_handshake_on_connect=False)
+            sock = self.owner.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
 
     def server_bind(self) -> None:
@@ -461,9 +461,14 @@ class _Handler(BaseHTTPRequestHandler):
         if op == "get":
             spec = parse_range(headers.get("range"))
             self._record = {
-                "bucket": bucket, "key": key, "range": headers.get("range"),
-                "req_start": spec[0] if spec else None, "req_end": spec[1] if spec else None,
-                "start": 0, "end": 0, "fault": None,
+                "bucket": bucket,
+                "key": key,
+                "range": headers.get("range"),
+                "req_start": spec[0] if spec else None,
+                "req_end": spec[1] if spec else None,
+                "start": 0,
+                "end": 0,
+                "fault": None,
             }
         try:
             self._discard_body(headers)
@@ -482,8 +487,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             if self._record is not None:
                 sent = self._pacer.sent if self._pacer is not None else 0
-                owner._stats.get(GetRecord(status=self._status, bytes_sent=sent,
-                                           **self._record))
+                owner._stats.get(GetRecord(status=self._status, bytes_sent=sent, **self._record))
 
     def _discard_body(self, headers: Mapping[str, str]) -> None:
         """Read away a request body (nothing here uses one).
@@ -504,16 +508,21 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, info: RequestInfo, query: list[tuple[str, str | None]]) -> None:
         owner = self._owner
         if info.method not in ("GET", "HEAD"):
-            raise OssError(405, "MethodNotAllowed", "The specified method is not allowed "
-                           "against this resource (the test server is read-only).")
+            raise OssError(
+                405,
+                "MethodNotAllowed",
+                "The specified method is not allowed "
+                "against this resource (the test server is read-only).",
+            )
         owner._authorize(info, query)
         status = owner.faults.random_error(info)
         if status is not None:
             raise OssError(status, default_error_code(status), "Injected random error.")
         fault = owner.faults.take(info, body=False)
         if fault is not None:
-            raise OssError(fault.status, fault.error_code,
-                           fault.message or f"Injected {fault.status} fault.")
+            raise OssError(
+                fault.status, fault.error_code, fault.message or f"Injected {fault.status} fault."
+            )
         if info.bucket is None:
             self._list_buckets()
         elif info.key is None:
@@ -523,8 +532,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_error(self, e: OssError) -> None:
         ec = _EC.get(e.code, "0000-00000000")
-        body = render_error(code=e.code, message=e.message, request_id=self._rid,
-                            host=self.headers.get("host", "127.0.0.1"), ec=ec)
+        body = render_error(
+            code=e.code,
+            message=e.message,
+            request_id=self._rid,
+            host=self.headers.get("host", "127.0.0.1"),
+            ec=ec,
+        )
         headers = [("Content-Type", "application/xml"), ("x-oss-ec", ec), *e.headers]
         if self.command == "HEAD":
             # A HEAD answer has no body: OSS puts the error document, base64,
@@ -560,8 +574,12 @@ class _Handler(BaseHTTPRequestHandler):
             spec = parse_range(info.range)
             answer = resolve_range(spec, meta.size, standard=standard)
             if answer is None:
-                raise OssError(416, "InvalidRange", "The requested range cannot be satisfied.",
-                               headers=(("Content-Range", f"bytes */{meta.size}"),))
+                raise OssError(
+                    416,
+                    "InvalidRange",
+                    "The requested range cannot be satisfied.",
+                    headers=(("Content-Range", f"bytes */{meta.size}"),),
+                )
             start, end, partial = answer
             headers = [*_object_headers(meta), ("Content-Length", str(end - start))]
             if partial:
@@ -572,8 +590,7 @@ class _Handler(BaseHTTPRequestHandler):
             if fault is not None and self._record is not None:
                 self._record["fault"] = fault.kind
             if fault is not None and fault.kind == "endless":
-                self._send_endless(fault, _object_headers(meta), start, end, meta.size,
-                                   obj.source)
+                self._send_endless(fault, _object_headers(meta), start, end, meta.size, obj.source)
                 return
 
             def replace() -> None:
@@ -588,8 +605,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _check_preconditions(self, info: RequestInfo, meta: ObjectMeta) -> None:
         outcome = _precondition(info.headers, meta)
         if outcome == 412:
-            raise OssError(412, "PreconditionFailed", "At least one of the pre-conditions "
-                           "you specified did not hold.")
+            raise OssError(
+                412,
+                "PreconditionFailed",
+                "At least one of the pre-conditions you specified did not hold.",
+            )
         if outcome == 304:
             headers = [("ETag", f'"{meta.etag}"'), ("Last-Modified", http_date(meta.mtime))]
             self.connection.sendall(self._head(304, headers))
@@ -664,7 +684,7 @@ class _Handler(BaseHTTPRequestHandler):
             n = min(stop - pos, pacer.chunk())
             pacer.wait(n)
             if view is not None:
-                sent = sock.send(view[pos:pos + n])
+                sent = sock.send(view[pos : pos + n])
             elif tls:
                 chunk = os.pread(fd, n, pos)
                 if not chunk:
@@ -678,8 +698,9 @@ class _Handler(BaseHTTPRequestHandler):
             pos += sent
             pacer.sent += sent
 
-    def _trickle(self, source: MemorySource | FileSource, pos: int, stop: int,
-                 interval: float, pacer: _Pacer) -> None:
+    def _trickle(
+        self, source: MemorySource | FileSource, pos: int, stop: int, interval: float, pacer: _Pacer
+    ) -> None:
         """Send object bytes [pos, stop) one at a time, *interval* seconds apart."""
         sock = self.connection
         stopping = self._owner._stopping
@@ -690,8 +711,15 @@ class _Handler(BaseHTTPRequestHandler):
         if pos < stop:
             self._abort(reset=False)  # the server is stopping
 
-    def _send_endless(self, fault: Fault, headers: list[tuple[str, str]], start: int,
-                      end: int, size: int, source: MemorySource | FileSource | None) -> None:
+    def _send_endless(
+        self,
+        fault: Fault,
+        headers: list[tuple[str, str]],
+        start: int,
+        end: int,
+        size: int,
+        source: MemorySource | FileSource | None,
+    ) -> None:
         """Answer ``fault.answer`` with a body that never ends (see `Faults`)."""
         status = fault.answer
         self.close_connection = True  # a close-delimited body ends only with the connection
@@ -699,15 +727,20 @@ class _Handler(BaseHTTPRequestHandler):
         if status >= 400:
             code = default_error_code(status)
             head = self._head(status, [("Content-Type", "application/xml")])
-            prefix = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-                      "<Message>").encode()
+            prefix = (
+                f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>'
+            ).encode()
             filler = b"endless " * 8192
         elif source is None:  # a listing
             head = self._head(status, [("Content-Type", "application/xml")])
-            prefix = (b'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult>'
-                      b"<IsTruncated>true</IsTruncated>")
-            filler = (b"<Contents><Key>endless</Key><Size>1</Size><ETag>&quot;0&quot;</ETag>"
-                      b"<LastModified>2024-01-01T00:00:00.000Z</LastModified></Contents>") * 512
+            prefix = (
+                b'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult>'
+                b"<IsTruncated>true</IsTruncated>"
+            )
+            filler = (
+                b"<Contents><Key>endless</Key><Size>1</Size><ETag>&quot;0&quot;</ETag>"
+                b"<LastModified>2024-01-01T00:00:00.000Z</LastModified></Contents>"
+            ) * 512
         else:
             if status == 206:
                 headers = [*headers, ("Content-Range", f"bytes {start}-{end - 1}/{size}")]
@@ -718,7 +751,7 @@ class _Handler(BaseHTTPRequestHandler):
             prefix = b""
             data = source.read(0, min(size, 1 << 20))
             data = data or b"\0"
-            piece = data[first % len(data):] + data[:first % len(data)]
+            piece = data[first % len(data) :] + data[: first % len(data)]
             filler = piece * max(1, (64 * 1024) // len(piece))
         sock = self.connection
         sock.sendall(head + prefix)
@@ -764,8 +797,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif raw_max.isdigit():
             max_keys = min(int(raw_max), MAX_MAX_KEYS)
         else:
-            raise OssError(400, "InvalidArgument", "Argument max-keys must be an integer "
-                           "between 0 and 1000.")
+            raise OssError(
+                400, "InvalidArgument", "Argument max-keys must be an integer between 0 and 1000."
+            )
         encoding = params.get("encoding-type") or None
         if encoding not in (None, "url"):
             raise OssError(400, "InvalidArgument", "The encoding-type must be url.")
@@ -785,8 +819,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.kind == "endless_listing":
             result = _endless_page(prefix, after, max_keys)
         else:
-            result = bucket.list(prefix=prefix, delimiter=delimiter, after=after,
-                                 max_keys=max_keys)
+            result = bucket.list(prefix=prefix, delimiter=delimiter, after=after, max_keys=max_keys)
         next_token = None
         if result.next_after:
             next_token = _encode_token(result.next_after) if v2 else result.next_after
@@ -901,8 +934,10 @@ class OssTestServer:
         self._stopping.clear()
         self._httpd = _HttpServer(self._address, self)
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-            name=f"ossfs-testing:{self.port}", daemon=True,
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"ossfs-testing:{self.port}",
+            daemon=True,
         )
         self._thread.start()
         log.info("OSS test server listening on %s", self.url)
@@ -968,9 +1003,14 @@ class OssTestServer:
         if self.credentials:
             ak = access_key_id or next(iter(self.credentials))
             creds = Credentials(ak, self.credentials[ak])
-        return Endpoint(self.url, dialect="oss", region=region,
-                        signature_version=signature_version,
-                        path_style=True, credentials=creds)
+        return Endpoint(
+            self.url,
+            dialect="oss",
+            region=region,
+            signature_version=signature_version,
+            path_style=True,
+            credentials=creds,
+        )
 
     # ------------------------------------------------------------------- buckets
 
@@ -979,11 +1019,13 @@ class OssTestServer:
         with self._buckets_lock:
             self._buckets.setdefault(bucket, MemoryBucket(bucket))
 
-    def add_directory_bucket(self, bucket: str, path: str | os.PathLike[str], *,
-                             crc: bool | None = None) -> None:
+    def add_directory_bucket(
+        self, bucket: str, path: str | os.PathLike[str], *, crc: bool | None = None
+    ) -> None:
         """Serve the files under *path* as *bucket* (*crc* overrides the server's)."""
-        b = DirectoryBucket(bucket, os.fspath(path), crc=self.crc if crc is None else crc,
-                            crc_cache=self._crc_cache)
+        b = DirectoryBucket(
+            bucket, os.fspath(path), crc=self.crc if crc is None else crc, crc_cache=self._crc_cache
+        )
         with self._buckets_lock:
             if bucket in self._buckets:
                 raise ValueError(f"bucket {bucket!r} exists")
@@ -1003,8 +1045,15 @@ class OssTestServer:
         if isinstance(b, DirectoryBucket):
             b.rescan()
 
-    def put(self, bucket: str, key: str, data: bytes, *, etag: str | None = None,
-            mtime: float | None = None) -> ObjectMeta:
+    def put(
+        self,
+        bucket: str,
+        key: str,
+        data: bytes,
+        *,
+        etag: str | None = None,
+        mtime: float | None = None,
+    ) -> ObjectMeta:
         """Store an object (creating a memory bucket if needed); returns its metadata.
 
         In a directory bucket this writes the file; its ETag then comes from
@@ -1046,8 +1095,14 @@ class OssTestServer:
 
     # ------------------------------------------------------------------ internal
 
-    def add_key(self, access_key_id: str, secret: str, session_token: str | None = None,
-                *, expires: float | None = None) -> None:
+    def add_key(
+        self,
+        access_key_id: str,
+        secret: str,
+        session_token: str | None = None,
+        *,
+        expires: float | None = None,
+    ) -> None:
         """Accept requests signed with this key from now on; with a session token, only
         those that carry it (an STS key); with *expires* (seconds since the epoch), only
         until then (403 SecurityTokenExpired after). Safe to call while the server runs."""
@@ -1083,22 +1138,33 @@ class OssTestServer:
         if "authorization" not in info.headers:
             if self.allow_anonymous:
                 return
-            raise OssError(403, "AccessDenied", "You have no right to access this object "
-                           "because of bucket acl.")
+            raise OssError(
+                403,
+                "AccessDenied",
+                "You have no right to access this object because of bucket acl.",
+            )
         try:
-            ak = check_oss_signature(method=info.method, bucket=info.bucket, key=info.key,
-                                     query=query, headers=info.headers,
-                                     secret_for=dict(self.credentials), now=time.time())
+            ak = check_oss_signature(
+                method=info.method,
+                bucket=info.bucket,
+                key=info.key,
+                query=query,
+                headers=info.headers,
+                secret_for=dict(self.credentials),
+                now=time.time(),
+            )
         except SignatureError as e:
             raise OssError(403, e.code, e.message) from e
         token = self.session_tokens.get(ak)
         if token is not None and info.headers.get("x-oss-security-token") != token:
-            raise OssError(403, "InvalidSecurityToken", "The security token you provided "
-                           "is invalid.")
+            raise OssError(
+                403, "InvalidSecurityToken", "The security token you provided is invalid."
+            )
         expires = self.key_expiry.get(ak)
         if expires is not None and time.time() >= expires:
-            raise OssError(403, "SecurityTokenExpired", "The security token you provided "
-                           "has expired.")
+            raise OssError(
+                403, "SecurityTokenExpired", "The security token you provided has expired."
+            )
         self.keys_used[ak] = self.keys_used.get(ak, 0) + 1
 
     def _track(self, sock: socket.socket) -> None:

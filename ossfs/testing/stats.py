@@ -64,7 +64,8 @@ class StatsSnapshot:
     def count(self, method: str | None = None, op: str | None = None) -> int:
         """Requests with this method and/or op (None: any)."""
         return sum(
-            n for (m, o), n in self.requests.items()
+            n
+            for (m, o), n in self.requests.items()
             if (method is None or m == method) and (op is None or o == op)
         )
 

@@ -79,8 +79,9 @@ class FakeIdentity:
                     return self._send(500, b"down")
                 if self.path != "/latest/api/token" or fake.refuse_token:
                     return self._send(404, b"not found")
-                ttl = (self.headers.get("X-aliyun-ecs-metadata-token-ttl-seconds")
-                       or self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"))
+                ttl = self.headers.get(
+                    "X-aliyun-ecs-metadata-token-ttl-seconds"
+                ) or self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
                 if not ttl or not 1 <= int(ttl) <= 21600:
                     return self._send(400, b"bad ttl")
                 token = f"md-token-{len(fake._tokens)}"
@@ -91,31 +92,42 @@ class FakeIdentity:
                 fake._record(self)
                 if fake.broken:
                     return self._send(500, b"down")
-                token = (self.headers.get("X-aliyun-ecs-metadata-token")
-                         or self.headers.get("X-aws-ec2-metadata-token"))
+                token = self.headers.get("X-aliyun-ecs-metadata-token") or self.headers.get(
+                    "X-aws-ec2-metadata-token"
+                )
                 if fake.require_token and token not in fake._tokens:
                     return self._send(403, b"token required")
-                for prefix, flavor in (("/latest/meta-data/ram/security-credentials/", "ecs"),
-                                       ("/latest/meta-data/iam/security-credentials/", "ec2")):
+                for prefix, flavor in (
+                    ("/latest/meta-data/ram/security-credentials/", "ecs"),
+                    ("/latest/meta-data/iam/security-credentials/", "ec2"),
+                ):
                     if self.path.startswith(prefix):
-                        role = self.path[len(prefix):]
+                        role = self.path[len(prefix) :]
                         if not role:
                             return self._send(200, ROLE.encode())
                         if role != ROLE:
                             return self._send(404, b"no such role")
                         issue = fake._issue(flavor)
-                        when = time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                             time.gmtime(issue.expiration))
+                        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(issue.expiration))
                         if flavor == "ecs":
-                            doc = {"AccessKeyId": issue.access_key_id,
-                                   "AccessKeySecret": issue.secret,
-                                   "SecurityToken": issue.token, "Expiration": when,
-                                   "LastUpdated": when, "Code": "Success"}
+                            doc = {
+                                "AccessKeyId": issue.access_key_id,
+                                "AccessKeySecret": issue.secret,
+                                "SecurityToken": issue.token,
+                                "Expiration": when,
+                                "LastUpdated": when,
+                                "Code": "Success",
+                            }
                         else:
-                            doc = {"Code": "Success", "LastUpdated": when, "Type": "AWS-HMAC",
-                                   "AccessKeyId": issue.access_key_id,
-                                   "SecretAccessKey": issue.secret, "Token": issue.token,
-                                   "Expiration": when}
+                            doc = {
+                                "Code": "Success",
+                                "LastUpdated": when,
+                                "Type": "AWS-HMAC",
+                                "AccessKeyId": issue.access_key_id,
+                                "SecretAccessKey": issue.secret,
+                                "Token": issue.token,
+                                "Expiration": when,
+                            }
                         return self._send(200, json.dumps(doc).encode(), "application/json")
                 self._send(404, b"not found")
 
@@ -129,36 +141,63 @@ class FakeIdentity:
                     return self._send(500, b'{"Code":"InternalError","Message":"down"}')
                 if action == "AssumeRoleWithOIDC":
                     if form.get("OIDCToken") != fake.oidc_token:
-                        return self._send(400, json.dumps({
-                            "Code": "AuthenticationFail.OIDCToken.Invalid",
-                            "Message": "the OIDC token is invalid", "RequestId": "R-1",
-                        }).encode(), "application/json")
+                        return self._send(
+                            400,
+                            json.dumps(
+                                {
+                                    "Code": "AuthenticationFail.OIDCToken.Invalid",
+                                    "Message": "the OIDC token is invalid",
+                                    "RequestId": "R-1",
+                                }
+                            ).encode(),
+                            "application/json",
+                        )
                     issue = fake._issue("oidc")
                     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(issue.expiration))
-                    return self._send(200, json.dumps({"RequestId": "R-2", "Credentials": {
-                        "AccessKeyId": issue.access_key_id, "AccessKeySecret": issue.secret,
-                        "SecurityToken": issue.token, "Expiration": when}}).encode(),
-                        "application/json")
+                    return self._send(
+                        200,
+                        json.dumps(
+                            {
+                                "RequestId": "R-2",
+                                "Credentials": {
+                                    "AccessKeyId": issue.access_key_id,
+                                    "AccessKeySecret": issue.secret,
+                                    "SecurityToken": issue.token,
+                                    "Expiration": when,
+                                },
+                            }
+                        ).encode(),
+                        "application/json",
+                    )
                 if action == "AssumeRoleWithWebIdentity":
                     if form.get("WebIdentityToken") != fake.oidc_token:
-                        return self._send(400, (
-                            b"<ErrorResponse><Error><Type>Sender</Type>"
-                            b"<Code>InvalidIdentityToken</Code><Message>bad token</Message>"
-                            b"</Error><RequestId>r</RequestId></ErrorResponse>"),
-                            "text/xml")
+                        return self._send(
+                            400,
+                            (
+                                b"<ErrorResponse><Error><Type>Sender</Type>"
+                                b"<Code>InvalidIdentityToken</Code><Message>bad token</Message>"
+                                b"</Error><RequestId>r</RequestId></ErrorResponse>"
+                            ),
+                            "text/xml",
+                        )
                     issue = fake._issue("web_identity")
                     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(issue.expiration))
-                    return self._send(200, (
-                        '<AssumeRoleWithWebIdentityResponse '
-                        'xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
-                        "<AssumeRoleWithWebIdentityResult><Credentials>"
-                        f"<SessionToken>{issue.token}</SessionToken>"
-                        f"<SecretAccessKey>{issue.secret}</SecretAccessKey>"
-                        f"<Expiration>{when}</Expiration>"
-                        f"<AccessKeyId>{issue.access_key_id}</AccessKeyId>"
-                        "</Credentials></AssumeRoleWithWebIdentityResult>"
-                        "<ResponseMetadata><RequestId>r</RequestId></ResponseMetadata>"
-                        "</AssumeRoleWithWebIdentityResponse>").encode(), "text/xml")
+                    return self._send(
+                        200,
+                        (
+                            "<AssumeRoleWithWebIdentityResponse "
+                            'xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
+                            "<AssumeRoleWithWebIdentityResult><Credentials>"
+                            f"<SessionToken>{issue.token}</SessionToken>"
+                            f"<SecretAccessKey>{issue.secret}</SecretAccessKey>"
+                            f"<Expiration>{when}</Expiration>"
+                            f"<AccessKeyId>{issue.access_key_id}</AccessKeyId>"
+                            "</Credentials></AssumeRoleWithWebIdentityResult>"
+                            "<ResponseMetadata><RequestId>r</RequestId></ResponseMetadata>"
+                            "</AssumeRoleWithWebIdentityResponse>"
+                        ).encode(),
+                        "text/xml",
+                    )
                 self._send(400, b'{"Code":"InvalidAction"}', "application/json")
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -188,10 +227,17 @@ class FakeIdentity:
             now = time.time()
             # Whole seconds, as the services write them; never less than `lifetime`.
             expiration = float(int(now + self.lifetime) + 1)
-            issue = Issue(f"STS.key{n}", f"secret-{n}-do-not-print", f"token-{n}-do-not-print",
-                          expiration, now, via)
+            issue = Issue(
+                f"STS.key{n}",
+                f"secret-{n}-do-not-print",
+                f"token-{n}-do-not-print",
+                expiration,
+                now,
+                via,
+            )
             self.issued.append(issue)
         if self.oss is not None:
-            self.oss.add_key(issue.access_key_id, issue.secret, issue.token,
-                             expires=issue.expiration)
+            self.oss.add_key(
+                issue.access_key_id, issue.secret, issue.token, expires=issue.expiration
+            )
         return issue

@@ -61,8 +61,9 @@ def transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def client_for(server: OssTestServer, config: ClientConfig, transport: str = "wire"
-               ) -> HttpObjectClient:
+def client_for(
+    server: OssTestServer, config: ClientConfig, transport: str = "wire"
+) -> HttpObjectClient:
     client = HttpObjectClient(server.endpoint(), config)
     if transport == "httpx":
         client._pool = None  # what a configured proxy does
@@ -86,8 +87,18 @@ def silent_server() -> Iterator[str]:
 
 async def test_trickle_is_ended_by_the_deadline(oss: OssTestServer, transport: str) -> None:
     # One byte every 0.05 s never trips the 5 s stall timer; only a deadline ends it.
-    oss.faults.add(Fault("stall", op="get", key="obj", after_bytes=1000, seconds=0.1,
-                         then="trickle", interval=0.05), times=None)
+    oss.faults.add(
+        Fault(
+            "stall",
+            op="get",
+            key="obj",
+            after_bytes=1000,
+            seconds=0.1,
+            then="trickle",
+            interval=0.05,
+        ),
+        times=None,
+    )
     config = ClientConfig(timeout=1.5, stall_timeout=5, backoff_base=0.01, backoff_max=0.02)
     async with client_for(oss, config, transport) as client:
         with pytest.raises(GaveUpError) as info:
@@ -127,8 +138,7 @@ async def test_a_slow_transfer_that_moves_is_not_cut_off(oss: OssTestServer) -> 
     assert [r.status for r in get_records(oss, "slow")] == [206]
 
 
-async def test_time_in_the_rate_limiter_and_the_sink_is_not_the_servers(
-        oss: OssTestServer) -> None:
+async def test_time_in_the_rate_limiter_and_the_sink_is_not_the_servers(oss: OssTestServer) -> None:
     data = pattern(256 * KiB, seed=5)
     oss.put("bkt", "limited", data)
     # The client's own rate limit (64 KiB/s, about 3 s) and a slow sink hold the
@@ -153,10 +163,17 @@ async def test_time_in_the_rate_limiter_and_the_sink_is_not_the_servers(
 async def test_retries_earned_by_progress_are_capped(oss: OssTestServer) -> None:
     # Every answer sends 1000 bytes and then goes silent: each attempt moves, so
     # without a cap 1 MiB would take over a thousand stall timeouts.
-    oss.faults.add(Fault("stall", op="get", key="obj", after_bytes=1000, seconds=1,
-                         then="close"), times=None)
-    config = ClientConfig(attempts=2, progress_retries=3, stall_timeout=0.2, timeout=60,
-                          backoff_base=0.01, backoff_max=0.02)
+    oss.faults.add(
+        Fault("stall", op="get", key="obj", after_bytes=1000, seconds=1, then="close"), times=None
+    )
+    config = ClientConfig(
+        attempts=2,
+        progress_retries=3,
+        stall_timeout=0.2,
+        timeout=60,
+        backoff_base=0.01,
+        backoff_max=0.02,
+    )
     async with client_for(oss, config) as client:
         with pytest.raises(GaveUpError) as info:
             await get_bytes(client, "bkt", "obj", 0, 1 * MiB)
@@ -175,8 +192,7 @@ async def test_attempts_are_capped_in_all(oss: OssTestServer) -> None:
     for _ in range(20):
         oss.faults.add(Fault("truncate", op="get", key="obj", after_bytes=1000))
         oss.faults.add(Fault("reset", op="get", key="obj", after_bytes=0))
-    config = ClientConfig(attempts=2, progress_retries=4, backoff_base=0.01,
-                          backoff_max=0.02)
+    config = ClientConfig(attempts=2, progress_retries=4, backoff_base=0.01, backoff_max=0.02)
     async with client_for(oss, config) as client:
         with pytest.raises(GaveUpError) as info:
             await get_bytes(client, "bkt", "obj", 0, 1 * MiB)
@@ -208,8 +224,7 @@ async def test_endless_error_body_is_cut(oss: OssTestServer, transport: str) -> 
     assert [r.status for r in get_records(oss, "obj")] == [503] * 3
 
 
-async def test_206_longer_than_asked_is_not_read_on(oss: OssTestServer,
-                                                    transport: str) -> None:
+async def test_206_longer_than_asked_is_not_read_on(oss: OssTestServer, transport: str) -> None:
     data = oss.get("bkt", "obj")
     # Right Content-Range, no Content-Length, and bytes that never end.
     oss.faults.add(Fault("endless", op="get", key="obj", answer=206))
@@ -299,12 +314,16 @@ async def test_a_directory_listing_that_moves_forward_is_whole(listed: OssTestSe
     assert names == [k.removeprefix("dir/") for k in _keys("dir/", 2500)] + ["sub"]
 
 
-@pytest.mark.parametrize(("kind", "expected"), [
-    ("token_loop", "the continuation token repeats"),
-    ("keys_repeat", "page 2 starts at 'dir/k00000', not after 'dir/k00999'"),
-])
-async def test_a_directory_listing_that_loops_fails(listed: OssTestServer, kind: str,
-                                                   expected: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("token_loop", "the continuation token repeats"),
+        ("keys_repeat", "page 2 starts at 'dir/k00000', not after 'dir/k00999'"),
+    ],
+)
+async def test_a_directory_listing_that_loops_fails(
+    listed: OssTestServer, kind: str, expected: str
+) -> None:
     listed.faults.add(Fault(kind, when=_prefix_is("dir/")), times=None)  # type: ignore[arg-type]
     async with HttpObjectClient(listed.endpoint(), ClientConfig()) as client:
         ns = Namespace(client, "bkt", "")
@@ -380,12 +399,16 @@ def _one_error_line(result: Any) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize(("kind", "args", "expected"), [
-    ("token_loop", ["ls", "oss://bkt/dir/"], "continuation token repeats"),
-    ("keys_repeat", ["ls", "-r", "oss://bkt/dir/"], "page 2 starts at"),
-])
-def test_ls_of_a_listing_that_loops(listed: OssTestServer, oss_env: dict[str, str],
-                                    kind: str, args: list[str], expected: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "args", "expected"),
+    [
+        ("token_loop", ["ls", "oss://bkt/dir/"], "continuation token repeats"),
+        ("keys_repeat", ["ls", "-r", "oss://bkt/dir/"], "page 2 starts at"),
+    ],
+)
+def test_ls_of_a_listing_that_loops(
+    listed: OssTestServer, oss_env: dict[str, str], kind: str, args: list[str], expected: str
+) -> None:
     listed.faults.add(Fault(kind), times=None)  # type: ignore[arg-type]
     result = _cli(listed.url, oss_env, *args)
     line = _one_error_line(result)
@@ -394,29 +417,40 @@ def test_ls_of_a_listing_that_loops(listed: OssTestServer, oss_env: dict[str, st
     assert len(result.stdout.splitlines()) == 1000
 
 
-def test_materialize_of_a_listing_that_loops(listed: OssTestServer, oss_env: dict[str, str],
-                                            tmp_path: Path) -> None:
+def test_materialize_of_a_listing_that_loops(
+    listed: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     listed.faults.add(Fault("token_loop"), times=None)
-    result = _cli(listed.url, oss_env, "materialize", "oss://bkt/dir/", "--cache-dir",
-                  str(tmp_path / "cache"), "--no-progress")
+    result = _cli(
+        listed.url,
+        oss_env,
+        "materialize",
+        "oss://bkt/dir/",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+    )
     line = _one_error_line(result)
     assert "bkt/dir/ does not move forward" in line and "token repeats" in line
 
 
 @pytest.mark.slow
-def test_ls_and_download_against_a_silent_server(silent_server: str, oss_env: dict[str, str],
-                                                 tmp_path: Path) -> None:
+def test_ls_and_download_against_a_silent_server(
+    silent_server: str, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     result = _cli(silent_server, oss_env, "ls", "oss://bkt/", "--timeout", "2")
     assert "timed out after" in _one_error_line(result)
-    result = _cli(silent_server, oss_env, "download", "oss://bkt/obj",
-                  str(tmp_path / "obj"), "--timeout", "2")
+    result = _cli(
+        silent_server, oss_env, "download", "oss://bkt/obj", str(tmp_path / "obj"), "--timeout", "2"
+    )
     assert "timed out after" in _one_error_line(result)
     assert not (tmp_path / "obj").exists()
 
 
 @pytest.mark.slow
-def test_ls_and_download_against_503_forever(oss: OssTestServer, oss_env: dict[str, str],
-                                             tmp_path: Path) -> None:
+def test_ls_and_download_against_503_forever(
+    oss: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     oss.faults.add(Fault("status", status=503), times=None)
     result = _cli(oss.url, oss_env, "ls", "oss://bkt/")
     assert "failed after 6 attempts" in _one_error_line(result)
@@ -424,21 +458,30 @@ def test_ls_and_download_against_503_forever(oss: OssTestServer, oss_env: dict[s
     assert "failed after 6 attempts" in _one_error_line(result)
 
 
-def test_download_of_a_trickle(oss: OssTestServer, oss_env: dict[str, str],
-                               tmp_path: Path) -> None:
-    oss.faults.add(Fault("stall", op="get", after_bytes=1000, seconds=0.1, then="trickle",
-                         interval=0.05), times=None)
-    result = _cli(oss.url, oss_env, "download", "oss://bkt/obj", str(tmp_path / "obj"),
-                  "--timeout", "2", "--no-progress")
+def test_download_of_a_trickle(oss: OssTestServer, oss_env: dict[str, str], tmp_path: Path) -> None:
+    oss.faults.add(
+        Fault("stall", op="get", after_bytes=1000, seconds=0.1, then="trickle", interval=0.05),
+        times=None,
+    )
+    result = _cli(
+        oss.url,
+        oss_env,
+        "download",
+        "oss://bkt/obj",
+        str(tmp_path / "obj"),
+        "--timeout",
+        "2",
+        "--no-progress",
+    )
     line = _one_error_line(result)
     assert "timed out after" in line
     assert not (tmp_path / "obj").exists()
 
 
 @pytest.mark.fuse
-def test_mount_directory_that_loops_or_never_ends(listed: OssTestServer,
-                                                   oss_env: dict[str, str],
-                                                   tmp_path: Path) -> None:
+def test_mount_directory_that_loops_or_never_ends(
+    listed: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     for key in _keys("endless/", 3):
         listed.put("bkt", key, b"x")
     for key in _keys("loop/", 3):
@@ -447,8 +490,18 @@ def test_mount_directory_that_loops_or_never_ends(listed: OssTestServer,
     listed.faults.add(Fault("token_loop", when=_prefix_is("loop/")), times=None)
     mnt = tmp_path / "mnt"
     log = tmp_path / "mount.log"
-    with mounted("oss://bkt", mnt, "--endpoint", listed.url, "--cache-dir",
-                 str(tmp_path / "cache"), "--max-dir-entries", "3000", env=oss_env, log=log):
+    with mounted(
+        "oss://bkt",
+        mnt,
+        "--endpoint",
+        listed.url,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--max-dir-entries",
+        "3000",
+        env=oss_env,
+        log=log,
+    ):
         with pytest.raises(OSError) as info:
             os.listdir(mnt / "endless")
         assert info.value.errno == errno.EIO
@@ -464,13 +517,33 @@ def test_mount_directory_that_loops_or_never_ends(listed: OssTestServer,
 
 @pytest.mark.fuse
 @pytest.mark.slow
-def test_mount_read_of_a_trickle_ends(oss: OssTestServer, oss_env: dict[str, str],
-                                      tmp_path: Path) -> None:
-    oss.faults.add(Fault("stall", op="get", key="obj", after_bytes=1000, seconds=0.1,
-                         then="trickle", interval=0.05), times=None)
+def test_mount_read_of_a_trickle_ends(
+    oss: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
+    oss.faults.add(
+        Fault(
+            "stall",
+            op="get",
+            key="obj",
+            after_bytes=1000,
+            seconds=0.1,
+            then="trickle",
+            interval=0.05,
+        ),
+        times=None,
+    )
     mnt = tmp_path / "mnt"
-    with mounted("oss://bkt", mnt, "--endpoint", oss.url, "--cache-dir",
-                 str(tmp_path / "cache"), "--timeout", "2", env=oss_env):
+    with mounted(
+        "oss://bkt",
+        mnt,
+        "--endpoint",
+        oss.url,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--timeout",
+        "2",
+        env=oss_env,
+    ):
         with pytest.raises(OSError) as info:
             (mnt / "obj").read_bytes()
         assert info.value.errno == errno.EIO

@@ -48,8 +48,14 @@ def srv(oss_server: OssTestServer) -> OssTestServer:
 
 
 def conn(server: OssTestServer, tmp_path: Path) -> list[str]:
-    return ["--endpoint", server.url, "--cache-dir", str(tmp_path / "cache"),
-            "--part-size", "100KiB"]
+    return [
+        "--endpoint",
+        server.url,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--part-size",
+        "100KiB",
+    ]
 
 
 @contextlib.contextmanager
@@ -61,8 +67,9 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
         path.chmod(0o555)
         yield path
         return
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "ossfs-test-ro", str(path)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "ossfs-test-ro", str(path)], check=True
+    )
     try:
         yield path
     finally:
@@ -72,45 +79,74 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
 # ---------------------------------------------------------------- paths that cannot be used
 
 
-def test_download_to_a_path_that_cannot_be_written(srv: OssTestServer, oss_env: dict[str, str],
-                                                   tmp_path: Path) -> None:
+def test_download_to_a_path_that_cannot_be_written(
+    srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     with read_only_dir(tmp_path) as ro:
-        r = run_ossfs("download", f"oss://{BUCKET}/dir/b.txt", str(ro / "x.txt"),
-                      "--endpoint", srv.url, env=oss_env)
+        r = run_ossfs(
+            "download",
+            f"oss://{BUCKET}/dir/b.txt",
+            str(ro / "x.txt"),
+            "--endpoint",
+            srv.url,
+            env=oss_env,
+        )
         line = one_error(r, 1)
         assert str(ro) in line and ("Read-only" in line or "Permission denied" in line)
-    r = run_ossfs("download", f"oss://{BUCKET}/dir/b.txt", "/proc/x.bin",
-                  "--endpoint", srv.url, env=oss_env)
+    r = run_ossfs(
+        "download", f"oss://{BUCKET}/dir/b.txt", "/proc/x.bin", "--endpoint", srv.url, env=oss_env
+    )
     assert "/proc/x.bin" in one_error(r, 1)
 
 
-def test_mount_log_file_that_cannot_be_written(srv: OssTestServer, oss_env: dict[str, str],
-                                               tmp_path: Path) -> None:
+def test_mount_log_file_that_cannot_be_written(
+    srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     for extra in ([], ["-f"]):
-        r = run_ossfs("mount", f"oss://{BUCKET}", str(mnt), *conn(srv, tmp_path),
-                      "--log-file", str(tmp_path / "no" / "such" / "x.log"), *extra,
-                      env=oss_env, timeout=60)
+        r = run_ossfs(
+            "mount",
+            f"oss://{BUCKET}",
+            str(mnt),
+            *conn(srv, tmp_path),
+            "--log-file",
+            str(tmp_path / "no" / "such" / "x.log"),
+            *extra,
+            env=oss_env,
+            timeout=60,
+        )
         line = one_error(r, 2)
         assert "--log-file" in line and "No such file or directory" in line
         assert "died" not in r.stderr and not is_mounted(mnt)
 
 
 @pytest.mark.parametrize("command", ["mount", "materialize"])
-def test_cache_dir_that_cannot_be_used(srv: OssTestServer, oss_env: dict[str, str],
-                                       tmp_path: Path, command: str) -> None:
+def test_cache_dir_that_cannot_be_used(
+    srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path, command: str
+) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory\n")
-    args = ([f"oss://{BUCKET}", str(mnt)] if command == "mount"
-            else [f"oss://{BUCKET}/dir/"])
+    args = [f"oss://{BUCKET}", str(mnt)] if command == "mount" else [f"oss://{BUCKET}/dir/"]
     with read_only_dir(tmp_path) as ro:
-        for cache, reason in ((a_file, "not a directory"), (ro / "cache", "cannot be created"),
-                              (ro, "not writable"), (a_file / "sub", "cannot be created")):
-            r = run_ossfs(command, *args, "--endpoint", srv.url, "--cache-dir", str(cache),
-                          env=oss_env, timeout=60)
+        for cache, reason in (
+            (a_file, "not a directory"),
+            (ro / "cache", "cannot be created"),
+            (ro, "not writable"),
+            (a_file / "sub", "cannot be created"),
+        ):
+            r = run_ossfs(
+                command,
+                *args,
+                "--endpoint",
+                srv.url,
+                "--cache-dir",
+                str(cache),
+                env=oss_env,
+                timeout=60,
+            )
             line = one_error(r, 2)
             assert f"--cache-dir {cache}" in line and reason in line, line
             assert not is_mounted(mnt)
@@ -121,8 +157,7 @@ def test_cache_dir_that_cannot_be_used(srv: OssTestServer, oss_env: dict[str, st
 
 @pytest.mark.fuse
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the mount as another user")
-def test_daemon_mount_failure_shows_the_reason(srv: OssTestServer,
-                                               oss_env: dict[str, str]) -> None:
+def test_daemon_mount_failure_shows_the_reason(srv: OssTestServer, oss_env: dict[str, str]) -> None:
     # As an ordinary user, allow_other needs user_allow_other in /etc/fuse.conf (and
     # /dev/fuse may not be open to everyone); libfuse says why on stderr, which the
     # daemonized child must hand to the parent.
@@ -130,8 +165,9 @@ def test_daemon_mount_failure_shows_the_reason(srv: OssTestServer,
         if any(ln.strip() == "user_allow_other" for ln in f):
             pytest.skip("/etc/fuse.conf allows allow_other for everyone")
     try:
-        subprocess.run([*OSSFS, "--version"], user=65534, group=65534, check=True,
-                       capture_output=True, cwd="/")
+        subprocess.run(
+            [*OSSFS, "--version"], user=65534, group=65534, check=True, capture_output=True, cwd="/"
+        )
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("this Python cannot be run by another user")
     work = Path(tempfile.mkdtemp(prefix="ossfs-nobody-"))
@@ -139,12 +175,32 @@ def test_daemon_mount_failure_shows_the_reason(srv: OssTestServer,
         work.chmod(0o777)
         (work / "mnt").mkdir()
         os.chown(work / "mnt", 65534, 65534)
-        env = dict(oss_env, HOME=str(work), XDG_CACHE_HOME=str(work / "cache"),
-                   XDG_CONFIG_HOME=str(work / "config"))
-        r = subprocess.run([*OSSFS, "mount", f"oss://{BUCKET}", str(work / "mnt"),
-                            "--endpoint", srv.url, "--cache-dir", str(work / "cache"),
-                            "--allow-other"], env=env, user=65534, group=65534,
-                           capture_output=True, text=True, timeout=60, cwd=work)
+        env = dict(
+            oss_env,
+            HOME=str(work),
+            XDG_CACHE_HOME=str(work / "cache"),
+            XDG_CONFIG_HOME=str(work / "config"),
+        )
+        r = subprocess.run(
+            [
+                *OSSFS,
+                "mount",
+                f"oss://{BUCKET}",
+                str(work / "mnt"),
+                "--endpoint",
+                srv.url,
+                "--cache-dir",
+                str(work / "cache"),
+                "--allow-other",
+            ],
+            env=env,
+            user=65534,
+            group=65534,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=work,
+        )
         line = one_error(r, 1)
         # Which check refuses first depends on the machine (/dev/fuse may be root's
         # only); either way libfuse's own words must be in the one line.
@@ -156,8 +212,7 @@ def test_daemon_mount_failure_shows_the_reason(srv: OssTestServer,
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
-def test_https_to_a_plain_http_port_says_tls(srv: OssTestServer,
-                                             oss_env: dict[str, str]) -> None:
+def test_https_to_a_plain_http_port_says_tls(srv: OssTestServer, oss_env: dict[str, str]) -> None:
     hostport = srv.url.removeprefix("http://")  # no scheme: https is assumed
     r = run_ossfs("ls", f"oss://{BUCKET}/", "--endpoint", hostport, env=oss_env)
     line = one_error(r, 1)
@@ -166,8 +221,9 @@ def test_https_to_a_plain_http_port_says_tls(srv: OssTestServer,
 
 
 def test_zero_stall_timeout_is_refused(srv: OssTestServer, oss_env: dict[str, str]) -> None:
-    r = run_ossfs("ls", f"oss://{BUCKET}/", "--endpoint", srv.url, "--stall-timeout", "0",
-                  env=oss_env)
+    r = run_ossfs(
+        "ls", f"oss://{BUCKET}/", "--endpoint", srv.url, "--stall-timeout", "0", env=oss_env
+    )
     assert r.returncode == 2 and "--stall-timeout" in r.stderr
     assert "must be more than 0" in r.stderr and "Traceback" not in r.stderr
 
@@ -198,11 +254,14 @@ def test_unmount_of_nothing_says_so(tmp_path: Path) -> None:
 def test_unmount_does_not_load_the_fuse_binding(tmp_path: Path) -> None:
     # ossfs unmount (status, materialize PATH) must work where pyfuse3 cannot load:
     # it needs the mount table, not the file system.
-    code = ("import sys; from ossfs.cli import main\n"
-            f"rc = main(['unmount', {str(tmp_path)!r}])\n"
-            "print('LOADED' if 'pyfuse3' in sys.modules else 'NOT LOADED')")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       check=False, timeout=60)
+    code = (
+        "import sys; from ossfs.cli import main\n"
+        f"rc = main(['unmount', {str(tmp_path)!r}])\n"
+        "print('LOADED' if 'pyfuse3' in sys.modules else 'NOT LOADED')"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
     assert "nothing is mounted there" in r.stderr, r.stderr
     assert r.stdout.strip() == "NOT LOADED", r.stdout + r.stderr
 
@@ -223,8 +282,9 @@ def kill_mount_process(pid: object) -> None:
 
 
 @pytest.mark.fuse
-def test_dead_mount_is_named_and_cleaned_up(srv: OssTestServer, oss_env: dict[str, str],
-                                            tmp_path: Path) -> None:
+def test_dead_mount_is_named_and_cleaned_up(
+    srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     mnt = tmp_path / "mnt"
     try:
         with mounted(f"oss://{BUCKET}", mnt, *conn(srv, tmp_path), env=oss_env) as info:
@@ -236,8 +296,9 @@ def test_dead_mount_is_named_and_cleaned_up(srv: OssTestServer, oss_env: dict[st
             r = run_ossfs("materialize", str(mnt / "dir"), env=oss_env)
             assert "dead mount" in one_error(r, 2)
             # Mounting again on our own dead mount cleans it up and mounts.
-            r = run_ossfs("mount", f"oss://{BUCKET}", str(mnt), *conn(srv, tmp_path),
-                          env=oss_env, timeout=60)
+            r = run_ossfs(
+                "mount", f"oss://{BUCKET}", str(mnt), *conn(srv, tmp_path), env=oss_env, timeout=60
+            )
             assert r.returncode == 0, r.stderr
             assert "dead ossfs mount" in r.stderr
             assert (mnt / "dir" / "sub" / "c.txt").read_bytes() == b"sea\n"
@@ -246,9 +307,9 @@ def test_dead_mount_is_named_and_cleaned_up(srv: OssTestServer, oss_env: dict[st
 
 
 @pytest.mark.fuse
-def test_mount_replaces_a_dead_mount_that_is_still_in_use(srv: OssTestServer,
-                                                          oss_env: dict[str, str],
-                                                          tmp_path: Path) -> None:
+def test_mount_replaces_a_dead_mount_that_is_still_in_use(
+    srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     """A mount process that died (a restarted DaemonSet pod) while a process held a file
     open in it: mounting again detaches the dead mount lazily and mounts anew."""
     mnt = tmp_path / "mnt"
@@ -261,11 +322,13 @@ def test_mount_replaces_a_dead_mount_that_is_still_in_use(srv: OssTestServer,
                 os.statvfs(mnt)  # (stat may be answered from the kernel's cache)
             assert dead.value.errno == errno.ENOTCONN
             # Busy: a plain unmount of it fails.
-            busy = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True,
-                                  text=True, check=False)
+            busy = subprocess.run(
+                ["fusermount3", "-u", str(mnt)], capture_output=True, text=True, check=False
+            )
             assert busy.returncode != 0
-            r = run_ossfs("mount", f"oss://{BUCKET}", str(mnt), *conn(srv, tmp_path),
-                          env=oss_env, timeout=60)
+            r = run_ossfs(
+                "mount", f"oss://{BUCKET}", str(mnt), *conn(srv, tmp_path), env=oss_env, timeout=60
+            )
             assert r.returncode == 0, r.stderr
             assert "dead ossfs mount" in r.stderr and "lazily" in r.stderr
             assert (mnt / "dir" / "sub" / "c.txt").read_bytes() == b"sea\n"
@@ -280,13 +343,17 @@ def test_mount_replaces_a_dead_mount_that_is_still_in_use(srv: OssTestServer,
 
 
 @pytest.mark.fuse
-def test_foreground_mount_exits_130_on_ctrl_c(srv: OssTestServer, oss_env: dict[str, str],
-                                              tmp_path: Path) -> None:
+def test_foreground_mount_exits_130_on_ctrl_c(
+    srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.Popen([*OSSFS, "mount", f"oss://{BUCKET}", str(mnt), "-f",
-                             *conn(srv, tmp_path)], env=oss_env, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [*OSSFS, "mount", f"oss://{BUCKET}", str(mnt), "-f", *conn(srv, tmp_path)],
+        env=oss_env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for _ in range(200):
             if is_mounted(mnt):
@@ -305,11 +372,20 @@ def test_foreground_mount_exits_130_on_ctrl_c(srv: OssTestServer, oss_env: dict[
 
 
 @pytest.mark.fuse
-def test_status_all_tells_versions_apart(srv: OssTestServer, oss_env: dict[str, str],
-                                         tmp_path: Path) -> None:
+def test_status_all_tells_versions_apart(
+    srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     mnt = tmp_path / "mnt"
-    with mounted(f"oss://{BUCKET}", mnt, *conn(srv, tmp_path), "--ttl", "0",
-                 "--negative-ttl", "0", env=oss_env):
+    with mounted(
+        f"oss://{BUCKET}",
+        mnt,
+        *conn(srv, tmp_path),
+        "--ttl",
+        "0",
+        "--negative-ttl",
+        "0",
+        env=oss_env,
+    ):
         assert (mnt / "dir" / "b.txt").read_bytes() == b"bee\n"
         srv.put(BUCKET, "dir/b.txt", b"a new bee\n")
         for _ in range(50):  # the kernel may still hold the old attributes briefly
@@ -320,27 +396,37 @@ def test_status_all_tells_versions_apart(srv: OssTestServer, oss_env: dict[str, 
         lines = [ln for ln in r.stdout.splitlines() if ln.endswith(")") and "b.txt" in ln]
         assert len(lines) == 2, r.stdout
         assert len({ln.rsplit("(ETag ", 1)[1] for ln in lines}) == 2
-        doc = json.loads(run_ossfs("status", str(mnt), "--json", env=oss_env,
-                                   check=True).stdout)
+        doc = json.loads(run_ossfs("status", str(mnt), "--json", env=oss_env, check=True).stdout)
         assert all("etag" in o for o in doc["objects_cached"])
 
 
 @pytest.mark.fuse
-def test_materialize_in_a_mount_uses_the_mounts_config_file(srv: OssTestServer,
-                                                            cli_env: dict[str, str],
-                                                            tmp_path: Path) -> None:
+def test_materialize_in_a_mount_uses_the_mounts_config_file(
+    srv: OssTestServer, cli_env: dict[str, str], tmp_path: Path
+) -> None:
     # The credentials are only in a config file named at mount time (as an fstab
     # line does with -o config=...): materialize must find the same file.
     from tests.integration.conftest import OSS_ACCESS_KEY_ID, OSS_ACCESS_KEY_SECRET
 
     config = tmp_path / "elsewhere.toml"
-    config.write_text(f'[default]\nendpoint = "{srv.url}"\n'
-                      f'access_key_id = "{OSS_ACCESS_KEY_ID}"\n'
-                      f'access_key_secret = "{OSS_ACCESS_KEY_SECRET}"\n')
+    config.write_text(
+        f'[default]\nendpoint = "{srv.url}"\n'
+        f'access_key_id = "{OSS_ACCESS_KEY_ID}"\n'
+        f'access_key_secret = "{OSS_ACCESS_KEY_SECRET}"\n'
+    )
     config.chmod(0o600)
     mnt = tmp_path / "mnt"
-    with mounted(f"oss://{BUCKET}", mnt, "--config", str(config), "--cache-dir",
-                 str(tmp_path / "cache"), "--part-size", "100KiB", env=cli_env):
+    with mounted(
+        f"oss://{BUCKET}",
+        mnt,
+        "--config",
+        str(config),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--part-size",
+        "100KiB",
+        env=cli_env,
+    ):
         r = run_ossfs("materialize", str(mnt / "dir"), env=cli_env)
         assert r.returncode == 0, r.stderr
         assert "materialized 3 object(s)" in r.stderr
@@ -349,13 +435,15 @@ def test_materialize_in_a_mount_uses_the_mounts_config_file(srv: OssTestServer,
 # ---------------------------------------------------------------- materialize
 
 
-def materialize(server: OssTestServer, env: dict[str, str], tmp_path: Path, target: str,
-                *args: str) -> subprocess.CompletedProcess[str]:
+def materialize(
+    server: OssTestServer, env: dict[str, str], tmp_path: Path, target: str, *args: str
+) -> subprocess.CompletedProcess[str]:
     return run_ossfs("materialize", target, *conn(server, tmp_path), *args, env=env)
 
 
-def test_materialize_summary_counts_failures_apart(srv: OssTestServer, oss_env: dict[str, str],
-                                                   tmp_path: Path) -> None:
+def test_materialize_summary_counts_failures_apart(
+    srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     srv.faults.add(Fault("status", status=403, op="get", key="dir/b.txt"), times=None)
     r = materialize(srv, oss_env, tmp_path, f"oss://{BUCKET}/dir/", "--attempts", "1")
     assert r.returncode == 1 and "Traceback" not in r.stderr
@@ -363,8 +451,9 @@ def test_materialize_summary_counts_failures_apart(srv: OssTestServer, oss_env: 
     assert f"materialized 2 of 3 object(s) (1 failed) of oss://{BUCKET}/dir/" in r.stderr
 
 
-def test_materialize_starts_a_replaced_object_over(srv: OssTestServer, oss_env: dict[str, str],
-                                                   tmp_path: Path) -> None:
+def test_materialize_starts_a_replaced_object_over(
+    srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     new = os.urandom(4 * 100 * KiB + 9)
     srv.faults.add(Fault("replace", op="get", key="dir/a.bin", after_bytes=1000, data=new))
     out = tmp_path / "out" / "deeper"  # --to creates what is missing
@@ -375,8 +464,7 @@ def test_materialize_starts_a_replaced_object_over(srv: OssTestServer, oss_env: 
     assert (out / "a.bin").read_bytes() == new
 
 
-def test_materialize_messages(srv: OssTestServer, oss_env: dict[str, str],
-                              tmp_path: Path) -> None:
+def test_materialize_messages(srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path) -> None:
     r = materialize(srv, oss_env, tmp_path, f"oss://{BUCKET}/nothing/")
     line = one_error(r, 1)
     assert f"no object under oss://{BUCKET}/nothing/" in line and "NoSuchKey" not in line

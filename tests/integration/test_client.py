@@ -107,8 +107,15 @@ def _oss_backend(server: OssTestServer, signature_version: str) -> Backend:
         return meta.size, meta.etag, meta.mtime
 
     sv: Any = signature_version
-    return Backend(f"oss-{signature_version}", server.endpoint(signature_version=sv), bucket,
-                   put, put_many, truth, server)
+    return Backend(
+        f"oss-{signature_version}",
+        server.endpoint(signature_version=sv),
+        bucket,
+        put,
+        put_many,
+        truth,
+        server,
+    )
 
 
 def _s3_backend(moto_endpoint: str, s3: Any, bucket: str) -> Backend:
@@ -144,8 +151,11 @@ def _s3_backend(moto_endpoint: str, s3: Any, bucket: str) -> Backend:
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     """The OSS test server with either signature version, or moto's S3."""
     if request.param == "s3":
-        yield _s3_backend(request.getfixturevalue("moto_endpoint"),
-                          request.getfixturevalue("s3"), request.getfixturevalue("s3_bucket"))
+        yield _s3_backend(
+            request.getfixturevalue("moto_endpoint"),
+            request.getfixturevalue("s3"),
+            request.getfixturevalue("s3_bucket"),
+        )
         return
     server = request.getfixturevalue("oss_server")
     yield _oss_backend(server, request.param.removeprefix("oss-"))
@@ -171,8 +181,9 @@ class Collector:
         self.data.extend(chunk)
 
 
-async def get_bytes(client: HttpObjectClient, bucket: str, key: str, start: int, end: int,
-                    etag: str | None = None) -> tuple[bytes, GetResult]:
+async def get_bytes(
+    client: HttpObjectClient, bucket: str, key: str, start: int, end: int, etag: str | None = None
+) -> tuple[bytes, GetResult]:
     """Object bytes ``[start, end)`` through the client's streaming sink."""
     sink = Collector(start)
     result = await client.get_range(bucket, key, start, end, etag, sink)
@@ -189,16 +200,18 @@ async def one_request(client: HttpObjectClient, op: str) -> None:
         await client.list_page("bkt")
 
 
-async def list_all(client: HttpObjectClient, bucket: str, prefix: str = "",
-                   delimiter: str = "") -> tuple[list[str], list[str], int]:
+async def list_all(
+    client: HttpObjectClient, bucket: str, prefix: str = "", delimiter: str = ""
+) -> tuple[list[str], list[str], int]:
     """Every key and common prefix under *prefix*, following continuation tokens."""
     keys: list[str] = []
     prefixes: list[str] = []
     pages = 0
     token: str | None = None
     while True:
-        page = await client.list_page(bucket, prefix=prefix, delimiter=delimiter,
-                                      continuation_token=token)
+        page = await client.list_page(
+            bucket, prefix=prefix, delimiter=delimiter, continuation_token=token
+        )
         pages += 1
         assert len(page.objects) + len(page.prefixes) <= 1000
         keys.extend(o.key for o in page.objects)
@@ -268,8 +281,7 @@ async def test_ranged_get(backend: Backend, span: tuple[int, int]) -> None:
     start, end = span
     async with backend.client() as client:
         meta = await client.head(backend.bucket, "r/object.bin")
-        got, result = await get_bytes(client, backend.bucket, "r/object.bin", start, end,
-                                      meta.etag)
+        got, result = await get_bytes(client, backend.bucket, "r/object.bin", start, end, meta.etag)
     assert got == data[start:end]
     assert result.nbytes == end - start
     if backend.name.startswith("oss"):
@@ -304,13 +316,16 @@ async def test_list_objects_carry_metadata(backend: Backend) -> None:
     (obj,) = page.objects
     size, etag, mtime = backend.truth("meta/a.bin")
     assert (obj.key, obj.size, obj.etag.lower(), obj.mtime) == (
-        "meta/a.bin", size, etag.lower(), mtime)
+        "meta/a.bin",
+        size,
+        etag.lower(),
+        mtime,
+    )
     assert page.next_token is None
 
 
 async def test_list_prefix_and_delimiter(backend: Backend) -> None:
-    for key in ["p/a.txt", "p/b/c.txt", "p/b/d.txt", "p/e/f/g.txt", "p/z.txt", "pq/x.txt",
-                "q.txt"]:
+    for key in ["p/a.txt", "p/b/c.txt", "p/b/d.txt", "p/e/f/g.txt", "p/z.txt", "pq/x.txt", "q.txt"]:
         backend.put(key, key.encode())
     async with backend.client() as client:
         keys, prefixes, _ = await list_all(client, backend.bucket, prefix="p/", delimiter="/")
@@ -331,8 +346,7 @@ async def test_list_pagination_with_delimiter(backend: Backend) -> None:
     keys = [f"d/{i:04d}/x" for i in range(1200)] + ["d/zz"]
     backend.put_many(keys)
     async with backend.client() as client:
-        listed, prefixes, pages = await list_all(client, backend.bucket, prefix="d/",
-                                                 delimiter="/")
+        listed, prefixes, pages = await list_all(client, backend.bucket, prefix="d/", delimiter="/")
     assert pages >= 2
     assert prefixes == [f"d/{i:04d}/" for i in range(1200)]
     assert listed == ["d/zz"]
@@ -356,8 +370,9 @@ async def test_keys_that_need_encoding(backend: Backend) -> None:
         # Encoded keys in a prefix and in roll-ups come back decoded too.
         keys, prefixes, _ = await list_all(client, backend.bucket, prefix="enc/", delimiter="/")
         assert prefixes == ["enc/caf\u00e9/", "enc/double/"]
-        assert keys == sorted((k for k in ENCODED_KEYS if k.count("/") == 1),
-                              key=lambda k: k.encode())
+        assert keys == sorted(
+            (k for k in ENCODED_KEYS if k.count("/") == 1), key=lambda k: k.encode()
+        )
         keys, _, _ = await list_all(client, backend.bucket, prefix="enc/with sp")
         assert keys == ["enc/with space.txt"]
         keys, _, _ = await list_all(client, backend.bucket, prefix="enc/plus+")
@@ -418,8 +433,9 @@ async def test_reset_after_delivered_bytes_resumes_after_them(oss: OssTestServer
     """Bytes that reached the client before the RST are kept: the retry starts after them."""
     data = oss.get("bkt", "obj")
     # The pause gives the client ample time to read what was sent before the RST.
-    oss.faults.add(Fault("stall", op="get", key="obj", after_bytes=400 * KiB, seconds=1.0,
-                         then="reset"))
+    oss.faults.add(
+        Fault("stall", op="get", key="obj", after_bytes=400 * KiB, seconds=1.0, then="reset")
+    )
     async with HttpObjectClient(oss.endpoint(), FAST) as client:
         got, _ = await get_bytes(client, "bkt", "obj", 5, len(data))
     assert got == data[5:]
@@ -445,8 +461,7 @@ async def test_truncated_body_resumes_from_missing_byte(oss: OssTestServer) -> N
     ]
 
 
-async def test_transfer_that_keeps_moving_is_not_cut_off_by_attempts(
-        oss: OssTestServer) -> None:
+async def test_transfer_that_keeps_moving_is_not_cut_off_by_attempts(oss: OssTestServer) -> None:
     """Only attempts that deliver nothing use up the budget."""
     data = oss.get("bkt", "obj")
     oss.faults.add(Fault("truncate", op="get", key="obj", after_bytes=100 * KiB), times=None)
@@ -462,8 +477,9 @@ async def test_stall_longer_than_stall_timeout_resumes(oss: OssTestServer) -> No
     data = oss.get("bkt", "obj")
     # The stalled answer would go on after 2 s; a client that waited for it would
     # need no second GET.
-    oss.faults.add(Fault("stall", op="get", key="obj", after_bytes=250_000, seconds=2.0,
-                         then="continue"))
+    oss.faults.add(
+        Fault("stall", op="get", key="obj", after_bytes=250_000, seconds=2.0, then="continue")
+    )
     config = ClientConfig(backoff_base=0.01, stall_timeout=0.5)
     async with HttpObjectClient(oss.endpoint(), config) as client:
         got, _ = await get_bytes(client, "bkt", "obj", 0, len(data))
@@ -521,8 +537,15 @@ async def test_missing_key_makes_one_request(oss: OssTestServer) -> None:
 
 async def test_head_error_is_decoded_from_x_oss_err(oss: OssTestServer) -> None:
     """A code no status implies can only come from the base64 document in x-oss-err."""
-    oss.faults.add(Fault("status", op="head", status=403, code="InvalidObjectState",
-                         message="The operation is not valid for the object's state"))
+    oss.faults.add(
+        Fault(
+            "status",
+            op="head",
+            status=403,
+            code="InvalidObjectState",
+            message="The operation is not valid for the object's state",
+        )
+    )
     async with HttpObjectClient(oss.endpoint(), FAST) as client:
         with pytest.raises(ArchivedObjectError) as info:
             await client.head("bkt", "obj")
@@ -552,9 +575,14 @@ async def test_bad_secret(oss: OssTestServer, signature_version: str) -> None:
     sv: Any = signature_version
     good = oss.endpoint(signature_version=sv)
     assert good.credentials is not None
-    bad = Endpoint(good.url, dialect="oss", region=good.region, signature_version=sv,
-                   path_style=True,
-                   credentials=Credentials(good.credentials.access_key_id, "wrong-secret"))
+    bad = Endpoint(
+        good.url,
+        dialect="oss",
+        region=good.region,
+        signature_version=sv,
+        path_style=True,
+        credentials=Credentials(good.credentials.access_key_id, "wrong-secret"),
+    )
     async with HttpObjectClient(bad, FAST) as client:
         with pytest.raises(AccessError) as head_info:
             await client.head("bkt", "obj")
@@ -571,8 +599,9 @@ async def test_bad_secret(oss: OssTestServer, signature_version: str) -> None:
 
 
 async def test_unknown_access_key(oss: OssTestServer) -> None:
-    ep = Endpoint(oss.url, dialect="oss", path_style=True,
-                  credentials=Credentials("nobody", "whatever"))
+    ep = Endpoint(
+        oss.url, dialect="oss", path_style=True, credentials=Credentials("nobody", "whatever")
+    )
     async with HttpObjectClient(ep, FAST) as client:
         with pytest.raises(AccessError) as info:
             await get_bytes(client, "bkt", "obj", 0, 10)
@@ -601,8 +630,7 @@ async def test_attempts_are_bounded(oss: OssTestServer, op: str) -> None:
     assert "ServiceUnavailable" in message and "request id" in message
 
 
-async def test_attempts_bounded_when_connections_reset_before_any_byte(
-        oss: OssTestServer) -> None:
+async def test_attempts_bounded_when_connections_reset_before_any_byte(oss: OssTestServer) -> None:
     oss.faults.add(Fault("reset", op="get", key="obj", after_bytes=0), times=None)
     config = ClientConfig(attempts=3, backoff_base=0.01, backoff_max=0.02)
     async with HttpObjectClient(oss.endpoint(), config) as client:
@@ -642,8 +670,9 @@ async def test_range_past_the_end_is_an_error(oss: OssTestServer) -> None:
 _NO_TIMEOUTS = {"stall_timeout": math.inf, "connect_timeout": math.inf, "timeout": math.inf}
 
 
-async def test_rate_limit_caps_throughput(oss: OssTestServer,
-                                          autojump_clock: trio.testing.MockClock) -> None:
+async def test_rate_limit_caps_throughput(
+    oss: OssTestServer, autojump_clock: trio.testing.MockClock
+) -> None:
     data = pattern(2 * MiB, seed=9)
     oss.put("bkt", "two-mib", data)
     rate = 1 * MiB
@@ -660,7 +689,8 @@ async def test_rate_limit_caps_throughput(oss: OssTestServer,
 
 
 async def test_rate_limit_is_shared_by_concurrent_transfers(
-        oss: OssTestServer, autojump_clock: trio.testing.MockClock) -> None:
+    oss: OssTestServer, autojump_clock: trio.testing.MockClock
+) -> None:
     data = pattern(1 * MiB, seed=10)
     oss.put("bkt", "a", data)
     oss.put("bkt", "b", data)
@@ -703,7 +733,8 @@ def test_ls_and_stat_commands(oss_server: OssTestServer, oss_env: dict[str, str]
     assert result.stdout.splitlines() == ["enc/", "many/", "top.txt"]
     result = _cli(oss_server, oss_env, "ls", "oss://bkt/enc/")
     assert result.stdout.splitlines() == ["enc/caf\u00e9/", "enc/double/"] + sorted(
-        (k for k in ENCODED_KEYS if k.count("/") == 1), key=lambda k: k.encode())
+        (k for k in ENCODED_KEYS if k.count("/") == 1), key=lambda k: k.encode()
+    )
 
     key = "enc/with space.txt"
     result = _cli(oss_server, oss_env, "stat", f"oss://bkt/{key}")
@@ -713,19 +744,22 @@ def test_ls_and_stat_commands(oss_server: OssTestServer, oss_env: dict[str, str]
     shown = json.loads(result.stdout)
     assert shown["url"] == f"oss://bkt/{key}"
     assert (shown["size"], shown["etag"], shown["crc64ecma"]) == (5, meta.etag, str(meta.crc64))
-    assert shown["last_modified"] == time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                   time.gmtime(meta.mtime))
+    assert shown["last_modified"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(meta.mtime))
 
 
-@pytest.mark.parametrize(("args", "status", "expected"), [
-    (["stat", "oss://bkt/no/such/key"], 1, "NoSuchKey"),
-    (["stat", "oss://no-such-bucket/k"], 1, "NoSuchBucket"),
-    (["ls", "oss://no-such-bucket/"], 1, "NoSuchBucket"),
-    (["stat", "oss://bkt/"], 2, "needs an object key"),
-    (["ls", "ftp://bkt/"], 2, "not an object URL"),
-])
-def test_ls_and_stat_errors(oss_server: OssTestServer, oss_env: dict[str, str],
-                            args: list[str], status: int, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "status", "expected"),
+    [
+        (["stat", "oss://bkt/no/such/key"], 1, "NoSuchKey"),
+        (["stat", "oss://no-such-bucket/k"], 1, "NoSuchBucket"),
+        (["ls", "oss://no-such-bucket/"], 1, "NoSuchBucket"),
+        (["stat", "oss://bkt/"], 2, "needs an object key"),
+        (["ls", "ftp://bkt/"], 2, "not an object URL"),
+    ],
+)
+def test_ls_and_stat_errors(
+    oss_server: OssTestServer, oss_env: dict[str, str], args: list[str], status: int, expected: str
+) -> None:
     oss_server.create_bucket("bkt")
     result = _cli(oss_server, oss_env, *args)
     assert result.returncode == status

@@ -50,32 +50,41 @@ async def test_ecs_role_hardened_mode_discovers_the_role() -> None:
         got = await for_source(source).get()
         issue = fake.issued[0]
         assert (got.access_key_id, got.access_key_secret, got.session_token) == (
-            issue.access_key_id, issue.secret, issue.token)
+            issue.access_key_id,
+            issue.secret,
+            issue.token,
+        )
         (m1, p1, h1), (m2, p2, h2), (m3, p3, h3) = fake.requests
         assert (m1, p1) == ("PUT", "/latest/api/token")
         assert h1["X-aliyun-ecs-metadata-token-ttl-seconds"] == "21600"
         assert (m2, p2) == ("GET", "/latest/meta-data/ram/security-credentials/")
         assert (m3, p3) == ("GET", f"/latest/meta-data/ram/security-credentials/{ROLE}")
-        assert h2["X-aliyun-ecs-metadata-token"] == h3["X-aliyun-ecs-metadata-token"] == \
-            "md-token-0"
+        assert (
+            h2["X-aliyun-ecs-metadata-token"] == h3["X-aliyun-ecs-metadata-token"] == "md-token-0"
+        )
 
 
 async def test_ecs_role_without_the_token_mode() -> None:
     with FakeIdentity(refuse_token=True) as fake:
         # A service without the hardened mode is asked without a token ...
-        got = await for_source(InstanceRole(flavor="ecs", endpoint=fake.url,
-                                            role=ROLE)).get()
+        got = await for_source(InstanceRole(flavor="ecs", endpoint=fake.url, role=ROLE)).get()
         assert got.access_key_id == fake.issued[0].access_key_id
         assert [p for _, p, _ in fake.requests] == [
-            "/latest/api/token", f"/latest/meta-data/ram/security-credentials/{ROLE}"]
+            "/latest/api/token",
+            f"/latest/meta-data/ram/security-credentials/{ROLE}",
+        ]
         # ... unless the token is required (ALIBABA_CLOUD_IMDSV1_DISABLED).
         from ossfs.errors import CredentialError
 
-        with pytest.raises(CredentialError, match=r"ECS RAM role 'ossfs-test-role' \(metadata "
-                           r"service http://127.0.0.1:\d+\): PUT .*/latest/api/token answered "
-                           r"404: not found \(a metadata token is required\)"):
-            await for_source(InstanceRole(flavor="ecs", endpoint=fake.url, role=ROLE,
-                                          require_token=True)).get()
+        with pytest.raises(
+            CredentialError,
+            match=r"ECS RAM role 'ossfs-test-role' \(metadata "
+            r"service http://127.0.0.1:\d+\): PUT .*/latest/api/token answered "
+            r"404: not found \(a metadata token is required\)",
+        ):
+            await for_source(
+                InstanceRole(flavor="ecs", endpoint=fake.url, role=ROLE, require_token=True)
+            ).get()
 
 
 async def test_ec2_imdsv2() -> None:
@@ -94,8 +103,14 @@ async def test_rrsa_oidc_reads_the_rotated_token_each_time(tmp_path: Path) -> No
     token.write_text("oidc-token-from-the-cluster\n")
     with FakeIdentity(lifetime=1.0) as fake:
         source = AssumeRoleWithToken(
-            flavor="oidc", role_arn="acs:ram::1:role/r", provider_arn="acs:ram::1:oidc-provider/p",
-            token_file=str(token), sts_endpoint=fake.url, session_name="s1", where="test")
+            flavor="oidc",
+            role_arn="acs:ram::1:role/r",
+            provider_arn="acs:ram::1:oidc-provider/p",
+            token_file=str(token),
+            sts_endpoint=fake.url,
+            session_name="s1",
+            where="test",
+        )
         creds = for_source(source)
         first = await creds.get()
         form = fake.forms[0]
@@ -116,8 +131,11 @@ async def test_rrsa_oidc_reads_the_rotated_token_each_time(tmp_path: Path) -> No
         token.write_text("stolen")
         from ossfs.errors import CredentialError
 
-        with pytest.raises(CredentialError, match="AssumeRoleWithOIDC of role acs:ram::1:role/r"
-                           ".*STS answered 400 AuthenticationFail.OIDCToken.Invalid"):
+        with pytest.raises(
+            CredentialError,
+            match="AssumeRoleWithOIDC of role acs:ram::1:role/r"
+            ".*STS answered 400 AuthenticationFail.OIDCToken.Invalid",
+        ):
             await for_source(source).get()
 
 
@@ -126,8 +144,13 @@ async def test_web_identity(tmp_path: Path) -> None:
     token.write_text("oidc-token-from-the-cluster")
     with FakeIdentity() as fake:
         source = AssumeRoleWithToken(
-            flavor="web_identity", role_arn="arn:aws:iam::1:role/w", token_file=str(token),
-            sts_endpoint=fake.url, session_name="ossfs", where="test")
+            flavor="web_identity",
+            role_arn="arn:aws:iam::1:role/w",
+            token_file=str(token),
+            sts_endpoint=fake.url,
+            session_name="ossfs",
+            where="test",
+        )
         got = await for_source(source).get()
         assert got.access_key_id == fake.issued[0].access_key_id
         form = fake.forms[0]
@@ -171,8 +194,7 @@ def process_command(script: Path, mode: str, lifetime: float) -> str:
 
 
 @pytest.mark.parametrize("mode", ["aws", "alibaba"])
-async def test_credential_process_is_run_again_on_expiry(process_script: Path,
-                                                          mode: str) -> None:
+async def test_credential_process_is_run_again_on_expiry(process_script: Path, mode: str) -> None:
     creds = for_source(Process(process_command(process_script, mode, 1.0), "test"))
     first = await creds.get()
     assert (first.access_key_id, first.session_token) == ("proc-0", "proc-token-0")
@@ -190,7 +212,8 @@ async def test_credential_process_failure_is_one_line(process_script: Path) -> N
         await creds.get()
     assert str(caught.value) == (
         f"cannot get credentials from credential_process {sys.executable} (profile 'p'): "
-        f"{sys.executable} exited with status 3: token service said no")
+        f"{sys.executable} exited with status 3: token service said no"
+    )
 
 
 # ------------------------------------------------------------------ long reads
@@ -228,13 +251,26 @@ def slow_object(server: OssTestServer) -> bytes:
 
 
 def download(env: dict[str, str], server: OssTestServer, out: Path) -> Any:
-    return run_ossfs("download", f"oss://{BUCKET}/big.bin", str(out), "--endpoint", server.url,
-                     "--threads", "2", "--part-size", "256KiB", "--no-progress", "-v", env=env)
+    return run_ossfs(
+        "download",
+        f"oss://{BUCKET}/big.bin",
+        str(out),
+        "--endpoint",
+        server.url,
+        "--threads",
+        "2",
+        "--part-size",
+        "256KiB",
+        "--no-progress",
+        "-v",
+        env=env,
+    )
 
 
 @pytest.mark.slow
 def test_download_moves_to_new_ecs_keys_before_the_old_expire(
-        oss_sts: OssTestServer, cli_env: dict[str, str], tmp_path: Path) -> None:
+    oss_sts: OssTestServer, cli_env: dict[str, str], tmp_path: Path
+) -> None:
     data = slow_object(oss_sts)
     with FakeIdentity(lifetime=4.0, oss=oss_sts) as fake:
         out = tmp_path / "big.bin"
@@ -255,15 +291,17 @@ def test_download_moves_to_new_ecs_keys_before_the_old_expire(
 
 @pytest.mark.slow
 def test_download_with_credential_process_profile(
-        oss_sts: OssTestServer, cli_env: dict[str, str], tmp_path: Path,
-        process_script: Path) -> None:
+    oss_sts: OssTestServer, cli_env: dict[str, str], tmp_path: Path, process_script: Path
+) -> None:
     data = slow_object(oss_sts)
     # The script's keys are registered up front (it cannot reach the server).
     for n in range(20):
         oss_sts.add_key(f"proc-{n}", f"proc-secret-{n}", f"proc-token-{n}")
     config = tmp_path / "config.toml"
-    config.write_text(f"[default]\ncredential_process = "
-                      f"{json.dumps(process_command(process_script, 'aws', 3.0))}\n")
+    config.write_text(
+        f"[default]\ncredential_process = "
+        f"{json.dumps(process_command(process_script, 'aws', 3.0))}\n"
+    )
     env = dict(cli_env, OSSFS_CONFIG=str(config))
     out = tmp_path / "big.bin"
     result = download(env, oss_sts, out)
@@ -276,7 +314,8 @@ def test_download_with_credential_process_profile(
 
 @pytest.mark.slow
 def test_expired_keys_end_a_download_with_one_line(
-        oss_sts: OssTestServer, cli_env: dict[str, str], tmp_path: Path) -> None:
+    oss_sts: OssTestServer, cli_env: dict[str, str], tmp_path: Path
+) -> None:
     slow_object(oss_sts)
     with FakeIdentity(lifetime=2.0, oss=oss_sts) as fake:
         original = fake._issue
@@ -292,8 +331,10 @@ def test_expired_keys_end_a_download_with_one_line(
         assert "Traceback" not in result.stderr
         errors = [line for line in result.stderr.splitlines() if "error:" in line]
         assert len(errors) == 1, result.stderr
-        assert (f"credentials from the ECS RAM role (metadata service {fake.url}) expired at"
-                in errors[0])
+        assert (
+            f"credentials from the ECS RAM role (metadata service {fake.url}) expired at"
+            in errors[0]
+        )
         assert "answered 500" in errors[0]
         # The failed refreshes before expiry were logged once, not per retry.
         assert result.stderr.count("cannot refresh credentials") == 1
@@ -303,8 +344,9 @@ def test_expired_keys_end_a_download_with_one_line(
 # ------------------------------------------------------------------ the command line
 
 
-def test_provider_failures_are_one_line(cli_env: dict[str, str], tmp_path: Path,
-                                        process_script: Path) -> None:
+def test_provider_failures_are_one_line(
+    cli_env: dict[str, str], tmp_path: Path, process_script: Path
+) -> None:
     url = f"oss://{BUCKET}/"
     endpoint = ["--endpoint", "http://127.0.0.1:9"]
     # Nothing configured and no metadata service: the old message, plus what the
@@ -315,64 +357,84 @@ def test_provider_failures_are_one_line(cli_env: dict[str, str], tmp_path: Path,
     result = run_ossfs("ls", url, *endpoint, env=env)
     assert result.returncode == 1
     assert result.stderr.startswith("ossfs: error: no credentials found (OSS_ACCESS_KEY_ID")
-    assert f"and the ECS RAM role (metadata service {dead}) gave none: PUT {dead}" \
-        in result.stderr
+    assert f"and the ECS RAM role (metadata service {dead}) gave none: PUT {dead}" in result.stderr
     assert result.stderr.rstrip().endswith("use --anonymous for a public bucket")
     assert len(result.stderr.splitlines()) == 1
     # A credential process that fails.
     config = tmp_path / "config.toml"
-    config.write_text(f"[default]\ncredential_process = "
-                      f"{json.dumps(process_command(process_script, 'fail', 1))}\n")
+    config.write_text(
+        f"[default]\ncredential_process = "
+        f"{json.dumps(process_command(process_script, 'fail', 1))}\n"
+    )
     result = run_ossfs("ls", url, *endpoint, env=dict(cli_env, OSSFS_CONFIG=str(config)))
     assert result.returncode == 1
     assert result.stderr == (
         f"ossfs: error: cannot get credentials from credential_process {sys.executable} "
         f"(profile 'default' of {config}): {sys.executable} exited with status 3: token "
-        "service said no\n")
+        "service said no\n"
+    )
     # RRSA with a token file that is not there.
-    env = dict(cli_env, ALIBABA_CLOUD_ROLE_ARN="acs:ram::1:role/r",
-               ALIBABA_CLOUD_OIDC_PROVIDER_ARN="acs:ram::1:oidc-provider/p",
-               ALIBABA_CLOUD_OIDC_TOKEN_FILE=str(tmp_path / "missing"),
-               ALIBABA_CLOUD_STS_ENDPOINT=dead)
+    env = dict(
+        cli_env,
+        ALIBABA_CLOUD_ROLE_ARN="acs:ram::1:role/r",
+        ALIBABA_CLOUD_OIDC_PROVIDER_ARN="acs:ram::1:oidc-provider/p",
+        ALIBABA_CLOUD_OIDC_TOKEN_FILE=str(tmp_path / "missing"),
+        ALIBABA_CLOUD_STS_ENDPOINT=dead,
+    )
     result = run_ossfs("ls", url, *endpoint, env=env)
     assert result.returncode == 1
     assert result.stderr == (
         f"ossfs: error: cannot get credentials from AssumeRoleWithOIDC of role "
         f"acs:ram::1:role/r at {dead} (RRSA: ALIBABA_CLOUD_ROLE_ARN): cannot read the token "
-        f"file {tmp_path / 'missing'}: No such file or directory\n")
+        f"file {tmp_path / 'missing'}: No such file or directory\n"
+    )
 
 
-def test_ls_with_rrsa_and_with_the_ecs_role(oss_sts: OssTestServer, cli_env: dict[str, str],
-                                            tmp_path: Path) -> None:
+def test_ls_with_rrsa_and_with_the_ecs_role(
+    oss_sts: OssTestServer, cli_env: dict[str, str], tmp_path: Path
+) -> None:
     oss_sts.put(BUCKET, "a.txt", b"hello")
     token = tmp_path / "token"
     token.write_text("oidc-token-from-the-cluster")
     with FakeIdentity(oss=oss_sts) as fake:
-        env = dict(cli_env, ALIBABA_CLOUD_ROLE_ARN="acs:ram::1:role/r",
-                   ALIBABA_CLOUD_OIDC_PROVIDER_ARN="acs:ram::1:oidc-provider/p",
-                   ALIBABA_CLOUD_OIDC_TOKEN_FILE=str(token), ALIBABA_CLOUD_STS_ENDPOINT=fake.url)
+        env = dict(
+            cli_env,
+            ALIBABA_CLOUD_ROLE_ARN="acs:ram::1:role/r",
+            ALIBABA_CLOUD_OIDC_PROVIDER_ARN="acs:ram::1:oidc-provider/p",
+            ALIBABA_CLOUD_OIDC_TOKEN_FILE=str(token),
+            ALIBABA_CLOUD_STS_ENDPOINT=fake.url,
+        )
         result = run_ossfs("ls", f"oss://{BUCKET}/", "--endpoint", oss_sts.url, env=env)
         assert result.returncode == 0, result.stderr
         assert result.stdout.split() == ["a.txt"]
         assert fake.issued[-1].via == "oidc"
-        result = run_ossfs("ls", f"oss://{BUCKET}/", "--endpoint", oss_sts.url,
-                           env=ecs_env(cli_env, fake))
+        result = run_ossfs(
+            "ls", f"oss://{BUCKET}/", "--endpoint", oss_sts.url, env=ecs_env(cli_env, fake)
+        )
         assert result.returncode == 0, result.stderr
         assert fake.issued[-1].via == "ecs"
         assert oss_sts.keys_used[fake.issued[-1].access_key_id] >= 1
 
 
-def test_s3_web_identity_and_imds_against_moto(moto_endpoint: str, s3: Any,
-                                               cli_env: dict[str, str], tmp_path: Path) -> None:
+def test_s3_web_identity_and_imds_against_moto(
+    moto_endpoint: str, s3: Any, cli_env: dict[str, str], tmp_path: Path
+) -> None:
     s3.create_bucket(Bucket="creds-s3")
     s3.put_object(Bucket="creds-s3", Key="k.txt", Body=b"x")
     token = tmp_path / "token"
     token.write_text("oidc-token-from-the-cluster")
-    base = {k: v for k, v in cli_env.items() if not k.startswith("AWS_ACCESS")
-            and not k.startswith("AWS_SECRET")}
+    base = {
+        k: v
+        for k, v in cli_env.items()
+        if not k.startswith("AWS_ACCESS") and not k.startswith("AWS_SECRET")
+    }
     with FakeIdentity() as fake:
-        env = dict(base, AWS_ROLE_ARN="arn:aws:iam::1:role/w",
-                   AWS_WEB_IDENTITY_TOKEN_FILE=str(token), AWS_ENDPOINT_URL_STS=fake.url)
+        env = dict(
+            base,
+            AWS_ROLE_ARN="arn:aws:iam::1:role/w",
+            AWS_WEB_IDENTITY_TOKEN_FILE=str(token),
+            AWS_ENDPOINT_URL_STS=fake.url,
+        )
         result = run_ossfs("ls", "s3://creds-s3/", "--endpoint", moto_endpoint, env=env)
         assert result.returncode == 0, result.stderr
         assert result.stdout.split() == ["k.txt"] and fake.issued[-1].via == "web_identity"
@@ -394,7 +456,8 @@ def wait_past(when: float) -> None:
 @pytest.mark.fuse
 @pytest.mark.slow
 def test_mount_keeps_reading_across_key_lives_and_fails_clearly_after(
-        oss_sts: OssTestServer, cli_env: dict[str, str], tmp_path: Path) -> None:
+    oss_sts: OssTestServer, cli_env: dict[str, str], tmp_path: Path
+) -> None:
     from tests.helpers import mounted
 
     data = slow_object(oss_sts)
@@ -402,12 +465,22 @@ def test_mount_keeps_reading_across_key_lives_and_fails_clearly_after(
     oss_sts.put(BUCKET, "small-2.txt", b"two")
     mnt, log = tmp_path / "mnt", tmp_path / "mount.log"
     with FakeIdentity(lifetime=3.0, oss=oss_sts) as fake:
-        opts = ["--endpoint", oss_sts.url, "--cache-dir", str(tmp_path / "cache"),
-                "--part-size", "256KiB", "--threads", "2"]
+        opts = [
+            "--endpoint",
+            oss_sts.url,
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--part-size",
+            "256KiB",
+            "--threads",
+            "2",
+        ]
         with mounted(f"oss://{BUCKET}", mnt, *opts, env=ecs_env(cli_env, fake), log=log):
             # A read longer than a key's life: served whole, with no refusal.
-            assert hashlib.sha256((mnt / "big.bin").read_bytes()).digest() == \
-                hashlib.sha256(data).digest()
+            assert (
+                hashlib.sha256((mnt / "big.bin").read_bytes()).digest()
+                == hashlib.sha256(data).digest()
+            )
             # After the keys in hand have expired, the next request gets a new one.
             wait_past(fake.issued[-1].expiration)
             assert (mnt / "small-1.txt").read_bytes() == b"one"
@@ -422,7 +495,6 @@ def test_mount_keeps_reading_across_key_lives_and_fails_clearly_after(
             assert caught.value.errno == 13  # EACCES
         text = log.read_text()
         assert "Traceback" not in text
-        assert (f"credentials from the ECS RAM role (metadata service {fake.url}) expired at"
-                in text)
+        assert f"credentials from the ECS RAM role (metadata service {fake.url}) expired at" in text
         assert "403" not in text and "SecurityTokenExpired" not in text
         no_secrets(text, fake)

@@ -59,16 +59,22 @@ def randbytes(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-def oss_download(server: OssTestServer, env: dict[str, str], *args: str,
-                 cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def oss_download(
+    server: OssTestServer, env: dict[str, str], *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``ossfs download ARGS`` against *server*."""
     return run_ossfs("download", *args, "--endpoint", server.url, env=env, cwd=cwd)
 
 
 def popen_download(server: OssTestServer, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     """Start ``ossfs download ARGS`` in the background (the caller must reap it)."""
-    return subprocess.Popen([*OSSFS, "download", *args, "--endpoint", server.url], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*OSSFS, "download", *args, "--endpoint", server.url],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def reap(proc: subprocess.Popen[str]) -> None:
@@ -83,8 +89,7 @@ def reap(proc: subprocess.Popen[str]) -> None:
 
 def leftovers(directory: Path) -> list[str]:
     """Temp files and checkpoints in *directory*."""
-    return sorted(n for n in os.listdir(directory)
-                  if n.endswith((TEMP_SUFFIX, CHECKPOINT_SUFFIX)))
+    return sorted(n for n in os.listdir(directory) if n.endswith((TEMP_SUFFIX, CHECKPOINT_SUFFIX)))
 
 
 def checkpoints(directory: Path) -> list[Path]:
@@ -143,30 +148,60 @@ def gets_of(server: OssTestServer, key: str) -> int:
 
 def starting_at_or_after(offset: int) -> Any:
     """A fault filter: GETs whose range starts at *offset* or later."""
+
     def when(info: RequestInfo) -> bool:
         spec = parse_range(info.range)
         return spec is not None and spec[0] is not None and spec[0] >= offset
+
     return when
 
 
-def interrupt_after(server: OssTestServer, env: dict[str, str], key: str, dest: Path,
-                    parts_done: int, *extra: str, part_size: int = PART) -> None:
+def interrupt_after(
+    server: OssTestServer,
+    env: dict[str, str],
+    key: str,
+    dest: Path,
+    parts_done: int,
+    *extra: str,
+    part_size: int = PART,
+) -> None:
     """Leave a checkpoint of *key* at *dest* holding exactly parts ``0 .. parts_done-1``.
 
     Every GET from part *parts_done* on answers 503 and one attempt is allowed,
     so the run stops there with exit 1 (one thread keeps the parts in order).
     """
-    server.faults.add(Fault("status", status=503, op="get", key=key,
-                            when=starting_at_or_after(parts_done * part_size)), times=None)
+    server.faults.add(
+        Fault(
+            "status",
+            status=503,
+            op="get",
+            key=key,
+            when=starting_at_or_after(parts_done * part_size),
+        ),
+        times=None,
+    )
     try:
-        result = oss_download(server, env, f"oss://{BUCKET}/{key}", str(dest),
-                              "--part-size", str(part_size), "--threads", "1",
-                              "--attempts", "1", *extra)
+        result = oss_download(
+            server,
+            env,
+            f"oss://{BUCKET}/{key}",
+            str(dest),
+            "--part-size",
+            str(part_size),
+            "--threads",
+            "1",
+            "--attempts",
+            "1",
+            *extra,
+        )
     finally:
         server.faults.clear()
     assert result.returncode == 1, result.stderr
-    ckpt = only_checkpoint(Path(extra[extra.index("--checkpoint-dir") + 1])
-                           if "--checkpoint-dir" in extra else dest.parent)
+    ckpt = only_checkpoint(
+        Path(extra[extra.index("--checkpoint-dir") + 1])
+        if "--checkpoint-dir" in extra
+        else dest.parent
+    )
     assert recorded_parts(ckpt) == set(range(parts_done))
 
 
@@ -207,13 +242,22 @@ SIZES = {
 
 @pytest.mark.parametrize("threads", [1, 3, 8])
 @pytest.mark.parametrize("size", list(SIZES.values()), ids=list(SIZES))
-def test_download_is_byte_identical(srv: OssTestServer, oss_env: dict[str, str], out: Path,
-                                    size: int, threads: int) -> None:
+def test_download_is_byte_identical(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path, size: int, threads: int
+) -> None:
     data = randbytes(size, seed=size)
     meta = srv.put(BUCKET, "dir/object.bin", data, mtime=1_600_000_000)
     dest = out / "object.bin"
-    result = oss_download(srv, oss_env, f"oss://{BUCKET}/dir/object.bin", str(dest),
-                          "--part-size", "100KiB", "--threads", str(threads))
+    result = oss_download(
+        srv,
+        oss_env,
+        f"oss://{BUCKET}/dir/object.bin",
+        str(dest),
+        "--part-size",
+        "100KiB",
+        "--threads",
+        str(threads),
+    )
     line = summary(result)
     assert dest.read_bytes() == data
     assert leftovers(out) == []
@@ -226,8 +270,9 @@ def test_download_is_byte_identical(srv: OssTestServer, oss_env: dict[str, str],
     assert settled_stats(srv).bytes_sent == size
 
 
-def test_download_replaces_existing_file(srv: OssTestServer, oss_env: dict[str, str],
-                                         out: Path) -> None:
+def test_download_replaces_existing_file(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path
+) -> None:
     data = randbytes(3 * PART, seed=4)
     srv.put(BUCKET, "f", data)
     dest = out / "f"
@@ -238,14 +283,23 @@ def test_download_replaces_existing_file(srv: OssTestServer, oss_env: dict[str, 
 
 
 def test_download_from_s3_single_part_is_md5_verified(
-        moto_endpoint: str, s3: Any, s3_bucket: str, cli_env: dict[str, str],
-        out: Path) -> None:
+    moto_endpoint: str, s3: Any, s3_bucket: str, cli_env: dict[str, str], out: Path
+) -> None:
     data = randbytes(700 * KiB + 3, seed=5)
     s3.put_object(Bucket=s3_bucket, Key="s3/object.bin", Body=data)
     dest = out / "object.bin"
-    result = run_ossfs("download", f"s3://{s3_bucket}/s3/object.bin", str(dest),
-                       "--endpoint", moto_endpoint, "--part-size", "100KiB", "--threads", "3",
-                       env=cli_env)
+    result = run_ossfs(
+        "download",
+        f"s3://{s3_bucket}/s3/object.bin",
+        str(dest),
+        "--endpoint",
+        moto_endpoint,
+        "--part-size",
+        "100KiB",
+        "--threads",
+        "3",
+        env=cli_env,
+    )
     assert "MD5 verified" in summary(result)
     assert dest.read_bytes() == data
     assert leftovers(out) == []
@@ -253,22 +307,37 @@ def test_download_from_s3_single_part_is_md5_verified(
     assert os.stat(dest).st_mtime == head["LastModified"].timestamp()
 
 
-def test_download_from_s3_multipart_object(moto_endpoint: str, s3: Any, s3_bucket: str,
-                                           cli_env: dict[str, str], out: Path) -> None:
+def test_download_from_s3_multipart_object(
+    moto_endpoint: str, s3: Any, s3_bucket: str, cli_env: dict[str, str], out: Path
+) -> None:
     """A multipart ETag is no MD5: the download is still exact and says what it checked."""
     first, second = randbytes(5 * MiB, seed=6), randbytes(300 * KiB, seed=7)
     upload = s3.create_multipart_upload(Bucket=s3_bucket, Key="mp.bin")
-    etags = [s3.upload_part(Bucket=s3_bucket, Key="mp.bin", UploadId=upload["UploadId"],
-                            PartNumber=n, Body=body)["ETag"]
-             for n, body in ((1, first), (2, second))]
+    etags = [
+        s3.upload_part(
+            Bucket=s3_bucket, Key="mp.bin", UploadId=upload["UploadId"], PartNumber=n, Body=body
+        )["ETag"]
+        for n, body in ((1, first), (2, second))
+    ]
     s3.complete_multipart_upload(
-        Bucket=s3_bucket, Key="mp.bin", UploadId=upload["UploadId"],
-        MultipartUpload={"Parts": [{"ETag": e, "PartNumber": n + 1}
-                                   for n, e in enumerate(etags)]})
+        Bucket=s3_bucket,
+        Key="mp.bin",
+        UploadId=upload["UploadId"],
+        MultipartUpload={"Parts": [{"ETag": e, "PartNumber": n + 1} for n, e in enumerate(etags)]},
+    )
     dest = out / "mp.bin"
-    result = run_ossfs("download", f"s3://{s3_bucket}/mp.bin", str(dest),
-                       "--endpoint", moto_endpoint, "--part-size", "1MiB", "--threads", "4",
-                       env=cli_env)
+    result = run_ossfs(
+        "download",
+        f"s3://{s3_bucket}/mp.bin",
+        str(dest),
+        "--endpoint",
+        moto_endpoint,
+        "--part-size",
+        "1MiB",
+        "--threads",
+        "4",
+        env=cli_env,
+    )
     line = summary(result)
     assert dest.read_bytes() == first + second
     # One message, in the summary: a multipart ETag is no MD5 and S3 sends no CRC-64.
@@ -280,32 +349,37 @@ def test_download_from_s3_multipart_object(moto_endpoint: str, s3: Any, s3_bucke
 # ---------------------------------------------------------------------- destination
 
 
-def test_default_destination_is_base_name_in_cwd(srv: OssTestServer, oss_env: dict[str, str],
-                                                 out: Path) -> None:
+def test_default_destination_is_base_name_in_cwd(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path
+) -> None:
     data = randbytes(2 * PART + 5, seed=8)
     srv.put(BUCKET, "deep/dir/name.dat", data)
-    result = oss_download(srv, oss_env, f"oss://{BUCKET}/deep/dir/name.dat",
-                          "--part-size", "100KiB", cwd=out)
+    result = oss_download(
+        srv, oss_env, f"oss://{BUCKET}/deep/dir/name.dat", "--part-size", "100KiB", cwd=out
+    )
     summary(result)
     assert sorted(os.listdir(out)) == ["name.dat"]
     assert (out / "name.dat").read_bytes() == data
 
 
-def test_destination_may_be_a_directory(srv: OssTestServer, oss_env: dict[str, str],
-                                        out: Path) -> None:
+def test_destination_may_be_a_directory(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path
+) -> None:
     data = randbytes(PART + 9, seed=9)
     srv.put(BUCKET, "a/b.bin", data)
     target = out / "into"
     target.mkdir()
-    summary(oss_download(srv, oss_env, f"oss://{BUCKET}/a/b.bin", str(target),
-                         "--part-size", "100KiB"))
+    summary(
+        oss_download(srv, oss_env, f"oss://{BUCKET}/a/b.bin", str(target), "--part-size", "100KiB")
+    )
     assert sorted(os.listdir(target)) == ["b.bin"]
     assert (target / "b.bin").read_bytes() == data
     assert leftovers(out) == []
 
 
-def test_checkpoint_dir_holds_the_checkpoint(srv: OssTestServer, oss_env: dict[str, str],
-                                             out: Path, tmp_path: Path) -> None:
+def test_checkpoint_dir_holds_the_checkpoint(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path, tmp_path: Path
+) -> None:
     data = randbytes(10 * PART, seed=10)
     srv.put(BUCKET, "c.bin", data)
     ckdir = tmp_path / "checkpoints"
@@ -315,34 +389,46 @@ def test_checkpoint_dir_holds_the_checkpoint(srv: OssTestServer, oss_env: dict[s
     assert checkpoints(out) == []
     assert leftovers(out) == ["c.bin" + TEMP_SUFFIX]
     before = gets_of(srv, "c.bin")
-    line = summary(oss_download(srv, oss_env, f"oss://{BUCKET}/c.bin", str(dest),
-                                "--part-size", "100KiB", "--checkpoint-dir", str(ckdir)))
+    line = summary(
+        oss_download(
+            srv,
+            oss_env,
+            f"oss://{BUCKET}/c.bin",
+            str(dest),
+            "--part-size",
+            "100KiB",
+            "--checkpoint-dir",
+            str(ckdir),
+        )
+    )
     assert "4 reused" in line
     assert gets_of(srv, "c.bin") - before == 6
     assert dest.read_bytes() == data
     assert leftovers(out) == [] and leftovers(ckdir) == []
 
 
-def test_resume_with_relative_destination(srv: OssTestServer, oss_env: dict[str, str],
-                                          out: Path) -> None:
+def test_resume_with_relative_destination(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path
+) -> None:
     """The checkpoint belongs to the destination, however the command names it."""
     data = randbytes(8 * PART, seed=35)
     srv.put(BUCKET, "rel.bin", data)
     interrupt_after(srv, oss_env, "rel.bin", out / "rel.bin", 3)
-    line = summary(oss_download(srv, oss_env, f"oss://{BUCKET}/rel.bin", "rel.bin",
-                                "--part-size", "100KiB", cwd=out))
+    line = summary(
+        oss_download(
+            srv, oss_env, f"oss://{BUCKET}/rel.bin", "rel.bin", "--part-size", "100KiB", cwd=out
+        )
+    )
     assert "3 reused from checkpoint" in line
     assert (out / "rel.bin").read_bytes() == data
     assert leftovers(out) == []
 
 
-def test_key_that_needs_encoding(srv: OssTestServer, oss_env: dict[str, str],
-                                 out: Path) -> None:
+def test_key_that_needs_encoding(srv: OssTestServer, oss_env: dict[str, str], out: Path) -> None:
     key = "dir with space/caf\u00e9+plus%25 ~name.bin"
     data = randbytes(3 * PART + 3, seed=36)
     srv.put(BUCKET, key, data)
-    summary(oss_download(srv, oss_env, f"oss://{BUCKET}/{key}", "--part-size", "100KiB",
-                         cwd=out))
+    summary(oss_download(srv, oss_env, f"oss://{BUCKET}/{key}", "--part-size", "100KiB", cwd=out))
     assert os.listdir(out) == ["caf\u00e9+plus%25 ~name.bin"]
     assert (out / "caf\u00e9+plus%25 ~name.bin").read_bytes() == data
 
@@ -359,8 +445,20 @@ def test_limit_rate(srv: OssTestServer, oss_env: dict[str, str], out: Path) -> N
 
     srv.faults.add(Fault("status", op="get", key="slow.bin", when=spy), times=None)
     began = time.monotonic()
-    summary(oss_download(srv, oss_env, f"oss://{BUCKET}/slow.bin", str(out / "slow.bin"),
-                         "--part-size", "100KiB", "--threads", "4", "--limit-rate", "512K"))
+    summary(
+        oss_download(
+            srv,
+            oss_env,
+            f"oss://{BUCKET}/slow.bin",
+            str(out / "slow.bin"),
+            "--part-size",
+            "100KiB",
+            "--threads",
+            "4",
+            "--limit-rate",
+            "512K",
+        )
+    )
     elapsed = time.monotonic() - began
     assert (out / "slow.bin").read_bytes() == data
     # Generous: the cap is in force for all threads together (unlimited takes ~0.3 s).
@@ -372,14 +470,21 @@ def test_limit_rate(srv: OssTestServer, oss_env: dict[str, str], out: Path) -> N
 
 
 @pytest.mark.slow
-def test_resume_after_repeated_kill_9(srv: OssTestServer, oss_env: dict[str, str],
-                                      out: Path) -> None:
+def test_resume_after_repeated_kill_9(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path
+) -> None:
     size, part, threads = 40 * MiB, 256 * KiB, 4
     data = randbytes(size, seed=11)
     srv.put(BUCKET, "big.bin", data)
     dest = out / "big.bin"
-    args = (f"oss://{BUCKET}/big.bin", str(dest), "--part-size", "256KiB",
-            "--threads", str(threads))
+    args = (
+        f"oss://{BUCKET}/big.bin",
+        str(dest),
+        "--part-size",
+        "256KiB",
+        "--threads",
+        str(threads),
+    )
     # The kill times come from a fixed seed, printed so a failure can be replayed;
     # OSSFS_TEST_SEED chooses another.
     seed = int(os.environ.get("OSSFS_TEST_SEED", "9"))
@@ -392,8 +497,9 @@ def test_resume_after_repeated_kill_9(srv: OssTestServer, oss_env: dict[str, str
         proc = popen_download(srv, oss_env, *args)
         try:
             time.sleep(rng.uniform(0.3, 1.5))
-            assert proc.poll() is None, f"finished before kill {kills + 1} (seed {seed}): " \
-                                        f"{proc.communicate()[1]}"
+            assert proc.poll() is None, (
+                f"finished before kill {kills + 1} (seed {seed}): {proc.communicate()[1]}"
+            )
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
             kills += 1
@@ -411,8 +517,9 @@ def test_resume_after_repeated_kill_9(srv: OssTestServer, oss_env: dict[str, str
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.slow
-def test_interrupt_exits_130_and_resumes(srv: OssTestServer, oss_env: dict[str, str],
-                                         out: Path, sig: signal.Signals) -> None:
+def test_interrupt_exits_130_and_resumes(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path, sig: signal.Signals
+) -> None:
     """Ctrl-C (and SIGTERM, which stops a command the same way)."""
     size = 8 * MiB
     data = randbytes(size, seed=12)
@@ -422,8 +529,11 @@ def test_interrupt_exits_130_and_resumes(srv: OssTestServer, oss_env: dict[str, 
     srv.faults.bandwidth = 1 * MiB
     proc = popen_download(srv, oss_env, *args)
     try:
-        wait_until(lambda: checkpoints(out) and len(recorded_parts(checkpoints(out)[0])) >= 2,
-                   30, "two recorded parts")
+        wait_until(
+            lambda: checkpoints(out) and len(recorded_parts(checkpoints(out)[0])) >= 2,
+            30,
+            "two recorded parts",
+        )
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=30)
     finally:
@@ -449,16 +559,29 @@ def test_interrupt_exits_130_and_resumes(srv: OssTestServer, oss_env: dict[str, 
 
 
 def test_exhausted_retries_keep_checkpoint_and_existing_file(
-        srv: OssTestServer, oss_env: dict[str, str], out: Path) -> None:
+    srv: OssTestServer, oss_env: dict[str, str], out: Path
+) -> None:
     data = randbytes(12 * PART, seed=13)
     srv.put(BUCKET, "net.bin", data)
     dest = out / "net.bin"
     old = b"the previous version of this file\n" * 100
     dest.write_bytes(old)
-    srv.faults.add(Fault("status", status=503, op="get", key="net.bin",
-                         when=starting_at_or_after(5 * PART)), times=None)
-    result = oss_download(srv, oss_env, f"oss://{BUCKET}/net.bin", str(dest),
-                          "--part-size", "100KiB", "--threads", "2", "--attempts", "2")
+    srv.faults.add(
+        Fault("status", status=503, op="get", key="net.bin", when=starting_at_or_after(5 * PART)),
+        times=None,
+    )
+    result = oss_download(
+        srv,
+        oss_env,
+        f"oss://{BUCKET}/net.bin",
+        str(dest),
+        "--part-size",
+        "100KiB",
+        "--threads",
+        "2",
+        "--attempts",
+        "2",
+    )
     assert result.returncode == 1
     line = error_line(result.stderr)
     assert "ServiceUnavailable" in line
@@ -468,22 +591,41 @@ def test_exhausted_retries_keep_checkpoint_and_existing_file(
     assert leftovers(out) == sorted([only_checkpoint(out).name, "net.bin" + TEMP_SUFFIX])
     assert recorded_parts(only_checkpoint(out)) <= set(range(5))
     srv.faults.clear()
-    summary(oss_download(srv, oss_env, f"oss://{BUCKET}/net.bin", str(dest),
-                         "--part-size", "100KiB", "--threads", "2"))
+    summary(
+        oss_download(
+            srv,
+            oss_env,
+            f"oss://{BUCKET}/net.bin",
+            str(dest),
+            "--part-size",
+            "100KiB",
+            "--threads",
+            "2",
+        )
+    )
     assert dest.read_bytes() == data
     assert leftovers(out) == []
 
 
 @pytest.mark.parametrize("threads", [1, 4])
-def test_object_replaced_mid_download(srv: OssTestServer, oss_env: dict[str, str], out: Path,
-                                      threads: int) -> None:
+def test_object_replaced_mid_download(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path, threads: int
+) -> None:
     old = randbytes(11 * PART, seed=14)
     new = randbytes(13 * PART + 17, seed=15)
     srv.put(BUCKET, "moving.bin", old)
     srv.faults.add(Fault("replace", op="get", key="moving.bin", after_bytes=1000, data=new))
     dest = out / "moving.bin"
-    result = oss_download(srv, oss_env, f"oss://{BUCKET}/moving.bin", str(dest),
-                          "--part-size", "100KiB", "--threads", str(threads))
+    result = oss_download(
+        srv,
+        oss_env,
+        f"oss://{BUCKET}/moving.bin",
+        str(dest),
+        "--part-size",
+        "100KiB",
+        "--threads",
+        str(threads),
+    )
     summary(result)
     assert "changed during the download; starting over" in result.stderr
     assert dest.read_bytes() == new
@@ -498,23 +640,41 @@ def _replaced_while_fetched_from(version: bytes) -> Any:
 
     def when(info: RequestInfo) -> bool:
         return info.headers.get("if-match", "").strip('"').lower() == etag and later(info)
+
     return when
 
 
 @pytest.mark.parametrize("changes", [2, 3])
-def test_object_that_keeps_changing(srv: OssTestServer, oss_env: dict[str, str], out: Path,
-                                    changes: int) -> None:
+def test_object_that_keeps_changing(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path, changes: int
+) -> None:
     # Each version is replaced by the next while it is being fetched. Two changes are
     # absorbed (the download starts over each time) and the file is the last version,
     # exactly; a third is a clear error and FILE is not written. Never a mix.
     versions = [randbytes(8 * PART + i, seed=40 + i) for i in range(changes + 1)]
     srv.put(BUCKET, "restless.bin", versions[0])
     for old, new in itertools.pairwise(versions):
-        srv.faults.add(Fault("replace", op="get", key="restless.bin", after_bytes=1000,
-                             data=new, when=_replaced_while_fetched_from(old)))
+        srv.faults.add(
+            Fault(
+                "replace",
+                op="get",
+                key="restless.bin",
+                after_bytes=1000,
+                data=new,
+                when=_replaced_while_fetched_from(old),
+            )
+        )
     dest = out / "restless.bin"
-    result = oss_download(srv, oss_env, f"oss://{BUCKET}/restless.bin", str(dest),
-                          "--part-size", "100KiB", "--threads", "3")
+    result = oss_download(
+        srv,
+        oss_env,
+        f"oss://{BUCKET}/restless.bin",
+        str(dest),
+        "--part-size",
+        "100KiB",
+        "--threads",
+        "3",
+    )
     assert result.stderr.count("changed during the download; starting over") == 2
     if changes == 2:
         summary(result)
@@ -528,8 +688,9 @@ def test_object_that_keeps_changing(srv: OssTestServer, oss_env: dict[str, str],
         assert not dest.exists()
 
 
-def test_object_replaced_between_runs(srv: OssTestServer, oss_env: dict[str, str],
-                                      out: Path) -> None:
+def test_object_replaced_between_runs(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path
+) -> None:
     old = randbytes(10 * PART, seed=16)
     new = randbytes(10 * PART, seed=17)  # same size: only the ETag tells them apart
     srv.put(BUCKET, "stale.bin", old)
@@ -537,8 +698,9 @@ def test_object_replaced_between_runs(srv: OssTestServer, oss_env: dict[str, str
     interrupt_after(srv, oss_env, "stale.bin", dest, 6)
     srv.put(BUCKET, "stale.bin", new)
     before = gets_of(srv, "stale.bin")
-    result = oss_download(srv, oss_env, f"oss://{BUCKET}/stale.bin", str(dest),
-                          "--part-size", "100KiB")
+    result = oss_download(
+        srv, oss_env, f"oss://{BUCKET}/stale.bin", str(dest), "--part-size", "100KiB"
+    )
     line = summary(result)
     notices = [x for x in result.stderr.splitlines() if "not resuming from checkpoint" in x]
     assert len(notices) == 1 and "changed" in notices[0]
@@ -561,8 +723,9 @@ BAD_CHECKPOINTS = {
 
 
 @pytest.mark.parametrize("damage", list(BAD_CHECKPOINTS))
-def test_bad_checkpoint_is_discarded(srv: OssTestServer, oss_env: dict[str, str], out: Path,
-                                     damage: str) -> None:
+def test_bad_checkpoint_is_discarded(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path, damage: str
+) -> None:
     data = randbytes(11 * PART, seed=18)
     srv.put(BUCKET, "a.bin", data)
     dest = out / "a.bin"
@@ -591,8 +754,9 @@ def test_bad_checkpoint_is_discarded(srv: OssTestServer, oss_env: dict[str, str]
         with open(temp, "r+b") as f:
             f.write(b"\xee" * (4 * PART))
     before = gets_of(srv, "a.bin")
-    result = oss_download(srv, oss_env, f"oss://{BUCKET}/a.bin", str(dest),
-                          "--part-size", part_size)
+    result = oss_download(
+        srv, oss_env, f"oss://{BUCKET}/a.bin", str(dest), "--part-size", part_size
+    )
     line = summary(result)
     notices = [x for x in result.stderr.splitlines() if x.startswith("ossfs:")]
     assert len(notices) == 1, result.stderr
@@ -605,8 +769,9 @@ def test_bad_checkpoint_is_discarded(srv: OssTestServer, oss_env: dict[str, str]
     assert leftovers(out) == []
 
 
-def test_missing_temp_file_parts_are_fetched_again(srv: OssTestServer, oss_env: dict[str, str],
-                                                   out: Path) -> None:
+def test_missing_temp_file_parts_are_fetched_again(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path
+) -> None:
     """Whatever the message, parts whose bytes are gone are never trusted."""
     data = randbytes(11 * PART, seed=34)
     srv.put(BUCKET, "gone.bin", data)
@@ -614,8 +779,9 @@ def test_missing_temp_file_parts_are_fetched_again(srv: OssTestServer, oss_env: 
     interrupt_after(srv, oss_env, "gone.bin", dest, 4)
     (out / ("gone.bin" + TEMP_SUFFIX)).unlink()
     before = gets_of(srv, "gone.bin")
-    line = summary(oss_download(srv, oss_env, f"oss://{BUCKET}/gone.bin", str(dest),
-                                "--part-size", "100KiB"))
+    line = summary(
+        oss_download(srv, oss_env, f"oss://{BUCKET}/gone.bin", str(dest), "--part-size", "100KiB")
+    )
     assert "reused" not in line
     assert gets_of(srv, "gone.bin") - before == 11
     assert dest.read_bytes() == data
@@ -624,7 +790,8 @@ def test_missing_temp_file_parts_are_fetched_again(srv: OssTestServer, oss_env: 
 
 @pytest.mark.parametrize("damage", ["cut mid-record", "garbage line appended"])
 def test_torn_checkpoint_tail_loses_only_that_record(
-        srv: OssTestServer, oss_env: dict[str, str], out: Path, damage: str) -> None:
+    srv: OssTestServer, oss_env: dict[str, str], out: Path, damage: str
+) -> None:
     """The journal's last line torn by a crash: the records before it still hold,
     and records appended after it by the next run are read back too."""
     data = randbytes(11 * PART, seed=21)
@@ -646,26 +813,29 @@ def test_torn_checkpoint_tail_loses_only_that_record(
     assert gets_of(srv, "t.bin") - before == 7 - kept + 1  # + the GET that failed
     # ... and the third run trusts everything recorded before and after it.
     before = gets_of(srv, "t.bin")
-    line = summary(oss_download(srv, oss_env, f"oss://{BUCKET}/t.bin", str(dest),
-                                "--part-size", "100KiB"))
+    line = summary(
+        oss_download(srv, oss_env, f"oss://{BUCKET}/t.bin", str(dest), "--part-size", "100KiB")
+    )
     assert "7 reused from checkpoint" in line
     assert gets_of(srv, "t.bin") - before == 4
     assert dest.read_bytes() == data
     assert leftovers(out) == []
 
 
-def test_damaged_temp_file_part_is_fetched_again(srv: OssTestServer, oss_env: dict[str, str],
-                                                 out: Path) -> None:
+def test_damaged_temp_file_part_is_fetched_again(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path
+) -> None:
     data = randbytes(11 * PART, seed=22)
     srv.put(BUCKET, "d.bin", data)
     dest = out / "d.bin"
     interrupt_after(srv, oss_env, "d.bin", dest, 4)
     with open(out / ("d.bin" + TEMP_SUFFIX), "r+b") as f:
         f.seek(PART + 5000)
-        f.write(bytes(b ^ 0xFF for b in data[PART + 5000:PART + 5010]))
+        f.write(bytes(b ^ 0xFF for b in data[PART + 5000 : PART + 5010]))
     before = gets_of(srv, "d.bin")
-    result = oss_download(srv, oss_env, f"oss://{BUCKET}/d.bin", str(dest),
-                          "--part-size", "100KiB", "--threads", "1")
+    result = oss_download(
+        srv, oss_env, f"oss://{BUCKET}/d.bin", str(dest), "--part-size", "100KiB", "--threads", "1"
+    )
     line = summary(result)
     assert "1 recorded part(s) failed their CRC check" in result.stderr
     assert "3 reused from checkpoint" in line
@@ -675,8 +845,9 @@ def test_damaged_temp_file_part_is_fetched_again(srv: OssTestServer, oss_env: di
     assert leftovers(out) == []
 
 
-def test_crc_mismatch_from_the_server(srv: OssTestServer, oss_env: dict[str, str],
-                                      out: Path) -> None:
+def test_crc_mismatch_from_the_server(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path
+) -> None:
     data = randbytes(6 * PART + 1, seed=23)
     srv.put(BUCKET, "crc.bin", data)
     srv.faults.add(Fault("corrupt", op="get", key="crc.bin", offset=777, length=3))
@@ -711,8 +882,20 @@ def test_range(srv: OssTestServer, oss_env: dict[str, str], out: Path, spec: str
     data = randbytes(RANGE_SIZE, seed=24)
     srv.put(BUCKET, "r.bin", data)
     dest = out / "r.bin"
-    line = summary(oss_download(srv, oss_env, f"oss://{BUCKET}/r.bin", str(dest),
-                                "--range", spec, "--part-size", "100KiB", "--threads", "3"))
+    line = summary(
+        oss_download(
+            srv,
+            oss_env,
+            f"oss://{BUCKET}/r.bin",
+            str(dest),
+            "--range",
+            spec,
+            "--part-size",
+            "100KiB",
+            "--threads",
+            "3",
+        )
+    )
     start, end = RANGES[spec]
     assert dest.read_bytes() == data[start:end]
     assert leftovers(out) == []
@@ -721,35 +904,40 @@ def test_range(srv: OssTestServer, oss_env: dict[str, str], out: Path, spec: str
     assert settled_stats(srv).bytes_sent == end - start
 
 
-
-
-@pytest.mark.parametrize("spec", ["1000000-", "1000000-1000005", "5000000-6000000",
-                                  "1000005-1000009"])
-def test_range_past_the_end_is_an_error(srv: OssTestServer, oss_env: dict[str, str],
-                                        out: Path, spec: str) -> None:
+@pytest.mark.parametrize(
+    "spec", ["1000000-", "1000000-1000005", "5000000-6000000", "1000005-1000009"]
+)
+def test_range_past_the_end_is_an_error(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path, spec: str
+) -> None:
     srv.put(BUCKET, "r.bin", randbytes(RANGE_SIZE, seed=25))
-    result = oss_download(srv, oss_env, f"oss://{BUCKET}/r.bin", str(out / "r.bin"),
-                          "--range", spec)
+    result = oss_download(
+        srv, oss_env, f"oss://{BUCKET}/r.bin", str(out / "r.bin"), "--range", spec
+    )
     assert result.returncode == 2
     assert "past the end" in error_line(result.stderr)
     assert gets_of(srv, "r.bin") == 0
     assert not (out / "r.bin").exists()
 
 
-def test_range_past_the_end_leaves_nothing_behind(srv: OssTestServer, oss_env: dict[str, str],
-                                                  out: Path) -> None:
+def test_range_past_the_end_leaves_nothing_behind(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path
+) -> None:
     srv.put(BUCKET, "r.bin", randbytes(1000, seed=26))
-    result = oss_download(srv, oss_env, f"oss://{BUCKET}/r.bin", str(out / "r.bin"),
-                          "--range", "5000-")
+    result = oss_download(
+        srv, oss_env, f"oss://{BUCKET}/r.bin", str(out / "r.bin"), "--range", "5000-"
+    )
     assert result.returncode == 2
     assert os.listdir(out) == []
 
 
-def test_range_of_empty_object_is_a_clear_error(srv: OssTestServer, oss_env: dict[str, str],
-                                                out: Path) -> None:
+def test_range_of_empty_object_is_a_clear_error(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path
+) -> None:
     srv.put(BUCKET, "empty", b"")
-    result = oss_download(srv, oss_env, f"oss://{BUCKET}/empty", str(out / "empty"),
-                          "--range", "0-")
+    result = oss_download(
+        srv, oss_env, f"oss://{BUCKET}/empty", str(out / "empty"), "--range", "0-"
+    )
     assert result.returncode == 2
     assert "past the end" in error_line(result.stderr)
 
@@ -770,8 +958,7 @@ INVALID = {
 
 
 @pytest.mark.parametrize("case", list(INVALID))
-def test_invalid_option(srv: OssTestServer, oss_env: dict[str, str], out: Path,
-                        case: str) -> None:
+def test_invalid_option(srv: OssTestServer, oss_env: dict[str, str], out: Path, case: str) -> None:
     srv.put(BUCKET, "k", b"data")
     extra, expected = INVALID[case]
     result = oss_download(srv, oss_env, f"oss://{BUCKET}/k", str(out / "k"), *extra)
@@ -781,8 +968,18 @@ def test_invalid_option(srv: OssTestServer, oss_env: dict[str, str], out: Path,
     assert srv.stats.count() == 0
 
 
-@pytest.mark.parametrize("url", ["http://bkt/k", "bkt/k", "gs://bkt/k", "oss://bkt/dir/",
-                                 "oss://bkt/", "oss://bkt", "oss://B_a_d/k"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://bkt/k",
+        "bkt/k",
+        "gs://bkt/k",
+        "oss://bkt/dir/",
+        "oss://bkt/",
+        "oss://bkt",
+        "oss://B_a_d/k",
+    ],
+)
 def test_invalid_url(srv: OssTestServer, oss_env: dict[str, str], out: Path, url: str) -> None:
     result = oss_download(srv, oss_env, url, str(out / "k"))
     assert result.returncode == 2
@@ -797,18 +994,27 @@ def test_missing_directories(srv: OssTestServer, oss_env: dict[str, str], out: P
     result = oss_download(srv, oss_env, f"oss://{BUCKET}/k", str(out / "nope" / "k"))
     assert result.returncode == 2
     assert "does not exist" in error_line(result.stderr)
-    result = oss_download(srv, oss_env, f"oss://{BUCKET}/k", str(out / "k"),
-                          "--checkpoint-dir", str(out / "no-such-dir"))
+    result = oss_download(
+        srv,
+        oss_env,
+        f"oss://{BUCKET}/k",
+        str(out / "k"),
+        "--checkpoint-dir",
+        str(out / "no-such-dir"),
+    )
     assert result.returncode == 2
     assert "does not exist" in error_line(result.stderr)
     assert os.listdir(out) == []
     assert gets_of(srv, "k") == 0
 
 
-@pytest.mark.parametrize(("url", "code"), [("oss://bkt/no/such/key", "NoSuchKey"),
-                                           ("oss://no-such-bucket/k", "NoSuchBucket")])
-def test_missing_object(srv: OssTestServer, oss_env: dict[str, str], out: Path, url: str,
-                        code: str) -> None:
+@pytest.mark.parametrize(
+    ("url", "code"),
+    [("oss://bkt/no/such/key", "NoSuchKey"), ("oss://no-such-bucket/k", "NoSuchBucket")],
+)
+def test_missing_object(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path, url: str, code: str
+) -> None:
     result = oss_download(srv, oss_env, url, str(out / "k"))
     assert result.returncode == 1
     line = error_line(result.stderr)
@@ -818,7 +1024,8 @@ def test_missing_object(srv: OssTestServer, oss_env: dict[str, str], out: Path, 
 
 
 def test_missing_object_leaves_nothing_and_promises_nothing(
-        srv: OssTestServer, oss_env: dict[str, str], out: Path) -> None:
+    srv: OssTestServer, oss_env: dict[str, str], out: Path
+) -> None:
     result = oss_download(srv, oss_env, f"oss://{BUCKET}/no/such/key", str(out / "k"))
     assert result.returncode == 1
     assert "checkpoint" not in error_line(result.stderr)
@@ -828,14 +1035,24 @@ def test_missing_object_leaves_nothing_and_promises_nothing(
 # ---------------------------------------------------------------------- --no-resume
 
 
-def test_no_resume_never_writes_a_checkpoint(srv: OssTestServer, oss_env: dict[str, str],
-                                             out: Path) -> None:
+def test_no_resume_never_writes_a_checkpoint(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path
+) -> None:
     data = randbytes(2 * MiB, seed=27)
     srv.put(BUCKET, "nr.bin", data)
     dest = out / "nr.bin"
     srv.faults.bandwidth = 2 * MiB
-    proc = popen_download(srv, oss_env, f"oss://{BUCKET}/nr.bin", str(dest),
-                          "--part-size", "100KiB", "--threads", "2", "--no-resume")
+    proc = popen_download(
+        srv,
+        oss_env,
+        f"oss://{BUCKET}/nr.bin",
+        str(dest),
+        "--part-size",
+        "100KiB",
+        "--threads",
+        "2",
+        "--no-resume",
+    )
     seen: set[str] = set()
     try:
         while proc.poll() is None:
@@ -852,13 +1069,21 @@ def test_no_resume_never_writes_a_checkpoint(srv: OssTestServer, oss_env: dict[s
 
 
 @pytest.mark.slow
-def test_no_resume_interrupted_leaves_no_temp_file(srv: OssTestServer, oss_env: dict[str, str],
-                                                   out: Path) -> None:
+def test_no_resume_interrupted_leaves_no_temp_file(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path
+) -> None:
     data = randbytes(4 * MiB, seed=28)
     srv.put(BUCKET, "nr.bin", data)
     dest = out / "nr.bin"
-    args = (f"oss://{BUCKET}/nr.bin", str(dest), "--part-size", "100KiB", "--threads", "2",
-            "--no-resume")
+    args = (
+        f"oss://{BUCKET}/nr.bin",
+        str(dest),
+        "--part-size",
+        "100KiB",
+        "--threads",
+        "2",
+        "--no-resume",
+    )
     srv.faults.bandwidth = 512 * KiB
     proc = popen_download(srv, oss_env, *args)
     try:
@@ -873,8 +1098,10 @@ def test_no_resume_interrupted_leaves_no_temp_file(srv: OssTestServer, oss_env: 
     assert os.listdir(out) == []
     # A network failure with --no-resume cleans up as well.
     srv.faults.bandwidth = None
-    srv.faults.add(Fault("status", status=503, op="get", key="nr.bin",
-                         when=starting_at_or_after(5 * PART)), times=None)
+    srv.faults.add(
+        Fault("status", status=503, op="get", key="nr.bin", when=starting_at_or_after(5 * PART)),
+        times=None,
+    )
     result = oss_download(srv, oss_env, *args, "--attempts", "1")
     assert result.returncode == 1
     error_line(result.stderr)
@@ -888,8 +1115,7 @@ def test_no_resume_interrupted_leaves_no_temp_file(srv: OssTestServer, oss_env: 
 # ---------------------------------------------------------------------- concurrency
 
 
-def test_two_downloads_to_one_file(srv: OssTestServer, oss_env: dict[str, str],
-                                   out: Path) -> None:
+def test_two_downloads_to_one_file(srv: OssTestServer, oss_env: dict[str, str], out: Path) -> None:
     data = randbytes(3 * MiB, seed=29)
     srv.put(BUCKET, "same.bin", data)
     dest = out / "same.bin"
@@ -932,8 +1158,9 @@ class Progress:
 
 def api_request(out: Path, key: str, **kw: Any) -> DownloadRequest:
     """A request for *key* into *out*, cut into 100 KiB parts."""
-    return DownloadRequest(bucket=BUCKET, key=key, file_path=str(out / os.path.basename(key)),
-                           part_size=PART, **kw)
+    return DownloadRequest(
+        bucket=BUCKET, key=key, file_path=str(out / os.path.basename(key)), part_size=PART, **kw
+    )
 
 
 @pytest.fixture
@@ -950,10 +1177,17 @@ async def test_api_download(srv: OssTestServer, client: HttpObjectClient, out: P
     progress = Progress()
     part_calls: list[tuple[int, int]] = []
     notices: list[str] = []
-    result = await download(client, api_request(out, "api/obj.bin", threads=4,
-                                                progress=progress,
-                                                on_part=lambda d, t: part_calls.append((d, t)),
-                                                notice=notices.append))
+    result = await download(
+        client,
+        api_request(
+            out,
+            "api/obj.bin",
+            threads=4,
+            progress=progress,
+            on_part=lambda d, t: part_calls.append((d, t)),
+            notice=notices.append,
+        ),
+    )
     assert isinstance(result, DownloadResult)
     assert result.path == str(out / "obj.bin")
     assert (out / "obj.bin").read_bytes() == data
@@ -971,20 +1205,24 @@ async def test_api_download(srv: OssTestServer, client: HttpObjectClient, out: P
     assert leftovers(out) == []
 
 
-async def test_api_resume_reports_reused_parts(srv: OssTestServer, client: HttpObjectClient,
-                                               out: Path) -> None:
+async def test_api_resume_reports_reused_parts(
+    srv: OssTestServer, client: HttpObjectClient, out: Path
+) -> None:
     size = 10 * PART
     data = randbytes(size, seed=31)
     srv.put(BUCKET, "resume.bin", data)
-    srv.faults.add(Fault("status", status=503, op="get", key="resume.bin",
-                         when=starting_at_or_after(6 * PART)), times=None)
+    srv.faults.add(
+        Fault(
+            "status", status=503, op="get", key="resume.bin", when=starting_at_or_after(6 * PART)
+        ),
+        times=None,
+    )
     with pytest.raises(TransferError):
         await download(client, api_request(out, "resume.bin", threads=1))
     srv.faults.clear()
     assert recorded_parts(only_checkpoint(out)) == set(range(6))
     progress = Progress()
-    result = await download(client, api_request(out, "resume.bin", threads=3,
-                                                progress=progress))
+    result = await download(client, api_request(out, "resume.bin", threads=3, progress=progress))
     assert (result.parts, result.parts_reused, result.parts_fetched) == (10, 6, 4)
     assert result.bytes_fetched == 4 * PART
     assert result.verified_by == "crc64"
@@ -995,30 +1233,33 @@ async def test_api_resume_reports_reused_parts(srv: OssTestServer, client: HttpO
 
 
 async def test_api_without_checkpoint_cleans_up_on_failure(
-        srv: OssTestServer, client: HttpObjectClient, out: Path) -> None:
+    srv: OssTestServer, client: HttpObjectClient, out: Path
+) -> None:
     srv.put(BUCKET, "nock.bin", randbytes(5 * PART, seed=32))
-    srv.faults.add(Fault("status", status=503, op="get", key="nock.bin",
-                         when=starting_at_or_after(3 * PART)), times=None)
+    srv.faults.add(
+        Fault("status", status=503, op="get", key="nock.bin", when=starting_at_or_after(3 * PART)),
+        times=None,
+    )
     with pytest.raises(TransferError):
-        await download(client, api_request(out, "nock.bin", threads=1,
-                                           enable_checkpoint=False))
+        await download(client, api_request(out, "nock.bin", threads=1, enable_checkpoint=False))
     assert os.listdir(out) == []
 
 
 async def test_api_range(srv: OssTestServer, client: HttpObjectClient, out: Path) -> None:
     data = randbytes(7 * PART, seed=33)
     srv.put(BUCKET, "rng.bin", data)
-    result = await download(client, api_request(out, "rng.bin", range_start=PART + 3,
-                                                range_end=5 * PART))
-    assert (out / "rng.bin").read_bytes() == data[PART + 3:5 * PART + 1]
+    result = await download(
+        client, api_request(out, "rng.bin", range_start=PART + 3, range_end=5 * PART)
+    )
+    assert (out / "rng.bin").read_bytes() == data[PART + 3 : 5 * PART + 1]
     assert result.size == 4 * PART - 2
     assert result.verified_by == "parts"
 
 
-async def test_api_range_end_is_a_byte_not_a_marker(srv: OssTestServer,
-                                                    client: HttpObjectClient, out: Path) -> None:
+async def test_api_range_end_is_a_byte_not_a_marker(
+    srv: OssTestServer, client: HttpObjectClient, out: Path
+) -> None:
     srv.put(BUCKET, "rng.bin", randbytes(PART, seed=33))
     with pytest.raises(UsageError, match="invalid range"):  # -1 does not mean "to the end"
         await download(client, api_request(out, "rng.bin", range_start=0, range_end=-1))
     assert os.listdir(out) == []
-

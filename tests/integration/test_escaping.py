@@ -27,8 +27,9 @@ HOSTILE = [
     "h/\u202egnp.exe",
     "h/cr\rover",
 ]
-RAW = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029"
-                 "\u202a-\u202e\u2066-\u2069]")
+RAW = re.compile(
+    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
 
 
 def assert_clean(text: str, *, what: str) -> None:
@@ -48,8 +49,7 @@ def srv(oss_server: OssTestServer) -> OssTestServer:
 
 
 @pytest.mark.parametrize("flags", [[], ["-l"], ["-r"]], ids=["short", "long", "recursive"])
-def test_ls_escapes_keys(srv: OssTestServer, oss_env: dict[str, str],
-                         flags: list[str]) -> None:
+def test_ls_escapes_keys(srv: OssTestServer, oss_env: dict[str, str], flags: list[str]) -> None:
     result = run_ossfs("ls", f"oss://{BUCKET}/h/", *flags, "--endpoint", srv.url, env=oss_env)
     assert result.returncode == 0, result.stderr
     assert_clean(result.stdout, what="ls output")
@@ -60,18 +60,36 @@ def test_ls_escapes_keys(srv: OssTestServer, oss_env: dict[str, str],
     assert any("h/plain.txt" in line for line in lines)
 
 
-def test_materialize_escapes_keys_in_messages_and_log(srv: OssTestServer,
-                                                      oss_env: dict[str, str],
-                                                      tmp_path: Path) -> None:
+def test_materialize_escapes_keys_in_messages_and_log(
+    srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     # A key that cannot be a file name is reported; another fails to download.
     srv.put(BUCKET, f"h/skip\n{FORGED}/../x", b"unsafe\n")
-    srv.faults.add(Fault("status", status=403, code="AccessDenied",
-                         message=f"denied\n{FORGED}\x1b[31m", op="get", key=HOSTILE[1]),
-                   times=None)
+    srv.faults.add(
+        Fault(
+            "status",
+            status=403,
+            code="AccessDenied",
+            message=f"denied\n{FORGED}\x1b[31m",
+            op="get",
+            key=HOSTILE[1],
+        ),
+        times=None,
+    )
     out = tmp_path / "out"
     out.mkdir()
-    result = run_ossfs("materialize", f"oss://{BUCKET}/h/", "--to", str(out), "--cache-dir",
-                       str(tmp_path / "cache"), "--endpoint", srv.url, "-vv", env=oss_env)
+    result = run_ossfs(
+        "materialize",
+        f"oss://{BUCKET}/h/",
+        "--to",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--endpoint",
+        srv.url,
+        "-vv",
+        env=oss_env,
+    )
     assert result.returncode == 1, result.stderr
     assert_clean(result.stdout + result.stderr, what="materialize output")
     assert "skipping h/skip\\x0a1999-01-01" in result.stderr, result.stderr
@@ -81,14 +99,32 @@ def test_materialize_escapes_keys_in_messages_and_log(srv: OssTestServer,
 
 
 @pytest.mark.fuse
-def test_mount_log_has_no_forged_line(srv: OssTestServer, oss_env: dict[str, str],
-                                      tmp_path: Path) -> None:
-    srv.faults.add(Fault("status", status=403, code="AccessDenied",
-                         message=f"denied\n{FORGED}", op="get", key=HOSTILE[0]), times=None)
+def test_mount_log_has_no_forged_line(
+    srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
+    srv.faults.add(
+        Fault(
+            "status",
+            status=403,
+            code="AccessDenied",
+            message=f"denied\n{FORGED}",
+            op="get",
+            key=HOSTILE[0],
+        ),
+        times=None,
+    )
     mnt = tmp_path / "mnt"
     log = tmp_path / "mount.log"
-    with mounted(f"oss://{BUCKET}", mnt, "--endpoint", srv.url, "--cache-dir",
-                 str(tmp_path / "cache"), env=oss_env, log=log):
+    with mounted(
+        f"oss://{BUCKET}",
+        mnt,
+        "--endpoint",
+        srv.url,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        env=oss_env,
+        log=log,
+    ):
         names = os.listdir(mnt / "h")
         assert len(names) == len(HOSTILE) + 1
         with pytest.raises(OSError):

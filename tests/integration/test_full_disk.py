@@ -59,8 +59,11 @@ class SmallDisk:
         self.path = path
         self.filler = path / "filler"
         path.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755",
-                               "tmpfs", str(path)], capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
 
@@ -126,10 +129,9 @@ def srv(oss_server: OssTestServer) -> OssTestServer:
 # ---------------------------------------------------------------------- download
 
 
-def test_download_to_a_full_disk_stops_and_resumes(srv: OssTestServer,
-                                                   oss_env: dict[str, str],
-                                                   small_disk: Callable[[str], SmallDisk]
-                                                   ) -> None:
+def test_download_to_a_full_disk_stops_and_resumes(
+    srv: OssTestServer, oss_env: dict[str, str], small_disk: Callable[[str], SmallDisk]
+) -> None:
     disk = small_disk("4m")
     parts = 30
     data = randbytes(parts * PART - 99, seed=7)
@@ -156,21 +158,30 @@ def test_download_to_a_full_disk_stops_and_resumes(srv: OssTestServer,
 
 
 def test_download_larger_than_the_free_space_fetches_nothing(
-        srv: OssTestServer, oss_env: dict[str, str],
-        small_disk: Callable[[str], SmallDisk]) -> None:
+    srv: OssTestServer, oss_env: dict[str, str], small_disk: Callable[[str], SmallDisk]
+) -> None:
     disk = small_disk("1m")
     srv.put(BUCKET, "huge.bin", randbytes(2 * MiB, seed=9))
     temp = disk.path / "huge.bin.ossfs-tmp"
-    result = oss_download(srv, oss_env, f"oss://{BUCKET}/huge.bin", str(disk.path / "huge.bin"),
-                          "--part-size", str(PART))
+    result = oss_download(
+        srv,
+        oss_env,
+        f"oss://{BUCKET}/huge.bin",
+        str(disk.path / "huge.bin"),
+        "--part-size",
+        str(PART),
+    )
     assert result.returncode == 1, result.stderr
     assert f"no space left for {temp}: 2.0 MiB more needed" in error_line(result.stderr)
     assert get_starts(srv, "huge.bin") == []
 
 
-def test_download_with_a_full_checkpoint_disk(srv: OssTestServer, oss_env: dict[str, str],
-                                              small_disk: Callable[[str], SmallDisk],
-                                              tmp_path: Path) -> None:
+def test_download_with_a_full_checkpoint_disk(
+    srv: OssTestServer,
+    oss_env: dict[str, str],
+    small_disk: Callable[[str], SmallDisk],
+    tmp_path: Path,
+) -> None:
     disk = small_disk("1m")
     parts = 140  # the index outgrows its first 4 KiB page after about 100 records
     data = randbytes(parts * PART, seed=8)
@@ -178,8 +189,16 @@ def test_download_with_a_full_checkpoint_disk(srv: OssTestServer, oss_env: dict[
     out = tmp_path / "out"
     out.mkdir()
     fill_on_get(srv, disk, "many.bin", 40 * PART)
-    args = (f"oss://{BUCKET}/many.bin", str(out / "many.bin"), "--part-size", str(PART),
-            "--threads", "1", "--checkpoint-dir", str(disk.path))
+    args = (
+        f"oss://{BUCKET}/many.bin",
+        str(out / "many.bin"),
+        "--part-size",
+        str(PART),
+        "--threads",
+        "1",
+        "--checkpoint-dir",
+        str(disk.path),
+    )
     result = oss_download(srv, oss_env, *args)
     srv.faults.clear()
     assert result.returncode == 1, result.stderr
@@ -194,24 +213,26 @@ def test_download_with_a_full_checkpoint_disk(srv: OssTestServer, oss_env: dict[
     summary(oss_download(srv, oss_env, *args))
     assert (out / "many.bin").read_bytes() == data
     assert get_starts(srv, "many.bin", before) == [
-        p * PART for p in range(parts) if p not in recorded]
+        p * PART for p in range(parts) if p not in recorded
+    ]
     assert leftovers(out) == [] and leftovers(disk.path) == []
 
 
 # ---------------------------------------------------------------------- materialize
 
 
-def test_materialize_to_a_full_disk_stops_and_resumes(oss_server: OssTestServer,
-                                                      oss_env: dict[str, str],
-                                                      small_disk: Callable[[str], SmallDisk],
-                                                      tmp_path: Path) -> None:
+def test_materialize_to_a_full_disk_stops_and_resumes(
+    oss_server: OssTestServer,
+    oss_env: dict[str, str],
+    small_disk: Callable[[str], SmallDisk],
+    tmp_path: Path,
+) -> None:
     disk = small_disk("4m")
     objects = {f"set/f{i}.bin": randbytes(1200 * KiB + i, seed=10 + i) for i in range(4)}
     for key, body in objects.items():
         oss_server.put(BUCKET, key, body)
     cache = tmp_path / "cache"
-    result = materialize(oss_server, oss_env, f"oss://{BUCKET}/set/", cache,
-                         "--to", str(disk.path))
+    result = materialize(oss_server, oss_env, f"oss://{BUCKET}/set/", cache, "--to", str(disk.path))
     assert result.returncode == 1, result.stderr
     line = error_line(result.stderr)
     assert f"no space left on device writing {disk.path}/f" in line, line
@@ -223,22 +244,25 @@ def test_materialize_to_a_full_disk_stops_and_resumes(oss_server: OssTestServer,
     gets_before = len(settled_stats(oss_server).gets)
 
     disk.grow("16m")
-    succeeded(materialize(oss_server, oss_env, f"oss://{BUCKET}/set/", cache,
-                          "--to", str(disk.path)))
+    succeeded(
+        materialize(oss_server, oss_env, f"oss://{BUCKET}/set/", cache, "--to", str(disk.path))
+    )
     assert {f"set/{n}": (disk.path / n).read_bytes() for n in os.listdir(disk.path)} == objects
     assert len(settled_stats(oss_server).gets) == gets_before  # all from the cache
 
 
-def test_materialize_into_a_full_cache_disk(oss_server: OssTestServer, oss_env: dict[str, str],
-                                            small_disk: Callable[[str], SmallDisk]) -> None:
+def test_materialize_into_a_full_cache_disk(
+    oss_server: OssTestServer, oss_env: dict[str, str], small_disk: Callable[[str], SmallDisk]
+) -> None:
     disk = small_disk("4m")
     objects = {f"c/o{i}.bin": randbytes(15 * PART + 1 + i, seed=20 + i) for i in range(4)}
     for key, body in objects.items():
         oss_server.put(BUCKET, key, body)
     cache = disk.path / "cache"
     fill_on_get(oss_server, disk, "c/o1.bin", 5 * PART)
-    result = materialize(oss_server, oss_env, f"oss://{BUCKET}/c/", cache, "--threads", "1",
-                         "--cache-min-free", "0")
+    result = materialize(
+        oss_server, oss_env, f"oss://{BUCKET}/c/", cache, "--threads", "1", "--cache-min-free", "0"
+    )
     oss_server.faults.clear()
     assert result.returncode == 1, result.stderr
     line = error_line(result.stderr)
@@ -254,15 +278,21 @@ def test_materialize_into_a_full_cache_disk(oss_server: OssTestServer, oss_env: 
     assert set(cached_parts(cache).values()) == {16}
 
 
-def test_materialize_to_another_file_system(oss_server: OssTestServer, oss_env: dict[str, str],
-                                            small_disk: Callable[[str], SmallDisk],
-                                            tmp_path: Path) -> None:
+def test_materialize_to_another_file_system(
+    oss_server: OssTestServer,
+    oss_env: dict[str, str],
+    small_disk: Callable[[str], SmallDisk],
+    tmp_path: Path,
+) -> None:
     """The cache and DIR on different file systems (copy_file_range may refuse: EXDEV)."""
     disk = small_disk("16m")
     objects = {"x/a.bin": randbytes(3 * PART + 7, seed=30), "x/b/c.txt": b"see\n"}
     for key, body in objects.items():
         oss_server.put(BUCKET, key, body)
-    succeeded(materialize(oss_server, oss_env, f"oss://{BUCKET}/x/", tmp_path / "cache",
-                          "--to", str(disk.path)))
+    succeeded(
+        materialize(
+            oss_server, oss_env, f"oss://{BUCKET}/x/", tmp_path / "cache", "--to", str(disk.path)
+        )
+    )
     assert (disk.path / "a.bin").read_bytes() == objects["x/a.bin"]
     assert (disk.path / "b" / "c.txt").read_bytes() == b"see\n"

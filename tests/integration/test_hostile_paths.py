@@ -79,18 +79,23 @@ def plant_foreign_file(link: Path, target: Path) -> None:
     os.chown(link, 65534, 65534)
 
 
-@pytest.mark.parametrize("plant", [plant_link, plant_hard_link, plant_foreign_file],
-                         ids=["symlink", "hard link", "other user's file"])
-def test_download_refuses_a_planted_temp_file(srv: OssTestServer, oss_env: dict[str, str],
-                                              out: Path, victim: Path, plant: object) -> None:
+@pytest.mark.parametrize(
+    "plant",
+    [plant_link, plant_hard_link, plant_foreign_file],
+    ids=["symlink", "hard link", "other user's file"],
+)
+def test_download_refuses_a_planted_temp_file(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path, victim: Path, plant: object
+) -> None:
     data = randbytes(3 * PART + 5, seed=1)
     srv.put(BUCKET, "obj.bin", data)
     dest = out / "obj.bin"
     temp = out / "obj.bin.ossfs-tmp"
     assert callable(plant)
     plant(temp, victim)
-    result = oss_download(srv, oss_env, f"oss://{BUCKET}/obj.bin", str(dest),
-                          "--part-size", str(PART))
+    result = oss_download(
+        srv, oss_env, f"oss://{BUCKET}/obj.bin", str(dest), "--part-size", str(PART)
+    )
     assert result.returncode == 2, result.stderr
     line = error_line(result.stderr)
     assert str(temp) in line and "nothing is written through it" in line, line
@@ -100,7 +105,8 @@ def test_download_refuses_a_planted_temp_file(srv: OssTestServer, oss_env: dict[
 
 
 def test_download_through_a_dangling_temp_link_creates_nothing(
-        srv: OssTestServer, oss_env: dict[str, str], out: Path, tmp_path: Path) -> None:
+    srv: OssTestServer, oss_env: dict[str, str], out: Path, tmp_path: Path
+) -> None:
     srv.put(BUCKET, "obj.bin", b"data")
     target = tmp_path / "elsewhere-new-file"
     (out / "obj.bin.ossfs-tmp").symlink_to(target)
@@ -110,9 +116,9 @@ def test_download_through_a_dangling_temp_link_creates_nothing(
     assert not os.path.lexists(target)
 
 
-def test_download_discards_a_checkpoint_that_is_a_link(srv: OssTestServer,
-                                                       oss_env: dict[str, str], out: Path,
-                                                       tmp_path: Path) -> None:
+def test_download_discards_a_checkpoint_that_is_a_link(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path, tmp_path: Path
+) -> None:
     """The link leads to a valid checkpoint of the same object: still not ours to use."""
     data = randbytes(6 * PART + 17, seed=2)
     srv.put(BUCKET, "obj.bin", data)
@@ -126,8 +132,9 @@ def test_download_discards_a_checkpoint_that_is_a_link(srv: OssTestServer,
     before = foreign.read_bytes()
     ckpt.unlink()
     ckpt.symlink_to(foreign)
-    result = oss_download(srv, oss_env, f"oss://{BUCKET}/obj.bin", str(dest),
-                          "--part-size", str(PART))
+    result = oss_download(
+        srv, oss_env, f"oss://{BUCKET}/obj.bin", str(dest), "--part-size", str(PART)
+    )
     summary(result)
     assert "is a symbolic link; starting over" in result.stderr, result.stderr
     assert dest.read_bytes() == data
@@ -135,15 +142,16 @@ def test_download_discards_a_checkpoint_that_is_a_link(srv: OssTestServer,
     assert not os.path.lexists(ckpt)
 
 
-def test_download_replaces_a_link_at_the_destination(srv: OssTestServer,
-                                                     oss_env: dict[str, str], out: Path,
-                                                     victim: Path) -> None:
+def test_download_replaces_a_link_at_the_destination(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path, victim: Path
+) -> None:
     data = randbytes(2 * PART, seed=3)
     srv.put(BUCKET, "obj.bin", data)
     dest = out / "obj.bin"
     dest.symlink_to(victim)
-    summary(oss_download(srv, oss_env, f"oss://{BUCKET}/obj.bin", str(dest),
-                         "--part-size", str(PART)))
+    summary(
+        oss_download(srv, oss_env, f"oss://{BUCKET}/obj.bin", str(dest), "--part-size", str(PART))
+    )
     assert not dest.is_symlink()
     assert dest.read_bytes() == data
     assert victim.read_bytes() == VICTIM
@@ -152,11 +160,14 @@ def test_download_replaces_a_link_at_the_destination(srv: OssTestServer,
 # ---------------------------------------------------------------------- materialize --to
 
 
-def test_materialize_never_writes_through_planted_links(oss_server: OssTestServer,
-                                                        oss_env: dict[str, str], out: Path,
-                                                        victim: Path, tmp_path: Path) -> None:
-    files = {"p/a.bin": randbytes(2 * PART + 1, seed=4), "p/sub/b.txt": b"bee\n",
-             "p/c.txt": b"sea\n"}
+def test_materialize_never_writes_through_planted_links(
+    oss_server: OssTestServer, oss_env: dict[str, str], out: Path, victim: Path, tmp_path: Path
+) -> None:
+    files = {
+        "p/a.bin": randbytes(2 * PART + 1, seed=4),
+        "p/sub/b.txt": b"bee\n",
+        "p/c.txt": b"sea\n",
+    }
     for key, body in files.items():
         oss_server.put(BUCKET, key, body, mtime=1_650_000_000)
     (out / "sub").mkdir()
@@ -164,28 +175,34 @@ def test_materialize_never_writes_through_planted_links(oss_server: OssTestServe
     (out / "a.bin.ossfs-tmp").symlink_to(victim)
     (out / "sub" / "b.txt.ossfs-tmp").symlink_to(victim)
     (out / "c.txt").symlink_to(victim)
-    result = materialize(oss_server, oss_env, f"oss://{BUCKET}/p/", tmp_path / "cache",
-                         "--to", str(out))
+    result = materialize(
+        oss_server, oss_env, f"oss://{BUCKET}/p/", tmp_path / "cache", "--to", str(out)
+    )
     succeeded(result)
     assert victim.read_bytes() == VICTIM
     assert (out / "a.bin").read_bytes() == files["p/a.bin"]
     assert (out / "sub" / "b.txt").read_bytes() == b"bee\n"
     assert not (out / "c.txt").is_symlink() and (out / "c.txt").read_bytes() == b"sea\n"
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
-        "a.bin", "c.txt", "sub", "sub/b.txt"]
+        "a.bin",
+        "c.txt",
+        "sub",
+        "sub/b.txt",
+    ]
 
 
-def test_materialize_skips_a_directory_that_is_a_link(oss_server: OssTestServer,
-                                                      oss_env: dict[str, str], out: Path,
-                                                      tmp_path: Path) -> None:
+def test_materialize_skips_a_directory_that_is_a_link(
+    oss_server: OssTestServer, oss_env: dict[str, str], out: Path, tmp_path: Path
+) -> None:
     oss_server.put(BUCKET, "p/d/x.txt", b"x\n")
     oss_server.put(BUCKET, "p/d/e/y.txt", b"y\n")
     oss_server.put(BUCKET, "p/ok.txt", b"ok\n")
     elsewhere = tmp_path / "elsewhere-dir"
     (elsewhere / "e").mkdir(parents=True)
     (out / "d").symlink_to(elsewhere)
-    result = materialize(oss_server, oss_env, f"oss://{BUCKET}/p/", tmp_path / "cache",
-                         "--to", str(out))
+    result = materialize(
+        oss_server, oss_env, f"oss://{BUCKET}/p/", tmp_path / "cache", "--to", str(out)
+    )
     succeeded(result)
     for key in ("p/d/x.txt", "p/d/e/y.txt"):
         assert f"skipping {key}: {out / 'd'} is a symbolic link" in result.stderr, result.stderr

@@ -61,11 +61,22 @@ def parts_of(size: int) -> int:
     return -(-size // PART)
 
 
-def materialize(server: OssTestServer, env: dict[str, str], target: str, cache: Path,
-                *args: str) -> subprocess.CompletedProcess[str]:
+def materialize(
+    server: OssTestServer, env: dict[str, str], target: str, cache: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
     """Run ``ossfs materialize TARGET`` against *server* with the cache *cache*."""
-    return run_ossfs("materialize", target, "--cache-dir", str(cache), "--part-size", "100KiB",
-                     "--endpoint", server.url, *args, env=env)
+    return run_ossfs(
+        "materialize",
+        target,
+        "--cache-dir",
+        str(cache),
+        "--part-size",
+        "100KiB",
+        "--endpoint",
+        server.url,
+        *args,
+        env=env,
+    )
 
 
 def files_under(directory: Path) -> dict[str, bytes]:
@@ -111,8 +122,9 @@ def srv(oss_server: OssTestServer) -> OssTestServer:
 def test_prefix_to_dir(srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path) -> None:
     cache, to = tmp_path / "cache", tmp_path / "to"
     to.mkdir()
-    line = succeeded(materialize(srv, oss_env, f"oss://{BUCKET}/ds/", cache, "--to", str(to),
-                                 "--threads", "4"))
+    line = succeeded(
+        materialize(srv, oss_env, f"oss://{BUCKET}/ds/", cache, "--to", str(to), "--threads", "4")
+    )
     expected = {k.removeprefix("ds/"): v for k, v in DATASET.items()}
     assert files_under(to) == expected
     for rel in expected:
@@ -123,7 +135,8 @@ def test_prefix_to_dir(srv: OssTestServer, oss_env: dict[str, str], tmp_path: Pa
     assert set(stats.gets_by_key) == {k for k, v in DATASET.items() if v}
     for key, records in stats.gets_by_key.items():
         assert sorted(r.req_start or 0 for r in records) == [
-            i * PART for i in range(parts_of(len(DATASET[key])))]
+            i * PART for i in range(parts_of(len(DATASET[key])))
+        ]
     assert stats.bytes_sent == sum(len(v) for v in DATASET.values())
 
     # A rerun fetches nothing and leaves the files as they are.
@@ -141,8 +154,9 @@ def test_prefix_to_dir(srv: OssTestServer, oss_env: dict[str, str], tmp_path: Pa
     assert files_under(to) == expected
 
 
-def test_cache_first_then_to_dir(srv: OssTestServer, oss_env: dict[str, str],
-                                 tmp_path: Path) -> None:
+def test_cache_first_then_to_dir(
+    srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     cache, to = tmp_path / "cache", tmp_path / "to"
     succeeded(materialize(srv, oss_env, f"oss://{BUCKET}/ds/", cache))
     assert gets(srv) == sum(parts_of(len(v)) for v in DATASET.values())
@@ -157,35 +171,36 @@ def test_cache_first_then_to_dir(srv: OssTestServer, oss_env: dict[str, str],
 def test_single_object(srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path) -> None:
     cache, to = tmp_path / "cache", tmp_path / "to"
     to.mkdir()
-    line = succeeded(materialize(srv, oss_env, f"oss://{BUCKET}/ds/sub/big.bin", cache,
-                                 "--to", str(to)))
+    line = succeeded(
+        materialize(srv, oss_env, f"oss://{BUCKET}/ds/sub/big.bin", cache, "--to", str(to))
+    )
     assert "materialized 1 object(s)" in line
     assert files_under(to) == {"big.bin": DATASET["ds/sub/big.bin"]}
     assert set(settled_stats(srv).gets_by_key) == {"ds/sub/big.bin"}
 
 
-def test_nothing_to_materialize(srv: OssTestServer, oss_env: dict[str, str],
-                                tmp_path: Path) -> None:
+def test_nothing_to_materialize(
+    srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     result = materialize(srv, oss_env, f"oss://{BUCKET}/no/such/prefix/", tmp_path / "cache")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "ossfs: error:" in result.stderr
 
 
-def test_to_dir_is_created(srv: OssTestServer, oss_env: dict[str, str],
-                           tmp_path: Path) -> None:
+def test_to_dir_is_created(srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "missing" / "deeper"
-    result = materialize(srv, oss_env, f"oss://{BUCKET}/ds/", tmp_path / "cache",
-                         "--to", str(out))
+    result = materialize(srv, oss_env, f"oss://{BUCKET}/ds/", tmp_path / "cache", "--to", str(out))
     succeeded(result)
-    assert files_under(out) == {k[len("ds/"):]: v for k, v in DATASET.items()}
+    assert files_under(out) == {k[len("ds/") :]: v for k, v in DATASET.items()}
 
 
 # ---------------------------------------------------------------------- kill -9
 
 
-def test_resume_after_kill_9(oss_server: OssTestServer, oss_env: dict[str, str],
-                             tmp_path: Path) -> None:
+def test_resume_after_kill_9(
+    oss_server: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     objects = {f"big/obj-{i}.bin": randbytes(2 * MiB + i, seed=10 + i) for i in range(3)}
     for key, data in objects.items():
         oss_server.put(BUCKET, key, data)
@@ -193,10 +208,26 @@ def test_resume_after_kill_9(oss_server: OssTestServer, oss_env: dict[str, str],
     to.mkdir()
     oss_server.faults.bandwidth = 512 * KiB
     proc = subprocess.Popen(
-        [*OSSFS, "materialize", f"oss://{BUCKET}/big/", "--cache-dir", str(cache),
-         "--part-size", "100KiB", "--threads", "4", "--to", str(to),
-         "--endpoint", oss_server.url], env=oss_env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+        [
+            *OSSFS,
+            "materialize",
+            f"oss://{BUCKET}/big/",
+            "--cache-dir",
+            str(cache),
+            "--part-size",
+            "100KiB",
+            "--threads",
+            "4",
+            "--to",
+            str(to),
+            "--endpoint",
+            oss_server.url,
+        ],
+        env=oss_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while oss_server.stats.bytes_sent < 1 * MiB and time.monotonic() < deadline:
@@ -218,21 +249,40 @@ def test_resume_after_kill_9(oss_server: OssTestServer, oss_env: dict[str, str],
     assert sum(held.values()) > 0 and missing > 0
     oss_server.faults.bandwidth = None
     before = gets(oss_server)  # after the killed run's answers have ended
-    line = succeeded(materialize(oss_server, oss_env, f"oss://{BUCKET}/big/", cache,
-                                 "--to", str(to), "--threads", "4"))
+    line = succeeded(
+        materialize(
+            oss_server, oss_env, f"oss://{BUCKET}/big/", cache, "--to", str(to), "--threads", "4"
+        )
+    )
     assert gets(oss_server) - before == missing
     assert "already cached" in line
     assert files_under(to) == {k.removeprefix("big/"): v for k, v in objects.items()}
 
 
-def test_ctrl_c_exits_130_and_says_how_to_go_on(oss_server: OssTestServer,
-                                               oss_env: dict[str, str], tmp_path: Path) -> None:
+def test_ctrl_c_exits_130_and_says_how_to_go_on(
+    oss_server: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     oss_server.put(BUCKET, "big/obj.bin", randbytes(2 * MiB, seed=20))
     oss_server.faults.bandwidth = 256 * KiB
     proc = subprocess.Popen(
-        [*OSSFS, "materialize", f"oss://{BUCKET}/big/", "--cache-dir", str(tmp_path / "c"),
-         "--part-size", "100KiB", "--threads", "2", "--endpoint", oss_server.url],
-        env=oss_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            *OSSFS,
+            "materialize",
+            f"oss://{BUCKET}/big/",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--part-size",
+            "100KiB",
+            "--threads",
+            "2",
+            "--endpoint",
+            oss_server.url,
+        ],
+        env=oss_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while oss_server.stats.bytes_sent < 100 * KiB and time.monotonic() < deadline:
@@ -249,34 +299,45 @@ def test_ctrl_c_exits_130_and_says_how_to_go_on(oss_server: OssTestServer,
     assert "ossfs: interrupted\nossfs: run the same command again to continue" in err
 
 
-def test_object_replaced_mid_run(oss_server: OssTestServer, oss_env: dict[str, str],
-                                 tmp_path: Path) -> None:
+def test_object_replaced_mid_run(
+    oss_server: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     """The changed object is started over in its new version (never mixed), as
     download does; the others complete."""
     old, new = randbytes(10 * PART, seed=20), randbytes(9 * PART + 5, seed=21)
     oss_server.put(BUCKET, "mat/changing.bin", old)
     oss_server.put(BUCKET, "mat/steady.txt", b"steady\n")
-    oss_server.faults.add(Fault("replace", op="get", key="mat/changing.bin", after_bytes=100,
-                                data=new))
+    oss_server.faults.add(
+        Fault("replace", op="get", key="mat/changing.bin", after_bytes=100, data=new)
+    )
     cache, to = tmp_path / "cache", tmp_path / "to"
-    result = materialize(oss_server, oss_env, f"oss://{BUCKET}/mat/", cache, "--to", str(to),
-                         "--threads", "2")
+    result = materialize(
+        oss_server, oss_env, f"oss://{BUCKET}/mat/", cache, "--to", str(to), "--threads", "2"
+    )
     succeeded(result)
     assert f"oss://{BUCKET}/mat/changing.bin changed while it was fetched" in result.stderr
     assert files_under(to) == {"steady.txt": b"steady\n", "changing.bin": new}
 
 
-def test_object_that_keeps_changing_fails_alone(oss_server: OssTestServer,
-                                                oss_env: dict[str, str],
-                                                tmp_path: Path) -> None:
+def test_object_that_keeps_changing_fails_alone(
+    oss_server: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     oss_server.put(BUCKET, "mat/changing.bin", randbytes(10 * PART, seed=22))
     oss_server.put(BUCKET, "mat/steady.txt", b"steady\n")
     for i in range(5):
-        oss_server.faults.add(Fault("replace", op="get", key="mat/changing.bin",
-                                    after_bytes=100, data=randbytes(10 * PART, seed=30 + i)))
+        oss_server.faults.add(
+            Fault(
+                "replace",
+                op="get",
+                key="mat/changing.bin",
+                after_bytes=100,
+                data=randbytes(10 * PART, seed=30 + i),
+            )
+        )
     cache, to = tmp_path / "cache", tmp_path / "to"
-    result = materialize(oss_server, oss_env, f"oss://{BUCKET}/mat/", cache, "--to", str(to),
-                         "--threads", "1")
+    result = materialize(
+        oss_server, oss_env, f"oss://{BUCKET}/mat/", cache, "--to", str(to), "--threads", "1"
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     failed = [x for x in result.stderr.splitlines() if x.startswith("ossfs: failed:")]
     assert len(failed) == 1 and "mat/changing.bin: it kept changing" in failed[0], failed
@@ -285,8 +346,9 @@ def test_object_that_keeps_changing_fails_alone(oss_server: OssTestServer,
     assert files_under(to) == {"steady.txt": b"steady\n"}
 
 
-def test_two_concurrent_runs_share_the_cache(oss_server: OssTestServer,
-                                             oss_env: dict[str, str], tmp_path: Path) -> None:
+def test_two_concurrent_runs_share_the_cache(
+    oss_server: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     """Two runs on one cache at once: every part is fetched once, by one of them."""
     objects = {f"pair/obj-{i}.bin": randbytes(MiB + i, seed=30 + i) for i in range(3)}
     for key, data in objects.items():
@@ -298,11 +360,29 @@ def test_two_concurrent_runs_share_the_cache(oss_server: OssTestServer,
         for i in range(2):
             to = tmp_path / f"to-{i}"
             to.mkdir()
-            procs.append(subprocess.Popen(
-                [*OSSFS, "materialize", f"oss://{BUCKET}/pair/", "--cache-dir", str(cache),
-                 "--part-size", "100KiB", "--threads", "4", "--to", str(to),
-                 "--endpoint", oss_server.url],
-                env=oss_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        *OSSFS,
+                        "materialize",
+                        f"oss://{BUCKET}/pair/",
+                        "--cache-dir",
+                        str(cache),
+                        "--part-size",
+                        "100KiB",
+                        "--threads",
+                        "4",
+                        "--to",
+                        str(to),
+                        "--endpoint",
+                        oss_server.url,
+                    ],
+                    env=oss_env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
         outcomes = [p.communicate(timeout=120) for p in procs]
     finally:
         for p in procs:
@@ -320,8 +400,9 @@ def test_two_concurrent_runs_share_the_cache(oss_server: OssTestServer,
 # ---------------------------------------------------------------------- --shard
 
 
-def test_shards_partition_the_objects(oss_server: OssTestServer, oss_env: dict[str, str],
-                                      tmp_path: Path) -> None:
+def test_shards_partition_the_objects(
+    oss_server: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     objects = {f"sh/obj-{i:02d}.txt": f"object {i}\n".encode() for i in range(15)}
     for key, data in objects.items():
         oss_server.put(BUCKET, key, data)
@@ -330,8 +411,18 @@ def test_shards_partition_the_objects(oss_server: OssTestServer, oss_env: dict[s
     for i in range(3):
         to = tmp_path / f"shard-{i}"
         to.mkdir()
-        succeeded(materialize(oss_server, oss_env, f"oss://{BUCKET}/sh/", cache,
-                              "--to", str(to), "--shard", f"{i}/3"))
+        succeeded(
+            materialize(
+                oss_server,
+                oss_env,
+                f"oss://{BUCKET}/sh/",
+                cache,
+                "--to",
+                str(to),
+                "--shard",
+                f"{i}/3",
+            )
+        )
         shards.append(files_under(to))
     union: dict[str, bytes] = {}
     for i, shard in enumerate(shards):
@@ -344,16 +435,26 @@ def test_shards_partition_the_objects(oss_server: OssTestServer, oss_env: dict[s
     # The same split on another run, with another cache.
     again = tmp_path / "shard-1-again"
     again.mkdir()
-    succeeded(materialize(oss_server, oss_env, f"oss://{BUCKET}/sh/", tmp_path / "cache2",
-                          "--to", str(again), "--shard", "1/3"))
+    succeeded(
+        materialize(
+            oss_server,
+            oss_env,
+            f"oss://{BUCKET}/sh/",
+            tmp_path / "cache2",
+            "--to",
+            str(again),
+            "--shard",
+            "1/3",
+        )
+    )
     assert files_under(again) == shards[1]
 
 
 @pytest.mark.parametrize("shard", ["3/3", "-1/3", "0/0", "1", "a/b"])
-def test_bad_shard(srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path,
-                   shard: str) -> None:
-    result = materialize(srv, oss_env, f"oss://{BUCKET}/ds/", tmp_path / "cache",
-                         f"--shard={shard}")
+def test_bad_shard(srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path, shard: str) -> None:
+    result = materialize(
+        srv, oss_env, f"oss://{BUCKET}/ds/", tmp_path / "cache", f"--shard={shard}"
+    )
     assert result.returncode == 2
     assert "shard" in result.stderr
     assert "Traceback" not in result.stderr
@@ -366,22 +467,39 @@ RUNNER_VARIABLES = ("JOB_COMPLETION_INDEX", "OSSFS_SHARD_COUNT", "RANK", "WORLD_
 
 
 def runner_env(env: dict[str, str], **variables: str) -> dict[str, str]:
-    clean = {k: v for k, v in env.items()
-             if k not in RUNNER_VARIABLES and not k.startswith("SLURM_")}
+    clean = {
+        k: v for k, v in env.items() if k not in RUNNER_VARIABLES and not k.startswith("SLURM_")
+    }
     return {**clean, **variables}
 
 
-@pytest.mark.parametrize(("variables", "args", "shard"), [
-    pytest.param({"JOB_COMPLETION_INDEX": "1"}, ["--shard-count", "3"], 1, id="k8s-count"),
-    pytest.param({"JOB_COMPLETION_INDEX": "2", "OSSFS_SHARD_COUNT": "3"}, [], 2, id="k8s-env"),
-    pytest.param({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4",
-                  "SLURM_ARRAY_TASK_MAX": "6", "SLURM_ARRAY_TASK_COUNT": "3"}, [], 1,
-                 id="slurm"),
-    pytest.param({"RANK": "0", "WORLD_SIZE": "3"}, [], 0, id="torch"),
-])
-def test_shard_auto_takes_the_runners_shard(oss_server: OssTestServer, oss_env: dict[str, str],
-                                            tmp_path: Path, variables: dict[str, str],
-                                            args: list[str], shard: int) -> None:
+@pytest.mark.parametrize(
+    ("variables", "args", "shard"),
+    [
+        pytest.param({"JOB_COMPLETION_INDEX": "1"}, ["--shard-count", "3"], 1, id="k8s-count"),
+        pytest.param({"JOB_COMPLETION_INDEX": "2", "OSSFS_SHARD_COUNT": "3"}, [], 2, id="k8s-env"),
+        pytest.param(
+            {
+                "SLURM_ARRAY_TASK_ID": "5",
+                "SLURM_ARRAY_TASK_MIN": "4",
+                "SLURM_ARRAY_TASK_MAX": "6",
+                "SLURM_ARRAY_TASK_COUNT": "3",
+            },
+            [],
+            1,
+            id="slurm",
+        ),
+        pytest.param({"RANK": "0", "WORLD_SIZE": "3"}, [], 0, id="torch"),
+    ],
+)
+def test_shard_auto_takes_the_runners_shard(
+    oss_server: OssTestServer,
+    oss_env: dict[str, str],
+    tmp_path: Path,
+    variables: dict[str, str],
+    args: list[str],
+    shard: int,
+) -> None:
     from ossfs.materialize import in_shard
 
     objects = {f"sh/obj-{i:02d}.txt": f"object {i}\n".encode() for i in range(15)}
@@ -390,30 +508,75 @@ def test_shard_auto_takes_the_runners_shard(oss_server: OssTestServer, oss_env: 
     expected = {k.removeprefix("sh/"): v for k, v in objects.items() if in_shard(k, (shard, 3))}
     assert expected
     to = tmp_path / "to"
-    result = materialize(oss_server, runner_env(oss_env, **variables), f"oss://{BUCKET}/sh/",
-                         tmp_path / "cache", "--to", str(to), "--shard", "auto", *args)
+    result = materialize(
+        oss_server,
+        runner_env(oss_env, **variables),
+        f"oss://{BUCKET}/sh/",
+        tmp_path / "cache",
+        "--to",
+        str(to),
+        "--shard",
+        "auto",
+        *args,
+    )
     succeeded(result)
     assert f"ossfs: shard {shard}/3 (from " in result.stderr
     assert files_under(to) == expected
     assert gets(oss_server) == len(expected)
 
 
-@pytest.mark.parametrize(("variables", "args", "says"), [
-    pytest.param({}, [], "found no job runner", id="none"),
-    pytest.param({"JOB_COMPLETION_INDEX": "1"}, [], "--shard-count", id="k8s-no-count"),
-    pytest.param({"JOB_COMPLETION_INDEX": "3"}, ["--shard-count", "3"], "not below",
-                 id="k8s-index-too-big"),
-    pytest.param({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_MIN": "1",
-                  "SLURM_ARRAY_TASK_COUNT": "3"}, [], "SLURM_ARRAY_TASK_ID=0",
-                 id="slurm-below-min"),
-    pytest.param({"RANK": "1", "WORLD_SIZE": "2", "SLURM_ARRAY_TASK_ID": "1",
-                  "SLURM_ARRAY_TASK_COUNT": "3"}, [], "disagree", id="runners-disagree"),
-    pytest.param({"RANK": "x", "WORLD_SIZE": "2"}, [], "RANK='x'", id="not-a-number"),
-])
-def test_shard_auto_errors(srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path,
-                           variables: dict[str, str], args: list[str], says: str) -> None:
-    result = materialize(srv, runner_env(oss_env, **variables), f"oss://{BUCKET}/ds/",
-                         tmp_path / "cache", "--shard", "auto", *args)
+@pytest.mark.parametrize(
+    ("variables", "args", "says"),
+    [
+        pytest.param({}, [], "found no job runner", id="none"),
+        pytest.param({"JOB_COMPLETION_INDEX": "1"}, [], "--shard-count", id="k8s-no-count"),
+        pytest.param(
+            {"JOB_COMPLETION_INDEX": "3"},
+            ["--shard-count", "3"],
+            "not below",
+            id="k8s-index-too-big",
+        ),
+        pytest.param(
+            {
+                "SLURM_ARRAY_TASK_ID": "0",
+                "SLURM_ARRAY_TASK_MIN": "1",
+                "SLURM_ARRAY_TASK_COUNT": "3",
+            },
+            [],
+            "SLURM_ARRAY_TASK_ID=0",
+            id="slurm-below-min",
+        ),
+        pytest.param(
+            {
+                "RANK": "1",
+                "WORLD_SIZE": "2",
+                "SLURM_ARRAY_TASK_ID": "1",
+                "SLURM_ARRAY_TASK_COUNT": "3",
+            },
+            [],
+            "disagree",
+            id="runners-disagree",
+        ),
+        pytest.param({"RANK": "x", "WORLD_SIZE": "2"}, [], "RANK='x'", id="not-a-number"),
+    ],
+)
+def test_shard_auto_errors(
+    srv: OssTestServer,
+    oss_env: dict[str, str],
+    tmp_path: Path,
+    variables: dict[str, str],
+    args: list[str],
+    says: str,
+) -> None:
+    result = materialize(
+        srv,
+        runner_env(oss_env, **variables),
+        f"oss://{BUCKET}/ds/",
+        tmp_path / "cache",
+        "--shard",
+        "auto",
+        *args,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ossfs: error: --shard auto"), result.stderr
@@ -421,10 +584,19 @@ def test_shard_auto_errors(srv: OssTestServer, oss_env: dict[str, str], tmp_path
     assert gets(srv) == 0
 
 
-def test_shard_count_needs_shard_auto(srv: OssTestServer, oss_env: dict[str, str],
-                                      tmp_path: Path) -> None:
-    result = materialize(srv, oss_env, f"oss://{BUCKET}/ds/", tmp_path / "cache",
-                         "--shard", "0/3", "--shard-count", "3")
+def test_shard_count_needs_shard_auto(
+    srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
+    result = materialize(
+        srv,
+        oss_env,
+        f"oss://{BUCKET}/ds/",
+        tmp_path / "cache",
+        "--shard",
+        "0/3",
+        "--shard-count",
+        "3",
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == "ossfs: error: --shard-count goes with --shard auto"
 
@@ -432,10 +604,16 @@ def test_shard_count_needs_shard_auto(srv: OssTestServer, oss_env: dict[str, str
 # ---------------------------------------------------------------------- unsafe keys
 
 
-def test_unsafe_keys_are_skipped(oss_server: OssTestServer, oss_env: dict[str, str],
-                                 tmp_path: Path) -> None:
-    unsafe = ["u/../evil.txt", "u/x/../../evil2.txt", "u/a//b.txt", "u/./dot.txt",
-              "u/link/through.txt"]
+def test_unsafe_keys_are_skipped(
+    oss_server: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
+    unsafe = [
+        "u/../evil.txt",
+        "u/x/../../evil2.txt",
+        "u/a//b.txt",
+        "u/./dot.txt",
+        "u/link/through.txt",
+    ]
     for key in unsafe:
         oss_server.put(BUCKET, key, b"must not be written\n")
     oss_server.put(BUCKET, "u/ok.txt", b"fine\n")
@@ -446,8 +624,9 @@ def test_unsafe_keys_are_skipped(oss_server: OssTestServer, oss_env: dict[str, s
     elsewhere.mkdir()
     # A symlink inside DIR that leads out of it must not be written through.
     (to / "link").symlink_to(elsewhere)
-    result = materialize(oss_server, oss_env, f"oss://{BUCKET}/u/", tmp_path / "cache",
-                         "--to", str(to))
+    result = materialize(
+        oss_server, oss_env, f"oss://{BUCKET}/u/", tmp_path / "cache", "--to", str(to)
+    )
     succeeded(result)
     for key in unsafe:
         assert f"skipping {key}" in result.stderr, result.stderr
@@ -459,19 +638,25 @@ def test_unsafe_keys_are_skipped(oss_server: OssTestServer, oss_env: dict[str, s
 
 
 def test_the_cache_keeps_its_cap_when_the_prefix_does_not_fit(
-        oss_server: OssTestServer, oss_env: dict[str, str], tmp_path: Path) -> None:
+    oss_server: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
     """Objects larger than the cache, into a 1 MiB cache: said before starting, and
     the cap holds at the end (plus at most one part per connection)."""
     sizes = [30 * PART + 7, 3 * PART, 25 * PART]
     for i, size in enumerate(sizes):
         oss_server.put(BUCKET, f"big/{i}.bin", randbytes(size, seed=i))
     cache = tmp_path / "cache"
-    result = materialize(oss_server, oss_env, f"oss://{BUCKET}/big/", cache,
-                         "--cache-size", "1MiB", "--threads", "4")
+    result = materialize(
+        oss_server, oss_env, f"oss://{BUCKET}/big/", cache, "--cache-size", "1MiB", "--threads", "4"
+    )
     succeeded(result)
     assert "does not fit in the cache" in result.stderr
-    on_disk = sum(os.stat(os.path.join(d, f)).st_blocks * 512
-                  for d, _, names in os.walk(cache) for f in names if f == "data")
+    on_disk = sum(
+        os.stat(os.path.join(d, f)).st_blocks * 512
+        for d, _, names in os.walk(cache)
+        for f in names
+        if f == "data"
+    )
     assert on_disk <= 1 * MiB + 4 * PART, on_disk
     # Every part was fetched once: nothing evicted before it was written.
     assert settled_stats(oss_server).bytes_sent == sum(sizes)

@@ -49,8 +49,11 @@ def scrape(where: str) -> Samples:
     with urllib.request.urlopen(f"http://{where}/metrics", timeout=30) as answer:
         assert answer.status == 200
         text = answer.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -82,12 +85,23 @@ def settle(where: str) -> Samples:
 
 
 @pytest.mark.fuse
-def test_counters_move_by_what_the_server_sent(server: OssTestServer, env: dict[str, str],
-                                               tmp_path: Path) -> None:
+def test_counters_move_by_what_the_server_sent(
+    server: OssTestServer, env: dict[str, str], tmp_path: Path
+) -> None:
     mnt = tmp_path / "mnt"
-    with mounted(f"oss://{BUCKET}", mnt, "--endpoint", server.url, "--cache-dir",
-                 str(tmp_path / "cache"), "--part-size", "1MiB", "--metrics", "127.0.0.1:0",
-                 env=env) as info:
+    with mounted(
+        f"oss://{BUCKET}",
+        mnt,
+        "--endpoint",
+        server.url,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--part-size",
+        "1MiB",
+        "--metrics",
+        "127.0.0.1:0",
+        env=env,
+    ) as info:
         where = str(info["metrics"])
         assert where.startswith("127.0.0.1:") and not where.endswith(":0")
         before = settle(where)
@@ -99,29 +113,32 @@ def test_counters_move_by_what_the_server_sent(server: OssTestServer, env: dict[
         cold = settle(where)
         sent = settled_stats(server)
         body_bytes = sent.bytes_sent - sent_before.bytes_sent
-        new_gets = sent.gets[len(sent_before.gets):]
+        new_gets = sent.gets[len(sent_before.gets) :]
 
-        def moved(name: str, samples: Samples = cold, base: Samples = before,
-                  **labels: str) -> float:
+        def moved(
+            name: str, samples: Samples = cold, base: Samples = before, **labels: str
+        ) -> float:
             return value(samples, name, **labels) - value(base, name, **labels)
 
         assert body_bytes == SIZE  # the object once
         assert moved("ossfs_fetched_bytes_total") == body_bytes
         assert moved("ossfs_received_bytes_total") == body_bytes
-        assert moved("ossfs_requests_total", kind="get", status="206") \
-            == sum(g.status == 206 for g in new_gets)
-        assert moved("ossfs_requests_total", kind="get", status="503") \
-            == sum(g.status == 503 for g in new_gets) == 1
+        assert moved("ossfs_requests_total", kind="get", status="206") == sum(
+            g.status == 206 for g in new_gets
+        )
+        assert (
+            moved("ossfs_requests_total", kind="get", status="503")
+            == sum(g.status == 503 for g in new_gets)
+            == 1
+        )
         assert moved("ossfs_request_retries_total") == 1
-        assert moved("ossfs_cache_miss_bytes_total") + moved("ossfs_cache_hit_bytes_total") \
-            == SIZE
+        assert moved("ossfs_cache_miss_bytes_total") + moved("ossfs_cache_hit_bytes_total") == SIZE
         assert moved("ossfs_cache_miss_bytes_total") > 0
         assert value(cold, "ossfs_cache_used_bytes") >= SIZE
         reads = moved("ossfs_fuse_requests_total", op="read")
         assert reads > 0
         assert moved("ossfs_fuse_request_duration_seconds_count", op="read") == reads
-        assert moved("ossfs_fuse_request_duration_seconds_bucket", op="read", le="+Inf") \
-            == reads
+        assert moved("ossfs_fuse_request_duration_seconds_bucket", op="read", le="+Inf") == reads
         assert moved("ossfs_fuse_request_duration_seconds_count", op="open") >= 1
         # Idle connections keep their 1 MiB receive buffer.
         buffered = value(cold, "ossfs_buffered_bytes")
@@ -151,8 +168,9 @@ def test_counters_move_by_what_the_server_sent(server: OssTestServer, env: dict[
 
 
 @pytest.mark.fuse
-def test_gets_in_flight_while_a_get_is_held(server: OssTestServer, env: dict[str, str],
-                                            tmp_path: Path) -> None:
+def test_gets_in_flight_while_a_get_is_held(
+    server: OssTestServer, env: dict[str, str], tmp_path: Path
+) -> None:
     gate = threading.Event()
 
     def hold(_info: object) -> bool:
@@ -162,8 +180,17 @@ def test_gets_in_flight_while_a_get_is_held(server: OssTestServer, env: dict[str
     server.faults.add(Fault("status", op="get", when=hold), times=None)
     mnt = tmp_path / "mnt"
     got: list[bytes] = []
-    with mounted(f"oss://{BUCKET}", mnt, "--endpoint", server.url, "--cache-dir",
-                 str(tmp_path / "cache"), "--metrics", "127.0.0.1:0", env=env) as info:
+    with mounted(
+        f"oss://{BUCKET}",
+        mnt,
+        "--endpoint",
+        server.url,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--metrics",
+        "127.0.0.1:0",
+        env=env,
+    ) as info:
         where = str(info["metrics"])
         reader = threading.Thread(target=lambda: got.append(read_all(mnt / "data" / "two.bin")))
         reader.start()
@@ -179,8 +206,9 @@ def test_gets_in_flight_while_a_get_is_held(server: OssTestServer, env: dict[str
         assert value(settle(where), "ossfs_gets_in_flight") == 0
 
 
-def test_bad_addresses_are_one_line(server: OssTestServer, env: dict[str, str],
-                                    tmp_path: Path) -> None:
+def test_bad_addresses_are_one_line(
+    server: OssTestServer, env: dict[str, str], tmp_path: Path
+) -> None:
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -198,10 +226,20 @@ def test_bad_addresses_are_one_line(server: OssTestServer, env: dict[str, str],
             "192.0.2.1:9100": "cannot listen there",
         }
         for listen, says in cases.items():
-            for command in (["mount", f"oss://{BUCKET}", str(mnt), "-f"],
-                            ["materialize", f"oss://{BUCKET}/data/"]):
-                result = run_ossfs(*command, "--endpoint", server.url, "--cache-dir",
-                                   str(tmp_path / "cache"), "--metrics", listen, env=env)
+            for command in (
+                ["mount", f"oss://{BUCKET}", str(mnt), "-f"],
+                ["materialize", f"oss://{BUCKET}/data/"],
+            ):
+                result = run_ossfs(
+                    *command,
+                    "--endpoint",
+                    server.url,
+                    "--cache-dir",
+                    str(tmp_path / "cache"),
+                    "--metrics",
+                    listen,
+                    env=env,
+                )
                 assert result.returncode == 2, (listen, result.stderr)
                 errors = [ln for ln in result.stderr.splitlines() if "error" in ln]
                 assert len(errors) == 1 and says in errors[0], (listen, result.stderr)
@@ -212,23 +250,38 @@ def test_bad_addresses_are_one_line(server: OssTestServer, env: dict[str, str],
         busy.close()
 
 
-def test_materialize_serves_metrics_while_it_runs(server: OssTestServer, env: dict[str, str],
-                                                  tmp_path: Path) -> None:
+def test_materialize_serves_metrics_while_it_runs(
+    server: OssTestServer, env: dict[str, str], tmp_path: Path
+) -> None:
     """A long materialize run (held here at its first GET) shows its counters."""
     import subprocess
 
     from tests.helpers import OSSFS
 
     gate = threading.Event()
-    server.faults.add(Fault("status", op="get", when=lambda _i: not gate.wait(60) and False),
-                      times=None)
+    server.faults.add(
+        Fault("status", op="get", when=lambda _i: not gate.wait(60) and False), times=None
+    )
     with socket.socket() as s:  # a free port (materialize does not report port 0)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([*OSSFS, "materialize", f"oss://{BUCKET}/data/", "--endpoint",
-                             server.url, "--cache-dir", str(tmp_path / "cache"),
-                             "--metrics", f"127.0.0.1:{port}"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            *OSSFS,
+            "materialize",
+            f"oss://{BUCKET}/data/",
+            "--endpoint",
+            server.url,
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--metrics",
+            f"127.0.0.1:{port}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

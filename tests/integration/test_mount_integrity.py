@@ -63,25 +63,42 @@ with open(sys.argv[1], "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
 
 
 def cache_disk_bytes(root: Path) -> int:
-    return sum(os.stat(os.path.join(d, f)).st_blocks * 512
-               for d, _, files in os.walk(root) for f in files if f == "data")
+    return sum(
+        os.stat(os.path.join(d, f)).st_blocks * 512
+        for d, _, files in os.walk(root)
+        for f in files
+        if f == "data"
+    )
 
 
 def cmp(a: Path, b: Path) -> None:
-    result = subprocess.run(["cmp", str(a), str(b)], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(["cmp", str(a), str(b)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize(("cap", "part"), [("8MiB", "1MiB"), ("8MiB", "16MiB"),
-                                           ("12MiB", "4MiB"), ("20MiB", "8MiB")])
+@pytest.mark.parametrize(
+    ("cap", "part"), [("8MiB", "1MiB"), ("8MiB", "16MiB"), ("12MiB", "4MiB"), ("20MiB", "8MiB")]
+)
 def test_cmp_through_a_cache_smaller_than_the_object(
-        server: OssTestServer, env: dict[str, str], source: Path, tmp_path: Path,
-        cap: str, part: str) -> None:
+    server: OssTestServer, env: dict[str, str], source: Path, tmp_path: Path, cap: str, part: str
+) -> None:
     cache = tmp_path / "cache"
-    with mounted(f"oss://{BUCKET}", tmp_path / "m", "--endpoint", server.url,
-                 "--cache-dir", str(cache), "--cache-size", cap, "--part-size", part,
-                 "--threads", str(THREADS), env=env, log=tmp_path / "log"):
+    with mounted(
+        f"oss://{BUCKET}",
+        tmp_path / "m",
+        "--endpoint",
+        server.url,
+        "--cache-dir",
+        str(cache),
+        "--cache-size",
+        cap,
+        "--part-size",
+        part,
+        "--threads",
+        str(THREADS),
+        env=env,
+        log=tmp_path / "log",
+    ):
         cmp(tmp_path / "m/big/huge.bin", source)
         sent = server.stats.bytes_sent
         assert sent <= 1.25 * SIZE, f"the server sent {sent / SIZE:.2f}x the object"
@@ -91,21 +108,37 @@ def test_cmp_through_a_cache_smaller_than_the_object(
 
 
 def test_concurrent_readers_and_mmap_through_a_small_cache(
-        server: OssTestServer, env: dict[str, str], source: Path, tmp_path: Path) -> None:
+    server: OssTestServer, env: dict[str, str], source: Path, tmp_path: Path
+) -> None:
     cache = tmp_path / "cache"
-    with mounted(f"oss://{BUCKET}", tmp_path / "m", "--endpoint", server.url,
-                 "--cache-dir", str(cache), "--cache-size", "10MiB", "--part-size", "2MiB",
-                 "--threads", str(THREADS), env=env, log=tmp_path / "log"):
+    with mounted(
+        f"oss://{BUCKET}",
+        tmp_path / "m",
+        "--endpoint",
+        server.url,
+        "--cache-dir",
+        str(cache),
+        "--cache-size",
+        "10MiB",
+        "--part-size",
+        "2MiB",
+        "--threads",
+        str(THREADS),
+        env=env,
+        log=tmp_path / "log",
+    ):
         target = tmp_path / "m/big/huge.bin"
         # Two whole-file readers and one from the middle, at the same time.
         procs = [subprocess.Popen(["cmp", str(target), str(source)]) for _ in range(2)]
-        procs.append(subprocess.Popen(
-            ["cmp", "-i", f"{SIZE // 2}:{SIZE // 2}", str(target), str(source)]))
+        procs.append(
+            subprocess.Popen(["cmp", "-i", f"{SIZE // 2}:{SIZE // 2}", str(target), str(source)])
+        )
         # Meanwhile, page faults through a shared mapping, in strides, in another
         # process (the test server runs in this one: a fault that waits for it while
         # holding this process's GIL would wait forever).
-        procs.append(subprocess.Popen([sys.executable, "-c", MMAP_READER, str(target),
-                                       str(source)]))
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", MMAP_READER, str(target), str(source)])
+        )
         for p in procs:
             assert p.wait(timeout=300) == 0
     assert cache_disk_bytes(cache) <= 10 * MiB + THREADS * 2 * MiB
@@ -126,7 +159,8 @@ def _wait_for_status(mnt: Path, field: str, at_least: int) -> dict[str, object]:
 
 
 def test_a_corrupted_body_is_not_cached_for_good(
-        server: OssTestServer, env: dict[str, str], tmp_path: Path) -> None:
+    server: OssTestServer, env: dict[str, str], tmp_path: Path
+) -> None:
     """The first GETs flip a byte (headers intact): the first read cannot know, but
     once the object is complete its CRC-64 differs from the service's, the parts and
     the kernel's pages of them are dropped, and with the server behaving the next
@@ -136,9 +170,18 @@ def test_a_corrupted_body_is_not_cached_for_good(
     server.put(BUCKET, "flip.bin", data)
     server.faults.add(Fault("corrupt", op="get", key="flip.bin", offset=1000), times=2)
     mnt = tmp_path / "m"
-    with mounted(f"oss://{BUCKET}", mnt, "--endpoint", server.url, "--cache-dir",
-                 str(tmp_path / "cache"), "--part-size", "1MiB", env=env,
-                 log=tmp_path / "log"):
+    with mounted(
+        f"oss://{BUCKET}",
+        mnt,
+        "--endpoint",
+        server.url,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--part-size",
+        "1MiB",
+        env=env,
+        log=tmp_path / "log",
+    ):
         with contextlib.suppress(OSError):  # EIO is a fine answer too
             (mnt / "flip.bin").read_bytes()
         _wait_for_status(mnt, "crc_mismatches", 1)
@@ -149,7 +192,8 @@ def test_a_corrupted_body_is_not_cached_for_good(
 
 
 def test_complete_cached_bytes_are_checked_against_the_service_on_open(
-        server: OssTestServer, env: dict[str, str], tmp_path: Path) -> None:
+    server: OssTestServer, env: dict[str, str], tmp_path: Path
+) -> None:
     """A complete object in the cache whose parts match their own records but not the
     object (written by a run that never saw the service's CRC-64): the first open
     compares the whole, drops it, and the bytes read after that are the object's."""
@@ -161,14 +205,24 @@ def test_complete_cached_bytes_are_checked_against_the_service_on_open(
     bad = bytearray(data)
     bad[MiB + 5] ^= 0xFF
     for part in range(3):
-        chunk = bytes(bad[part * MiB:(part + 1) * MiB])
+        chunk = bytes(bad[part * MiB : (part + 1) * MiB])
         store.write(part * MiB, chunk)
         store.commit(part, crc64(chunk))
     cache.release(store)
     cache.close()
     mnt = tmp_path / "m"
-    with mounted(f"oss://{BUCKET}", mnt, "--endpoint", server.url, "--cache-dir",
-                 str(cache_dir), "--part-size", "1MiB", env=env, log=tmp_path / "log"):
+    with mounted(
+        f"oss://{BUCKET}",
+        mnt,
+        "--endpoint",
+        server.url,
+        "--cache-dir",
+        str(cache_dir),
+        "--part-size",
+        "1MiB",
+        env=env,
+        log=tmp_path / "log",
+    ):
         with open(mnt / "stale.bin", "rb"):
             _wait_for_status(mnt, "crc_mismatches", 1)
         assert (mnt / "stale.bin").read_bytes() == data
@@ -180,8 +234,9 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs for the cache (unmounted afterwards)."""
     path = tmp_path / "tiny"
     path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(path)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(path)], check=True
+    )
     try:
         yield path
     finally:
@@ -190,13 +245,25 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.parametrize("cap", [None, "8MiB"])
 def test_a_cache_disk_smaller_than_the_object(
-        server: OssTestServer, env: dict[str, str], source: Path, tmp_path: Path,
-        tiny_disk: Path, cap: str | None) -> None:
+    server: OssTestServer,
+    env: dict[str, str],
+    source: Path,
+    tmp_path: Path,
+    tiny_disk: Path,
+    cap: str | None,
+) -> None:
     """48 MiB through a 16 MiB disk, default read-ahead: exact bytes, the mount
     stays up, the free-space floor holds, and closing files (index compaction)
     on the full disk is harmless."""
-    opts = ["--endpoint", server.url, "--cache-dir", str(tiny_disk / "cache"),
-            "--part-size", "4MiB", *(["--cache-size", cap] if cap else [])]
+    opts = [
+        "--endpoint",
+        server.url,
+        "--cache-dir",
+        str(tiny_disk / "cache"),
+        "--part-size",
+        "4MiB",
+        *(["--cache-size", cap] if cap else []),
+    ]
     mnt = tmp_path / "m"
     with mounted(f"oss://{BUCKET}", mnt, *opts, env=env, log=tmp_path / "log") as info:
         for _ in range(2):
@@ -208,29 +275,49 @@ def test_a_cache_disk_smaller_than_the_object(
 
 
 def test_a_full_cache_disk_serves_from_the_network(
-        server: OssTestServer, env: dict[str, str], source: Path, tmp_path: Path,
-        tiny_disk: Path) -> None:
+    server: OssTestServer, env: dict[str, str], source: Path, tmp_path: Path, tiny_disk: Path
+) -> None:
     """Something else filled the cache's disk: nothing can be evicted, so reads are
     served from the network without caching (counted), still exact."""
     (tiny_disk / "ballast").write_bytes(b"\xff" * (15 * MiB))
     mnt = tmp_path / "m"
-    with mounted(f"oss://{BUCKET}", mnt, "--endpoint", server.url, "--cache-dir",
-                 str(tiny_disk / "cache"), "--part-size", "1MiB", env=env,
-                 log=tmp_path / "log"):
+    with mounted(
+        f"oss://{BUCKET}",
+        mnt,
+        "--endpoint",
+        server.url,
+        "--cache-dir",
+        str(tiny_disk / "cache"),
+        "--part-size",
+        "1MiB",
+        env=env,
+        log=tmp_path / "log",
+    ):
         cmp(mnt / "big/huge.bin", source)
         assert int(_status(mnt)["uncached_bytes"]) >= SIZE // 2  # type: ignore[call-overload]
     assert "served from the network" in (tmp_path / "log").read_text()
 
 
 def test_cache_min_free_keeps_that_much_of_the_disk_free(
-        server: OssTestServer, env: dict[str, str], source: Path, tmp_path: Path,
-        tiny_disk: Path) -> None:
+    server: OssTestServer, env: dict[str, str], source: Path, tmp_path: Path, tiny_disk: Path
+) -> None:
     """--cache-min-free 0.5 on a 16 MiB disk: the cache stops at 8 MiB free (not the
     default 5%), reads stay exact, and the cache still holds what fits."""
     mnt = tmp_path / "m"
-    with mounted(f"oss://{BUCKET}", mnt, "--endpoint", server.url, "--cache-dir",
-                 str(tiny_disk / "cache"), "--part-size", "1MiB", "--cache-min-free", "0.5",
-                 env=env, log=tmp_path / "log"):
+    with mounted(
+        f"oss://{BUCKET}",
+        mnt,
+        "--endpoint",
+        server.url,
+        "--cache-dir",
+        str(tiny_disk / "cache"),
+        "--part-size",
+        "1MiB",
+        "--cache-min-free",
+        "0.5",
+        env=env,
+        log=tmp_path / "log",
+    ):
         cmp(mnt / "big/huge.bin", source)
         st = os.statvfs(tiny_disk)
         free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize

@@ -50,8 +50,15 @@ def env(cli_env: dict[str, str]) -> dict[str, str]:
 
 
 def opts(server: OssTestServer, tmp_path: Path, *extra: str) -> list[str]:
-    return ["--endpoint", server.url, "--cache-dir", str(tmp_path / "cache"),
-            "--part-size", "1MiB", *extra]
+    return [
+        "--endpoint",
+        server.url,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--part-size",
+        "1MiB",
+        *extra,
+    ]
 
 
 def wait_for_kernel_read_ahead(mnt: Path) -> str:
@@ -71,14 +78,16 @@ def gets(server: OssTestServer) -> int:
 
 
 def status(mnt: Path, env: dict[str, str]) -> dict[str, object]:
-    doc: dict[str, object] = json.loads(run_ossfs("status", str(mnt), "--json", env=env,
-                                                  check=True).stdout)
+    doc: dict[str, object] = json.loads(
+        run_ossfs("status", str(mnt), "--json", env=env, check=True).stdout
+    )
     return doc
 
 
 @pytest.mark.slow
-def test_warm_remount_serves_from_disk_without_gets(server: OssTestServer, tmp_path: Path,
-                                                     env: dict[str, str]) -> None:
+def test_warm_remount_serves_from_disk_without_gets(
+    server: OssTestServer, tmp_path: Path, env: dict[str, str]
+) -> None:
     want = server.get(BUCKET, "models/weights.bin")
     mnt = tmp_path / "mnt"
     with mounted(f"oss://{BUCKET}", mnt, *opts(server, tmp_path), env=env):
@@ -93,8 +102,7 @@ def test_warm_remount_serves_from_disk_without_gets(server: OssTestServer, tmp_p
             assert (mnt / "models" / "weights.bin").read_bytes() == want
             # The bytes came through the mount, not from the kernel's page cache.
             assert status(mnt, env)["fs_reads"] > before  # type: ignore[operator]
-            subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"],
-                           check=True)
+            subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
         # Parts cached by another run are checked against their CRC once each, not on
         # every reopen.
         assert status(mnt, env)["parts_verified"] == 13
@@ -102,13 +110,15 @@ def test_warm_remount_serves_from_disk_without_gets(server: OssTestServer, tmp_p
 
 
 @pytest.mark.slow
-def test_page_cache_is_kept_across_opens(server: OssTestServer, tmp_path: Path,
-                                         env: dict[str, str]) -> None:
+def test_page_cache_is_kept_across_opens(
+    server: OssTestServer, tmp_path: Path, env: dict[str, str]
+) -> None:
     mnt = tmp_path / "mnt"
     # With the kernel's read-ahead raised to 1 MiB the kernel was seen to drop part of
     # a file's pages between two reads (docs/semantics.md): this checks keep_cache alone.
-    with mounted(f"oss://{BUCKET}", mnt, *opts(server, tmp_path, "--kernel-read-ahead", "0"),
-                 env=env):
+    with mounted(
+        f"oss://{BUCKET}", mnt, *opts(server, tmp_path, "--kernel-read-ahead", "0"), env=env
+    ):
         path = mnt / "models" / "weights.bin"
         path.read_bytes()
         # Let the kernel's last readahead requests land: wait until the count settles
@@ -126,32 +136,38 @@ def test_page_cache_is_kept_across_opens(server: OssTestServer, tmp_path: Path,
         assert status(mnt, env)["fs_reads"] == first  # served by the kernel's page cache
 
 
-def test_materialize_a_mount_path_fills_its_cache(server: OssTestServer, tmp_path: Path,
-                                                  env: dict[str, str]) -> None:
+def test_materialize_a_mount_path_fills_its_cache(
+    server: OssTestServer, tmp_path: Path, env: dict[str, str]
+) -> None:
     mnt = tmp_path / "mnt"
     with mounted(f"oss://{BUCKET}", mnt, *opts(server, tmp_path), env=env):
         result = run_ossfs("materialize", str(mnt / "models"), env=env, check=True)
         assert "materialized 2 object(s)" in result.stderr
         before = gets(server)
         assert (mnt / "models" / "weights.bin").read_bytes() == server.get(
-            BUCKET, "models/weights.bin")
+            BUCKET, "models/weights.bin"
+        )
         assert gets(server) == before  # every part came from what materialize fetched
-        cached = {o["key"]: o["cached_bytes"]
-                  for o in status(mnt, env)["objects_cached"]}  # type: ignore[attr-defined]
+        cached = {o["key"]: o["cached_bytes"] for o in status(mnt, env)["objects_cached"]}  # type: ignore[attr-defined]
         assert cached["models/weights.bin"] == 12 * MiB + 5
 
 
 @pytest.mark.slow
-def test_reading_while_materialize_runs(server: OssTestServer, tmp_path: Path,
-                                        env: dict[str, str]) -> None:
+def test_reading_while_materialize_runs(
+    server: OssTestServer, tmp_path: Path, env: dict[str, str]
+) -> None:
     want = server.get(BUCKET, "models/weights.bin")
     server.faults.bandwidth = 2 * MiB  # per connection: both sides overlap
     mnt = tmp_path / "mnt"
     with mounted(f"oss://{BUCKET}", mnt, *opts(server, tmp_path, "--threads", "4"), env=env):
         server.reset_stats()
-        proc = subprocess.Popen([*OSSFS, "materialize", str(mnt / "models" / "weights.bin"),
-                                 "--threads", "4"], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [*OSSFS, "materialize", str(mnt / "models" / "weights.bin"), "--threads", "4"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             # Read once materialize's GETs are under way (not after a fixed pause).
             deadline = time.monotonic() + 60
@@ -175,8 +191,9 @@ def test_reading_while_materialize_runs(server: OssTestServer, tmp_path: Path,
     assert sum(g.bytes_sent for g in records) == len(want)
 
 
-def test_big_directory_lists_in_pages(server: OssTestServer, tmp_path: Path,
-                                      env: dict[str, str]) -> None:
+def test_big_directory_lists_in_pages(
+    server: OssTestServer, tmp_path: Path, env: dict[str, str]
+) -> None:
     for i in range(2500):
         server.put(BUCKET, f"many/f{i:05d}", b"x")
     server.reset_stats()
@@ -192,13 +209,17 @@ def test_big_directory_lists_in_pages(server: OssTestServer, tmp_path: Path,
     assert lists <= 1 + 3 + 3 and heads == 0
 
 
-def test_sigterm_unmounts_cleanly(server: OssTestServer, tmp_path: Path,
-                                  env: dict[str, str]) -> None:
+def test_sigterm_unmounts_cleanly(
+    server: OssTestServer, tmp_path: Path, env: dict[str, str]
+) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.Popen([*OSSFS, "mount", f"oss://{BUCKET}", str(mnt), "--foreground",
-                             *opts(server, tmp_path)], env=env, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [*OSSFS, "mount", f"oss://{BUCKET}", str(mnt), "--foreground", *opts(server, tmp_path)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for _ in range(100):
             if is_mounted(mnt):
@@ -217,23 +238,31 @@ def test_sigterm_unmounts_cleanly(server: OssTestServer, tmp_path: Path,
         force_unmount(mnt)
 
 
-def test_fstab_line_mounts(server: OssTestServer, tmp_path: Path,
-                           env: dict[str, str]) -> None:
+def test_fstab_line_mounts(server: OssTestServer, tmp_path: Path, env: dict[str, str]) -> None:
     config = tmp_path / "ossfs.toml"
-    config.write_text(f'[fstab]\nendpoint = "{server.url}"\naccess_key_id = "mount-ak"\n'
-                      'access_key_secret = "mount-sk"\n')
+    config.write_text(
+        f'[fstab]\nendpoint = "{server.url}"\naccess_key_id = "mount-ak"\n'
+        'access_key_secret = "mount-sk"\n'
+    )
     config.chmod(0o600)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     ossfs = Path(sys.executable).with_name("ossfs")
     fstab = tmp_path / "fstab"
-    fstab.write_text(f"{ossfs}#oss://{BUCKET}/models {mnt} fuse3 "
-                     f"_netdev,config={config},profile=fstab,cache_dir={tmp_path / 'c'},"
-                     "part_size=1MiB,allow_other 0 0\n")
+    fstab.write_text(
+        f"{ossfs}#oss://{BUCKET}/models {mnt} fuse3 "
+        f"_netdev,config={config},profile=fstab,cache_dir={tmp_path / 'c'},"
+        "part_size=1MiB,allow_other 0 0\n"
+    )
     clean = {k: v for k, v in env.items() if not k.startswith("OSS_")}
     try:
-        subprocess.run(["mount", "-T", str(fstab), str(mnt)], check=True, env=clean,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            ["mount", "-T", str(fstab), str(mnt)],
+            check=True,
+            env=clean,
+            capture_output=True,
+            timeout=60,
+        )
         assert sorted(os.listdir(mnt)) == ["config.json", "weights.bin"]
         assert (mnt / "config.json").read_bytes() == b'{"layers": 12}\n'
         assert run_ossfs("unmount", str(mnt), env=clean).returncode == 0
@@ -243,8 +272,9 @@ def test_fstab_line_mounts(server: OssTestServer, tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_start_up_failures_are_clear(server: OssTestServer, tmp_path: Path,
-                                     env: dict[str, str]) -> None:
+def test_start_up_failures_are_clear(
+    server: OssTestServer, tmp_path: Path, env: dict[str, str]
+) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     bad = dict(env, OSS_ACCESS_KEY_SECRET="wrong")
@@ -262,8 +292,9 @@ def test_start_up_failures_are_clear(server: OssTestServer, tmp_path: Path,
     assert r.returncode == 2 and "not a mount" in r.stderr
 
 
-def test_the_kernel_sends_reads_of_up_to_1_mib(server: OssTestServer, tmp_path: Path,
-                                               env: dict[str, str]) -> None:
+def test_the_kernel_sends_reads_of_up_to_1_mib(
+    server: OssTestServer, tmp_path: Path, env: dict[str, str]
+) -> None:
     """The mount raises the kernel's read-ahead for itself, so a sequential read comes
     in requests of 1 MiB (the default 128 KiB read-ahead meant 128-256 KiB)."""
     mnt = tmp_path / "mnt"

@@ -35,7 +35,8 @@ def _tree(s3: Any, bucket: str) -> dict[str, bytes]:
     }
     for i in range(40):
         objects[f"docs/d{i % 4}/note-{i:02d}.txt"] = (
-            f"note {i}\n" + ("needle\n" if i % 7 == 0 else "hay\n") * (i + 1)).encode()
+            f"note {i}\n" + ("needle\n" if i % 7 == 0 else "hay\n") * (i + 1)
+        ).encode()
     for key, body in objects.items():
         s3.put_object(Bucket=bucket, Key=key, Body=body)
     # A directory marker, a file/prefix clash and names POSIX cannot show.
@@ -61,55 +62,94 @@ def dataset(s3: Any, s3_bucket: str) -> dict[str, bytes]:
 
 
 def _mount_opts(moto_endpoint: str, tmp_path: Path, *extra: str) -> list[str]:
-    return ["--endpoint", moto_endpoint, "--cache-dir", str(tmp_path / "cache"),
-            "--part-size", "1MiB", "--threads", "8", *extra]
+    return [
+        "--endpoint",
+        moto_endpoint,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--part-size",
+        "1MiB",
+        "--threads",
+        "8",
+        *extra,
+    ]
 
 
-def test_ordinary_tools(tmp_path: Path, moto_endpoint: str, s3_bucket: str,
-                        dataset: dict[str, bytes], cli_env: dict[str, str]) -> None:
+def test_ordinary_tools(
+    tmp_path: Path,
+    moto_endpoint: str,
+    s3_bucket: str,
+    dataset: dict[str, bytes],
+    cli_env: dict[str, str],
+) -> None:
     mnt = tmp_path / "mnt"
-    with mounted(f"s3://{s3_bucket}", mnt, *_mount_opts(moto_endpoint, tmp_path),
-                 env=cli_env, log=tmp_path / "mount.log"):
+    with mounted(
+        f"s3://{s3_bucket}",
+        mnt,
+        *_mount_opts(moto_endpoint, tmp_path),
+        env=cli_env,
+        log=tmp_path / "mount.log",
+    ):
         # ls -l: names, sizes, read-only modes
-        ls = subprocess.run(["ls", "-l", str(mnt / "data")], capture_output=True, text=True,
-                            check=True).stdout
+        ls = subprocess.run(
+            ["ls", "-l", str(mnt / "data")], capture_output=True, text=True, check=True
+        ).stdout
         assert "big.bin" in ls and "one-part.bin" in ls and "empty.bin" in ls
-        dots = subprocess.run(["ls", "-a", str(mnt / "docs")], capture_output=True, text=True,
-                              check=True).stdout.split()
+        dots = subprocess.run(
+            ["ls", "-a", str(mnt / "docs")], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert dots[:2] == [".", ".."] and "d0" in dots
         assert os.stat(mnt / "docs" / "..").st_ino == os.stat(mnt).st_ino
         assert sorted(os.listdir(mnt)) == sorted(
-            ["data", "docs", "top.txt", "name with spaces+plus.txt", "\u6570\u636e", "marked",
-             "clash", "odd"])
+            [
+                "data",
+                "docs",
+                "top.txt",
+                "name with spaces+plus.txt",
+                "\u6570\u636e",
+                "marked",
+                "clash",
+                "odd",
+            ]
+        )
         st = os.stat(mnt / "data" / "big.bin")
         assert st.st_size == len(dataset["data/big.bin"])
         assert st.st_mode & 0o777 == 0o444
         assert os.stat(mnt / "docs").st_mode & 0o777 == 0o555
         # stat(1) agrees with the listing
-        out = subprocess.run(["stat", "-c", "%s %F", str(mnt / "top.txt")], capture_output=True,
-                             text=True, check=True).stdout.split()
+        out = subprocess.run(
+            ["stat", "-c", "%s %F", str(mnt / "top.txt")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         assert out[0] == str(len(dataset["top.txt"])) and out[1] == "regular"
 
         # cp and cat: byte for byte
-        subprocess.run(["cp", str(mnt / "data" / "big.bin"), str(tmp_path / "big.copy")],
-                       check=True)
+        subprocess.run(
+            ["cp", str(mnt / "data" / "big.bin"), str(tmp_path / "big.copy")], check=True
+        )
         assert (tmp_path / "big.copy").read_bytes() == dataset["data/big.bin"]
-        cat = subprocess.run(["cat", str(mnt / "name with spaces+plus.txt")],
-                             capture_output=True, check=True).stdout
+        cat = subprocess.run(
+            ["cat", str(mnt / "name with spaces+plus.txt")], capture_output=True, check=True
+        ).stdout
         assert cat == dataset["name with spaces+plus.txt"]
         assert (mnt / "\u6570\u636e" / "\u6587\u4ef6.txt").read_bytes() == b"unicode path\n"
         assert (mnt / "data" / "empty.bin").read_bytes() == b""
 
         # grep -r finds exactly the files with the needle
-        grep = subprocess.run(["grep", "-rl", "needle", str(mnt / "docs")],
-                              capture_output=True, text=True, check=True).stdout.split()
-        expected = {str(mnt / k) for k, v in dataset.items()
-                    if k.startswith("docs/") and b"needle" in v}
+        grep = subprocess.run(
+            ["grep", "-rl", "needle", str(mnt / "docs")], capture_output=True, text=True, check=True
+        ).stdout.split()
+        expected = {
+            str(mnt / k) for k, v in dataset.items() if k.startswith("docs/") and b"needle" in v
+        }
         assert set(grep) == expected
 
         # find sees every object that has a POSIX name, and nothing else
-        found = subprocess.run(["find", str(mnt), "-type", "f"], capture_output=True,
-                               text=True, check=True).stdout.splitlines()
+        found = subprocess.run(
+            ["find", str(mnt), "-type", "f"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
         assert {os.path.relpath(p, mnt) for p in found} == set(dataset)
 
         # tar of a subtree, extracted elsewhere, is identical
@@ -123,11 +163,13 @@ def test_ordinary_tools(tmp_path: Path, moto_endpoint: str, s3_bucket: str,
                 assert (tmp_path / "untar" / key).read_bytes() == body
 
         # mmap
-        with open(mnt / "data" / "big.bin", "rb") as f, \
-                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        with (
+            open(mnt / "data" / "big.bin", "rb") as f,
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m,
+        ):
             big = dataset["data/big.bin"]
             assert m[:100] == big[:100]
-            assert m[5 * MiB - 7: 5 * MiB + 9] == big[5 * MiB - 7: 5 * MiB + 9]
+            assert m[5 * MiB - 7 : 5 * MiB + 9] == big[5 * MiB - 7 : 5 * MiB + 9]
             assert _sha(m[:]) == _sha(big)
 
         # the collision rule: the directory wins; marker objects are directories
@@ -138,12 +180,16 @@ def test_ordinary_tools(tmp_path: Path, moto_endpoint: str, s3_bucket: str,
         assert not (mnt / "nope.txt").exists()
 
 
-def test_concurrent_readers(tmp_path: Path, moto_endpoint: str, s3_bucket: str,
-                            dataset: dict[str, bytes], cli_env: dict[str, str]) -> None:
+def test_concurrent_readers(
+    tmp_path: Path,
+    moto_endpoint: str,
+    s3_bucket: str,
+    dataset: dict[str, bytes],
+    cli_env: dict[str, str],
+) -> None:
     big = dataset["data/big.bin"]
     mnt = tmp_path / "mnt"
-    with mounted(f"s3://{s3_bucket}", mnt, *_mount_opts(moto_endpoint, tmp_path),
-                 env=cli_env):
+    with mounted(f"s3://{s3_bucket}", mnt, *_mount_opts(moto_endpoint, tmp_path), env=cli_env):
         errors: list[str] = []
 
         def reader(seed: int) -> None:
@@ -154,7 +200,7 @@ def test_concurrent_readers(tmp_path: Path, moto_endpoint: str, s3_bucket: str,
                     n = rng.randrange(1, 300_000)
                     f.seek(off)
                     got = f.read(n)
-                    if got != big[off:off + n]:
+                    if got != big[off : off + n]:
                         errors.append(f"reader {seed}: bytes {off}+{n} differ")
 
         def whole() -> None:
@@ -170,11 +216,15 @@ def test_concurrent_readers(tmp_path: Path, moto_endpoint: str, s3_bucket: str,
         assert errors == []
 
 
-def test_writes_fail_with_erofs(tmp_path: Path, moto_endpoint: str, s3_bucket: str,
-                                dataset: dict[str, bytes], cli_env: dict[str, str]) -> None:
+def test_writes_fail_with_erofs(
+    tmp_path: Path,
+    moto_endpoint: str,
+    s3_bucket: str,
+    dataset: dict[str, bytes],
+    cli_env: dict[str, str],
+) -> None:
     mnt = tmp_path / "mnt"
-    with mounted(f"s3://{s3_bucket}", mnt, *_mount_opts(moto_endpoint, tmp_path),
-                 env=cli_env):
+    with mounted(f"s3://{s3_bucket}", mnt, *_mount_opts(moto_endpoint, tmp_path), env=cli_env):
         attempts = [
             lambda: os.open(mnt / "new.txt", os.O_WRONLY | os.O_CREAT),
             lambda: os.open(mnt / "top.txt", os.O_RDWR),
@@ -193,19 +243,26 @@ def test_writes_fail_with_erofs(tmp_path: Path, moto_endpoint: str, s3_bucket: s
         assert (mnt / "top.txt").read_bytes() == dataset["top.txt"]
 
 
-def test_xattrs_and_status(tmp_path: Path, moto_endpoint: str, s3_bucket: str,
-                           dataset: dict[str, bytes], cli_env: dict[str, str]) -> None:
+def test_xattrs_and_status(
+    tmp_path: Path,
+    moto_endpoint: str,
+    s3_bucket: str,
+    dataset: dict[str, bytes],
+    cli_env: dict[str, str],
+) -> None:
     mnt = tmp_path / "mnt"
-    with mounted(f"s3://{s3_bucket}", mnt, *_mount_opts(moto_endpoint, tmp_path),
-                 env=cli_env) as info:
+    with mounted(
+        f"s3://{s3_bucket}", mnt, *_mount_opts(moto_endpoint, tmp_path), env=cli_env
+    ) as info:
         target = mnt / "data" / "one-part.bin"
         assert os.getxattr(target, "user.ossfs.cached_bytes") == b"0"
         target.read_bytes()
         assert os.getxattr(target, "user.ossfs.cached_bytes") == str(MiB).encode()
         etag = hashlib.md5(dataset["data/one-part.bin"]).hexdigest()
         assert os.getxattr(target, "user.ossfs.etag").decode() == etag
-        dump = subprocess.run(["getfattr", "-d", str(target)], capture_output=True, text=True,
-                              check=True).stdout
+        dump = subprocess.run(
+            ["getfattr", "-d", str(target)], capture_output=True, text=True, check=True
+        ).stdout
         assert f'user.ossfs.etag="{etag}"' in dump
         url = os.getxattr(target, "user.ossfs.url").decode()
         assert url == f"s3://{s3_bucket}/data/one-part.bin"
@@ -220,26 +277,29 @@ def test_xattrs_and_status(tmp_path: Path, moto_endpoint: str, s3_bucket: str,
 
 
 def test_eviction_keeps_the_cap_and_reads_stay_correct(
-        tmp_path: Path, moto_endpoint: str, s3_bucket: str, dataset: dict[str, bytes],
-        cli_env: dict[str, str]) -> None:
+    tmp_path: Path,
+    moto_endpoint: str,
+    s3_bucket: str,
+    dataset: dict[str, bytes],
+    cli_env: dict[str, str],
+) -> None:
     mnt = tmp_path / "mnt"
     big = dataset["data/big.bin"]
-    opts = _mount_opts(moto_endpoint, tmp_path, "--cache-size", "3MiB", "--read-ahead",
-                       "2MiB")
+    opts = _mount_opts(moto_endpoint, tmp_path, "--cache-size", "3MiB", "--read-ahead", "2MiB")
     with mounted(f"s3://{s3_bucket}", mnt, *opts, env=cli_env):
         # The object is three times the cap: it still reads right, twice.
         assert _sha((mnt / "data" / "big.bin").read_bytes()) == _sha(big)
         assert _sha((mnt / "data" / "big.bin").read_bytes()) == _sha(big)
-        doc = json.loads(run_ossfs("status", str(mnt), "--json", env=cli_env,
-                                   check=True).stdout)
+        doc = json.loads(run_ossfs("status", str(mnt), "--json", env=cli_env, check=True).stdout)
         # Parts in use may briefly exceed the cap; at rest it holds.
         assert doc["cache_used_bytes"] <= 3 * MiB + 2 * MiB
         assert doc["cache_evicted_bytes"] > 0
 
 
 @pytest.mark.slow
-def test_object_replaced_while_mounted(tmp_path: Path, moto_endpoint: str, s3: Any,
-                                       s3_bucket: str, cli_env: dict[str, str]) -> None:
+def test_object_replaced_while_mounted(
+    tmp_path: Path, moto_endpoint: str, s3: Any, s3_bucket: str, cli_env: dict[str, str]
+) -> None:
     old = os.urandom(4 * MiB)
     new = os.urandom(4 * MiB)
     s3.put_object(Bucket=s3_bucket, Key="v.bin", Body=old)

@@ -88,8 +88,9 @@ def test_many_small_objects(server: OssTestServer, tmp_path: Path, env: dict[str
     # asks every file for (security.selinux, system.posix_acl_access).
     with mounted(f"oss://{BUCKET}", mnt, *opts, env=env):
         before = json.loads(os.getxattr(mnt, "user.ossfs.status"))["fs_requests"]
-        ls = subprocess.run(["ls", "-l", str(mnt / "tree" / "d03")], capture_output=True,
-                            text=True, check=True)
+        ls = subprocess.run(
+            ["ls", "-l", str(mnt / "tree" / "d03")], capture_output=True, text=True, check=True
+        )
         assert len(ls.stdout.splitlines()) == PER_DIR + 1
         after = json.loads(os.getxattr(mnt, "user.ossfs.status"))["fs_requests"]
         assert after.get("getxattr", 0) - before.get("getxattr", 0) <= 4

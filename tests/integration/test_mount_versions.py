@@ -41,18 +41,32 @@ def pread_all(fd: int, start: int, size: int, chunk: int = 128 * 1024) -> bytes:
 
 
 @pytest.mark.slow
-def test_old_and_new_opens_each_read_one_version(server: OssTestServer, env: dict[str, str],
-                                                  tmp_path: Path) -> None:
+def test_old_and_new_opens_each_read_one_version(
+    server: OssTestServer, env: dict[str, str], tmp_path: Path
+) -> None:
     old, new = os.urandom(6 * MiB), os.urandom(6 * MiB)
     server.put(BUCKET, "v.bin", old)
-    with mounted(f"oss://{BUCKET}", tmp_path / "m", "--endpoint", server.url,
-                 "--cache-dir", str(tmp_path / "cache"), "--part-size", "1MiB",
-                 "--read-ahead", "2MiB", "--ttl", "1", env=env, log=tmp_path / "log"):
+    with mounted(
+        f"oss://{BUCKET}",
+        tmp_path / "m",
+        "--endpoint",
+        server.url,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--part-size",
+        "1MiB",
+        "--read-ahead",
+        "2MiB",
+        "--ttl",
+        "1",
+        env=env,
+        log=tmp_path / "log",
+    ):
         path = tmp_path / "m/v.bin"
         first = os.open(path, os.O_RDONLY)
         try:
             # The first open reads the start (its parts and read-ahead get cached).
-            assert pread_all(first, 0, 2 * MiB) == old[:2 * MiB]
+            assert pread_all(first, 0, 2 * MiB) == old[: 2 * MiB]
             server.put(BUCKET, "v.bin", new)
             time.sleep(2.5)  # past the TTL: the next open looks the name up again
             second = os.open(path, os.O_RDONLY)
@@ -61,7 +75,7 @@ def test_old_and_new_opens_each_read_one_version(server: OssTestServer, env: dic
                 # The old open reads what it has cached again: if the two shared an
                 # inode, these pages would now serve the second open.
                 os.posix_fadvise(first, 0, 0, os.POSIX_FADV_DONTNEED)
-                assert pread_all(first, 0, 2 * MiB) == old[:2 * MiB]
+                assert pread_all(first, 0, 2 * MiB) == old[: 2 * MiB]
                 assert pread_all(second, 0, len(new)) == new
                 # The old open never gets new bytes: cached old ones, or EIO.
                 try:

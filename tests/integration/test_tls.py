@@ -48,8 +48,9 @@ def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
     return str(path)
 
 
-def test_client_over_tls(tls_server: OssTestServer, ca_file: str,
-                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_client_over_tls(
+    tls_server: OssTestServer, ca_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SSL_CERT_FILE", ca_file)
     want = tls_server.get(BUCKET, "data/blob.bin")
 
@@ -63,8 +64,9 @@ def test_client_over_tls(tls_server: OssTestServer, ca_file: str,
                 assert offset == 1000 + len(got)
                 got.extend(data)
 
-            result = await client.get_range(BUCKET, "data/blob.bin", 1000, meta.size, meta.etag,
-                                            sink)
+            result = await client.get_range(
+                BUCKET, "data/blob.bin", 1000, meta.size, meta.etag, sink
+            )
         assert tls_server.url.startswith("https://")
         assert meta.size == len(want) and len(page.objects) == 2
         assert bytes(got) == want[1000:] and result.nbytes == len(want) - 1000
@@ -72,9 +74,9 @@ def test_client_over_tls(tls_server: OssTestServer, ca_file: str,
     trio.run(main)
 
 
-def test_untrusted_certificate_fails_at_once(tls_server: OssTestServer,
-                                             monkeypatch: pytest.MonkeyPatch,
-                                             tmp_path: Path) -> None:
+def test_untrusted_certificate_fails_at_once(
+    tls_server: OssTestServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     other = trustme.CA()
     path = tmp_path / "other.pem"
     other.cert_pem.write_to_path(str(path))
@@ -87,39 +89,61 @@ def test_untrusted_certificate_fails_at_once(tls_server: OssTestServer,
                 with pytest.raises(TransferError, match="not trusted"):
                     await client.head(BUCKET, "data/small.txt")
                 with pytest.raises(TransferError, match="not trusted"):
-                    await client.get_range(BUCKET, "data/small.txt", 0, 3, None,
-                                           lambda o, d: None)
+                    await client.get_range(BUCKET, "data/small.txt", 0, 3, None, lambda o, d: None)
 
     trio.run(main)
 
 
-def test_download_and_mount_over_tls(tls_server: OssTestServer, ca_file: str,
-                                     cli_env: dict[str, str], tmp_path: Path) -> None:
-    env = dict(cli_env, SSL_CERT_FILE=ca_file, OSS_ACCESS_KEY_ID="tls-ak",
-               OSS_ACCESS_KEY_SECRET="tls-sk")
+def test_download_and_mount_over_tls(
+    tls_server: OssTestServer, ca_file: str, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = dict(
+        cli_env, SSL_CERT_FILE=ca_file, OSS_ACCESS_KEY_ID="tls-ak", OSS_ACCESS_KEY_SECRET="tls-sk"
+    )
     want = tls_server.get(BUCKET, "data/blob.bin")
     out = tmp_path / "blob.bin"
-    result = run_ossfs("download", f"oss://{BUCKET}/data/blob.bin", str(out), "--endpoint",
-                       tls_server.url, "--part-size", "1MiB", "--threads", "4", env=env)
+    result = run_ossfs(
+        "download",
+        f"oss://{BUCKET}/data/blob.bin",
+        str(out),
+        "--endpoint",
+        tls_server.url,
+        "--part-size",
+        "1MiB",
+        "--threads",
+        "4",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(want).digest()
 
     bad = dict(env)
     del bad["SSL_CERT_FILE"]
-    result = run_ossfs("stat", f"oss://{BUCKET}/data/small.txt", "--endpoint",
-                       tls_server.url, env=bad)
+    result = run_ossfs(
+        "stat", f"oss://{BUCKET}/data/small.txt", "--endpoint", tls_server.url, env=bad
+    )
     assert result.returncode == 1 and "not trusted" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 @pytest.mark.fuse
-def test_mount_over_tls(tls_server: OssTestServer, ca_file: str, cli_env: dict[str, str],
-                        tmp_path: Path) -> None:
-    env = dict(cli_env, SSL_CERT_FILE=ca_file, OSS_ACCESS_KEY_ID="tls-ak",
-               OSS_ACCESS_KEY_SECRET="tls-sk")
+def test_mount_over_tls(
+    tls_server: OssTestServer, ca_file: str, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = dict(
+        cli_env, SSL_CERT_FILE=ca_file, OSS_ACCESS_KEY_ID="tls-ak", OSS_ACCESS_KEY_SECRET="tls-sk"
+    )
     mnt = tmp_path / "mnt"
-    with mounted(f"oss://{BUCKET}", mnt, "--endpoint", tls_server.url, "--cache-dir",
-                 str(tmp_path / "cache"), "--part-size", "1MiB", env=env):
+    with mounted(
+        f"oss://{BUCKET}",
+        mnt,
+        "--endpoint",
+        tls_server.url,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--part-size",
+        "1MiB",
+        env=env,
+    ):
         assert (mnt / "data" / "small.txt").read_bytes() == b"over tls\n"
-        assert (mnt / "data" / "blob.bin").read_bytes() == tls_server.get(BUCKET,
-                                                                          "data/blob.bin")
+        assert (mnt / "data" / "blob.bin").read_bytes() == tls_server.get(BUCKET, "data/blob.bin")

@@ -23,8 +23,7 @@ def put(cache: CacheDir, store: PartStore, parts: list[int]) -> None:
         data = os.urandom(end - first)
         store.write(first, data)
         store.commit(p, crc64(data))
-        cache.settle(store, p, end - first, written=end - first, committed=True,
-                     readahead=False)
+        cache.settle(store, p, end - first, written=end - first, committed=True, readahead=False)
 
 
 def test_layout_is_private_and_keys_are_hashed(tmp_path: Path) -> None:

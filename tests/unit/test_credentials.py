@@ -22,9 +22,11 @@ from ossfs.credentials import (
 )
 from ossfs.errors import UsageError
 
-RRSA = {"ALIBABA_CLOUD_ROLE_ARN": "acs:ram::1:role/r",
-        "ALIBABA_CLOUD_OIDC_PROVIDER_ARN": "acs:ram::1:oidc-provider/p",
-        "ALIBABA_CLOUD_OIDC_TOKEN_FILE": "/var/run/secrets/token"}
+RRSA = {
+    "ALIBABA_CLOUD_ROLE_ARN": "acs:ram::1:role/r",
+    "ALIBABA_CLOUD_OIDC_PROVIDER_ARN": "acs:ram::1:oidc-provider/p",
+    "ALIBABA_CLOUD_OIDC_TOKEN_FILE": "/var/run/secrets/token",
+}
 WHERE = "profile 'default' of /x.toml"
 
 
@@ -38,8 +40,11 @@ def s3(env: dict[str, str], profile: dict[str, object] | None = None) -> object:
 
 def test_oss_chain_order(tmp_path: Path) -> None:
     keys = {"OSS_ACCESS_KEY_ID": "a", "OSS_ACCESS_KEY_SECRET": "b"}
-    alibaba = {"ALIBABA_CLOUD_ACCESS_KEY_ID": "c", "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "d",
-               "ALIBABA_CLOUD_SECURITY_TOKEN": "t"}
+    alibaba = {
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": "c",
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "d",
+        "ALIBABA_CLOUD_SECURITY_TOKEN": "t",
+    }
     profile = {"credential_process": "/bin/creds --x"}
     got = oss({**keys, **alibaba, **RRSA}, profile)
     assert isinstance(got, Static) and got.credentials.access_key_id == "a"
@@ -55,10 +60,16 @@ def test_oss_chain_order(tmp_path: Path) -> None:
     assert isinstance(got, InstanceRole) and got.flavor == "ecs" and got.role is None
     assert got.endpoint == "http://100.100.100.200" and got.fallback
     assert oss({"ALIBABA_CLOUD_ECS_METADATA_DISABLED": "true"}) is None
-    got = oss({"ALIBABA_CLOUD_ECS_METADATA": "my-role", "ALIBABA_CLOUD_IMDSV1_DISABLED": "1",
-               "OSSFS_ECS_METADATA_ENDPOINT": "http://127.0.0.1:9"})
-    assert got == InstanceRole(flavor="ecs", endpoint="http://127.0.0.1:9", role="my-role",
-                               require_token=True)
+    got = oss(
+        {
+            "ALIBABA_CLOUD_ECS_METADATA": "my-role",
+            "ALIBABA_CLOUD_IMDSV1_DISABLED": "1",
+            "OSSFS_ECS_METADATA_ENDPOINT": "http://127.0.0.1:9",
+        }
+    )
+    assert got == InstanceRole(
+        flavor="ecs", endpoint="http://127.0.0.1:9", role="my-role", require_token=True
+    )
 
 
 def test_sts_endpoint_is_a_host_or_a_url() -> None:
@@ -87,13 +98,15 @@ def test_s3_chain_order(tmp_path: Path) -> None:
     (home / ".aws").mkdir(parents=True)
     (home / ".aws" / "credentials").write_text(
         "[default]\naws_access_key_id = fk\naws_secret_access_key = fs\n"
-        "[other]\naws_access_key_id = ok\naws_secret_access_key = os\naws_session_token = ot\n")
+        "[other]\naws_access_key_id = ok\naws_secret_access_key = os\naws_session_token = ot\n"
+    )
     (home / ".aws" / "config").write_text(
         "[default]\nregion = eu-west-1\n"
         "[profile proc]\ncredential_process = /opt/bin/awscreds --user helen\n"
         "[profile web]\nrole_arn = arn:aws:iam::1:role/w\n"
         "web_identity_token_file = /tmp/tok\nrole_session_name = mine\n"
-        "[profile chained]\nrole_arn = arn:aws:iam::1:role/c\nsource_profile = default\n")
+        "[profile chained]\nrole_arn = arn:aws:iam::1:role/c\nsource_profile = default\n"
+    )
     base = {"HOME": str(home)}
     env_keys = {"AWS_ACCESS_KEY_ID": "ek", "AWS_SECRET_ACCESS_KEY": "es"}
     web = {"AWS_ROLE_ARN": "arn:aws:iam::1:role/e", "AWS_WEB_IDENTITY_TOKEN_FILE": "/t"}
@@ -134,74 +147,146 @@ def test_resolve_connection_keeps_static_keys_on_the_endpoint(tmp_path: Path) ->
     assert source is None and ep.credentials is not None
     ep, source = resolve_connection(ConnectionOptions(), "oss", {"HOME": str(tmp_path), **RRSA})
     assert ep.credentials is None and isinstance(source, AssumeRoleWithToken)
-    ep, source = resolve_connection(ConnectionOptions(anonymous=True), "oss",
-                                    {"HOME": str(tmp_path), **RRSA})
+    ep, source = resolve_connection(
+        ConnectionOptions(anonymous=True), "oss", {"HOME": str(tmp_path), **RRSA}
+    )
     assert ep.credentials is None and source is None
 
 
 def test_names_and_reprs_hold_no_secret() -> None:
-    got = oss({"OSS_ACCESS_KEY_ID": "a", "OSS_ACCESS_KEY_SECRET": "very-secret",
-               "OSS_SESSION_TOKEN": "tok-secret"})
+    got = oss(
+        {
+            "OSS_ACCESS_KEY_ID": "a",
+            "OSS_ACCESS_KEY_SECRET": "very-secret",
+            "OSS_SESSION_TOKEN": "tok-secret",
+        }
+    )
     assert "secret" not in repr(got) and "secret" not in str(getattr(got, "name", ""))
     proc = Process("/bin/get-creds --password hunter2", WHERE)
     assert "hunter2" not in proc.name and "get-creds" in proc.name
 
 
 def test_process_output_shapes() -> None:
-    aws = parse_process_output(json.dumps({
-        "Version": 1, "AccessKeyId": "AK", "SecretAccessKey": "SK", "SessionToken": "T",
-        "Expiration": "2026-11-30T05:20:01Z"}).encode())
+    aws = parse_process_output(
+        json.dumps(
+            {
+                "Version": 1,
+                "AccessKeyId": "AK",
+                "SecretAccessKey": "SK",
+                "SessionToken": "T",
+                "Expiration": "2026-11-30T05:20:01Z",
+            }
+        ).encode()
+    )
     assert aws.credentials.session_token == "T"
     assert aws.expiration == parse_time("2026-11-30T05:20:01+00:00", "x")
-    cli = parse_process_output(json.dumps({
-        "mode": "StsToken", "access_key_id": "STS.x", "access_key_secret": "s",
-        "sts_token": "t"}).encode())
+    cli = parse_process_output(
+        json.dumps(
+            {
+                "mode": "StsToken",
+                "access_key_id": "STS.x",
+                "access_key_secret": "s",
+                "sts_token": "t",
+            }
+        ).encode()
+    )
     assert cli.credentials.access_key_id == "STS.x" and cli.expiration is None
     ak = parse_process_output(b'{"mode": "AK", "access_key_id": "a", "access_key_secret": "b"}')
     assert ak.credentials.session_token is None
-    sts = parse_process_output(json.dumps({
-        "AccessKeyId": "a", "AccessKeySecret": "b", "SecurityToken": "c",
-        "Expiration": "2026-11-30T05:20:01.123Z"}).encode())
+    sts = parse_process_output(
+        json.dumps(
+            {
+                "AccessKeyId": "a",
+                "AccessKeySecret": "b",
+                "SecurityToken": "c",
+                "Expiration": "2026-11-30T05:20:01.123Z",
+            }
+        ).encode()
+    )
     assert sts.expiration is not None and sts.expiration % 1 == pytest.approx(0.123)
-    for bad, why in ((b"not json", "not JSON"), (b"[]", "not a JSON object"),
-                     (b'{"AccessKeyId": "a", "SecretAccessKey": "b"}', "Version"),
-                     (b'{"mode": "RamRoleArn", "access_key_id": "a"}', "mode"),
-                     (b'{"mode": "StsToken", "access_key_id": "a", "access_key_secret": "s"}',
-                      "sts_token"),
-                     (b'{"Version": 1, "AccessKeyId": "a", "SecretAccessKey": "sek",'
-                      b' "Expiration": "tomorrow"}', "ISO 8601")):
+    for bad, why in (
+        (b"not json", "not JSON"),
+        (b"[]", "not a JSON object"),
+        (b'{"AccessKeyId": "a", "SecretAccessKey": "b"}', "Version"),
+        (b'{"mode": "RamRoleArn", "access_key_id": "a"}', "mode"),
+        (b'{"mode": "StsToken", "access_key_id": "a", "access_key_secret": "s"}', "sts_token"),
+        (
+            b'{"Version": 1, "AccessKeyId": "a", "SecretAccessKey": "sek",'
+            b' "Expiration": "tomorrow"}',
+            "ISO 8601",
+        ),
+    ):
         with pytest.raises(ValueError, match=why) as caught:
             parse_process_output(bad)
         assert "sek" not in str(caught.value)
 
 
 def test_metadata_and_sts_answers() -> None:
-    ecs = parse_metadata_credentials(json.dumps({
-        "AccessKeyId": "STS.a", "AccessKeySecret": "s", "SecurityToken": "t",
-        "Expiration": "2026-11-30T11:00:00Z", "LastUpdated": "2026-11-30T05:00:00Z",
-        "Code": "Success"}).encode(), "ecs")
+    ecs = parse_metadata_credentials(
+        json.dumps(
+            {
+                "AccessKeyId": "STS.a",
+                "AccessKeySecret": "s",
+                "SecurityToken": "t",
+                "Expiration": "2026-11-30T11:00:00Z",
+                "LastUpdated": "2026-11-30T05:00:00Z",
+                "Code": "Success",
+            }
+        ).encode(),
+        "ecs",
+    )
     assert ecs.credentials.session_token == "t"
-    ec2 = parse_metadata_credentials(json.dumps({
-        "Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": "ASIA", "SecretAccessKey": "s",
-        "Token": "t", "Expiration": "2026-11-30T11:00:00Z"}).encode(), "ec2")
+    ec2 = parse_metadata_credentials(
+        json.dumps(
+            {
+                "Code": "Success",
+                "Type": "AWS-HMAC",
+                "AccessKeyId": "ASIA",
+                "SecretAccessKey": "s",
+                "Token": "t",
+                "Expiration": "2026-11-30T11:00:00Z",
+            }
+        ).encode(),
+        "ec2",
+    )
     assert ec2.credentials.access_key_id == "ASIA"
     with pytest.raises(ValueError, match="Code is 'Failed'"):
         parse_metadata_credentials(b'{"Code": "Failed"}', "ecs")
-    oidc = parse_oidc_answer(200, json.dumps({"RequestId": "r", "Credentials": {
-        "AccessKeyId": "STS.o", "AccessKeySecret": "s", "SecurityToken": "t",
-        "Expiration": "2026-11-30T06:00:00Z"}}).encode())
+    oidc = parse_oidc_answer(
+        200,
+        json.dumps(
+            {
+                "RequestId": "r",
+                "Credentials": {
+                    "AccessKeyId": "STS.o",
+                    "AccessKeySecret": "s",
+                    "SecurityToken": "t",
+                    "Expiration": "2026-11-30T06:00:00Z",
+                },
+            }
+        ).encode(),
+    )
     assert oidc.credentials.access_key_id == "STS.o"
-    with pytest.raises(ValueError, match="STS answered 400 AuthenticationFail.OIDCToken.Invalid"
-                       ": bad \\(request id R\\)"):
-        parse_oidc_answer(400, b'{"Code": "AuthenticationFail.OIDCToken.Invalid",'
-                          b' "Message": "bad", "RequestId": "R"}')
-    xml = (b'<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/'
-           b'2011-06-15/"><AssumeRoleWithWebIdentityResult><Credentials>'
-           b"<SessionToken>t</SessionToken><SecretAccessKey>s</SecretAccessKey>"
-           b"<Expiration>2026-11-30T06:00:00Z</Expiration><AccessKeyId>ASIA</AccessKeyId>"
-           b"</Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>")
+    with pytest.raises(
+        ValueError,
+        match="STS answered 400 AuthenticationFail.OIDCToken.Invalid: bad \\(request id R\\)",
+    ):
+        parse_oidc_answer(
+            400,
+            b'{"Code": "AuthenticationFail.OIDCToken.Invalid", "Message": "bad", "RequestId": "R"}',
+        )
+    xml = (
+        b'<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/'
+        b'2011-06-15/"><AssumeRoleWithWebIdentityResult><Credentials>'
+        b"<SessionToken>t</SessionToken><SecretAccessKey>s</SecretAccessKey>"
+        b"<Expiration>2026-11-30T06:00:00Z</Expiration><AccessKeyId>ASIA</AccessKeyId>"
+        b"</Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>"
+    )
     web = parse_web_identity_answer(200, xml)
     assert web.credentials.access_key_id == "ASIA" and web.credentials.session_token == "t"
     with pytest.raises(ValueError, match="STS answered 400 InvalidIdentityToken: expired"):
-        parse_web_identity_answer(400, b"<ErrorResponse><Error><Code>InvalidIdentityToken"
-                                  b"</Code><Message>expired</Message></Error></ErrorResponse>")
+        parse_web_identity_answer(
+            400,
+            b"<ErrorResponse><Error><Code>InvalidIdentityToken"
+            b"</Code><Message>expired</Message></Error></ErrorResponse>",
+        )

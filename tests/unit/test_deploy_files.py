@@ -57,12 +57,15 @@ def test_containerfile_builds_on_debian_12_with_fuse3() -> None:
     text = (ROOT / "Containerfile").read_text()
     stages = [ln.split()[1] for ln in text.splitlines() if ln.startswith("FROM ")]
     assert stages and all(s.startswith("docker.io/library/debian:12") for s in stages)
-    final = text[text.rindex("\nFROM "):]
+    final = text[text.rindex("\nFROM ") :]
     assert re.search(r"apt-get install [^\n]*\\\n\s+[^\n]*\bfuse3\b", final)
     assert "/opt/ossfs" in final
     # Only what the package needs is copied in (not a developer's .venv).
-    copied = [ln.split()[1:-1] for ln in text.splitlines() if ln.startswith("COPY ")
-              and "--from" not in ln]
+    copied = [
+        ln.split()[1:-1]
+        for ln in text.splitlines()
+        if ln.startswith("COPY ") and "--from" not in ln
+    ]
     assert sorted(p for c in copied for p in c) == ["README.md", "ossfs", "pyproject.toml"]
     assert entrypoint() == ["ossfs", "mount", "-f"]
 
@@ -121,8 +124,9 @@ def test_indexed_job_shards_across_its_pods() -> None:
     completions = spec["completions"]
     seen = set()
     for index in range(completions):
-        shard, _ = shard_from_environment({**env, "JOB_COMPLETION_INDEX": str(index)},
-                                          args.shard_count)
+        shard, _ = shard_from_environment(
+            {**env, "JOB_COMPLETION_INDEX": str(index)}, args.shard_count
+        )
         seen.add(shard)
     assert seen == {(i, completions) for i in range(completions)}
 
@@ -132,15 +136,19 @@ def test_slurm_script_shards_across_its_array() -> None:
     array = re.search(r"^#SBATCH --array=(\d+)-(\d+)$", text, re.M)
     assert array
     low, high = int(array.group(1)), int(array.group(2))
-    command = " ".join(ln.rstrip("\\").strip() for ln in text.splitlines()
-                       if ln.strip() and not ln.startswith("#"))
+    command = " ".join(
+        ln.rstrip("\\").strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")
+    )
     args = parse(shlex.split(command))
     assert args.command == "materialize" and args.shard == "auto"
     seen = set()
     for task in range(low, high + 1):
-        env = {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": str(low),
-               "SLURM_ARRAY_TASK_MAX": str(high),
-               "SLURM_ARRAY_TASK_COUNT": str(high - low + 1)}
+        env = {
+            "SLURM_ARRAY_TASK_ID": str(task),
+            "SLURM_ARRAY_TASK_MIN": str(low),
+            "SLURM_ARRAY_TASK_MAX": str(high),
+            "SLURM_ARRAY_TASK_COUNT": str(high - low + 1),
+        }
         seen.add(shard_from_environment(env)[0])
     assert seen == {(i, high - low + 1) for i in range(high - low + 1)}
 
@@ -177,10 +185,14 @@ def test_systemd_unit_mounts_after_the_network() -> None:
     assert args.metrics == ("127.0.0.1", 9100)
 
 
-@pytest.mark.parametrize("line", [
-    ln for ln in (ROOT / "docs" / "configuration.md").read_text().splitlines()
-    if ln.startswith("ossfs#")
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        ln
+        for ln in (ROOT / "docs" / "configuration.md").read_text().splitlines()
+        if ln.startswith("ossfs#")
+    ],
+)
 def test_fstab_line_is_a_mount(line: str) -> None:
     source, mountpoint, fstype, options, *_ = line.split()
     assert fstype == "fuse3"

@@ -12,22 +12,26 @@ from ossfs.escape import SafeFormatter, printable
 
 FORGED = "1999-01-01 00:00:00,000 ERROR ossfs.fs: FORGED_LOG_LINE"
 # Anything a terminal or a log reader could take for structure.
-RAW = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
-                 "\u2066-\u2069\ud800-\udfff]")
+RAW = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
 
 
-@pytest.mark.parametrize(("text", "shown"), [
-    ("plain/key.txt", "plain/key.txt"),
-    ("caf\u00e9 \u6587\u4ef6 back\\slash", "caf\u00e9 \u6587\u4ef6 back\\slash"),
-    ("a\nb", "a\\x0ab"),
-    ("tab\there\r", "tab\\x09here\\x0d"),
-    ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
-    ("nul\x00del\x7f", "nul\\x00del\\x7f"),
-    ("c1\x9b31m\x85", "c1\\x9b31m\\x85"),
-    ("\u202egnp.exe", "\\u202egnp.exe"),
-    ("iso\u2066late\u2069 sep\u2028", "iso\\u2066late\\u2069 sep\\u2028"),
-    (b"bad\xffutf8".decode("utf-8", "surrogateescape"), "bad\\xffutf8"),
-])
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("plain/key.txt", "plain/key.txt"),
+        ("caf\u00e9 \u6587\u4ef6 back\\slash", "caf\u00e9 \u6587\u4ef6 back\\slash"),
+        ("a\nb", "a\\x0ab"),
+        ("tab\there\r", "tab\\x09here\\x0d"),
+        ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+        ("nul\x00del\x7f", "nul\\x00del\\x7f"),
+        ("c1\x9b31m\x85", "c1\\x9b31m\\x85"),
+        ("\u202egnp.exe", "\\u202egnp.exe"),
+        ("iso\u2066late\u2069 sep\u2028", "iso\\u2066late\\u2069 sep\\u2028"),
+        (b"bad\xffutf8".decode("utf-8", "surrogateescape"), "bad\\xffutf8"),
+    ],
+)
 def test_printable(text: str, shown: str) -> None:
     assert printable(text) == shown
     assert printable(shown) == shown  # escaping twice changes nothing

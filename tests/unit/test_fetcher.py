@@ -84,8 +84,9 @@ async def test_single_flight_and_connection_cap(server: OssTestServer, tmp_path:
         cache.release(store)
 
 
-async def test_reader_gets_its_bytes_before_the_part_is_done(server: OssTestServer,
-                                                             tmp_path: Path) -> None:
+async def test_reader_gets_its_bytes_before_the_part_is_done(
+    server: OssTestServer, tmp_path: Path
+) -> None:
     server.faults.bandwidth = 256 * 1024  # one part takes about a second
     cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30)
     async with HttpObjectClient(server.endpoint()) as client:
@@ -102,7 +103,8 @@ async def test_reader_gets_its_bytes_before_the_part_is_done(server: OssTestServ
 
 
 async def test_store_released_mid_flight_stays_open_until_the_fetch_ends(
-        server: OssTestServer, tmp_path: Path) -> None:
+    server: OssTestServer, tmp_path: Path
+) -> None:
     server.faults.bandwidth = 512 * 1024
     cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30)
     async with HttpObjectClient(server.endpoint()) as client:
@@ -132,7 +134,8 @@ async def test_store_released_mid_flight_stays_open_until_the_fetch_ends(
 
 
 async def test_the_whole_object_check_rereads_parts_off_the_event_loop(
-        server: OssTestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server: OssTestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After a whole-object CRC-64 mismatch every part is read again: in a worker thread,
     never in the event loop (a large object would stall every reader of the mount)."""
     cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30)

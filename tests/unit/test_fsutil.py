@@ -40,13 +40,19 @@ def test_open_private_file_creates_and_reopens_our_file(tmp_path: Path) -> None:
         os.close(fd)
 
 
-@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "hard link", "fifo",
-                                  "directory", "foreign"])
+@pytest.mark.parametrize(
+    "kind", ["symlink", "dangling symlink", "hard link", "fifo", "directory", "foreign"]
+)
 def test_open_private_file_refuses(tmp_path: Path, victim: Path, kind: str) -> None:
     path = tmp_path / "f.ossfs-tmp"
-    why = {"symlink": "is a symbolic link", "dangling symlink": "is a symbolic link",
-           "hard link": "has other hard links", "fifo": "is not a regular file",
-           "directory": "is a directory", "foreign": "belongs to another user"}[kind]
+    why = {
+        "symlink": "is a symbolic link",
+        "dangling symlink": "is a symbolic link",
+        "hard link": "has other hard links",
+        "fifo": "is not a regular file",
+        "directory": "is a directory",
+        "foreign": "belongs to another user",
+    }[kind]
     if kind == "symlink":
         path.symlink_to(victim)
     elif kind == "dangling symlink":

@@ -18,8 +18,7 @@ from ossfs.cache.index import (
     parse_index,
 )
 
-IDENT = StoreIdentity(bucket="b", key="k", etag="E", size=1000, part_size=100, start=0,
-                      length=1000)
+IDENT = StoreIdentity(bucket="b", key="k", etag="E", size=1000, part_size=100, start=0, length=1000)
 
 
 def test_roundtrip_and_drop(tmp_path: Path) -> None:
@@ -53,8 +52,9 @@ def test_torn_record_is_skipped_and_next_append_survives(tmp_path: Path) -> None
 
 
 def test_damaged_lines_and_impossible_records_are_ignored() -> None:
-    data = bytearray(format_header(IDENT) + format_add(0, PartRecord(100, 5)) +
-                     format_add(1, PartRecord(100, 6)))
+    data = bytearray(
+        format_header(IDENT) + format_add(0, PartRecord(100, 5)) + format_add(1, PartRecord(100, 6))
+    )
     data[-5] ^= 0x01  # flip a bit in the checksum of part 1's line
     state = parse_index(bytes(data))
     assert set(state.parts) == {0} and state.bad_lines == 1
@@ -64,11 +64,16 @@ def test_damaged_lines_and_impossible_records_are_ignored() -> None:
     assert out_of_range.parts == {}
 
 
-@pytest.mark.parametrize("data", [
-    b"", b"garbage\n", b"ossfs-index 1 {} 00000000\n",
-    format_header(IDENT)[:-3] + b"zz\n",
-    format_header(IDENT).replace(b"ossfs-index 1", b"ossfs-index 9"),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"garbage\n",
+        b"ossfs-index 1 {} 00000000\n",
+        format_header(IDENT)[:-3] + b"zz\n",
+        format_header(IDENT).replace(b"ossfs-index 1", b"ossfs-index 9"),
+    ],
+)
 def test_unusable_header(data: bytes) -> None:
     with pytest.raises(IndexCorrupt):
         parse_index(data)
@@ -106,13 +111,15 @@ def _append_many(path: str, parts: list[int]) -> None:
 
 
 def test_concurrent_processes_append(tmp_path: Path) -> None:
-    ident = StoreIdentity(bucket="b", key="k", etag="E", size=400_000, part_size=100,
-                          start=0, length=400_000)
+    ident = StoreIdentity(
+        bucket="b", key="k", etag="E", size=400_000, part_size=100, start=0, length=400_000
+    )
     path = str(tmp_path / "index")
     IndexFile.create(path, ident).close()
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_append_many, args=(path, list(range(i, 4000, 4))))
-             for i in range(4)]
+    procs = [
+        ctx.Process(target=_append_many, args=(path, list(range(i, 4000, 4)))) for i in range(4)
+    ]
     for p in procs:
         p.start()
     for p in procs:

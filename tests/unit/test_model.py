@@ -36,8 +36,13 @@ def test_layout_edges() -> None:
         plus.bounds(3)
 
 
-@given(st.integers(0, 10_000), st.integers(0, 10_000), st.integers(1, 999),
-       st.integers(0, 12_000), st.integers(1, 3000))
+@given(
+    st.integers(0, 10_000),
+    st.integers(0, 10_000),
+    st.integers(1, 999),
+    st.integers(0, 12_000),
+    st.integers(1, 3000),
+)
 def test_layout_covers_exactly(start: int, length: int, part: int, off: int, size: int) -> None:
     lay = PartLayout(start, length, part)
     covered = [lay.bounds(i) for i in range(lay.count)]

@@ -69,8 +69,16 @@ async def test_directory_wins_even_when_pages_split_the_pair(server: OssTestServ
 
 
 async def test_invalid_names_are_skipped(server: OssTestServer) -> None:
-    for key in ["ok.txt", "a//b", "dot/./c", "dots/../d", "long/" + "n" * 256,
-                "fine/" + "n" * 255, "dir/", "dir/file"]:
+    for key in [
+        "ok.txt",
+        "a//b",
+        "dot/./c",
+        "dots/../d",
+        "long/" + "n" * 256,
+        "fine/" + "n" * 255,
+        "dir/",
+        "dir/file",
+    ]:
         server.put(BUCKET, key, b"1")
     async with _client(server) as client:
         ns = Namespace(client, BUCKET, "")
@@ -140,7 +148,8 @@ async def test_prefix_mount_and_probe_lookups(server: OssTestServer) -> None:
 
 
 async def test_one_listing_per_directory_shared_by_concurrent_lookups(
-        server: OssTestServer) -> None:
+    server: OssTestServer,
+) -> None:
     # 1,200 names looked up at once in 20 directories nothing has listed yet: one LIST per
     # directory (and one of the root), no HEAD. (It was a LIST and a HEAD per name.)
     for d in range(20):
@@ -173,7 +182,8 @@ async def test_one_listing_per_directory_shared_by_concurrent_lookups(
 
 
 async def test_wide_directory_is_listed_once_while_far_names_are_probed(
-        server: OssTestServer) -> None:
+    server: OssTestServer,
+) -> None:
     for i in range(2500):
         server.put(BUCKET, f"wide/f{i:05d}", b"x")
     async with _client(server) as client, trio.open_nursery() as nursery:

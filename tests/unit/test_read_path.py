@@ -78,15 +78,24 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
     client = MemoryClient(latency=0.003, bandwidth=200 * MiB)
     client.put(BUCKET, "obj", data)
     cache = CacheDir(str(root), max_bytes=sc.cap, min_free_fraction=0.0)
-    fetcher = Fetcher(client, connections=sc.connections, budget=cache,
-                      read_ahead=sc.read_ahead_parts * sc.part_size)
+    fetcher = Fetcher(
+        client,
+        connections=sc.connections,
+        budget=cache,
+        read_ahead=sc.read_ahead_parts * sc.part_size,
+    )
     ns = Namespace(client, BUCKET, "", ttl=60.0, negative_ttl=5.0, scheme="oss")
-    ops = Operations(ns, fetcher, cache, FsOptions(uid=0, gid=0, part_size=sc.part_size),
-                     describe=dict, status=dict)
+    ops = Operations(
+        ns,
+        fetcher,
+        cache,
+        FsOptions(uid=0, gid=0, part_size=sc.part_size),
+        describe=dict,
+        status=dict,
+    )
     # Pinned and in-flight parts may take the cache over its cap: at most the parts
     # of the reads in progress, the part each stream is in, and one per connection.
-    depth = sum(r.depth for r in sc.readers) if sc.together else max(
-        r.depth for r in sc.readers)
+    depth = sum(r.depth for r in sc.readers) if sc.together else max(r.depth for r in sc.readers)
     span = max(size // sc.part_size + 2 for r in sc.readers for _, size in r.reads)
     bound = sc.cap + (sc.connections + len(sc.readers) + depth * span) * sc.part_size
     worst = 0
@@ -94,12 +103,15 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
     async def read_one(fh: int, off: int, size: int) -> None:
         nonlocal worst
         got = bytes(await ops.read(fh, off, size))  # copied before any other task runs
-        want = data[off:off + size]
+        want = data[off : off + size]
         if got != want:
-            first = next((i for i, (a, b) in enumerate(zip(got, want, strict=False))
-                          if a != b), min(len(got), len(want)))
-            raise AssertionError(f"read({off}, {size}): wrong bytes from offset "
-                                 f"{off + first} (got {len(got)} bytes)")
+            first = next(
+                (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+                min(len(got), len(want)),
+            )
+            raise AssertionError(
+                f"read({off}, {size}): wrong bytes from offset {off + first} (got {len(got)} bytes)"
+            )
         worst = max(worst, disk_bytes(root))
 
     async def reader(ino: int, r: Reader) -> None:
@@ -139,7 +151,8 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
         # part holds that part.
         rest = disk_bytes(root)
         assert rest <= max(sc.cap, sc.part_size) + 8192, (
-            f"{rest} bytes cached at rest, cap {sc.cap}")
+            f"{rest} bytes cached at rest, cap {sc.cap}"
+        )
     finally:
         cache.close()
     assert worst <= bound, f"cache took {worst} bytes on disk, bound {bound}"
@@ -150,8 +163,22 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
 def scenarios(draw: st.DrawFn) -> Scenario:
     part_size = draw(st.sampled_from([64 * KiB, 128 * KiB, 256 * KiB, 1 * MiB]))
     size = draw(st.integers(1, 24)) * part_size + draw(st.integers(0, part_size - 1))
-    cap = draw(st.sampled_from([part_size // 2, part_size, 2 * part_size, 3 * part_size,
-                                size // 4, size // 2, 2 * size])) or 1
+    cap = (
+        draw(
+            st.sampled_from(
+                [
+                    part_size // 2,
+                    part_size,
+                    2 * part_size,
+                    3 * part_size,
+                    size // 4,
+                    size // 2,
+                    2 * size,
+                ]
+            )
+        )
+        or 1
+    )
     readers = []
     for _ in range(draw(st.integers(1, 3))):
         kind = draw(st.sampled_from(["sequential", "random", "backward", "skips"]))
@@ -171,10 +198,15 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                 reads.append((off, rng.randint(1, 2 * chunk)))
                 off = (off + reads[-1][1]) % size
         readers.append(Reader(reads, draw(st.integers(1, 3)), kind == "sequential"))
-    return Scenario(size=size, part_size=part_size, cap=cap,
-                    read_ahead_parts=draw(st.integers(1, 16)),
-                    connections=draw(st.integers(1, 8)), readers=readers,
-                    together=draw(st.booleans()))
+    return Scenario(
+        size=size,
+        part_size=part_size,
+        cap=cap,
+        read_ahead_parts=draw(st.integers(1, 16)),
+        connections=draw(st.integers(1, 8)),
+        readers=readers,
+        together=draw(st.booleans()),
+    )
 
 
 @pytest.fixture
@@ -191,43 +223,65 @@ _RUNS = itertools.count()
 EXAMPLES = int(os.environ.get("OSSFS_READPATH_EXAMPLES", "150"))
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
 @given(sc=scenarios(), seed=st.integers(0, 1000))
 @pytest.mark.slow
-def test_every_byte_is_the_objects_under_any_cap(sc: Scenario, seed: int,
-                                                 scratch: Path) -> None:
+def test_every_byte_is_the_objects_under_any_cap(sc: Scenario, seed: int, scratch: Path) -> None:
     root = scratch / f"cache-{next(_RUNS)}"
     client = run_scenario(sc, root, seed)
     if len(sc.readers) == 1 and sc.readers[0].sequential and sc.readers[0].depth == 1:
         # One stream through an object larger than the cache fetches it about once.
         read = sc.size - sc.readers[0].reads[0][0]
         assert client.bytes_sent["obj"] <= 1.25 * read + sc.part_size, (
-            f"fetched {client.bytes_sent['obj']} bytes to read {read}")
+            f"fetched {client.bytes_sent['obj']} bytes to read {read}"
+        )
     shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.parametrize("part_size", [64 * KiB, 1 * MiB])
 @pytest.mark.parametrize("cap_parts", [0.5, 1, 2, 5])
 def test_one_stream_through_a_small_cache_fetches_the_object_once(
-        tmp_path: Path, part_size: int, cap_parts: float) -> None:
+    tmp_path: Path, part_size: int, cap_parts: float
+) -> None:
     """The shape of the reported failure: read-ahead larger than the cache."""
     size = 40 * part_size + 123
-    sc = Scenario(size=size, part_size=part_size, cap=int(cap_parts * part_size),
-                  read_ahead_parts=16, connections=8,
-                  readers=[Reader(sequential_reads(size, 0, 128 * KiB), 2, True)],
-                  together=False)
+    sc = Scenario(
+        size=size,
+        part_size=part_size,
+        cap=int(cap_parts * part_size),
+        read_ahead_parts=16,
+        connections=8,
+        readers=[Reader(sequential_reads(size, 0, 128 * KiB), 2, True)],
+        together=False,
+    )
     client = run_scenario(sc, tmp_path / "cache", seed=7)
     assert client.bytes_sent["obj"] <= 1.25 * size
 
 
 def test_concurrent_streams_share_a_small_cache(tmp_path: Path) -> None:
     size = 30 * 256 * KiB + 5
-    streams = [Reader(sequential_reads(size, start, 128 * KiB), 2, True)
-               for start in (0, 0, size // 3, size // 2)]
-    sc = Scenario(size=size, part_size=256 * KiB, cap=3 * 256 * KiB, read_ahead_parts=16,
-                  connections=6, readers=streams, together=True)
+    streams = [
+        Reader(sequential_reads(size, start, 128 * KiB), 2, True)
+        for start in (0, 0, size // 3, size // 2)
+    ]
+    sc = Scenario(
+        size=size,
+        part_size=256 * KiB,
+        cap=3 * 256 * KiB,
+        read_ahead_parts=16,
+        connections=6,
+        readers=streams,
+        together=True,
+    )
     run_scenario(sc, tmp_path / "cache", seed=3)
 
 
@@ -235,8 +289,9 @@ def _ops(client: MemoryClient, root: Path) -> tuple[Operations, Fetcher]:
     cache = CacheDir(str(root), max_bytes=1 << 30, min_free_fraction=0.0)
     fetcher = Fetcher(client, connections=4, budget=cache, read_ahead=128 * KiB)
     ns = Namespace(client, BUCKET, "", ttl=0.0, negative_ttl=0.0, scheme="oss")
-    ops = Operations(ns, fetcher, cache, FsOptions(uid=0, gid=0, part_size=64 * KiB),
-                     describe=dict, status=dict)
+    ops = Operations(
+        ns, fetcher, cache, FsOptions(uid=0, gid=0, part_size=64 * KiB), describe=dict, status=dict
+    )
     return ops, fetcher
 
 
@@ -287,7 +342,7 @@ def test_an_open_of_a_changed_object_gets_a_new_inode(tmp_path: Path) -> None:
             fetcher.attach(nursery)
             first = await ops.lookup(pyfuse3.ROOT_INODE, b"obj")
             h1 = await ops.open(first.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
-            assert bytes(await ops.read(h1.fh, 0, 64 * KiB)) == old[:64 * KiB]
+            assert bytes(await ops.read(h1.fh, 0, 64 * KiB)) == old[: 64 * KiB]
             client.replace(BUCKET, "obj", new)
             # The kernel still holds the old inode: opening it again says ESTALE, and
             # the lookup the kernel then makes finds the new version's inode.
@@ -299,7 +354,7 @@ def test_an_open_of_a_changed_object_gets_a_new_inode(tmp_path: Path) -> None:
             h2 = await ops.open(second.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
             assert bytes(await ops.read(h2.fh, 0, len(new))) == new
             # The old open keeps its version: what it cached, or EIO, never new bytes.
-            assert bytes(await ops.read(h1.fh, 0, 64 * KiB)) == old[:64 * KiB]
+            assert bytes(await ops.read(h1.fh, 0, 64 * KiB)) == old[: 64 * KiB]
             with pytest.raises(pyfuse3.FUSEError):
                 await ops.read(h1.fh, 150 * KiB, 4096)
             for h in (h1, h2):

@@ -56,7 +56,8 @@ async def timed_get(creds: RefreshingCredentials) -> tuple[str, float]:
 
 
 async def test_first_use_fetches_once_for_all_waiting(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     provider = FakeProvider()
     creds = make(provider)
     got: list[str] = []
@@ -72,7 +73,8 @@ async def test_first_use_fetches_once_for_all_waiting(
 
 
 async def test_refresh_runs_in_the_background_before_expiry(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     provider = FakeProvider(lifetime=600.0)
     creds = make(provider)
     assert await timed_get(creds) == ("key1", FETCH_TAKES)
@@ -98,7 +100,8 @@ async def test_refresh_runs_in_the_background_before_expiry(
 
 
 async def test_long_lived_credentials_refresh_a_quarter_hour_early(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     provider = FakeProvider(lifetime=6 * 3600.0)
     creds = make(provider)
     await creds.get()
@@ -112,7 +115,8 @@ async def test_long_lived_credentials_refresh_a_quarter_hour_early(
 
 
 async def test_credentials_without_expiration_are_fetched_once(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     provider = FakeProvider(lifetime=None)
     creds = make(provider)
     assert await timed_get(creds) == ("key1", FETCH_TAKES)
@@ -123,7 +127,8 @@ async def test_credentials_without_expiration_are_fetched_once(
 
 
 async def test_failed_refresh_logs_once_keeps_the_old_key_and_retries(
-        autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG, logger="ossfs.refresh")
     provider = FakeProvider(lifetime=600.0)
     creds = make(provider)
@@ -152,7 +157,8 @@ async def test_failed_refresh_logs_once_keeps_the_old_key_and_retries(
 
 
 async def test_after_expiry_requests_fail_naming_the_provider(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     provider = FakeProvider(lifetime=100.0)
     creds = make(provider)
     await creds.get()
@@ -178,12 +184,15 @@ async def test_after_expiry_requests_fail_naming_the_provider(
 
 
 async def test_first_fetch_failure_is_one_error_naming_the_provider(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     provider = FakeProvider()
     provider.down = True
     creds = make(provider)
-    with pytest.raises(CredentialError, match="^cannot get credentials from the fake "
-                       "provider: the service answered 500$"):
+    with pytest.raises(
+        CredentialError,
+        match="^cannot get credentials from the fake provider: the service answered 500$",
+    ):
         await creds.get()
 
 
@@ -197,8 +206,7 @@ async def test_a_fetch_that_hangs_ends(autojump_clock: trio.testing.MockClock) -
         await creds.get()
 
 
-async def test_aclose_cancels_a_background_refresh(
-        autojump_clock: trio.testing.MockClock) -> None:
+async def test_aclose_cancels_a_background_refresh(autojump_clock: trio.testing.MockClock) -> None:
     provider = FakeProvider(lifetime=10.0)
     creds = make(provider)
     await creds.get()

@@ -88,12 +88,19 @@ def presign_oss_v4(
     if extra:
         q.append(("x-oss-additional-headers", ";".join(extra)))
     canonical = oss_v4_canonical_request(
-        method=method, bucket=bucket, key=key, query=q, headers=headers,
+        method=method,
+        bucket=bucket,
+        key=key,
+        query=q,
+        headers=headers,
         additional_headers=extra,
     )
     signature = _oss_v4_signature(
-        secret=credentials.access_key_secret, datetime_iso=iso, region=region,
-        product=product, canonical_request=canonical,
+        secret=credentials.access_key_secret,
+        datetime_iso=iso,
+        region=region,
+        product=product,
+        canonical_request=canonical,
     )
     return q + [("x-oss-signature", signature)]
 
@@ -121,14 +128,27 @@ def _v1_put_headers() -> dict[str, str]:
 )
 def test_v1_put_vectors(query: list[tuple[str, str | None]], expected: str) -> None:
     headers = _v1_put_headers()
-    sign_oss_v1(method="PUT", bucket="examplebucket", key="nelson", query=query,
-                headers=headers, credentials=AK, now=DEC28_EPOCH)
+    sign_oss_v1(
+        method="PUT",
+        bucket="examplebucket",
+        key="nelson",
+        query=query,
+        headers=headers,
+        credentials=AK,
+        now=DEC28_EPOCH,
+    )
     assert headers["Authorization"] == expected
 
 
 def test_v1_put_string_to_sign() -> None:
-    sts = oss_v1_string_to_sign(method="PUT", bucket="examplebucket", key="nelson", query=[],
-                                headers=_v1_put_headers(), date=DEC28)
+    sts = oss_v1_string_to_sign(
+        method="PUT",
+        bucket="examplebucket",
+        key="nelson",
+        query=[],
+        headers=_v1_put_headers(),
+        date=DEC28,
+    )
     assert sts == (
         "PUT\neB5eJF1ptWaXm4bijSPyxw==\ntext/html\n" + DEC28 + "\n"
         "x-oss-date:" + DEC28 + "\nx-oss-meta-author:alice\nx-oss-meta-magic:abracadabra\n"
@@ -139,31 +159,52 @@ def test_v1_put_string_to_sign() -> None:
 @pytest.mark.parametrize(
     ("query", "expected"),
     [
-        ([("resourceGroup", None), ("non-resousce", "null")],
-         "OSS ak:vkQmfuUDyi1uDi3bKt67oemssIs="),
+        (
+            [("resourceGroup", None), ("non-resousce", "null")],
+            "OSS ak:vkQmfuUDyi1uDi3bKt67oemssIs=",
+        ),
         ([("resourceGroup", None), ("acl", None)], "OSS ak:x3E5TgOvl/i7PN618s5mEvpJDYk="),
     ],
 )
 def test_v1_bucket_get_vectors(query: list[tuple[str, str | None]], expected: str) -> None:
     headers = {"x-oss-date": DEC28, "Date": DEC28}
-    sign_oss_v1(method="GET", bucket="examplebucket", key=None, query=query,
-                headers=headers, credentials=AK, now=DEC28_EPOCH)
+    sign_oss_v1(
+        method="GET",
+        bucket="examplebucket",
+        key=None,
+        query=query,
+        headers=headers,
+        credentials=AK,
+        now=DEC28_EPOCH,
+    )
     assert headers["Authorization"] == expected
 
 
 def test_v1_presign_vector() -> None:
-    q = presign_oss_v1(method="GET", bucket="bucket", key="key",
-                       query=[("versionId", "versionId")], headers={},
-                       credentials=AK, expires=1699807420)
+    q = presign_oss_v1(
+        method="GET",
+        bucket="bucket",
+        key="key",
+        query=[("versionId", "versionId")],
+        headers={},
+        credentials=AK,
+        expires=1699807420,
+    )
     sig = dict(q)["Signature"]
     assert sig is not None
     assert "Signature=" + quote(sig, safe="") == "Signature=dcLTea%2BYh9ApirQ8o8dOPqtvJXQ%3D"
 
 
 def test_v1_presign_with_token_vector() -> None:
-    q = presign_oss_v1(method="GET", bucket="bucket", key="key+123",
-                       query=[("versionId", "versionId")], headers={},
-                       credentials=Credentials("ak", "sk", "token"), expires=1699808204)
+    q = presign_oss_v1(
+        method="GET",
+        bucket="bucket",
+        key="key+123",
+        query=[("versionId", "versionId")],
+        headers={},
+        credentials=Credentials("ak", "sk", "token"),
+        expires=1699808204,
+    )
     sig = dict(q)["Signature"]
     assert sig is not None
     assert quote(sig, safe="") == "jzKYRrM5y6Br0dRFPaTGOsbrDhY%3D"
@@ -172,11 +213,19 @@ def test_v1_presign_with_token_vector() -> None:
 
 def test_v1_session_token_header_is_signed() -> None:
     headers: dict[str, str] = {}
-    sign_oss_v1(method="GET", bucket="b", key="k", query=[], headers=headers,
-                credentials=Credentials("ak", "sk", "tok"), now=DEC28_EPOCH)
+    sign_oss_v1(
+        method="GET",
+        bucket="b",
+        key="k",
+        query=[],
+        headers=headers,
+        credentials=Credentials("ak", "sk", "tok"),
+        now=DEC28_EPOCH,
+    )
     assert headers["x-oss-security-token"] == "tok"
-    sts = oss_v1_string_to_sign(method="GET", bucket="b", key="k", query=[],
-                                headers=headers, date=headers["Date"])
+    sts = oss_v1_string_to_sign(
+        method="GET", bucket="b", key="k", query=[], headers=headers, date=headers["Date"]
+    )
     assert "x-oss-security-token:tok\n" in sts
 
 
@@ -184,14 +233,21 @@ def test_v1_session_token_header_is_signed() -> None:
 
 V4_KEY = "1234+-/123/1.txt"
 V4_QUERY: list[tuple[str, str | None]] = [
-    ("param1", "value1"), ("+param1", "value3"), ("|param1", "value4"),
-    ("+param2", None), ("|param2", None), ("param2", None),
+    ("param1", "value1"),
+    ("+param1", "value3"),
+    ("|param1", "value4"),
+    ("+param2", None),
+    ("|param2", None),
+    ("param2", None),
 ]
 
 
 def _v4_headers(content_type: str = "text/plain", sha: bool = True) -> dict[str, str]:
     h = {
-        "x-oss-head1": "value", "abc": "value", "ZAbc": "value", "XYZ": "value",
+        "x-oss-head1": "value",
+        "abc": "value",
+        "ZAbc": "value",
+        "XYZ": "value",
         "content-type": content_type,
     }
     if sha:
@@ -201,14 +257,23 @@ def _v4_headers(content_type: str = "text/plain", sha: bool = True) -> dict[str,
 
 def test_v4_header_vector_and_intermediates() -> None:
     headers = _v4_headers()
-    sign_oss_v4(method="PUT", bucket="bucket", key=V4_KEY, query=V4_QUERY, headers=headers,
-                credentials=AK, region="cn-hangzhou", now=1702743657)
+    sign_oss_v4(
+        method="PUT",
+        bucket="bucket",
+        key=V4_KEY,
+        query=V4_QUERY,
+        headers=headers,
+        credentials=AK,
+        region="cn-hangzhou",
+        now=1702743657,
+    )
     assert headers["Authorization"] == (
         "OSS4-HMAC-SHA256 Credential=ak/20231216/cn-hangzhou/oss/aliyun_v4_request,"
         "Signature=e21d18daa82167720f9b1047ae7e7f1ce7cb77a31e8203a7d5f4624fa0284afe"
     )
-    canonical = oss_v4_canonical_request(method="PUT", bucket="bucket", key=V4_KEY,
-                                         query=V4_QUERY, headers=headers)
+    canonical = oss_v4_canonical_request(
+        method="PUT", bucket="bucket", key=V4_KEY, query=V4_QUERY, headers=headers
+    )
     assert canonical == (
         "PUT\n/bucket/1234%2B-/123/1.txt\n"
         "%2Bparam1=value3&%2Bparam2&%7Cparam1=value4&%7Cparam2&param1=value1&param2\n"
@@ -219,9 +284,16 @@ def test_v4_header_vector_and_intermediates() -> None:
 
 def test_v4_header_vector_with_token() -> None:
     headers = _v4_headers()
-    sign_oss_v4(method="PUT", bucket="bucket", key=V4_KEY, query=V4_QUERY, headers=headers,
-                credentials=Credentials("ak", "sk", "token"), region="cn-hangzhou",
-                now=1702784856)
+    sign_oss_v4(
+        method="PUT",
+        bucket="bucket",
+        key=V4_KEY,
+        query=V4_QUERY,
+        headers=headers,
+        credentials=Credentials("ak", "sk", "token"),
+        region="cn-hangzhou",
+        now=1702784856,
+    )
     assert headers["Authorization"] == (
         "OSS4-HMAC-SHA256 Credential=ak/20231217/cn-hangzhou/oss/aliyun_v4_request,"
         "Signature=b94a3f999cf85bcdc00d332fbd3734ba03e48382c36fa4d5af5df817395bd9ea"
@@ -233,9 +305,17 @@ def test_v4_header_vector_with_token() -> None:
 )
 def test_v4_header_vector_additional_headers(additional: list[str]) -> None:
     headers = _v4_headers()
-    sign_oss_v4(method="PUT", bucket="bucket", key=V4_KEY, query=V4_QUERY, headers=headers,
-                credentials=AK, region="cn-hangzhou", now=1702747512,
-                additional_headers=additional)
+    sign_oss_v4(
+        method="PUT",
+        bucket="bucket",
+        key=V4_KEY,
+        query=V4_QUERY,
+        headers=headers,
+        credentials=AK,
+        region="cn-hangzhou",
+        now=1702747512,
+        additional_headers=additional,
+    )
     assert headers["Authorization"] == (
         "OSS4-HMAC-SHA256 Credential=ak/20231216/cn-hangzhou/oss/aliyun_v4_request,"
         "AdditionalHeaders=abc;zabc,"
@@ -246,21 +326,44 @@ def test_v4_header_vector_additional_headers(additional: list[str]) -> None:
 @pytest.mark.parametrize(
     ("creds", "now", "expires", "additional", "expected"),
     [
-        (AK, 1702781677, 1702782276, [],
-         "a39966c61718be0d5b14e668088b3fa07601033f6518ac7b523100014269c0fe"),
-        (Credentials("ak", "sk", "token"), 1702785388, 1702785987, [],
-         "3817ac9d206cd6dfc90f1c09c00be45005602e55898f26f5ddb06d7892e1f8b5"),
-        (AK, 1702783809, 1702784408, ["ZAbc", "abc"],
-         "6bd984bfe531afb6db1f7550983a741b103a8c58e5e14f83ea474c2322dfa2b7"),
+        (
+            AK,
+            1702781677,
+            1702782276,
+            [],
+            "a39966c61718be0d5b14e668088b3fa07601033f6518ac7b523100014269c0fe",
+        ),
+        (
+            Credentials("ak", "sk", "token"),
+            1702785388,
+            1702785987,
+            [],
+            "3817ac9d206cd6dfc90f1c09c00be45005602e55898f26f5ddb06d7892e1f8b5",
+        ),
+        (
+            AK,
+            1702783809,
+            1702784408,
+            ["ZAbc", "abc"],
+            "6bd984bfe531afb6db1f7550983a741b103a8c58e5e14f83ea474c2322dfa2b7",
+        ),
     ],
 )
 def test_v4_presign_vectors(
     creds: Credentials, now: int, expires: int, additional: list[str], expected: str
 ) -> None:
-    q = presign_oss_v4(method="PUT", bucket="bucket", key=V4_KEY, query=V4_QUERY,
-                       headers=_v4_headers("application/octet-stream", sha=False),
-                       credentials=creds, region="cn-hangzhou", now=now,
-                       expires=expires - now, additional_headers=additional)
+    q = presign_oss_v4(
+        method="PUT",
+        bucket="bucket",
+        key=V4_KEY,
+        query=V4_QUERY,
+        headers=_v4_headers("application/octet-stream", sha=False),
+        credentials=creds,
+        region="cn-hangzhou",
+        now=now,
+        expires=expires - now,
+        additional_headers=additional,
+    )
     d = dict(q)
     assert d["x-oss-signature"] == expected
     assert d["x-oss-expires"] == str(expires - now)
@@ -273,11 +376,16 @@ def test_v4_presign_vectors(
 
 def test_aws_sigv4_get_range_vector() -> None:
     headers = {"host": "examplebucket.s3.amazonaws.com", "range": "bytes=0-9"}
-    sign_aws_v4(method="GET", path="/test.txt", query=[], headers=headers,
-                credentials=Credentials("AKIAIOSFODNN7EXAMPLE",
-                                        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
-                region="us-east-1", now=calendar.timegm((2013, 5, 24, 0, 0, 0)),
-                payload_hash="e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+    sign_aws_v4(
+        method="GET",
+        path="/test.txt",
+        query=[],
+        headers=headers,
+        credentials=Credentials("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+        region="us-east-1",
+        now=calendar.timegm((2013, 5, 24, 0, 0, 0)),
+        payload_hash="e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+    )
     assert headers["Authorization"].endswith(
         "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
         "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
@@ -293,11 +401,26 @@ def test_check_signature_roundtrip_and_tamper(version: str) -> None:
     query: list[tuple[str, str | None]] = [("continuation-token", "a b")]
     now = 1_800_000_000.0
     if version == "v1":
-        sign_oss_v1(method="GET", bucket="b", key="dir/a b+c", query=query, headers=headers,
-                    credentials=AK, now=now)
+        sign_oss_v1(
+            method="GET",
+            bucket="b",
+            key="dir/a b+c",
+            query=query,
+            headers=headers,
+            credentials=AK,
+            now=now,
+        )
     else:
-        sign_oss_v4(method="GET", bucket="b", key="dir/a b+c", query=query, headers=headers,
-                    credentials=AK, region="r1", now=now)
+        sign_oss_v4(
+            method="GET",
+            bucket="b",
+            key="dir/a b+c",
+            query=query,
+            headers=headers,
+            credentials=AK,
+            region="r1",
+            now=now,
+        )
     ok = dict(method="GET", bucket="b", query=query, headers=headers, now=now + 5)
     assert check_oss_signature(key="dir/a b+c", secret_for={"ak": "sk"}, **ok) == "ak"  # type: ignore[arg-type]
     with pytest.raises(SignatureError) as e:
@@ -310,8 +433,15 @@ def test_check_signature_roundtrip_and_tamper(version: str) -> None:
         check_oss_signature(key="dir/a b+c", secret_for={"other": "sk"}, **ok)  # type: ignore[arg-type]
     assert e.value.code == "InvalidAccessKeyId"
     with pytest.raises(SignatureError) as e:
-        check_oss_signature(method="GET", bucket="b", key="dir/a b+c", query=query,
-                            headers=headers, secret_for={"ak": "sk"}, now=now + 3600)
+        check_oss_signature(
+            method="GET",
+            bucket="b",
+            key="dir/a b+c",
+            query=query,
+            headers=headers,
+            secret_for={"ak": "sk"},
+            now=now + 3600,
+        )
     assert e.value.code == "RequestTimeTooSkewed"
 
 

@@ -74,12 +74,27 @@ V1_READ_ONLY_SIGNED = (
 )
 # Read-only query parameters that V1 never signs.
 V1_UNSIGNED = (
-    "list-type", "prefix", "delimiter", "max-keys", "encoding-type", "start-after",
-    "fetch-owner", "marker",
+    "list-type",
+    "prefix",
+    "delimiter",
+    "max-keys",
+    "encoding-type",
+    "start-after",
+    "fetch-owner",
+    "marker",
 )
 OTHER_SUBRESOURCES = (
-    "acl", "objectMeta", "symlink", "location", "bucketInfo", "stat", "uploadId",
-    "partNumber", "resourceGroup", "security-token", "x-oss-traffic-limit",
+    "acl",
+    "objectMeta",
+    "symlink",
+    "location",
+    "bucketInfo",
+    "stat",
+    "uploadId",
+    "partNumber",
+    "resourceGroup",
+    "security-token",
+    "x-oss-traffic-limit",
 )
 # The SDK's static V1 whitelist (``SignerV1._subresource_key_set``) lacks these
 # two. The doc, oss2, the C++ and the .NET SDKs sign both as sub-resources; the
@@ -93,14 +108,34 @@ SDK_V1_MISSING_SUBRESOURCES = frozenset({"x-oss-process", "x-oss-traffic-limit"}
 
 # Headers the signers set themselves; a caller never passes them.
 SIGNER_HEADERS = frozenset(
-    {"date", "authorization", "x-oss-date", "x-oss-content-sha256",
-     "x-oss-security-token", "security-token"}
+    {
+        "date",
+        "authorization",
+        "x-oss-date",
+        "x-oss-content-sha256",
+        "x-oss-security-token",
+        "security-token",
+    }
 )
 HEADER_POOL = (
-    "x-oss-meta-author", "x-oss-meta-magic", "x-oss-head1", "x-oss-range-behavior",
-    "x-oss-traffic-limit", "x-oss-request-payer", "content-type", "content-md5",
-    "range", "host", "if-match", "if-none-match", "if-modified-since", "cache-control",
-    "user-agent", "accept-encoding", "abc", "zabc",
+    "x-oss-meta-author",
+    "x-oss-meta-magic",
+    "x-oss-head1",
+    "x-oss-range-behavior",
+    "x-oss-traffic-limit",
+    "x-oss-request-payer",
+    "content-type",
+    "content-md5",
+    "range",
+    "host",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "cache-control",
+    "user-agent",
+    "accept-encoding",
+    "abc",
+    "zabc",
 )
 # Names offered as additional headers besides the ones present: absent names,
 # names signed by default (both signers drop those), and Date, which both
@@ -129,9 +164,7 @@ def _texts(min_size: int = 0, max_size: int = 12) -> st.SearchStrategy[str]:
     return st.text(_chars, min_size=min_size, max_size=max_size)
 
 
-def _repeated(
-    unit: st.SearchStrategy[str], min_size: int, max_size: int
-) -> st.SearchStrategy[str]:
+def _repeated(unit: st.SearchStrategy[str], min_size: int, max_size: int) -> st.SearchStrategy[str]:
     """Long strings, built by repetition so that drawing them is cheap."""
     return st.builds(
         lambda u, n: (u * n)[:n], unit, st.integers(min_value=min_size, max_value=max_size)
@@ -244,8 +277,7 @@ def _requests(draw: st.DrawFn, *, version: str, need_key: bool = False) -> Reque
 
     candidates = [*names, *ADDITIONAL_POOL]
     additional = [
-        draw(_name_cases)(n)
-        for n in draw(st.lists(st.sampled_from(candidates), max_size=5))
+        draw(_name_cases)(n) for n in draw(st.lists(st.sampled_from(candidates), max_size=5))
     ]
     token = draw(st.none() | _sts_tokens)
     return Request(
@@ -307,9 +339,16 @@ def _sdk_sign(
 def _our_v4(req: Request, additional: Sequence[str] = ()) -> dict[str, str]:
     headers = dict(req.headers)
     sign_oss_v4(
-        method=req.method, bucket=req.bucket, key=req.key, query=req.query, headers=headers,
-        credentials=req.credentials, region=req.region, now=req.now,
-        additional_headers=additional, product=req.product,
+        method=req.method,
+        bucket=req.bucket,
+        key=req.key,
+        query=req.query,
+        headers=headers,
+        credentials=req.credentials,
+        region=req.region,
+        now=req.now,
+        additional_headers=additional,
+        product=req.product,
     )
     return headers
 
@@ -317,9 +356,13 @@ def _our_v4(req: Request, additional: Sequence[str] = ()) -> dict[str, str]:
 def _our_v1(req: Request, query: Query | None = None) -> dict[str, str]:
     headers = dict(req.headers)
     sign_oss_v1(
-        method=req.method, bucket=req.bucket, key=req.key,
-        query=req.query if query is None else query, headers=headers,
-        credentials=req.credentials, now=req.now,
+        method=req.method,
+        bucket=req.bucket,
+        key=req.key,
+        query=req.query if query is None else query,
+        headers=headers,
+        credentials=req.credentials,
+        now=req.now,
     )
     return headers
 
@@ -372,7 +415,7 @@ def _local_timezone(zone: str) -> Iterator[None]:
 
 def _change_one_char(text: str, index: int) -> str:
     i = index % len(text)
-    return text[:i] + ("b" if text[i] == "a" else "a") + text[i + 1:]
+    return text[:i] + ("b" if text[i] == "a" else "a") + text[i + 1 :]
 
 
 # --------------------------------------------------------------------------- 1. V4
@@ -402,9 +445,7 @@ def test_v4_header_signing_matches_sdk(req: Request) -> None:
 def test_v4_additional_headers_match_sdk(req: Request) -> None:
     additional = _received_additional(req)
     ours = _our_v4(req, additional)
-    sdk = _sdk_sign(
-        SignerV4(), req, headers=req.received, token=req.token, additional=additional
-    )
+    sdk = _sdk_sign(SignerV4(), req, headers=req.received, token=req.token, additional=additional)
     assert ours["Authorization"] == sdk["Authorization"]
     assert ours["x-oss-date"] == sdk["x-oss-date"]
     if req.token:
@@ -414,12 +455,30 @@ def test_v4_additional_headers_match_sdk(req: Request) -> None:
 def test_v4_empty_additional_header_is_signed() -> None:
     # See `_received_additional`: the C++ SDK's behaviour, not the V2 SDK's.
     headers = {"abc": "", "x-oss-meta-a": "1"}
-    sign_oss_v4(method="GET", bucket="b", key="k", query=[], headers=headers,
-                credentials=Credentials("ak", "sk"), region="cn-hangzhou",
-                now=DEC28_EPOCH, additional_headers=["ABC"])
+    sign_oss_v4(
+        method="GET",
+        bucket="b",
+        key="k",
+        query=[],
+        headers=headers,
+        credentials=Credentials("ak", "sk"),
+        region="cn-hangzhou",
+        now=DEC28_EPOCH,
+        additional_headers=["ABC"],
+    )
     assert ",AdditionalHeaders=abc,Signature=" in headers["Authorization"]
-    assert check_oss_signature(method="GET", bucket="b", key="k", query=[], headers=headers,
-                               secret_for={"ak": "sk"}, now=DEC28_EPOCH) == "ak"
+    assert (
+        check_oss_signature(
+            method="GET",
+            bucket="b",
+            key="k",
+            query=[],
+            headers=headers,
+            secret_for={"ak": "sk"},
+            now=DEC28_EPOCH,
+        )
+        == "ak"
+    )
 
 
 # --------------------------------------------------------------------------- 2. V1
@@ -494,9 +553,14 @@ def test_check_signature_round_trip(version: str, data: st.DataObject) -> None:
 
     def check(key: str, secret: str) -> str:
         return check_oss_signature(
-            method=req.method, bucket=req.bucket, key=key, query=req.query,
-            headers=headers, secret_for={req.access_key_id: secret},
-            now=req.now + skew, region=region,
+            method=req.method,
+            bucket=req.bucket,
+            key=key,
+            query=req.query,
+            headers=headers,
+            secret_for={req.access_key_id: secret},
+            now=req.now + skew,
+            region=region,
         )
 
     # The verifier must not depend on the machine's time zone (a regression test
@@ -518,18 +582,46 @@ def test_check_signature_round_trip(version: str, data: st.DataObject) -> None:
 def test_v4_check_signature_does_not_depend_on_local_dst() -> None:
     now = 1_720_000_000  # 2024-07-03, summer time in Europe
     headers: dict[str, str] = {}
-    sign_oss_v4(method="GET", bucket="b", key="k", query=[], headers=headers,
-                credentials=Credentials("ak", "sk"), region="cn-hangzhou", now=now)
+    sign_oss_v4(
+        method="GET",
+        bucket="b",
+        key="k",
+        query=[],
+        headers=headers,
+        credentials=Credentials("ak", "sk"),
+        region="cn-hangzhou",
+        now=now,
+    )
     with _local_timezone(CEST_ZONE):
-        assert check_oss_signature(method="GET", bucket="b", key="k", query=[],
-                                   headers=headers, secret_for={"ak": "sk"}, now=now) == "ak"
+        assert (
+            check_oss_signature(
+                method="GET",
+                bucket="b",
+                key="k",
+                query=[],
+                headers=headers,
+                secret_for={"ak": "sk"},
+                now=now,
+            )
+            == "ak"
+        )
 
 
 def test_v1_repeated_subresource_matches_sdk() -> None:
     req = Request(
-        method="GET", bucket="b", key="k", query=[("versionId", None), ("versionId", "v2")],
-        headers={}, received={}, additional=[], access_key_id="ak", secret="sk",
-        token=None, region="cn-hangzhou", product="oss", now=DEC28_EPOCH,
+        method="GET",
+        bucket="b",
+        key="k",
+        query=[("versionId", None), ("versionId", "v2")],
+        headers={},
+        received={},
+        additional=[],
+        access_key_id="ak",
+        secret="sk",
+        token=None,
+        region="cn-hangzhou",
+        product="oss",
+        now=DEC28_EPOCH,
     )
     assert _our_v1(req)["Authorization"] == _sdk_v1(req)["Authorization"]
 
@@ -544,9 +636,18 @@ def test_v1_repeated_subresource_matches_sdk() -> None:
 )
 def test_v1_first_lines_are_trimmed(padded: dict[str, str]) -> None:
     req = Request(
-        method="PUT", bucket="b", key="k", query=[], headers=padded,
-        received={k: v.strip() for k, v in padded.items()}, additional=[],
-        access_key_id="ak", secret="sk", token=None, region="cn-hangzhou", product="oss",
+        method="PUT",
+        bucket="b",
+        key="k",
+        query=[],
+        headers=padded,
+        received={k: v.strip() for k, v in padded.items()},
+        additional=[],
+        access_key_id="ak",
+        secret="sk",
+        token=None,
+        region="cn-hangzhou",
+        product="oss",
         now=DEC28_EPOCH,
     )
     assert _our_v1(req)["Authorization"] == _sdk_v1(req)["Authorization"]

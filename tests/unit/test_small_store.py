@@ -51,7 +51,7 @@ def test_a_small_object_is_one_file_with_its_crc(tmp_path: Path) -> None:
     assert entry.name.endswith(".o") and "x.txt" not in entry.name
     assert entry.parent.parent == root / "objects"  # objects/ab/<hash>.o: no directory
     assert entry.stat().st_mode & 0o777 == 0o600
-    assert entry.read_bytes()[:len(data)] == data
+    assert entry.read_bytes()[: len(data)] == data
     # Another process (another CacheDir) finds it, complete, and its CRC holds.
     other = CacheDir(str(root), max_bytes=1 << 30)
     again = other.acquire(identity_for("b", "dir/x.txt", "E1", len(data), PART))
@@ -63,7 +63,8 @@ def test_a_small_object_is_one_file_with_its_crc(tmp_path: Path) -> None:
     assert big_parts.complete
     info = [o for o in cachedir_module.cached_objects(str(root))]
     assert [(o.key, o.etag, o.size, o.cached_bytes) for o in info] == [
-        ("dir/x.txt", "E1", len(data), len(data))]
+        ("dir/x.txt", "E1", len(data), len(data))
+    ]
     for c, s in ((other, again), (third, big_parts)):
         c.release(s)
     # Another version of the key is another file.
@@ -72,8 +73,7 @@ def test_a_small_object_is_one_file_with_its_crc(tmp_path: Path) -> None:
     cache.release(new)
 
 
-def test_opening_does_not_walk_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                         ) -> None:
+def test_opening_does_not_walk_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "c"
     cache = CacheDir(str(root), max_bytes=1 << 30)
     for i in range(50):

@@ -16,8 +16,9 @@ DATA = bytes(range(256)) * 40  # 10240 bytes
 
 
 def ident(**kw: object) -> StoreIdentity:
-    base: dict[str, object] = dict(bucket="b", key="k", etag="E1", size=len(DATA),
-                                   part_size=1024, start=0, length=len(DATA))
+    base: dict[str, object] = dict(
+        bucket="b", key="k", etag="E1", size=len(DATA), part_size=1024, start=0, length=len(DATA)
+    )
     base.update(kw)
     return StoreIdentity(**base)  # type: ignore[arg-type]
 
@@ -29,10 +30,15 @@ def fill(store: PartStore, parts: list[int]) -> None:
         store.commit(p, crc64(DATA[first:end]))
 
 
-def open_store(tmp_path: Path, identity: StoreIdentity,
-               seen: list[Discarded] | None = None) -> PartStore:
-    return PartStore.open(identity, str(tmp_path / "data"), str(tmp_path / "ckpt"),
-                          on_discard=(seen.append if seen is not None else None))
+def open_store(
+    tmp_path: Path, identity: StoreIdentity, seen: list[Discarded] | None = None
+) -> PartStore:
+    return PartStore.open(
+        identity,
+        str(tmp_path / "data"),
+        str(tmp_path / "ckpt"),
+        on_discard=(seen.append if seen is not None else None),
+    )
 
 
 def test_resume_keeps_recorded_parts(tmp_path: Path) -> None:
@@ -48,15 +54,19 @@ def test_resume_keeps_recorded_parts(tmp_path: Path) -> None:
     assert s.read(3 * 1024, 1024) == DATA[3072:4096]
 
 
-@pytest.mark.parametrize(("change", "reason"), [
-    ({"etag": "E2"}, "the object changed"),
-    ({"size": len(DATA) + 1, "length": len(DATA) + 1}, "the object changed"),
-    ({"key": "other"}, "another object"),
-    ({"part_size": 2048}, "part size 1024"),
-    ({"start": 10, "length": 100}, "covers bytes"),
-])
-def test_mismatched_checkpoint_is_discarded_whole(tmp_path: Path, change: dict[str, object],
-                                                  reason: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"etag": "E2"}, "the object changed"),
+        ({"size": len(DATA) + 1, "length": len(DATA) + 1}, "the object changed"),
+        ({"key": "other"}, "another object"),
+        ({"part_size": 2048}, "part size 1024"),
+        ({"start": 10, "length": 100}, "covers bytes"),
+    ],
+)
+def test_mismatched_checkpoint_is_discarded_whole(
+    tmp_path: Path, change: dict[str, object], reason: str
+) -> None:
     s = open_store(tmp_path, ident())
     fill(s, [0, 1])
     s.close()
@@ -189,8 +199,9 @@ def test_shared_store_without_index_keeps_the_data(tmp_path: Path) -> None:
     assert os.path.getsize(tmp_path / "data") == len(DATA)
 
 
-def test_shared_store_keeps_an_index_created_meanwhile(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shared_store_keeps_an_index_created_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Another process creates the index (and records a part) between our look for it
     # and our create: its index is kept, not replaced by an empty one.
     other = PartStore.open(ident(), str(tmp_path / "data"), str(tmp_path / "ckpt"), shared=True)
@@ -214,13 +225,19 @@ def test_shared_store_still_discards_a_stale_index(tmp_path: Path) -> None:
     fill(s, [0])
     s.close()
     seen: list[Discarded] = []
-    s = PartStore.open(ident(etag="E2"), str(tmp_path / "data"), str(tmp_path / "ckpt"),
-                       shared=True, on_discard=seen.append)
+    s = PartStore.open(
+        ident(etag="E2"),
+        str(tmp_path / "data"),
+        str(tmp_path / "ckpt"),
+        shared=True,
+        on_discard=seen.append,
+    )
     assert len(seen) == 1 and s.parts == {} and s.read(0, 16) == b"\0" * 16
 
 
 def test_refused_index_is_removed_before_the_data_is_emptied(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Stopped after emptying the data file but before the new index exists (here: the
     # create fails), no index may be left that records parts of the emptied file.
     s = open_store(tmp_path, ident())

@@ -117,7 +117,7 @@ def test_ranges(
         headers["x-oss-range-behavior"] = "standard"
     r = client.get("/b/obj", headers=headers)
     assert r.status_code == status
-    assert r.content == DATA[first:last + 1]
+    assert r.content == DATA[first : last + 1]
     assert r.headers["content-length"] == str(last - first + 1)
     if status == 206:
         assert r.headers["content-range"] == f"bytes {first}-{last}/1000"
@@ -232,8 +232,17 @@ def test_list_delimiter_and_small_pages(srv: OssTestServer, client: httpx.Client
     assert [o.key for o in page.objects] == ["a/b/3", "b/x/y", "c", "d/", "e"]
 
 
-WEIRD_KEYS = ["with space.txt", "plus+sign", "per%cent", "ünï/cödé", "double//slash", "~tilde",
-              "q?mark", "amp&er=sand", "\u4e2d\u6587"]
+WEIRD_KEYS = [
+    "with space.txt",
+    "plus+sign",
+    "per%cent",
+    "ünï/cödé",
+    "double//slash",
+    "~tilde",
+    "q?mark",
+    "amp&er=sand",
+    "\u4e2d\u6587",
+]
 
 
 def test_url_encoded_listing_of_odd_keys(srv: OssTestServer, client: httpx.Client) -> None:
@@ -249,8 +258,9 @@ def test_url_encoded_listing_of_odd_keys(srv: OssTestServer, client: httpx.Clien
         got = client.get(_key_url("odd", k))
         assert (got.status_code, got.content) == (200, k.encode()), k
     # A prefix with special characters, sent through httpx's form encoding.
-    page = parse_list_objects_v2(_list(client, "odd", prefix="plus+", **{
-        "encoding-type": "url"}).content)
+    page = parse_list_objects_v2(
+        _list(client, "odd", prefix="plus+", **{"encoding-type": "url"}).content
+    )
     assert [o.key for o in page.objects] == ["plus+sign"]
 
 
@@ -272,8 +282,12 @@ def test_list_v1_marker(srv: OssTestServer, client: httpx.Client) -> None:
 
 @pytest.mark.parametrize(
     "params",
-    [{"max-keys": "abc"}, {"max-keys": "-1"}, {"encoding-type": "base64"},
-     {"continuation-token": "!!!"}],
+    [
+        {"max-keys": "abc"},
+        {"max-keys": "-1"},
+        {"encoding-type": "base64"},
+        {"continuation-token": "!!!"},
+    ],
 )
 def test_list_bad_arguments(client: httpx.Client, params: dict[str, str]) -> None:
     r = _list(client, "b", **params)
@@ -323,39 +337,77 @@ def test_keys_cannot_escape_a_directory_bucket(tmp_path: Path) -> None:
 
 def test_signatures() -> None:
     creds = Credentials("ak", "sk")
-    with OssTestServer(credentials={"ak": "sk"}) as server, \
-            httpx.Client(base_url=server.url) as c:
+    with OssTestServer(credentials={"ak": "sk"}) as server, httpx.Client(base_url=server.url) as c:
         server.put("b", "dir/a b+c.txt", b"hello")
         key = "dir/a b+c.txt"
         headers: dict[str, str] = {"Range": "bytes=0-1"}
-        sign_oss_v4(method="GET", bucket="b", key=key, query=[], headers=headers,
-                    credentials=creds, region="cn-hangzhou", now=time.time())
+        sign_oss_v4(
+            method="GET",
+            bucket="b",
+            key=key,
+            query=[],
+            headers=headers,
+            credentials=creds,
+            region="cn-hangzhou",
+            now=time.time(),
+        )
         r = c.get(_key_url("b", key), headers=headers)
         assert (r.status_code, r.content) == (206, b"he")
 
-        query: list[tuple[str, str | None]] = [("list-type", "2"), ("prefix", "dir/"),
-                                               ("continuation-token", "ZGly")]
+        query: list[tuple[str, str | None]] = [
+            ("list-type", "2"),
+            ("prefix", "dir/"),
+            ("continuation-token", "ZGly"),
+        ]
         headers = {}
-        sign_oss_v1(method="GET", bucket="b", key=None, query=query, headers=headers,
-                    credentials=creds, now=time.time())
+        sign_oss_v1(
+            method="GET",
+            bucket="b",
+            key=None,
+            query=query,
+            headers=headers,
+            credentials=creds,
+            now=time.time(),
+        )
         r = c.get("/b/?list-type=2&prefix=dir%2F&continuation-token=ZGly", headers=headers)
         assert r.status_code == 200, r.text
 
         headers = {}
-        sign_oss_v4(method="HEAD", bucket="b", key=key, query=[], headers=headers,
-                    credentials=Credentials("ak", "wrong"), region="cn-hangzhou",
-                    now=time.time())
+        sign_oss_v4(
+            method="HEAD",
+            bucket="b",
+            key=key,
+            query=[],
+            headers=headers,
+            credentials=Credentials("ak", "wrong"),
+            region="cn-hangzhou",
+            now=time.time(),
+        )
         r = c.head(_key_url("b", key), headers=headers)
         assert r.status_code == 403
         assert parse_error(_x_oss_err(r)).code == "SignatureDoesNotMatch"
         headers = {}
-        sign_oss_v1(method="GET", bucket="b", key=key, query=[], headers=headers,
-                    credentials=Credentials("ak", "wrong"), now=time.time())
+        sign_oss_v1(
+            method="GET",
+            bucket="b",
+            key=key,
+            query=[],
+            headers=headers,
+            credentials=Credentials("ak", "wrong"),
+            now=time.time(),
+        )
         r = c.get(_key_url("b", key), headers=headers)
         assert (r.status_code, parse_error(r.content).code) == (403, "SignatureDoesNotMatch")
         headers = {}
-        sign_oss_v1(method="GET", bucket="b", key=key, query=[], headers=headers,
-                    credentials=Credentials("nobody", "sk"), now=time.time())
+        sign_oss_v1(
+            method="GET",
+            bucket="b",
+            key=key,
+            query=[],
+            headers=headers,
+            credentials=Credentials("nobody", "sk"),
+            now=time.time(),
+        )
         r = c.get(_key_url("b", key), headers=headers)
         assert (r.status_code, parse_error(r.content).code) == (403, "InvalidAccessKeyId")
 
@@ -429,8 +481,9 @@ def test_stall_trips_a_read_timeout(srv: OssTestServer) -> None:
 
 
 def test_stall_then_trickle(srv: OssTestServer, client: httpx.Client) -> None:
-    srv.faults.add(Fault("stall", key="obj", after_bytes=100, seconds=0.1, then="trickle",
-                         interval=0.01))
+    srv.faults.add(
+        Fault("stall", key="obj", after_bytes=100, seconds=0.1, then="trickle", interval=0.01)
+    )
     received = bytearray()
     with client.stream("GET", "/b/obj") as r:
         for chunk in r.iter_raw():
@@ -438,10 +491,11 @@ def test_stall_then_trickle(srv: OssTestServer, client: httpx.Client) -> None:
             if len(received) >= 105:
                 break
     # Everything sent is the object's bytes, in order; the trickle sends one byte a write.
-    assert bytes(received) == DATA[:len(received)]
+    assert bytes(received) == DATA[: len(received)]
     # A trickle that runs to its end delivers the whole object.
-    srv.faults.add(Fault("stall", key="obj", after_bytes=990, seconds=0, then="trickle",
-                         interval=0.001))
+    srv.faults.add(
+        Fault("stall", key="obj", after_bytes=990, seconds=0, then="trickle", interval=0.001)
+    )
     assert client.get("/b/obj").content == DATA
 
 
@@ -463,8 +517,9 @@ def test_endless_body(srv: OssTestServer, client: httpx.Client, answer: int) -> 
         assert r.headers["content-range"] == "bytes 10-19/1000"
         assert bytes(received[:10]) == DATA[10:20]
     else:
-        assert received.startswith(b'<?xml version="1.0" encoding="UTF-8"?>\n<Error>'
-                                   b"<Code>ServiceUnavailable</Code>")
+        assert received.startswith(
+            b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ServiceUnavailable</Code>'
+        )
     assert client.get("/b/obj").content == DATA  # one shot
     # A listing too.
     srv.faults.add(Fault("endless", op="list"))
@@ -597,8 +652,10 @@ def test_counters(srv: OssTestServer, client: httpx.Client) -> None:
     stats = srv.stats
     assert stats.requests == {("HEAD", "head"): 1, ("GET", "get"): 4, ("GET", "list"): 1}
     assert stats.count(op="get") == 4 and stats.count(method="GET") == 5
-    summary = [(g.key, g.req_start, g.req_end, g.start, g.end, g.status, g.bytes_sent, g.fault)
-               for g in stats.gets]
+    summary = [
+        (g.key, g.req_start, g.req_end, g.start, g.end, g.status, g.bytes_sent, g.fault)
+        for g in stats.gets
+    ]
     assert summary == [
         ("obj", 10, 19, 10, 20, 206, 10, None),
         ("obj", None, 5, 995, 1000, 206, 5, None),
@@ -663,10 +720,26 @@ def test_command_line(tmp_path: Path) -> None:
     (tmp_path / "data" / "f.txt").write_bytes(b"file")
     port_file = tmp_path / "port"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ossfs.testing", "serve", "--bucket",
-         f"d={tmp_path / 'data'}", "--random-object", "m/r.bin=1KiB", "--access-key-id", "ak",
-         "--access-key-secret", "s3cr3t-value", "--anonymous", "--port-file", str(port_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ossfs.testing",
+            "serve",
+            "--bucket",
+            f"d={tmp_path / 'data'}",
+            "--random-object",
+            "m/r.bin=1KiB",
+            "--access-key-id",
+            "ak",
+            "--access-key-secret",
+            "s3cr3t-value",
+            "--anonymous",
+            "--port-file",
+            str(port_file),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 15

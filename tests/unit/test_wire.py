@@ -19,24 +19,28 @@ from ossfs.wire import READ_SIZE, Pool, WireError
 
 
 @asynccontextmanager
-async def scripted(handler: Callable[[trio.SocketStream, int], object]) -> AsyncIterator[
-        tuple[str, list[int]]]:
+async def scripted(
+    handler: Callable[[trio.SocketStream, int], object],
+) -> AsyncIterator[tuple[str, list[int]]]:
     """Serve connections with *handler(stream, connection_number)*; yield (url, accepted)."""
     accepted: list[int] = []
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
-            partial(trio.serve_tcp, _wrap(handler, accepted), 0, host="127.0.0.1"))
+            partial(trio.serve_tcp, _wrap(handler, accepted), 0, host="127.0.0.1")
+        )
         port = listeners[0].socket.getsockname()[1]
         yield f"http://127.0.0.1:{port}", accepted
         nursery.cancel_scope.cancel()
 
 
-def _wrap(handler: Callable[[trio.SocketStream, int], object], accepted: list[int]
-          ) -> Callable[[trio.SocketStream], object]:
+def _wrap(
+    handler: Callable[[trio.SocketStream, int], object], accepted: list[int]
+) -> Callable[[trio.SocketStream], object]:
     async def serve(stream: trio.SocketStream) -> None:
         accepted.append(len(accepted))
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await handler(stream, len(accepted) - 1)  # type: ignore[misc]
+
     return serve
 
 
@@ -75,8 +79,11 @@ async def test_content_length_body_and_keep_alive_reuse() -> None:
         for _ in range(3):
             req = await read_request(stream)
             assert req.startswith(b"GET /b/k HTTP/1.1\r\n")
-            await stream.send_all(b"HTTP/1.1 206 Partial Content\r\nContent-Length: "
-                                  + str(len(BIG)).encode() + b"\r\nX-Oss-Hash: 1\r\n\r\n")
+            await stream.send_all(
+                b"HTTP/1.1 206 Partial Content\r\nContent-Length: "
+                + str(len(BIG)).encode()
+                + b"\r\nX-Oss-Hash: 1\r\n\r\n"
+            )
             await stream.send_all(BIG)
 
     async with scripted(handler) as (url, accepted):
@@ -101,7 +108,7 @@ async def test_chunked_body() -> None:
                 out += f"{len(p):x};ext=1\r\n".encode() + p + b"\r\n"
         out += b"0\r\nTrailer: yes\r\n\r\n"
         for i in range(0, len(out), 7):  # dribble it in small pieces
-            await stream.send_all(out[i:i + 7])
+            await stream.send_all(out[i : i + 7])
 
     async with scripted(handler) as (url, _):
         got = bytearray()
