@@ -521,6 +521,16 @@ def _field(doc: Mapping[str, Any], name: str, what: str) -> str:
     return value
 
 
+def _json_object(text: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{what} is not JSON") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{what} is not a JSON object")
+    return doc
+
+
 def _temporary(doc: Mapping[str, Any], what: str, secret: str, token: str) -> Issued:
     """Temporary credentials: ``AccessKeyId``, the secret and the token under the names
     this source gives them, and ``Expiration``; each one required."""
@@ -542,13 +552,8 @@ def parse_process_output(text: bytes) -> Issued:
     STS shape (``AccessKeyId``, ``AccessKeySecret``, ``SecurityToken``,
     ``Expiration``). Raises ValueError saying what is wrong (never a value).
     """
-    try:
-        doc = json.loads(text)
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("its output is not JSON") from None
-    if not isinstance(doc, dict):
-        raise ValueError("its output is not a JSON object")
     what = "its output"
+    doc = _json_object(text, what)
     if "access_key_id" in doc or "mode" in doc:
         mode = doc.get("mode", "AK")
         if mode not in ("AK", "StsToken"):
@@ -582,12 +587,7 @@ def parse_process_output(text: bytes) -> Issued:
 
 def parse_metadata_credentials(text: bytes, flavor: Literal["ecs", "ec2"]) -> Issued:
     """A metadata service's role credentials (JSON with ``Code``: ``Success``)."""
-    try:
-        doc = json.loads(text)
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("the answer is not JSON") from None
-    if not isinstance(doc, dict):
-        raise ValueError("the answer is not a JSON object")
+    doc = _json_object(text, "the answer")
     code = doc.get("Code")
     if code != "Success":
         raise ValueError(f"the answer's Code is {printable(str(code)[:40])!r}")
