@@ -58,6 +58,7 @@ __all__ = ["main", "build_parser"]
 
 
 T = TypeVar("T")
+N = TypeVar("N", int, float)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -85,31 +86,33 @@ _size = _argument_type(parse_size)
 _byte_range = _argument_type(parse_range)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
+def _number(
+    convert: Callable[[str], N], what: str, bad: Callable[[N], bool], rule: str
+) -> Callable[[str], N]:
+    """An argparse type: *convert* the text (a ValueError says it is not *what*), then
+    refuse the values that are *bad* (saying the *rule*)."""
+
+    def parse(text: str) -> N:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if bad(value):
+            raise argparse.ArgumentTypeError(f"{rule}: {text!r}")
+        return value
+
+    return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
-    return value
+_positive_int = _number(int, "a whole number", lambda v: v < 1, "must be at least 1")
+_seconds = _number(float, "a number of seconds", lambda v: v < 0, "must not be negative")
+_positive_seconds = _number(float, "a number of seconds", lambda v: v <= 0, "must be more than 0")
+_fraction = _number(
+    float, "a number", lambda v: not 0 <= v < 1, "must be from 0 up to (not including) 1"
+)
+_octal = _number(
+    lambda t: int(t, 8), "an octal number", lambda v: not 0 <= v <= 0o777, "not a umask"
+)
 
 
 def _shard(text: str) -> tuple[int, int] | str:
@@ -129,26 +132,6 @@ def _shard(text: str) -> tuple[int, int] | str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return shard
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be from 0 up to (not including) 1: {text!r}")
-    return value
-
-
-def _octal(text: str) -> int:
-    try:
-        value = int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an octal number: {text!r}") from None
-    if not 0 <= value <= 0o777:
-        raise argparse.ArgumentTypeError(f"not a umask: {text!r}")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):

@@ -521,6 +521,27 @@ def _field(doc: Mapping[str, Any], name: str, what: str) -> str:
     return value
 
 
+def _json_object(text: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{what} is not JSON") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{what} is not a JSON object")
+    return doc
+
+
+def _temporary(doc: Mapping[str, Any], what: str, secret: str, token: str) -> Issued:
+    """Temporary credentials: ``AccessKeyId``, the secret and the token under the names
+    this source gives them, and ``Expiration``; each one required."""
+    return Issued(
+        Credentials(
+            _field(doc, "AccessKeyId", what), _field(doc, secret, what), _field(doc, token, what)
+        ),
+        parse_time(_field(doc, "Expiration", what), "Expiration"),
+    )
+
+
 def parse_process_output(text: bytes) -> Issued:
     """The JSON a credential process printed.
 
@@ -531,13 +552,8 @@ def parse_process_output(text: bytes) -> Issued:
     STS shape (``AccessKeyId``, ``AccessKeySecret``, ``SecurityToken``,
     ``Expiration``). Raises ValueError saying what is wrong (never a value).
     """
-    try:
-        doc = json.loads(text)
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("its output is not JSON") from None
-    if not isinstance(doc, dict):
-        raise ValueError("its output is not a JSON object")
     what = "its output"
+    doc = _json_object(text, what)
     if "access_key_id" in doc or "mode" in doc:
         mode = doc.get("mode", "AK")
         if mode not in ("AK", "StsToken"):
@@ -571,29 +587,13 @@ def parse_process_output(text: bytes) -> Issued:
 
 def parse_metadata_credentials(text: bytes, flavor: Literal["ecs", "ec2"]) -> Issued:
     """A metadata service's role credentials (JSON with ``Code``: ``Success``)."""
-    try:
-        doc = json.loads(text)
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("the answer is not JSON") from None
-    if not isinstance(doc, dict):
-        raise ValueError("the answer is not a JSON object")
+    doc = _json_object(text, "the answer")
     code = doc.get("Code")
     if code != "Success":
         raise ValueError(f"the answer's Code is {printable(str(code)[:40])!r}")
-    what = "the answer"
     if flavor == "ecs":
-        creds = Credentials(
-            _field(doc, "AccessKeyId", what),
-            _field(doc, "AccessKeySecret", what),
-            _field(doc, "SecurityToken", what),
-        )
-    else:
-        creds = Credentials(
-            _field(doc, "AccessKeyId", what),
-            _field(doc, "SecretAccessKey", what),
-            _field(doc, "Token", what),
-        )
-    return Issued(creds, parse_time(_field(doc, "Expiration", what), "Expiration"))
+        return _temporary(doc, "the answer", "AccessKeySecret", "SecurityToken")
+    return _temporary(doc, "the answer", "SecretAccessKey", "Token")
 
 
 def parse_oidc_answer(status: int, text: bytes) -> Issued:
@@ -614,15 +614,7 @@ def parse_oidc_answer(status: int, text: bytes) -> Issued:
     c = doc["Credentials"]
     if not isinstance(c, dict):
         raise ValueError("STS's answer has no Credentials")
-    what = "STS's answer"
-    return Issued(
-        Credentials(
-            _field(c, "AccessKeyId", what),
-            _field(c, "AccessKeySecret", what),
-            _field(c, "SecurityToken", what),
-        ),
-        parse_time(_field(c, "Expiration", what), "Expiration"),
-    )
+    return _temporary(c, "STS's answer", "AccessKeySecret", "SecurityToken")
 
 
 def _local(tag: str) -> str:
@@ -654,15 +646,7 @@ def parse_web_identity_answer(status: int, text: bytes) -> Issued:
     if c is None:
         raise ValueError("STS's answer has no Credentials")
     values = {_local(e.tag): (e.text or "").strip() for e in c}
-    what = "STS's answer"
-    return Issued(
-        Credentials(
-            _field(values, "AccessKeyId", what),
-            _field(values, "SecretAccessKey", what),
-            _field(values, "SessionToken", what),
-        ),
-        parse_time(_field(values, "Expiration", what), "Expiration"),
-    )
+    return _temporary(values, "STS's answer", "SecretAccessKey", "SessionToken")
 
 
 def describe_failure(source: Source, reason: str) -> CredentialError:

@@ -422,43 +422,19 @@ async def _run(
     began: float,
     restarts: int,
 ) -> DownloadResult:
-    total = store.identity.length
-    reused = sorted(store.parts)
-    if reused:
-        bad = await trio.to_thread.run_sync(_find_bad_parts, store, reused)
-        if bad:
-            notice(f"{len(bad)} recorded part(s) failed their CRC check and will be fetched again")
-            store.drop(bad)
-        reused = sorted(store.parts)
-    done = store.present_bytes
+    reused = await _reuse_checked(store, notice)
     missing = store.missing()
     _check_space(temp, sum(store.layout.part_length(i) for i in missing))
-
-    progress = request.progress
-    if progress is not None:
-        progress(0, done, total)
-
-    def on_bytes(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(n, done, total)
-
+    counts = _Counts(request, store)
     fetcher = Fetcher(client, connections=request.threads)
-    parts_done = len(store.parts)
-    if request.on_part is not None:
-        request.on_part(parts_done, store.layout.count)
 
     async def feed(send: trio.MemorySendChannel[int]) -> None:
         for part in missing:
             send.send_nowait(part)
 
     async def fetch(part: int) -> None:
-        nonlocal parts_done
-        await fetcher.ensure(store, part, on_bytes=on_bytes)
-        parts_done += 1
-        if request.on_part is not None:
-            request.on_part(parts_done, store.layout.count)
+        await fetcher.ensure(store, part, on_bytes=counts.add_bytes)
+        counts.add_part()
 
     await run_pool(min(request.threads, len(missing)), feed, fetch, buffer=len(missing))
 
@@ -466,7 +442,7 @@ async def _run(
     await trio.to_thread.run_sync(_finish, store, path, temp, meta)
     return DownloadResult(
         path=path,
-        size=total,
+        size=store.identity.length,
         etag=meta.etag,
         crc64=store.combined_crc() if store.layout.count else 0,
         parts=store.layout.count,
@@ -477,6 +453,46 @@ async def _run(
         restarts=restarts,
         elapsed=time.monotonic() - began,
     )
+
+
+async def _reuse_checked(store: PartStore, notice: Callable[[str], None]) -> list[int]:
+    """The parts an earlier run recorded, each checked against its CRC: those that fail
+    are dropped (to be fetched again); the others are reused."""
+    reused = sorted(store.parts)
+    if reused:
+        bad = await trio.to_thread.run_sync(_find_bad_parts, store, reused)
+        if bad:
+            notice(f"{len(bad)} recorded part(s) failed their CRC check and will be fetched again")
+            store.drop(bad)
+            reused = sorted(store.parts)
+    return reused
+
+
+class _Counts:
+    """Bytes and parts done, told to the request's callbacks as they change (and once
+    at the start, with what earlier runs left)."""
+
+    def __init__(self, request: DownloadRequest, store: PartStore) -> None:
+        self.progress = request.progress
+        self.on_part = request.on_part
+        self.total = store.identity.length
+        self.parts = store.layout.count
+        self.bytes_done = store.present_bytes
+        self.parts_done = len(store.parts)
+        if self.progress is not None:
+            self.progress(0, self.bytes_done, self.total)
+        if self.on_part is not None:
+            self.on_part(self.parts_done, self.parts)
+
+    def add_bytes(self, n: int) -> None:
+        self.bytes_done += n
+        if self.progress is not None:
+            self.progress(n, self.bytes_done, self.total)
+
+    def add_part(self) -> None:
+        self.parts_done += 1
+        if self.on_part is not None:
+            self.on_part(self.parts_done, self.parts)
 
 
 def _find_bad_parts(store: PartStore, parts: list[int]) -> list[int]:

@@ -47,6 +47,7 @@ from ossfs.cache.store import EARLY_WRITEBACK, PartStore
 from ossfs.client import ObjectClient
 from ossfs.crc import crc64
 from ossfs.errors import IntegrityError, NoSpaceError
+from ossfs.flight import SingleFlight
 from ossfs.fsutil import is_disk_full
 
 __all__ = ["Fetcher", "ByteCallback", "Budget", "Streams"]
@@ -183,7 +184,7 @@ class Fetcher:
         self.read_ahead_bytes = read_ahead
         self._streams: weakref.WeakKeyDictionary[PartStore, Streams] = weakref.WeakKeyDictionary()
         self._flights: dict[tuple[int, int], _Flight] = {}
-        self._opening: dict[str, trio.Event] = {}
+        self._opening: SingleFlight[str] = SingleFlight()
         # Called with a store whose complete bytes did not match the service's CRC-64
         # (its parts are dropped by then): the mount drops the kernel's pages of it.
         self.on_corrupt: Callable[[PartStore], None] | None = None
@@ -215,18 +216,10 @@ class Fetcher:
                 store = cache.find_small(identity) or cache.new_small(identity)
                 if store is not None:
                     return store
-            key = cache.store_key(identity)
-            opening = self._opening.get(key)
-            if opening is None:
-                break
-            await opening.wait()
-        done = self._opening[key] = trio.Event()
-        try:
-            prepared = await trio.to_thread.run_sync(cache.prepare, identity)
-            return cache.adopt(prepared)
-        finally:
-            del self._opening[key]
-            done.set()
+            # None: another task was opening the store (and may have failed); look again.
+            store = await self._opening.run(cache.store_key(identity), _open, cache, identity)
+            if store is not None:
+                return store
 
     def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         """Run a helper task (e.g. one that waits on a flight) in the background nursery."""
@@ -658,3 +651,9 @@ def _disk_full_is_no_space(store: PartStore) -> Iterator[None]:
             f"the cache disk is full ({os.strerror(e.errno or 0)}) writing {store.data_path}",
             path=store.data_path,
         ) from e
+
+
+async def _open(cache: CacheDir, identity: StoreIdentity) -> PartStore:
+    """Create (or load) a cache entry in a worker thread, then register it."""
+    prepared = await trio.to_thread.run_sync(cache.prepare, identity)
+    return cache.adopt(prepared)

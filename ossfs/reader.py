@@ -38,6 +38,7 @@ from ossfs.cache.cachedir import CacheDir
 from ossfs.cache.store import PartStore
 from ossfs.errors import NoSpaceError, OssfsError
 from ossfs.fetcher import Fetcher
+from ossfs.flight import SingleFlight
 
 __all__ = ["Reader", "OpenFile", "FAILURE_MEMORY", "MAX_READ"]
 
@@ -64,7 +65,7 @@ class Reader:
         # `read` returns, before any other task runs, so one buffer serves all reads
         # and no read allocates (fresh buffers cost a mapping and page faults).
         self._reply = memoryview(bytearray(MAX_READ))
-        self._verifying: dict[tuple[int, int], trio.Event] = {}
+        self._verifying: SingleFlight[tuple[int, int]] = SingleFlight()
         # preadv(RWF_NOWAIT) tells page-cache hits from disk reads; off if unsupported.
         self._nowait = True
         self.verifications = 0  # cached parts checked against their CRC
@@ -122,19 +123,19 @@ class Reader:
         Once per part: concurrent readers of one part wait for the same check.
         """
         key = (id(store), part)
-        running = self._verifying.get(key)
-        if running is not None:
-            await running.wait()
-            return
-        done = self._verifying[key] = trio.Event()
+        # None: another task was checking the part. A check that ended leaves the part
+        # verified or dropped; one that was cancelled leaves it to this task.
+        while store.is_present(part) and part not in store.verified:
+            if await self._verifying.run(key, self._verify, store, part, url) is not None:
+                return
+
+    async def _verify(self, store: PartStore, part: int, url: str) -> bool:
         self.verifications += 1
-        try:
-            if not await trio.to_thread.run_sync(store.verify, part):
-                log.warning("%s: cached part %d failed its CRC check; fetching it again", url, part)
-                store.drop([part])
-        finally:
-            del self._verifying[key]
-            done.set()
+        ok = await trio.to_thread.run_sync(store.verify, part)
+        if not ok:
+            log.warning("%s: cached part %d failed its CRC check; fetching it again", url, part)
+            store.drop([part])
+        return ok
 
 
 @dataclass(slots=True, eq=False)
