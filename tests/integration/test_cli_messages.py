@@ -457,7 +457,12 @@ def test_materialize_starts_a_replaced_object_over(
     new = os.urandom(4 * 100 * KiB + 9)
     srv.faults.add(Fault("replace", op="get", key="dir/a.bin", after_bytes=1000, data=new))
     out = tmp_path / "out" / "deeper"  # --to creates what is missing
-    r = materialize(srv, oss_env, tmp_path, f"oss://{BUCKET}/dir/", "--to", str(out))
+    # One connection: the GET after the replacing one is surely sent after the replace
+    # (with several, a starved server thread may replace only once every old part was
+    # served: a whole old version, also a right answer, but not this test's case).
+    r = materialize(
+        srv, oss_env, tmp_path, f"oss://{BUCKET}/dir/", "--to", str(out), "--threads", "1"
+    )
     assert r.returncode == 0, r.stderr
     assert "changed while it was fetched: starting it over" in r.stderr
     assert "materialized 3 object(s)" in r.stderr
