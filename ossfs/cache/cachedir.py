@@ -477,13 +477,15 @@ class CacheDir:
 
     def note_access(
         self, store: PartStore, parts: range | list[int], read_to: int | None = None
-    ) -> None:
+    ) -> list[int]:
         """Record a read of *parts*; a part read up to its end (*read_to*, an object
-        offset) is no longer held for the stream that fetched it ahead."""
+        offset) is no longer held for the stream that fetched it ahead. Returns those
+        parts: a stream has read them through."""
         entry = self._by_store.get(id(store))
         if entry is None:
-            return
+            return []
         now = time.monotonic()
+        through = []
         for p in parts:
             entry.part_access[p] = now
             if (
@@ -493,7 +495,9 @@ class CacheDir:
                 and read_to >= store.layout.bounds(p)[1]
             ):
                 del entry.ahead[p]
+                through.append(p)
         self._touch(entry)
+        return through
 
     # ---------------------------------------------------------------- accounting
 

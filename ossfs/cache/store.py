@@ -332,6 +332,22 @@ class PartStore:
         if end - first >= _EARLY_WRITEBACK:
             start_writeback(self._fd, first - self.identity.start, end - first)
 
+    def drop_pages(self, parts: Iterable[int]) -> None:
+        """Let the kernel drop its page cache of *parts* (``POSIX_FADV_DONTNEED``): the
+        bytes stay on disk; dirty pages are written back first, not lost.
+
+        For parts a stream has read through: the reader keeps its own copy in the page
+        cache of the file it read (the mount's), and keeping this one too doubles what
+        a long sequential read puts in memory. Blocking (it may start writeback)."""
+        for part in parts:
+            first, end = self.layout.bounds(part)
+            try:
+                os.posix_fadvise(
+                    self._fd, first - self.identity.start, end - first, os.POSIX_FADV_DONTNEED
+                )
+            except OSError as e:  # only advice
+                log.debug("cannot drop the pages of part %d of %s: %s", part, self.data_path, e)
+
     def try_lock_part(self, part: int) -> bool:
         """Claim *part* for fetching across processes; False when another process has it."""
         first, end = self.layout.bounds(part)

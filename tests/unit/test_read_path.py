@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,3 +363,48 @@ def test_an_open_of_a_changed_object_gets_a_new_inode(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_stream_lets_the_kernel_drop_the_cache_pages_it_has_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts fetched ahead for a stream and read through are given to the kernel to drop
+    from its page cache (in a worker thread): the reader's own pages hold them, and
+    keeping both made long sequential reads slow. Random reads drop nothing."""
+    dropped: list[int] = []
+    in_loop: list[bool] = []
+
+    def drop_pages(self: object, parts: list[int]) -> None:
+        in_loop.append(threading.current_thread() is threading.main_thread())
+        dropped.extend(parts)
+
+    monkeypatch.setattr("ossfs.cache.store.PartStore.drop_pages", drop_pages)
+    client = MemoryClient(latency=0.001)
+    data = random.Random(9).randbytes(64 * 64 * KiB)
+    client.put(BUCKET, "obj", data)
+    ops, fetcher = _ops(client, tmp_path / "c")
+    # More than a stream's skip (1 MiB) apart: three reads, not one stream.
+    randoms = (5 * 64 * KiB + 7, 40 * 64 * KiB + 3, 22 * 64 * KiB)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            attrs = await ops.lookup(pyfuse3.ROOT_INODE, b"obj")
+            info = await ops.open(attrs.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
+            for off in randoms:
+                assert bytes(await ops.read(info.fh, off, 4096)) == data[off : off + 4096]
+            await trio.sleep(1)
+            assert dropped == []
+            for off, size in sequential_reads(len(data), 0, 32 * KiB):
+                got = bytes(await ops.read(info.fh, off, size))
+                assert got == data[off : off + size]
+            await trio.sleep(1)
+            await ops.release(info.fh)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    # Parts fetched ahead of the stream and read through, each once; never the parts
+    # the random reads fetched (the stream found them cached).
+    assert len(dropped) == len(set(dropped)) >= 8, dropped
+    assert not set(dropped) & {5, 40, 22}
+    assert in_loop and not any(in_loop)
