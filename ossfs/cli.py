@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import trio
 
@@ -53,6 +53,9 @@ from ossfs.model import (
     validate_part_size,
 )
 from ossfs.namespace import DEFAULT_MAX_DIR_ENTRIES, ListingGuard
+
+if TYPE_CHECKING:
+    from ossfs.download import DownloadResult  # imported when download runs
 
 __all__ = ["main", "build_parser"]
 
@@ -730,23 +733,27 @@ def _cmd_download(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if not args.quiet:
-        rate = result.bytes_fetched / result.elapsed if result.elapsed > 0 else 0.0
-        check = {
-            "crc64": "CRC-64 verified",
-            "md5": "MD5 verified",
-            "parts": "per-part CRC-64 (ranged download)",
-        }.get(
-            result.verified_by or "",
-            "per-part CRC-64 only (the service sent no checksum of the object)",
-        )
-        reuse = f", {result.parts_reused} reused from checkpoint" if result.parts_reused else ""
-        print(
-            f"downloaded {printable(url)} to {printable(result.path)}: "
-            f"{format_size(result.size)} in {result.elapsed:.1f}s ({format_size(rate)}/s), "
-            f"{result.parts} part(s){reuse}, {check}",
-            file=sys.stderr,
-        )
+        print(_download_summary(url, result), file=sys.stderr)
     return 0
+
+
+def _download_summary(url: ObjectUrl, result: DownloadResult) -> str:
+    """The line a finished download prints: what, where, how fast, how it was checked."""
+    rate = result.bytes_fetched / result.elapsed if result.elapsed > 0 else 0.0
+    check = {
+        "crc64": "CRC-64 verified",
+        "md5": "MD5 verified",
+        "parts": "per-part CRC-64 (ranged download)",
+    }.get(
+        result.verified_by or "",
+        "per-part CRC-64 only (the service sent no checksum of the object)",
+    )
+    reuse = f", {result.parts_reused} reused from checkpoint" if result.parts_reused else ""
+    return (
+        f"downloaded {printable(url)} to {printable(result.path)}: "
+        f"{format_size(result.size)} in {result.elapsed:.1f}s ({format_size(rate)}/s), "
+        f"{result.parts} part(s){reuse}, {check}"
+    )
 
 
 def check_cache_dir(path: str) -> str:
