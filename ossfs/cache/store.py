@@ -312,10 +312,12 @@ class PartStore:
     def drop_mismatched(self, damaged: list[int], actual: int) -> NoReturn:
         """After a whole-object mismatch: drop the *damaged* parts, or every part when
         the damage came over the wire and no single part can be blamed; raise
-        IntegrityError."""
+        IntegrityError. The parts kept were just read and matched their records: they
+        count as checked (as `verify` would have marked them)."""
         ident = self.identity
         bad = damaged or list(self._parts)
         self.drop(bad)
+        self.verified.update(self._parts)
         raise IntegrityError(
             f"{ident.bucket}/{ident.key}: CRC-64 mismatch (the service says "
             f"{self.server_crc64}, the fetched bytes give {actual}); dropped {len(bad)} "
