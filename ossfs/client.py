@@ -61,7 +61,13 @@ import httpx
 import trio
 
 from ossfs import __version__, wire
-from ossfs.errors import GaveUpError, NotFoundError, ServiceError, TransferError
+from ossfs.errors import (
+    AccessError,
+    GaveUpError,
+    NotFoundError,
+    ServiceError,
+    TransferError,
+)
 from ossfs.model import ListPage, ObjectMeta, object_url
 from ossfs.protocol import ops as proto
 from ossfs.protocol.signing import Credentials
@@ -127,6 +133,11 @@ class CredentialSource(Protocol):
     """Credentials that may change while the client runs (`ossfs.refresh`)."""
 
     async def get(self) -> Credentials: ...
+
+    def refused(self, credentials: Credentials) -> bool:
+        """The service said *credentials* have expired: True when the request
+        should be sent again with the ones `get` gives next."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -246,6 +257,7 @@ class _Cycle:
         self.resumed = 0  # retries earned by delivering bytes
         self.received = 0
         self.last = ""
+        self.signed_with: Credentials | None = None  # the credentials of the last attempt
 
     @property
     def kind(self) -> str:
@@ -305,6 +317,8 @@ class _Cycle:
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # The most of an error document ever read; the rest is not waited for.
 _ERROR_BODY_LIMIT = 64 * 1024
+# Error codes meaning "this temporary key has expired" (OSS, S3).
+EXPIRED_CODES = frozenset({"SecurityTokenExpired", "ExpiredToken"})
 _USER_AGENT = f"ossfs/{__version__}"
 _NETWORK_ERRORS = (httpx.TransportError, trio.BrokenResourceError, OSError)
 
@@ -403,11 +417,13 @@ class HttpObjectClient:
         self.stats.errors += 1
         return cycle.gave_up(why)
 
-    async def _signing_endpoint(self) -> proto.Endpoint:
+    async def _signing_endpoint(self, cycle: _Cycle | None = None) -> proto.Endpoint:
         """The endpoint with the credentials to sign the next attempt with."""
         if self.credentials is None:
             return self.endpoint
         creds = await self.credentials.get()
+        if cycle is not None:
+            cycle.signed_with = creds
         if self._signed is None or self._signed[0] is not creds:
             self._signed = (creds, dataclasses.replace(self.endpoint, credentials=creds))
         return self._signed[1]
@@ -430,11 +446,15 @@ class HttpObjectClient:
         with cycle.scope:
             while True:
                 cycle.attempts += 1
-                req = build(await self._signing_endpoint())
+                req = build(await self._signing_endpoint(cycle))
                 try:
                     answer = await self._simple_once(req, cycle, resource, body_limit)
                 except _Retryable as e:
                     cycle.last = e.reason
+                except AccessError as e:
+                    if not self._expired_and_renewable(e, cycle):
+                        raise
+                    cycle.last = str(e)
                 else:
                     return answer
                 why = await self._failed_attempt(cycle)
@@ -549,6 +569,10 @@ class HttpObjectClient:
                 except _Retryable as e:
                     pos = before + e.received
                     cycle.last = e.reason
+                except AccessError as e:
+                    if not self._expired_and_renewable(e, cycle):
+                        raise
+                    cycle.last = str(e)
                 if cycle.attempts >= self.config.attempts + self.config.progress_retries:
                     break  # the hard cap, however the attempts went
                 if pos > before and cycle.resumed < self.config.progress_retries:
@@ -563,6 +587,16 @@ class HttpObjectClient:
                 if why is not None:
                     break
         raise self._give_up(cycle, why or "attempts")
+
+    def _expired_and_renewable(self, err: AccessError, cycle: _Cycle) -> bool:
+        """Whether *err* says the temporary credentials the attempt was signed with
+        have expired, and the source set them aside so the next attempt gets new
+        ones. The service's clock decides: a key may be refused a moment before
+        our clock reaches its expiration, or when the clocks differ."""
+        if err.code not in EXPIRED_CODES or self.credentials is None:
+            return False
+        signed = cycle.signed_with
+        return signed is not None and self.credentials.refused(signed)
 
     async def _failed_attempt(self, cycle: _Cycle) -> str | None:
         """Count an attempt that failed; why the cycle ends now, or None to try again."""
@@ -588,7 +622,7 @@ class HttpObjectClient:
         carried (of the whole object, x-oss-hash-crc64ecma), if any."""
         traffic = self.config.rate_limit * 8 if self.config.rate_limit else None
         req = proto.build_get(
-            await self._signing_endpoint(),
+            await self._signing_endpoint(cycle),
             bucket,
             key,
             start=start,

@@ -18,6 +18,11 @@ never waits while the credentials it holds are valid:
   and for the next 5 s requests fail at once with the same error instead of
   asking the provider again.
 
+- the service's clock has the last word: a request refused because its key
+  has expired (`refused`; a moment before our clock says so, or with clocks
+  apart) sets that key aside and is sent again with new ones; when none can be
+  had it fails with the same one line.
+
 Nothing runs while no request comes: an idle mount asks for new credentials
 at its next request (which then waits for them if they have expired).
 Background refreshes run as trio system tasks, so the client needs no nursery;
@@ -150,6 +155,29 @@ class RefreshingCredentials:
         if issued is not None and _valid(issued, self._clock()):
             return issued.credentials
         raise self._error or self._failure("no credentials")
+
+    def refused(self, credentials: Credentials) -> bool:
+        """The service said *credentials* have expired (its clock, not ours, has the
+        last word). When they are the ones in hand they are set aside, so the next
+        `get` fetches new ones (one fetch, shared) and, if that fails, raises the
+        error naming this provider. True when a new attempt may use other
+        credentials; False for credentials that never expire."""
+        issued = self._issued
+        if issued is None or issued.credentials is not credentials:
+            return True  # already replaced: the next attempt uses the new ones
+        if issued.expiration is None:
+            return False
+        now = self._clock()
+        if _valid(issued, now):
+            log.info(
+                "the service refused the credentials from %s as expired (they were "
+                "valid until %s by this machine's clock); getting new ones",
+                self.name,
+                _iso(issued.expiration),
+            )
+            self._issued = Issued(credentials=credentials, expiration=now)
+            self._refresh_at = now
+        return True
 
     async def aclose(self) -> None:
         self._closed = True

@@ -21,8 +21,11 @@ from typing import Any
 
 import pytest
 
-from ossfs.credentials import AssumeRoleWithToken, InstanceRole, Process
-from ossfs.refresh import for_source
+from ossfs.client import ClientConfig, HttpObjectClient
+from ossfs.credentials import AssumeRoleWithToken, InstanceRole, Issued, Process
+from ossfs.errors import CredentialError
+from ossfs.protocol.signing import Credentials
+from ossfs.refresh import RefreshingCredentials, for_source
 from ossfs.testing import OssTestServer
 from tests.helpers import run_ossfs
 from tests.integration.credfakes import ROLE, FakeIdentity
@@ -265,6 +268,60 @@ def download(env: dict[str, str], server: OssTestServer, out: Path) -> Any:
         "-v",
         env=env,
     )
+
+
+async def skewed_client(
+    server: OssTestServer, *, second_key: bool
+) -> tuple[HttpObjectClient, list[str]]:
+    """A client whose first key the server already holds expired while this
+    machine's clock gives it an hour (clocks apart); the source's next fetch gives
+    a good key, or fails when *second_key* is False."""
+    fetched: list[str] = []
+    server.add_key("skew-1", "skew-secret-1", "skew-token-1", expires=time.time() - 1)
+    server.add_key("skew-2", "skew-secret-2", "skew-token-2")
+
+    async def fetch() -> Issued:
+        n = len(fetched) + 1
+        fetched.append(f"skew-{n}")
+        if n > 1 and not second_key:
+            raise CredentialError("the fake metadata service answered 500")
+        creds = Credentials(f"skew-{n}", f"skew-secret-{n}", f"skew-token-{n}")
+        return Issued(creds, time.time() + 3600)
+
+    source = RefreshingCredentials(fetch, name="the skewed fake")
+    return HttpObjectClient(server.endpoint(), ClientConfig(), credentials=source), fetched
+
+
+async def test_a_key_the_service_calls_expired_is_replaced_and_the_request_sent_again(
+    oss_sts: OssTestServer,
+) -> None:
+    data = os.urandom(300_000)
+    oss_sts.put(BUCKET, "small.bin", data)
+    client, fetched = await skewed_client(oss_sts, second_key=True)
+    async with client:
+        got = bytearray()
+        await client.get_range(BUCKET, "small.bin", 0, len(data), None, lambda _, b: got.extend(b))
+        assert bytes(got) == data
+        meta = await client.head(BUCKET, "small.bin")
+        assert meta.size == len(data)
+    assert fetched == ["skew-1", "skew-2"]  # one new key, not one per request
+    assert oss_sts.keys_used.get("skew-2", 0) == 2 and "skew-1" not in oss_sts.keys_used
+
+
+async def test_a_key_the_service_calls_expired_with_no_new_one_is_one_clear_error(
+    oss_sts: OssTestServer,
+) -> None:
+    oss_sts.put(BUCKET, "small.bin", b"x" * 1000)
+    client, fetched = await skewed_client(oss_sts, second_key=False)
+    async with client:
+        with pytest.raises(CredentialError) as info:
+            await client.get_range(BUCKET, "small.bin", 0, 1000, None, lambda _, b: None)
+        # Later requests fail at once with the same line; the source is not asked again.
+        with pytest.raises(CredentialError):
+            await client.head(BUCKET, "small.bin")
+    assert "credentials from the skewed fake expired at" in str(info.value)
+    assert "answered 500" in str(info.value)
+    assert fetched == ["skew-1", "skew-2"]
 
 
 @pytest.mark.slow

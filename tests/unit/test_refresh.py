@@ -217,3 +217,58 @@ async def test_aclose_cancels_a_background_refresh(autojump_clock: trio.testing.
     await creds.aclose()
     await trio.sleep(FETCH_TAKES * 2)
     assert creds.current is not None and creds.current.credentials.access_key_id == "key1"
+
+
+async def test_a_key_the_service_refused_is_set_aside_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(lifetime=600.0)
+    creds = make(provider)
+    first = await creds.get()
+    # Refused by the service although our clock gives it 598 s more: set aside.
+    assert creds.refused(first) is True
+    # Other requests refused with the same key do not start more fetches ...
+    assert creds.refused(first) is True
+    got = await concurrent_gets(creds, 3)
+    assert got == ["key2"] * 3
+    assert len(provider.calls) == 2
+    # ... nor does a late refusal of the key already replaced.
+    assert creds.refused(first) is True
+    assert (await creds.get()).access_key_id == "key2"
+    assert len(provider.calls) == 2
+
+
+async def test_a_refused_key_with_no_new_one_fails_naming_the_provider(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(lifetime=600.0)
+    creds = make(provider)
+    first = await creds.get()
+    provider.down = True
+    creds.refused(first)
+    with pytest.raises(CredentialError, match="credentials from the fake provider expired at"):
+        await creds.get()
+
+
+async def test_keys_that_never_expire_are_not_set_aside(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(lifetime=None)
+    creds = make(provider)
+    first = await creds.get()
+    assert creds.refused(first) is False
+    assert await creds.get() is first
+    assert len(provider.calls) == 1
+
+
+async def concurrent_gets(creds: RefreshingCredentials, n: int) -> list[str]:
+    """The key ids *n* concurrent `get` calls return."""
+    got: list[str] = []
+
+    async def one() -> None:
+        got.append((await creds.get()).access_key_id)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):
+            nursery.start_soon(one)
+    return got
