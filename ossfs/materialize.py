@@ -37,6 +37,7 @@ import trio
 
 from ossfs.cache.cachedir import CacheDir, identity_for
 from ossfs.cache.store import PartStore
+from ossfs.cache.upkeep import run_upkeep
 from ossfs.client import ObjectClient
 from ossfs.errors import (
     NoSpaceError,
@@ -44,6 +45,7 @@ from ossfs.errors import (
     ObjectChangedError,
     OssfsError,
     UsageError,
+    unwrap_groups,
 )
 from ossfs.escape import printable
 from ossfs.fetcher import Fetcher
@@ -387,8 +389,16 @@ async def materialize(
         )
     run.total = sum(o.size for o in run.objects)
     run.warn_if_too_large()
-    await run.run_pass(list(range(len(run.objects))))
-    await run.restart_changed()
+    # The cache is counted, and closed stores evicted ahead (a dataset larger than the
+    # cache keeps it full), in worker threads; `admit` evicts inline only when
+    # fetches outrun that.
+    cache.apply_scan(await trio.to_thread.run_sync(cache.measure))
+    with unwrap_groups():
+        async with trio.open_nursery() as upkeep:
+            run_upkeep(upkeep, cache, counted=True)
+            await run.run_pass(list(range(len(run.objects))))
+            await run.restart_changed()
+            upkeep.cancel_scope.cancel()
     return MaterializeResult(
         objects=len(run.objects),
         total_bytes=run.total,

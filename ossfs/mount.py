@@ -30,6 +30,7 @@ import pyfuse3
 import trio
 
 from ossfs.cache.cachedir import CacheDir
+from ossfs.cache.upkeep import run_upkeep
 from ossfs.client import ObjectClient
 from ossfs.errors import OssfsError, UsageError, unwrap_groups
 from ossfs.fetcher import Fetcher
@@ -104,8 +105,6 @@ ClientFactory = Callable[[], ObjectClient]
 _FUSE_WORKERS = 16
 # Recently closed small objects kept open for quick re-opens (ossfs.cache.cachedir).
 _KEEP_IDLE = 1024
-# How often a mount recounts the bytes in its cache (other processes write to it too).
-_COUNT_INTERVAL = 30.0
 
 
 async def _serve(
@@ -153,8 +152,8 @@ async def _serve(
                 "pid": os.getpid(),
                 "uptime": round(time.time() - started, 1),
                 "cache_dir": cache.root,
-                # The count kept up to date by `_count_cache` (a walk of a cache of
-                # 100k objects here would stall every request for seconds).
+                # The count kept up to date by `ossfs.cache.upkeep` (a walk of a cache
+                # of 100k objects here would stall every request for seconds).
                 "cache_used_bytes": cache.used_bytes,
                 "cache_size_bytes": cache.max_bytes,
                 "cache_evicted_bytes": cache.evicted_bytes,
@@ -219,9 +218,7 @@ async def _serve(
             async with trio.open_nursery() as nursery:
                 fetcher.attach(nursery)
                 ns.attach(nursery)
-                cache.background_scan = True
-                nursery.start_soon(_count_cache, cache)
-                nursery.start_soon(_keep_spares, cache)
+                run_upkeep(nursery, cache)
                 nursery.start_soon(_on_signals, nursery.cancel_scope, received)
                 if config.kernel_read_ahead > 0:
                     nursery.start_soon(
@@ -263,33 +260,6 @@ def _raise_fd_limit() -> None:
     if hard == resource.RLIM_INFINITY or hard > soft:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-async def _keep_spares(cache: CacheDir) -> None:
-    """Keep unnamed files ready for new small objects, made in a worker thread a batch
-    at a time (a new inode costs up to 200 us; one thread hop per batch, not per object)."""
-    low = [trio.Event()]
-    cache.on_spares_low = lambda: low[0].set()
-    low[0].set()
-    while True:
-        await low[0].wait()
-        low[0] = trio.Event()
-        want = cache.spares_wanted()
-        if want:
-            cache.add_spares(await trio.to_thread.run_sync(cache.make_spares, want))
-
-
-async def _count_cache(cache: CacheDir) -> None:
-    """Recount the cache's bytes in a worker thread, now and every 30 s.
-
-    The mount is ready before the first count ends: with 100k cached objects a
-    walk of the cache takes a while, and a reader should not wait for it. (Until
-    then the cache counts only what this mount fetches.)
-    """
-    while True:
-        on_disk = await trio.to_thread.run_sync(cache.measure)
-        cache.apply_scan(on_disk)
-        await trio.sleep(_COUNT_INTERVAL)
 
 
 async def _on_signals(scope: trio.CancelScope, received: list[int]) -> None:

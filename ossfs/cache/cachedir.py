@@ -88,6 +88,10 @@ _OVER_LOG_INTERVAL = 30.0
 # Eviction of whole stores frees up to this much more than asked (and 2% of the cap
 # at most), so that a cache of many small objects is walked rarely.
 _EVICT_EXTRA = 64 << 20
+# An evictor in the background (`on_room_low`) keeps this much room below the cap free
+# (a twentieth of the room at most: of the cap, or less when the disk is nearly full),
+# so that fetches find room without evicting inline.
+_AHEAD_ROOM = 256 << 20
 # Closed small objects kept open (`keep_idle`) hold at most this many bytes.
 _IDLE_MAX_BYTES = 64 << 20
 # Unnamed files kept ready for new small objects (`CacheDir.new_small`).
@@ -198,6 +202,11 @@ class CacheDir:
         # Set by a mount that recounts usage in a worker thread (`measure`/`apply_scan`):
         # then nothing here walks the whole cache in the caller's thread.
         self.background_scan = False
+        # Set by a mount or a materialize run that evicts closed stores in a worker
+        # thread (`evict_wanted`, `evict_closed`, `account_evicted`): called when a
+        # fetch is admitted with less than `_ahead_room` left below the cap. Eviction
+        # in `admit` then happens only when fetches outrun it.
+        self.on_room_low: Callable[[], None] | None = None
         self._prepare()
 
     # ---------------------------------------------------------------- set-up
@@ -515,6 +524,8 @@ class CacheDir:
         """Take a `measure` result as the bytes in use (plus running fetches)."""
         self._used = on_disk + self._reserved
         self._scanned_at = time.monotonic()
+        if self.on_room_low is not None and self.evict_wanted() > 0:
+            self.on_room_low()  # another process filled it, or this one started on a full cache
         return self._used
 
     def rescan(self) -> int:
@@ -594,6 +605,8 @@ class CacheDir:
         if readahead and self.held_bytes() + nbytes > room:
             return False
         need = self._used + nbytes - room
+        if self.on_room_low is not None and need > -_ahead_room(room):
+            self.on_room_low()
         if need > 0:
             self._used -= self._evict(need)
             free, floor = self._disk()  # what eviction freed
@@ -686,22 +699,51 @@ class CacheDir:
 
     # ---------------------------------------------------------------- eviction
 
-    def _evict(self, need: int) -> int:
+    def evict_wanted(self) -> int:
+        """How many bytes a background evictor should free now: what the cache holds
+        above its room (`_room`) less `_ahead_room` of it (one statvfs)."""
+        room = self._room(*self._disk())
+        return max(0, self._used - (room - _ahead_room(room)))
+
+    def evict_closed(self, want: int, open_here: frozenset[str]) -> int:
+        """Remove whole stores no process holds, least recently used first, until
+        *want* bytes are freed; the bytes freed.
+
+        Touches nothing in this object (it may run in a worker thread while the event
+        loop opens stores): *open_here* is a snapshot of the stores open here, and a
+        store opened since is safe all the same, because removal needs the store's
+        lock exclusively (the same rule that keeps another process's stores). Give
+        the result to `account_evicted`.
+        """
         freed = 0
+        candidates = sorted(
+            (st.st_mtime, path, st.st_blocks * 512)
+            for path, st in self._walk()
+            if path not in open_here
+        )
+        for _mtime, path, size in candidates:
+            if freed >= want:
+                break
+            if self._remove_store(path):
+                freed += size
+        return freed
+
+    def open_directories(self) -> list[str]:
+        """The stores open here (for `evict_closed`, which must leave them)."""
+        return list(self._open)
+
+    def account_evicted(self, freed: int) -> None:
+        """Count bytes `evict_closed` freed in a worker thread."""
+        self._used -= freed
+        self.evicted_bytes += freed
+
+    def _evict(self, need: int) -> int:
         # 1. Whole stores no process holds, least recently used first. A little more
         # than needed goes, so that a cache of many small objects is not walked for
         # every object that arrives.
         want = need + min(self.max_bytes // 50, _EVICT_EXTRA)
-        candidates = sorted(
-            (st.st_mtime, path, st.st_blocks * 512)
-            for path, st in self._walk()
-            if path not in self._open
-        )
-        for _mtime, path, size in candidates:
-            if freed >= want:
-                return freed
-            if self._remove_store(path):
-                freed += size
+        freed = self.evict_closed(want, frozenset(self._open))
+        self.evicted_bytes += freed
         if freed >= need:
             return freed
         # 2. Parts of stores open here that nothing holds, least recently used first.
@@ -826,6 +868,11 @@ class CacheDir:
     def objects(self) -> Iterator[CachedObjectInfo]:
         """Every object version the cache holds something of."""
         return cached_objects(self.root)
+
+
+def _ahead_room(room: int) -> int:
+    """The room below *room* a background evictor keeps free."""
+    return min(room // 20, _AHEAD_ROOM)
 
 
 def _store_dirs(root: str) -> Iterator[str]:

@@ -1,0 +1,112 @@
+"""A cache's background upkeep: the work a long-running process (a mount, a
+`materialize` run) does in worker threads so its event loop never walks the cache.
+
+- `count_cache`: recount the bytes on disk (all processes) now and every 30 s;
+- `keep_spares`: make unnamed files for new small objects a batch at a time;
+- `evict_ahead`: when a fetch is admitted with less than a twentieth of the cap
+  (256 MiB at most) left below it, remove closed stores (least recently used first) until
+  that room is free again. `CacheDir.admit` still evicts inline when fetches
+  outrun this (the cap holds either way); with it, a cache kept full by a
+  dataset larger than the cap is walked in the event loop only then.
+
+`run_upkeep` starts all three in a nursery. `ossfs.cache.cachedir` stays free of
+trio; this module is its only link to the event loop.
+
+Must not import: httpx, pyfuse3.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ossfs.cache.cachedir import CacheDir
+
+__all__ = [
+    "COUNT_INTERVAL",
+    "EVICT_RETRY",
+    "count_cache",
+    "evict_ahead",
+    "keep_spares",
+    "run_upkeep",
+]
+
+log = logging.getLogger(__name__)
+
+# How often the bytes in the cache are recounted (other processes write to it too).
+COUNT_INTERVAL = 30.0
+# After a pass that could not free what was wanted (everything left is open), the
+# next pass waits this long (seconds): such a pass walks the whole cache for nothing.
+EVICT_RETRY = 1.0
+
+
+def run_upkeep(nursery: trio.Nursery, cache: CacheDir, *, counted: bool = False) -> None:
+    """Start the cache's background tasks in *nursery* (they run until it is cancelled).
+
+    *counted*: the caller has just counted the cache (the first recount waits).
+    """
+    cache.background_scan = True
+    nursery.start_soon(count_cache, cache, counted)
+    nursery.start_soon(keep_spares, cache)
+    nursery.start_soon(evict_ahead, cache)
+
+
+async def count_cache(cache: CacheDir, counted: bool = False) -> None:
+    """Recount the cache's bytes in a worker thread, now (unless *counted*) and every
+    `COUNT_INTERVAL`.
+
+    A mount is ready before the first count ends: with 100k cached objects a walk
+    of the cache takes a while, and a reader should not wait for it. (Until then the
+    cache counts only what this process fetches.)
+    """
+    if counted:
+        await trio.sleep(COUNT_INTERVAL)
+    while True:
+        on_disk = await trio.to_thread.run_sync(cache.measure)
+        cache.apply_scan(on_disk)
+        await trio.sleep(COUNT_INTERVAL)
+
+
+async def keep_spares(cache: CacheDir) -> None:
+    """Keep unnamed files ready for new small objects, made in a worker thread a batch
+    at a time (a new inode costs up to 200 us; one thread hop per batch, not per object)."""
+    low = [trio.Event()]
+    cache.on_spares_low = lambda: low[0].set()
+    low[0].set()
+    try:
+        while True:
+            await low[0].wait()
+            low[0] = trio.Event()
+            want = cache.spares_wanted()
+            if want:
+                cache.add_spares(await trio.to_thread.run_sync(cache.make_spares, want))
+    finally:
+        cache.on_spares_low = None
+
+
+async def evict_ahead(
+    cache: CacheDir, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Free a twentieth of the cap (256 MiB at most) in a worker thread at start and
+    whenever the cache says the room is running low (`CacheDir.on_room_low`: a fetch
+    admitted, or a recount)."""
+    low = [trio.Event()]
+    cache.on_room_low = lambda: low[0].set()
+    low[0].set()
+    task_status.started()
+    try:
+        while True:
+            await low[0].wait()
+            low[0] = trio.Event()
+            want = cache.evict_wanted()
+            if want <= 0:
+                continue
+            open_here = frozenset(cache.open_directories())
+            freed = await trio.to_thread.run_sync(cache.evict_closed, want, open_here)
+            cache.account_evicted(freed)
+            log.debug("cache: evicted %d bytes ahead of fetches (wanted %d)", freed, want)
+            if freed < want:
+                await trio.sleep(EVICT_RETRY)
+    finally:
+        cache.on_room_low = None
