@@ -59,13 +59,22 @@ ByteCallback = Callable[[int], None]
 MAX_RUN_BYTES = 16 << 20
 # The writeback of committed parts is started this many bytes at a time.
 WRITEBACK_BATCH = 4 << 20
+# A reader whose part has no room yet, while the cache's evictor makes it in a worker
+# thread, asks again every ROOM_POLL seconds, for ROOM_WAIT seconds at most; then the
+# room is made in the event loop (an evictor stuck on a dead disk delays, never hangs).
+ROOM_POLL = 0.005
+ROOM_WAIT = 2.0
 
 
 class Budget(Protocol):
     """The room fetches may take (the cache directory implements it)."""
 
-    def admit(self, store: PartStore, part: int, nbytes: int, *, readahead: bool) -> bool:
-        """Reserve room for a fetch (may evict); False: read-ahead that does not fit.
+    def admit(
+        self, store: PartStore, part: int, nbytes: int, *, readahead: bool, wait: bool = False
+    ) -> bool:
+        """Reserve room for a fetch (may evict); False: read-ahead that does not fit,
+        or, with *wait*, a reader's part whose room an evictor in the background is
+        making (ask again a moment later).
 
         Raises NoSpaceError when even a reader's own part cannot be written without
         going below the free-space floor."""
@@ -241,15 +250,19 @@ class Fetcher:
         Raises what the fetch raised (also to tasks that were waiting on the
         same part); a cancelled fetch makes a waiter try on its own.
         """
+        asked = trio.current_time()
         while not store.is_present(part):
             flight = self._flights.get((id(store), part))
             if flight is not None:
                 await flight.done.wait()
                 self._raise_for(flight)
                 continue
-            flight = self._new_flight(store, part, readahead=False)
+            flight = self._new_flight(store, part, readahead=False, wait=_may_wait(asked))
             if flight is None:
-                return False
+                if store.is_present(part):
+                    return False
+                await trio.sleep(ROOM_POLL)  # the room is being made
+                continue
             await self._fly(store, part, flight, on_bytes)
             self._raise_for(flight)
             return True
@@ -260,13 +273,20 @@ class Fetcher:
             raise flight.error
 
     def _new_flight(
-        self, store: PartStore, part: int, *, readahead: bool, refresh: bool = True
+        self,
+        store: PartStore,
+        part: int,
+        *,
+        readahead: bool,
+        refresh: bool = True,
+        wait: bool = False,
     ) -> _Flight | None:
         """Register a flight for a missing part, with room reserved for it.
 
         None when the part turned out present, or when it is read-ahead the
-        budget has no room for. *refresh* False: the caller has just looked at
-        the index (one look for a whole run).
+        budget has no room for (or, with *wait*, a part whose room is being made:
+        the caller waits and asks again). *refresh* False: the caller has just
+        looked at the index (one look for a whole run).
         """
         if refresh:
             store.refresh()  # another process sharing the store may have fetched it
@@ -275,7 +295,7 @@ class Fetcher:
         first, end = store.layout.bounds(part)
         flight = _Flight(first, end, first, readahead=readahead)
         if self._budget is not None:
-            if not self._budget.admit(store, part, end - first, readahead=readahead):
+            if not self._budget.admit(store, part, end - first, readahead=readahead, wait=wait):
                 return None
             flight.admitted = True
         self._flights[(id(store), part)] = flight
@@ -384,8 +404,11 @@ class Fetcher:
 
     # ---------------------------------------------------------------- background
 
-    def start(self, store: PartStore, part: int, *, readahead: bool = False) -> _Flight | None:
-        """Start fetching *part* in the background unless present or in flight."""
+    def start(
+        self, store: PartStore, part: int, *, readahead: bool = False, wait: bool = False
+    ) -> _Flight | None:
+        """Start fetching *part* in the background unless present or in flight (None:
+        present, or no room: see `_new_flight`)."""
         if store.is_present(part):
             return None
         flight = self._flights.get((id(store), part))
@@ -393,7 +416,7 @@ class Fetcher:
             return flight
         if self._nursery is None:
             raise RuntimeError("Fetcher.attach() was not called")
-        flight = self._new_flight(store, part, readahead=readahead)
+        flight = self._new_flight(store, part, readahead=readahead, wait=wait)
         if flight is None:
             return None
         self._nursery.start_soon(self._background, store, part, flight)
@@ -419,9 +442,12 @@ class Fetcher:
         for part in store.layout.parts_for(offset, end - offset):
             _, part_end = store.layout.bounds(part)
             need = min(end, part_end)
+            asked = trio.current_time()
             while not store.is_present(part):
-                flight = self.start(store, part)
+                flight = self.start(store, part, wait=_may_wait(asked))
                 if flight is None:
+                    if not store.is_present(part):
+                        await trio.sleep(ROOM_POLL)  # the room is being made
                     continue  # present now (or another process has it): look again
                 while flight.written < need and not flight.done.is_set():
                     await flight.progress.wait()
@@ -623,6 +649,11 @@ class Fetcher:
         self.parts_fetched += 1
         self._land(store, part, flight, None)
         return flight.end - flight.first >= EARLY_WRITEBACK
+
+
+def _may_wait(asked: float) -> bool:
+    """Whether a reader that first asked for room at *asked* may wait for it still."""
+    return trio.current_time() - asked < ROOM_WAIT
 
 
 def _writeback(store: PartStore, parts: list[int]) -> Awaitable[None] | None:

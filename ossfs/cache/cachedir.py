@@ -45,6 +45,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -92,10 +93,16 @@ _EVICT_EXTRA = 64 << 20
 # (a twentieth of the room at most: of the cap, or less when the disk is nearly full),
 # so that fetches find room without evicting inline.
 _AHEAD_ROOM = 256 << 20
+# After a pass that found too few closed stores, they are not looked for again for
+# this long (seconds): such a walk of the whole cache finds nothing.
+_DRY_SECONDS = 1.0
 # Closed small objects kept open (`keep_idle`) hold at most this many bytes.
 _IDLE_MAX_BYTES = 64 << 20
 # Unnamed files kept ready for new small objects (`CacheDir.new_small`).
 SPARES = 64
+# An evicted store is renamed to its name + this + the evicting process's pid, then
+# deleted (`CacheDir._remove_store`).
+_TRASH = ".evicted-"
 # A small object's named temp file (only without O_TMPFILE) older than this is debris.
 _STALE_TEMP = 3600.0
 
@@ -207,6 +214,9 @@ class CacheDir:
         # fetch is admitted with less than `_ahead_room` left below the cap. Eviction
         # in `admit` then happens only when fetches outrun it.
         self.on_room_low: Callable[[], None] | None = None
+        # Until then, the evictor found no closed store to remove (`account_evicted`):
+        # eviction goes straight to the parts of open stores.
+        self._dry_until = -math.inf
         self._prepare()
 
     # ---------------------------------------------------------------- set-up
@@ -408,6 +418,7 @@ class CacheDir:
 
     def _close_entry(self, entry: _Open) -> None:
         store = entry.store
+        self._dry_until = -math.inf  # a closed store to evict now
         del self._open[entry.directory]
         del self._by_store[id(store)]
         self._holding.pop(id(entry), None)
@@ -423,7 +434,7 @@ class CacheDir:
             log.warning("cache: cannot compact %s: %s", store.index_path, e.strerror)
         finally:
             if store.flights:
-                store.on_deferred_close = self._trim
+                store.on_deferred_close = self._closed_late
             store.close()
 
     def close(self) -> None:
@@ -458,15 +469,31 @@ class CacheDir:
                 del entry.pins[p]
         self._trim()
 
+    def _closed_late(self) -> None:
+        """A store whose close waited for its fetches has closed: it may be evicted now
+        (an evictor that found it still locked is told there is a store again)."""
+        self._dry_until = -math.inf
+        self._trim()
+
     def _trim(self) -> None:
         """Back under the cap as soon as what held the cache over it lets go: going over
         is for the parts readers and fetches hold, never a state that stays."""
         if self._used <= self.max_bytes:
             return
         room = self._room(*self._disk())
-        if self._used > room:
-            self._used -= self._evict(self._used - room)
+        over = self._used - room
+        notify = self.on_room_low
+        slack = over <= _ahead_room(room)
+        if over > 0 and slack and notify is not None and self._evictor_has_work():
+            notify()
+            return  # within the slack: the evictor in the background catches up
+        if over > 0:
+            self._used -= self._evict(over)
         self._note_over(room)
+
+    def _evictor_has_work(self) -> bool:
+        """An evictor runs in the background and has closed stores to remove."""
+        return self.on_room_low is not None and time.monotonic() >= self._dry_until
 
     @contextmanager
     def pinned(self, store: PartStore, parts: range | list[int]) -> Iterator[None]:
@@ -590,9 +617,12 @@ class CacheDir:
             )
         return total
 
-    def admit(self, store: PartStore, part: int, nbytes: int, *, readahead: bool) -> bool:
+    def admit(
+        self, store: PartStore, part: int, nbytes: int, *, readahead: bool, wait: bool = False
+    ) -> bool:
         """Reserve room for a fetch of *part*; False (nothing reserved) when it is
-        read-ahead that does not fit next to what is held.
+        read-ahead that does not fit next to what is held, or, with *wait*, when the
+        evictor in the background is to make the room (the caller asks again).
 
         Blocking file-system work (eviction). Every True must be followed by
         one `settle` for the same part.
@@ -608,8 +638,22 @@ class CacheDir:
         if self.on_room_low is not None and need > -_ahead_room(room):
             self.on_room_low()
         if need > 0:
-            self._used -= self._evict(need)
-            free, floor = self._disk()  # what eviction freed
+            if self._evictor_has_work():
+                # The evictor in the background is behind, and has closed stores to
+                # remove: a guess waits for it; a reader's part may take the cap's
+                # slack meanwhile (as long as the disk has room).
+                if readahead:
+                    return False
+                if need <= _ahead_room(room) and free - self._reserved - nbytes >= floor:
+                    room += need  # within the slack: not worth a warning
+                elif wait:
+                    return False
+                else:
+                    self._used -= self._evict(need)
+                    free, floor = self._disk()
+            else:
+                self._used -= self._evict(need)
+                free, floor = self._disk()  # what eviction freed
         # Free bytes once this and every running fetch have landed.
         if free - self._reserved - nbytes < floor:
             # The cap may be exceeded for a reader, the free-space floor never: the
@@ -732,20 +776,26 @@ class CacheDir:
         """The stores open here (for `evict_closed`, which must leave them)."""
         return list(self._open)
 
-    def account_evicted(self, freed: int) -> None:
-        """Count bytes `evict_closed` freed in a worker thread."""
+    def account_evicted(self, freed: int, wanted: int) -> None:
+        """Count bytes `evict_closed` freed in a worker thread; less than *wanted*:
+        no closed store is left (for `_DRY_SECONDS`, eviction takes parts of open
+        stores without walking the cache)."""
         self._used -= freed
         self.evicted_bytes += freed
+        if freed < wanted:
+            self._dry_until = time.monotonic() + _DRY_SECONDS
 
     def _evict(self, need: int) -> int:
         # 1. Whole stores no process holds, least recently used first. A little more
         # than needed goes, so that a cache of many small objects is not walked for
         # every object that arrives.
         want = need + min(self.max_bytes // 50, _EVICT_EXTRA)
-        freed = self.evict_closed(want, frozenset(self._open))
-        self.evicted_bytes += freed
-        if freed >= need:
-            return freed
+        freed = 0
+        if time.monotonic() >= self._dry_until:
+            freed = self.evict_closed(want, frozenset(self._open))
+            self.evicted_bytes += freed
+            if freed >= need:
+                return freed
         # 2. Parts of stores open here that nothing holds, least recently used first.
         now = time.monotonic()
         parts: list[tuple[float, _Open, int]] = []
@@ -783,7 +833,7 @@ class CacheDir:
             except BlockingIOError:
                 return False  # another process reads it
             # Rename first so a process opening the store now starts a fresh one.
-            trash = f"{directory}.evicted-{os.getpid()}"
+            trash = f"{directory}{_TRASH}{os.getpid()}"
             try:
                 os.rename(directory, trash)
             except OSError:
@@ -896,7 +946,25 @@ def _store_dirs(root: str) -> Iterator[str]:
                     if store.name.startswith(TMP_PREFIX):
                         _remove_stale_temp(store.path)
                         continue
+                    if _TRASH in store.name:
+                        # An evicted store being deleted (by this or another process):
+                        # counted as freed by whoever renamed it, so never again.
+                        _remove_orphaned_trash(store.path)
+                        continue
                     yield store.path
+
+
+def _remove_orphaned_trash(path: str) -> None:
+    """Delete an evicted store whose deleting process died before it was done."""
+    pid = path.rpartition(_TRASH)[2]
+    if not pid.isdigit():
+        return
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass  # alive (another user's): its deleter is at work
 
 
 def _remove_stale_temp(path: str) -> None:

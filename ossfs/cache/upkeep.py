@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 COUNT_INTERVAL = 30.0
 # After a pass that could not free what was wanted (everything left is open), the
 # next pass waits this long (seconds): such a pass walks the whole cache for nothing.
-EVICT_RETRY = 1.0
+EVICT_RETRY = 1.0  # the same as the cache's own pause (cachedir._DRY_SECONDS)
 
 
 def run_upkeep(nursery: trio.Nursery, cache: CacheDir, *, counted: bool = False) -> None:
@@ -104,7 +104,7 @@ async def evict_ahead(
                 continue
             open_here = frozenset(cache.open_directories())
             freed = await trio.to_thread.run_sync(cache.evict_closed, want, open_here)
-            cache.account_evicted(freed)
+            cache.account_evicted(freed, want)
             log.debug("cache: evicted %d bytes ahead of fetches (wanted %d)", freed, want)
             if freed < want:
                 await trio.sleep(EVICT_RETRY)

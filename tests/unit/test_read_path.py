@@ -17,6 +17,7 @@ import random
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,9 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ossfs.cache.cachedir import CacheDir
+from ossfs.cache.cachedir import CacheDir, identity_for
+from ossfs.cache.upkeep import evict_ahead
+from ossfs.crc import crc64
 from ossfs.fetcher import Fetcher
 from ossfs.fs import FsOptions, Operations
 from ossfs.namespace import Namespace
@@ -67,6 +70,8 @@ class Scenario:
     connections: int
     readers: list[Reader]
     together: bool  # readers run at the same time, or one after another
+    closed: int = 0  # objects of 2 parts cached before (closed stores, oldest first)
+    evictor: bool = False  # closed stores are evicted in a worker thread (as a mount does)
 
 
 def sequential_reads(size: int, start: int, chunk: int) -> list[Read]:
@@ -78,6 +83,7 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
     data = random.Random(seed).randbytes(sc.size)
     client = MemoryClient(latency=0.003, bandwidth=200 * MiB)
     client.put(BUCKET, "obj", data)
+    fill(root, sc.closed, sc.part_size)
     cache = CacheDir(str(root), max_bytes=sc.cap, min_free_fraction=0.0)
     fetcher = Fetcher(
         client,
@@ -99,6 +105,10 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
     depth = sum(r.depth for r in sc.readers) if sc.together else max(r.depth for r in sc.readers)
     span = max(size // sc.part_size + 2 for r in sc.readers for _, size in r.reads)
     bound = sc.cap + (sc.connections + len(sc.readers) + depth * span) * sc.part_size
+    if sc.evictor:
+        bound += sc.cap // 20  # a reader's part may take this slack while the evictor works
+    if sc.closed:
+        bound = max(bound, disk_bytes(root))  # it may start over the cap
     worst = 0
 
     async def read_one(fh: int, off: int, size: int) -> None:
@@ -136,6 +146,8 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             fetcher.attach(nursery)
+            if sc.evictor:
+                await nursery.start(evict_ahead, cache)
             attrs = await ops.lookup(pyfuse3.ROOT_INODE, b"obj")
             if sc.together:
                 async with trio.open_nursery() as readers:
@@ -144,6 +156,11 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
             else:
                 for r in sc.readers:
                     await reader(attrs.st_ino, r)
+            if sc.evictor:
+                # The evictor's last pass (real time: it works in a thread).
+                deadline = time.monotonic() + 30
+                while cache.evict_wanted() > 0 and time.monotonic() < deadline:
+                    await trio.sleep(0.01)
             nursery.cancel_scope.cancel()  # read-ahead nobody waits for
 
     try:
@@ -158,6 +175,24 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
         cache.close()
     assert worst <= bound, f"cache took {worst} bytes on disk, bound {bound}"
     return client
+
+
+def fill(root: Path, count: int, part_size: int) -> None:
+    """*count* closed stores of 2 parts in the cache at *root*, least recently used first."""
+    if not count:
+        return
+    filler = CacheDir(str(root), max_bytes=1 << 40, min_free_fraction=0.0)
+    for i in range(count):
+        store = filler.acquire(identity_for(BUCKET, f"old{i}", "E", 2 * part_size, part_size))
+        for p in range(2):
+            data = os.urandom(part_size)
+            assert filler.admit(store, p, part_size, readahead=False)
+            store.write(p * part_size, data)
+            store.commit(p, crc64(data))
+            filler.settle(store, p, part_size, written=part_size, committed=True, readahead=False)
+        filler.release(store)
+        os.utime(os.path.dirname(store.data_path), (1000 + i, 1000 + i))
+    filler.close()
 
 
 @st.composite
@@ -207,6 +242,8 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         connections=draw(st.integers(1, 8)),
         readers=readers,
         together=draw(st.booleans()),
+        closed=draw(st.sampled_from([0, 0, 2, 8])),
+        evictor=draw(st.booleans()),
     )
 
 

@@ -4,6 +4,7 @@ never in the event loop, and never removes a store that is open."""
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,3 +90,90 @@ def test_a_store_open_here_survives_a_stale_snapshot(tmp_path: Path) -> None:
     assert freed >= 49 * 2 * PART
     cache.release(held)
     cache.close()
+
+
+async def test_while_the_evictor_is_behind_guesses_wait_and_readers_take_the_slack(
+    tmp_path: Path,
+) -> None:
+    full_cache(tmp_path / "c")
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=CAP, min_free_fraction=0.0)
+    cache.rescan()
+    slack = CAP // 20  # 5 parts
+    gate = threading.Event()
+    evict = cache.evict_closed
+
+    def slow_evict(want: int, open_here: frozenset[str]) -> int:
+        if threading.current_thread() is not threading.main_thread():
+            gate.wait(20)  # the evictor's disk is slow to remove files
+        return evict(want, open_here)
+
+    cache.evict_closed = slow_evict  # type: ignore[method-assign]
+    in_loop = record_walks(cache)
+    new = cache.acquire(identity_for("b", "new", "E", 40 * PART, PART))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(evict_ahead, cache)
+        await trio.sleep(0.05)  # the evictor's first pass has started, and waits
+        assert not cache.admit(new, 0, PART, readahead=True)  # a guess waits
+        for p in range(slack // PART):  # readers take the slack, nothing walked
+            put(cache, new, [p])
+        assert not in_loop
+        assert cache.used_bytes <= CAP + slack
+        put(cache, new, [slack // PART])  # beyond the slack: evicted inline
+        assert in_loop == [True]
+        gate.set()
+        await until_room(cache)
+        assert cache.admit(new, 10, PART, readahead=True)  # room again for guesses
+        cache.settle(new, 10, PART, written=0, committed=False, readahead=True)
+        nursery.cancel_scope.cancel()
+    assert cache.used_bytes <= CAP
+    cache.release(new)
+    cache.close()
+
+
+async def test_with_no_closed_store_left_eviction_takes_parts_without_walking(
+    tmp_path: Path,
+) -> None:
+    """An object larger than the cache, read through it: once the evictor found no
+    closed store, read-ahead evicts the parts already read, as without an evictor."""
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=20 * PART, min_free_fraction=0.0)
+    in_loop = record_walks(cache)
+    big = cache.acquire(identity_for("b", "big", "E", 60 * PART, PART))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(evict_ahead, cache)
+        for p in range(60):
+            assert cache.admit(big, p, PART, readahead=True), p  # never refused for long
+            data = os.urandom(PART)
+            big.write(p * PART, data)
+            big.commit(p, 0)
+            cache.settle(big, p, PART, written=PART, committed=True, readahead=False)
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert len(big.parts) <= 20
+    assert in_loop.count(True) <= 2  # walked inline at most until the evictor ran dry
+    cache.release(big)
+    cache.close()
+
+
+def test_a_store_being_deleted_is_not_counted_again(tmp_path: Path) -> None:
+    """Two evictors (a worker thread and the event loop, or two processes) walk the
+    cache at once: a store the other has renamed away for deletion is not freed, nor
+    counted, a second time. A deleter that died leaves it for the next walk to delete."""
+    dirs = full_cache(tmp_path / "c")
+    mine = f"{dirs[0]}.evicted-{os.getpid()}"
+    os.rename(dirs[0], mine)  # being deleted by this process (the other thread)
+    gone = f"{dirs[1]}.evicted-{dead_pid()}"
+    os.rename(dirs[1], gone)
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=CAP, min_free_fraction=0.0)
+    assert cache.measure() == 48 * 2 * PART
+    freed = cache.evict_closed(1 << 40, frozenset())
+    assert freed == 48 * 2 * PART
+    assert os.path.exists(mine)  # its deleter finishes it
+    assert not os.path.exists(gone)
+    cache.close()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
