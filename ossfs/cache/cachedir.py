@@ -761,15 +761,12 @@ class CacheDir:
         """
         freed = 0
         candidates = sorted(
-            (st.st_mtime, path, st.st_blocks * 512)
-            for path, st in self._walk()
-            if path not in open_here
+            (st.st_mtime, path) for path, st in self._walk() if path not in open_here
         )
-        for _mtime, path, size in candidates:
+        for _mtime, path in candidates:
             if freed >= want:
                 break
-            if self._remove_store(path):
-                freed += size
+            freed += self._remove_store(path)
         return freed
 
     def open_directories(self) -> list[str]:
@@ -816,33 +813,39 @@ class CacheDir:
                 freed -= sum(entry.store.layout.part_length(p) for p in chosen)
         return max(freed, 0)
 
-    def _remove_store(self, directory: str) -> bool:
+    def _remove_store(self, directory: str) -> int:
+        """Remove a store no process holds; the bytes it took (0: not removed).
+
+        The size is taken under the exclusive lock, when nobody can write to it any
+        more: a walk's earlier stat may be short of what a late fetch added.
+        """
         if directory.endswith(SUFFIX):
-            if remove_small(directory):
+            freed = remove_small(directory)
+            if freed:
                 log.debug("cache: evicted %s", directory)
-                return True
-            return False
+            return freed
         data = os.path.join(directory, "data")
         try:
             fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            return False
+            return 0
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return False  # another process reads it
+                return 0  # another process reads it
+            size = os.fstat(fd).st_blocks * 512
             # Rename first so a process opening the store now starts a fresh one.
             trash = f"{directory}{_TRASH}{os.getpid()}"
             try:
                 os.rename(directory, trash)
             except OSError:
-                return False
+                return 0
         finally:
             os.close(fd)
         shutil.rmtree(trash, ignore_errors=True)
         log.debug("cache: evicted %s", directory)
-        return True
+        return size
 
     def _evict_parts(self, entry: _Open, parts: list[int]) -> bool:
         fd = entry.store.fileno()

@@ -157,9 +157,10 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
                 for r in sc.readers:
                     await reader(attrs.st_ino, r)
             if sc.evictor:
-                # The evictor's last pass (real time: it works in a thread).
+                # The evictor's last pass, if the cache is over its cap (real time: it
+                # works in a thread).
                 deadline = time.monotonic() + 30
-                while cache.evict_wanted() > 0 and time.monotonic() < deadline:
+                while cache.used_bytes > max(sc.cap, sc.part_size) and time.monotonic() < deadline:
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()  # read-ahead nobody waits for
 
