@@ -29,6 +29,13 @@ data: first whole stores nobody holds, then parts of open stores that are
 - read-ahead fetched it and no reader has read it to its end yet (for at
   most ``HOLD_SECONDS``: a stream that stopped does not hold it forever).
 
+Where eviction runs: `admit` removes stores itself (in the caller's thread)
+unless an evictor in a worker thread is attached (`on_room_low`,
+`ossfs.cache.upkeep`): then closed stores are removed ahead of need there, and
+while it is behind read-ahead is refused and a reader's part may go over the
+cap by a twentieth of it (or waits, with *wait*). Once no closed store is left
+(`_dry`) eviction takes parts of open stores without walking the cache.
+
 Read-ahead is admitted only when the bytes held plus its part fit in the cap,
 so a guess never evicts what a reader still needs and is never thrown away
 before it is read. A reader's own part is always admitted: when nothing can
@@ -45,7 +52,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -93,9 +99,6 @@ _EVICT_EXTRA = 64 << 20
 # (a twentieth of the room at most: of the cap, or less when the disk is nearly full),
 # so that fetches find room without evicting inline.
 _AHEAD_ROOM = 256 << 20
-# After a pass that found too few closed stores, they are not looked for again for
-# this long (seconds): such a walk of the whole cache finds nothing.
-_DRY_SECONDS = 1.0
 # Closed small objects kept open (`keep_idle`) hold at most this many bytes.
 _IDLE_MAX_BYTES = 64 << 20
 # Unnamed files kept ready for new small objects (`CacheDir.new_small`).
@@ -214,9 +217,11 @@ class CacheDir:
         # fetch is admitted with less than `_ahead_room` left below the cap. Eviction
         # in `admit` then happens only when fetches outrun it.
         self.on_room_low: Callable[[], None] | None = None
-        # Until then, the evictor found no closed store to remove (`account_evicted`):
-        # eviction goes straight to the parts of open stores.
-        self._dry_until = -math.inf
+        # The last eviction pass found no closed store left (`account_evicted`), and no
+        # store closed since: eviction goes straight to the parts of open stores, and
+        # the cache is not walked for nothing. `_closes` counts what resets it.
+        self._dry = False
+        self._closes = 0
         self._prepare()
 
     # ---------------------------------------------------------------- set-up
@@ -418,7 +423,7 @@ class CacheDir:
 
     def _close_entry(self, entry: _Open) -> None:
         store = entry.store
-        self._dry_until = -math.inf  # a closed store to evict now
+        self._store_closed()
         del self._open[entry.directory]
         del self._by_store[id(store)]
         self._holding.pop(id(entry), None)
@@ -472,8 +477,13 @@ class CacheDir:
     def _closed_late(self) -> None:
         """A store whose close waited for its fetches has closed: it may be evicted now
         (an evictor that found it still locked is told there is a store again)."""
-        self._dry_until = -math.inf
+        self._store_closed()
         self._trim()
+
+    def _store_closed(self) -> None:
+        """There may be a closed store to evict again (closed here, or counted)."""
+        self._closes += 1
+        self._dry = False
 
     def _trim(self) -> None:
         """Back under the cap as soon as what held the cache over it lets go: going over
@@ -493,7 +503,7 @@ class CacheDir:
 
     def _evictor_has_work(self) -> bool:
         """An evictor runs in the background and has closed stores to remove."""
-        return self.on_room_low is not None and time.monotonic() >= self._dry_until
+        return self.on_room_low is not None and not self._dry
 
     @contextmanager
     def pinned(self, store: PartStore, parts: range | list[int]) -> Iterator[None]:
@@ -551,6 +561,7 @@ class CacheDir:
         """Take a `measure` result as the bytes in use (plus running fetches)."""
         self._used = on_disk + self._reserved
         self._scanned_at = time.monotonic()
+        self._store_closed()  # another process's, perhaps
         if self.on_room_low is not None and self.evict_wanted() > 0:
             self.on_room_low()  # another process filled it, or this one started on a full cache
         return self._used
@@ -635,8 +646,9 @@ class CacheDir:
         if readahead and self.held_bytes() + nbytes > room:
             return False
         need = self._used + nbytes - room
-        if self.on_room_low is not None and need > -_ahead_room(room):
-            self.on_room_low()
+        notify = self.on_room_low
+        if notify is not None and not self._dry and need > -_ahead_room(room) // 2:
+            notify()  # (it evicts down to a whole `_ahead_room` below: one pass per half)
         if need > 0:
             if self._evictor_has_work():
                 # The evictor in the background is behind, and has closed stores to
@@ -773,14 +785,19 @@ class CacheDir:
         """The stores open here (for `evict_closed`, which must leave them)."""
         return list(self._open)
 
-    def account_evicted(self, freed: int, wanted: int) -> None:
-        """Count bytes `evict_closed` freed in a worker thread; less than *wanted*:
-        no closed store is left (for `_DRY_SECONDS`, eviction takes parts of open
-        stores without walking the cache)."""
+    def eviction_pass(self) -> int:
+        """A token for a pass of `evict_closed` about to start (give it back to
+        `account_evicted`)."""
+        return self._closes
+
+    def account_evicted(self, freed: int, wanted: int, token: int) -> None:
+        """Count bytes `evict_closed` freed in a worker thread. Less than *wanted*, and
+        no store closed since the pass began (*token*): no closed store is left, and
+        until one is, eviction takes parts of open stores without walking the cache."""
         self._used -= freed
         self.evicted_bytes += freed
-        if freed < wanted:
-            self._dry_until = time.monotonic() + _DRY_SECONDS
+        if freed < wanted and token == self._closes:
+            self._dry = True
 
     def _evict(self, need: int) -> int:
         # 1. Whole stores no process holds, least recently used first. A little more
@@ -788,11 +805,12 @@ class CacheDir:
         # every object that arrives.
         want = need + min(self.max_bytes // 50, _EVICT_EXTRA)
         freed = 0
-        if time.monotonic() >= self._dry_until:
+        if not self._dry:
             freed = self.evict_closed(want, frozenset(self._open))
             self.evicted_bytes += freed
             if freed >= need:
                 return freed
+            self._dry = self.on_room_low is not None  # (only an evictor is told again)
         # 2. Parts of stores open here that nothing holds, least recently used first.
         now = time.monotonic()
         parts: list[tuple[float, _Open, int]] = []

@@ -25,7 +25,6 @@ from ossfs.cache.cachedir import CacheDir
 
 __all__ = [
     "COUNT_INTERVAL",
-    "EVICT_RETRY",
     "count_cache",
     "evict_ahead",
     "keep_spares",
@@ -36,9 +35,6 @@ log = logging.getLogger(__name__)
 
 # How often the bytes in the cache are recounted (other processes write to it too).
 COUNT_INTERVAL = 30.0
-# After a pass that could not free what was wanted (everything left is open), the
-# next pass waits this long (seconds): such a pass walks the whole cache for nothing.
-EVICT_RETRY = 1.0  # the same as the cache's own pause (cachedir._DRY_SECONDS)
 
 
 def run_upkeep(nursery: trio.Nursery, cache: CacheDir, *, counted: bool = False) -> None:
@@ -103,10 +99,9 @@ async def evict_ahead(
             if want <= 0:
                 continue
             open_here = frozenset(cache.open_directories())
+            token = cache.eviction_pass()
             freed = await trio.to_thread.run_sync(cache.evict_closed, want, open_here)
-            cache.account_evicted(freed, want)
+            cache.account_evicted(freed, want, token)
             log.debug("cache: evicted %d bytes ahead of fetches (wanted %d)", freed, want)
-            if freed < want:
-                await trio.sleep(EVICT_RETRY)
     finally:
         cache.on_room_low = None

@@ -47,9 +47,11 @@ def record_walks(cache: CacheDir) -> list[bool]:
 
 
 async def until_room(cache: CacheDir) -> None:
-    """Wait (as a fetch waits for the network) until the evictor has caught up."""
+    """Wait (as a fetch waits for the network) until the evictor has caught up: it
+    starts when less than half of its room (a twentieth of the cap) is left, and
+    frees all of it."""
     with trio.fail_after(20):
-        while cache.evict_wanted() > 0:
+        while cache.used_bytes > CAP - CAP // 40:
             await trio.sleep(0.005)
 
 
