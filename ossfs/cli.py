@@ -33,7 +33,7 @@ from ossfs.config import (
     parse_object_url,
     resolve_connection,
 )
-from ossfs.credentials import Source
+from ossfs.credentials import Source, Static
 from ossfs.errors import (
     IntegrityError,
     ObjectChangedError,
@@ -581,8 +581,9 @@ def make_client(
 
 
 def credentials_from(source: Source | None) -> CredentialSource | None:
-    """Credentials fetched from *source* and kept fresh (None: the endpoint has them)."""
-    if source is None:
+    """Credentials fetched from *source* and kept fresh (None: the endpoint has them,
+    or none are used)."""
+    if source is None or isinstance(source, Static):
         return None
     from ossfs.refresh import for_source
 
@@ -844,6 +845,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         anonymous=args.anonymous,
         max_dir_entries=args.max_dir_entries,
         metrics=metrics.where if metrics is not None else None,
+        credentials=source.name if source is not None else "none (anonymous)",
     )
     client_config = ClientConfig(
         connections=args.threads,
@@ -913,6 +915,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     objects = st["objects_cached"]
     print(f"source:      {printable(st['source'])} (pid {st['pid']}, up {st['uptime']:.0f}s)")
     print(f"cache:       {st['cache_dir']}")
+    if st.get("credentials"):
+        until = st.get("credentials_expire")
+        expires = f" (temporary, valid until {until})" if until else ""
+        print(f"credentials: {printable(st['credentials'])}{expires}")
     print(
         f"cache use:   {format_size(st['cache_used_bytes'])} of "
         f"{format_size(st['cache_size_bytes'])}, {len(objects)} object(s), "

@@ -218,8 +218,8 @@ def resolve_endpoint(
 def resolve_connection(
     opts: ConnectionOptions, url_scheme: Dialect, env: Mapping[str, str] | None = None
 ) -> tuple[Endpoint, Source | None]:
-    """The `Endpoint`, and the credentials source to fetch from (None: the
-    endpoint carries its credentials, or is anonymous)."""
+    """The `Endpoint`, and where its credentials come from: a `Static` source (its
+    key is on the endpoint too), a source to fetch from, or None (anonymous)."""
     env = os.environ if env is None else env
     required = opts.profile is not None or opts.config_path is not None
     path = Path(opts.config_path) if opts.config_path else default_config_path(env)
@@ -259,7 +259,7 @@ def resolve_connection(
         if source is None:
             raise UsageError(no_credentials_message(dialect, env, where))
         if isinstance(source, Static):
-            creds, source = source.credentials, None
+            creds = source.credentials
     endpoint = Endpoint(
         url=url,
         dialect=dialect,

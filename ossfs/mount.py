@@ -83,6 +83,7 @@ class MountConfig:
     anonymous: bool = False
     max_dir_entries: int = DEFAULT_MAX_DIR_ENTRIES
     metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint, for `describe`
+    credentials: str = ""  # where the credentials come from (the provider), for `status`
 
 
 def _fuse_options(config: MountConfig) -> set[str]:
@@ -174,6 +175,8 @@ async def _serve(
                 "list_requests": ns.list_requests,
                 "log_file": config.log_file,
                 "metrics": config.metrics,
+                "credentials": config.credentials,
+                "credentials_expire": _expiration(client),
                 **({"fs_op_seconds": op_times.as_dict()} if op_times is not None else {}),
             }
 
@@ -238,6 +241,17 @@ async def _serve(
             metrics.close()
         with trio.CancelScope(shield=True):
             await client.aclose()
+
+
+def _expiration(client: ObjectClient) -> str | None:
+    """When the temporary credentials in use expire (ISO 8601, UTC); None for keys
+    that do not, or before the first are fetched."""
+    source = getattr(client, "credentials", None)
+    issued = getattr(source, "current", None)
+    expiration = getattr(issued, "expiration", None)
+    if expiration is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiration))
 
 
 async def _after_init(mountpoint: str, kb: int) -> None:

@@ -398,6 +398,11 @@ def test_status_all_tells_versions_apart(
         assert len({ln.rsplit("(ETag ", 1)[1] for ln in lines}) == 2
         doc = json.loads(run_ossfs("status", str(mnt), "--json", env=oss_env, check=True).stdout)
         assert all("etag" in o for o in doc["objects_cached"])
+        # Where the credentials come from (never the key itself), and no expiry for keys
+        # that do not expire.
+        assert doc["credentials"] == "OSS_ACCESS_KEY_ID"
+        assert doc["credentials_expire"] is None
+        assert "credentials: OSS_ACCESS_KEY_ID\n" in r.stdout
 
 
 @pytest.mark.fuse

@@ -543,6 +543,12 @@ def test_mount_keeps_reading_across_key_lives_and_fails_clearly_after(
             assert (mnt / "small-1.txt").read_bytes() == b"one"
             assert oss_sts.keys_used.get(fake.issued[-1].access_key_id)
             assert len(fake.issued) >= 2
+            # `ossfs status` names the provider and when the keys in hand expire.
+            shown = run_ossfs("status", str(mnt), env=cli_env, check=True).stdout
+            line = next(ln for ln in shown.splitlines() if ln.startswith("credentials:"))
+            assert f"the ECS RAM role (metadata service {fake.url})" in line
+            assert "(temporary, valid until 20" in line
+            no_secrets(shown, fake)
             # The metadata service goes down and the key expires: reads fail with
             # EACCES, and the log says why in one line naming the provider.
             fake.broken = True

@@ -133,7 +133,11 @@ def test_page_cache_is_kept_across_opens(
         assert isinstance(first, int) and first > 0
         for _ in range(3):
             path.read_bytes()
-        assert status(mnt, env)["fs_reads"] == first  # served by the kernel's page cache
+        # Served by the kernel's page cache: each open keeps it (without keep_cache each
+        # re-read would cost `first` reads again). A few pages may be gone all the same:
+        # this machine reclaims idle page cache on its own (DAMON), within a second.
+        extra = status(mnt, env)["fs_reads"] - first
+        assert extra < first // 4, (extra, first)
 
 
 def test_materialize_a_mount_path_fills_its_cache(

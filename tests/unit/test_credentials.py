@@ -144,7 +144,8 @@ def test_s3_chain_order(tmp_path: Path) -> None:
 def test_resolve_connection_keeps_static_keys_on_the_endpoint(tmp_path: Path) -> None:
     env = {"HOME": str(tmp_path), "OSS_ACCESS_KEY_ID": "a", "OSS_ACCESS_KEY_SECRET": "b"}
     ep, source = resolve_connection(ConnectionOptions(), "oss", env)
-    assert source is None and ep.credentials is not None
+    assert isinstance(source, Static) and ep.credentials == source.credentials
+    assert source.name == "OSS_ACCESS_KEY_ID"  # what `ossfs status` names
     ep, source = resolve_connection(ConnectionOptions(), "oss", {"HOME": str(tmp_path), **RRSA})
     assert ep.credentials is None and isinstance(source, AssumeRoleWithToken)
     ep, source = resolve_connection(
