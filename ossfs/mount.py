@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyfuse3
@@ -120,6 +120,41 @@ async def _serve(
         # One listing proves the endpoint, the credentials and the bucket.
         await client.list_page(config.bucket, prefix=config.prefix, delimiter="/", max_keys=1)
         _raise_fd_limit()
+        m = _Mounted.build(config, client, timed=metrics is not None)
+        try:
+            pyfuse3.init(m.ops, config.mountpoint, _fuse_options(config))
+        except RuntimeError as e:
+            raise UsageError(f"cannot mount on {config.mountpoint}: {e}") from None
+        log.info("mounted %s on %s", config.source, config.mountpoint)
+        if metrics is not None:
+            from ossfs.metrics import status_reader
+
+            metrics.start(status_reader(m.status))
+        ready(None)
+        return await _run(config, m)
+    finally:
+        if metrics is not None:
+            metrics.close()
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+
+
+@dataclass
+class _Mounted:
+    """What a mount is made of, wired together; `status` and `describe` read it."""
+
+    config: MountConfig
+    client: ObjectClient
+    cache: CacheDir
+    fetcher: Fetcher
+    ns: Namespace
+    prefetch: SiblingPrefetch
+    ops: Operations = field(init=False)
+    op_times: OpTimes | None = None
+    started: float = field(default_factory=time.time)
+
+    @classmethod
+    def build(cls, config: MountConfig, client: ObjectClient, *, timed: bool) -> _Mounted:
         cache = CacheDir(
             config.cache_dir,
             max_bytes=config.cache_size,
@@ -138,48 +173,8 @@ async def _serve(
             scheme=config.dialect,
             max_dir_entries=config.max_dir_entries,
         )
-        started = time.time()
-
-        def describe() -> dict[str, Any]:
-            d = asdict(config)
-            d["pid"] = os.getpid()
-            return d
-
-        def status() -> dict[str, Any]:
-            # Kept small (an extended attribute holds at most 64 KiB): the per-object
-            # list is read from the cache directory by `ossfs status` itself.
-            return {
-                "source": config.source,
-                "pid": os.getpid(),
-                "uptime": round(time.time() - started, 1),
-                "cache_dir": cache.root,
-                # The count kept up to date by `ossfs.cache.upkeep` (a walk of a cache
-                # of 100k objects here would stall every request for seconds).
-                "cache_used_bytes": cache.used_bytes,
-                "cache_size_bytes": cache.max_bytes,
-                "cache_evicted_bytes": cache.evicted_bytes,
-                "bucket": config.bucket,
-                "requests": client.stats.as_dict(),
-                "parts_fetched": fetcher.parts_fetched,
-                "bytes_fetched": fetcher.bytes_fetched,
-                "fs_errors": ops.errors,
-                "fs_reads": ops.reads,
-                "fs_requests": dict(ops.requests),
-                "parts_verified": ops.reader.verifications,
-                "cache_hit_bytes": ops.reader.hit_bytes,
-                "cache_miss_bytes": ops.reader.miss_bytes,
-                "buffered_bytes": getattr(client, "buffered_bytes", 0),
-                "crc_mismatches": fetcher.crc_mismatches,
-                "uncached_bytes": fetcher.uncached_bytes,
-                "sibling_prefetches": prefetch.started,
-                "list_requests": ns.list_requests,
-                "log_file": config.log_file,
-                "metrics": config.metrics,
-                "credentials": config.credentials,
-                "credentials_expire": _expiration(client),
-                **({"fs_op_seconds": op_times.as_dict()} if op_times is not None else {}),
-            }
-
+        prefetch = SiblingPrefetch(ns, cache, fetcher, config.part_size)
+        m = cls(config, client, cache, fetcher, ns, prefetch)
         fs_opts = FsOptions(
             uid=config.uid,
             gid=config.gid,
@@ -188,59 +183,89 @@ async def _serve(
             negative_ttl=config.negative_ttl,
             part_size=config.part_size,
         )
-        prefetch = SiblingPrefetch(ns, cache, fetcher, config.part_size)
-        ops = Operations(
+        m.ops = Operations(
             ns,
             fetcher,
             cache,
             fs_opts,
-            describe=describe,
-            status=status,
+            describe=m.describe,
+            status=m.status,
             has_crc64=config.dialect == "oss",
             prefetch=prefetch,
         )
-        op_times: OpTimes | None = None
-        if metrics is not None:
+        if timed:
             from ossfs.metrics import OpTimes, time_operations
 
-            op_times = OpTimes()
-            time_operations(ops, op_times)
-        try:
-            pyfuse3.init(ops, config.mountpoint, _fuse_options(config))
-        except RuntimeError as e:
-            raise UsageError(f"cannot mount on {config.mountpoint}: {e}") from None
-        log.info("mounted %s on %s", config.source, config.mountpoint)
-        if metrics is not None:
-            from ossfs.metrics import status_reader
+            m.op_times = OpTimes()
+            time_operations(m.ops, m.op_times)
+        return m
 
-            metrics.start(status_reader(status))
-        ready(None)
-        unmounted = False
-        received: list[int] = []
-        try:
-            async with trio.open_nursery() as nursery:
-                fetcher.attach(nursery)
-                ns.attach(nursery)
-                run_upkeep(nursery, cache)
-                nursery.start_soon(_on_signals, nursery.cancel_scope, received)
-                if config.kernel_read_ahead > 0:
-                    nursery.start_soon(
-                        _after_init, config.mountpoint, max(4, config.kernel_read_ahead // 1024)
-                    )
-                await pyfuse3.main(min_tasks=_FUSE_WORKERS)
-                unmounted = True
-                nursery.cancel_scope.cancel()
-        finally:
-            # After a signal pyfuse3.main was cancelled: unmount ourselves.
-            pyfuse3.close(unmount=not unmounted)
-            cache.close()
-            log.info("unmounted %s", config.mountpoint)
-        return received[0] if received else None
+    def describe(self) -> dict[str, Any]:
+        d = asdict(self.config)
+        d["pid"] = os.getpid()
+        return d
+
+    def status(self) -> dict[str, Any]:
+        # Kept small (an extended attribute holds at most 64 KiB): the per-object
+        # list is read from the cache directory by `ossfs status` itself.
+        config, cache, fetcher, ops = self.config, self.cache, self.fetcher, self.ops
+        return {
+            "source": config.source,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 1),
+            "cache_dir": cache.root,
+            # The count kept up to date by `ossfs.cache.upkeep` (a walk of a cache
+            # of 100k objects here would stall every request for seconds).
+            "cache_used_bytes": cache.used_bytes,
+            "cache_size_bytes": cache.max_bytes,
+            "cache_evicted_bytes": cache.evicted_bytes,
+            "bucket": config.bucket,
+            "requests": self.client.stats.as_dict(),
+            "parts_fetched": fetcher.parts_fetched,
+            "bytes_fetched": fetcher.bytes_fetched,
+            "fs_errors": ops.errors,
+            "fs_reads": ops.reads,
+            "fs_requests": dict(ops.requests),
+            "parts_verified": ops.reader.verifications,
+            "cache_hit_bytes": ops.reader.hit_bytes,
+            "cache_miss_bytes": ops.reader.miss_bytes,
+            "buffered_bytes": getattr(self.client, "buffered_bytes", 0),
+            "crc_mismatches": fetcher.crc_mismatches,
+            "uncached_bytes": fetcher.uncached_bytes,
+            "sibling_prefetches": self.prefetch.started,
+            "list_requests": self.ns.list_requests,
+            "log_file": config.log_file,
+            "metrics": config.metrics,
+            "credentials": config.credentials,
+            "credentials_expire": _expiration(self.client),
+            **({"fs_op_seconds": self.op_times.as_dict()} if self.op_times is not None else {}),
+        }
+
+
+async def _run(config: MountConfig, m: _Mounted) -> int | None:
+    """Answer the kernel until unmounted or signalled (the signal's number), then
+    unmount and close the cache."""
+    unmounted = False
+    received: list[int] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            m.fetcher.attach(nursery)
+            m.ns.attach(nursery)
+            run_upkeep(nursery, m.cache)
+            nursery.start_soon(_on_signals, nursery.cancel_scope, received)
+            if config.kernel_read_ahead > 0:
+                nursery.start_soon(
+                    _after_init, config.mountpoint, max(4, config.kernel_read_ahead // 1024)
+                )
+            await pyfuse3.main(min_tasks=_FUSE_WORKERS)
+            unmounted = True
+            nursery.cancel_scope.cancel()
     finally:
-        if metrics is not None:
-            metrics.close()
-        with trio.CancelScope(shield=True):
-            await client.aclose()
+        # After a signal pyfuse3.main was cancelled: unmount ourselves.
+        pyfuse3.close(unmount=not unmounted)
+        m.cache.close()
+        log.info("unmounted %s", config.mountpoint)
+    return received[0] if received else None
 
 
 def _expiration(client: ObjectClient) -> str | None:
