@@ -11,6 +11,7 @@ Must not import: pyfuse3 (the mount module is imported only by ``mount``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -55,7 +56,10 @@ from ossfs.model import (
 from ossfs.namespace import DEFAULT_MAX_DIR_ENTRIES, ListingGuard
 
 if TYPE_CHECKING:
-    from ossfs.download import DownloadResult  # imported when download runs
+    from ossfs.cache.cachedir import CacheDir  # imported by the commands that use them
+    from ossfs.download import DownloadResult
+    from ossfs.materialize import MaterializeResult
+    from ossfs.protocol.ops import Endpoint
 
 __all__ = ["main", "build_parser"]
 
@@ -1010,38 +1014,55 @@ def _materialize_shard(args: argparse.Namespace) -> tuple[int, int] | None:
     return found
 
 
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """What `materialize` works on: an object URL, or a path in a mount."""
+
+    url: ObjectUrl
+    endpoint: Endpoint
+    source: Source | None
+    cache_dir: str
+    part_size: int
+    cache_size: int
+
+
+def _materialize_target(args: argparse.Namespace) -> _Target:
+    if "://" in args.target:
+        url = parse_object_url(args.target)
+        endpoint, source = resolve_connection(connection_options(args), url.scheme)
+        cache_dir = args.cache_dir or default_cache_dir(endpoint.url, url.bucket)
+        return _Target(url, endpoint, source, cache_dir, args.part_size, args.cache_size)
+    info, key = _mount_target(args.target)
+    # Connect as the mount does, unless the command line says otherwise.
+    endpoint, source = resolve_connection(
+        connect_as_mount(connection_options(args), info), info["dialect"]
+    )
+    url = ObjectUrl(info["dialect"], info["bucket"], key)
+    return _Target(url, endpoint, source, info["cache_dir"], info["part_size"], info["cache_size"])
+
+
+def _make_to_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"--to {path} is not a directory") from None
+    except OSError as e:
+        raise UsageError(f"--to {path} cannot be created: {e.strerror}") from None
+    if not os.path.isdir(path):
+        raise UsageError(f"--to {path} is not a directory")
+
+
 def _cmd_materialize(args: argparse.Namespace) -> int:
     from ossfs.cache.cachedir import CacheDir
     from ossfs.materialize import MaterializeRequest, materialize
     from ossfs.progress import ProgressBar
 
-    if "://" in args.target:
-        url = parse_object_url(args.target)
-        endpoint, source = resolve_connection(connection_options(args), url.scheme)
-        cache_dir = args.cache_dir or default_cache_dir(endpoint.url, url.bucket)
-        part_size, cache_size = args.part_size, args.cache_size
-        bucket, key = url.bucket, url.key
-    else:
-        info, key = _mount_target(args.target)
-        bucket = info["bucket"]
-        # Connect as the mount does, unless the command line says otherwise.
-        endpoint, source = resolve_connection(
-            connect_as_mount(connection_options(args), info), info["dialect"]
-        )
-        url = ObjectUrl(info["dialect"], bucket, key)
-        cache_dir, part_size, cache_size = info["cache_dir"], info["part_size"], info["cache_size"]
-    validate_part_size(part_size)
+    target = _materialize_target(args)
+    validate_part_size(target.part_size)
     shard = _materialize_shard(args)
     if args.to is not None:
-        try:
-            os.makedirs(args.to, exist_ok=True)
-        except FileExistsError:
-            raise UsageError(f"--to {args.to} is not a directory") from None
-        except OSError as e:
-            raise UsageError(f"--to {args.to} cannot be created: {e.strerror}") from None
-        if not os.path.isdir(args.to):
-            raise UsageError(f"--to {args.to} is not a directory")
-    cache_dir = check_cache_dir(cache_dir)
+        _make_to_dir(args.to)
+    cache_dir = check_cache_dir(target.cache_dir)
     metrics = _metrics_server(args.metrics)
     show = not args.no_progress and not args.quiet and sys.stderr.isatty()
     bar = ProgressBar(0, description="materialize", counting="objects", enabled=show)
@@ -1058,18 +1079,18 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         bar.set_count(done, total)
 
     request = MaterializeRequest(
-        bucket=bucket,
-        key=key,
-        part_size=part_size,
+        bucket=target.url.bucket,
+        key=target.url.key,
+        part_size=target.part_size,
         threads=args.threads,
         to_dir=args.to,
         shard=shard,
         progress=progress,
         on_object=on_object,
         notice=lambda msg: bar.write(f"ossfs: {msg}") if not args.quiet else None,
-        scheme=url.scheme,
+        scheme=target.url.scheme,
     )
-    cache = CacheDir(cache_dir, max_bytes=cache_size, min_free_fraction=args.cache_min_free)
+    cache = CacheDir(cache_dir, max_bytes=target.cache_size, min_free_fraction=args.cache_min_free)
     config = ClientConfig(
         connections=args.threads,
         attempts=args.attempts,
@@ -1078,26 +1099,12 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     )
 
     async def run() -> Any:
-        async with HttpObjectClient(
-            endpoint, config, credentials=credentials_from(source)
-        ) as client:
+        credentials = credentials_from(target.source)
+        async with HttpObjectClient(target.endpoint, config, credentials=credentials) as client:
             if metrics is not None:
                 from ossfs.metrics import status_reader
 
-                def status() -> dict[str, Any]:
-                    return {
-                        "requests": client.stats.as_dict(),
-                        "bytes_fetched": counts["fetched"],
-                        "cache_hit_bytes": counts["cached"] - counts["fetched"],
-                        "cache_miss_bytes": counts["fetched"],
-                        "cache_used_bytes": cache.used_bytes,
-                        "cache_size_bytes": cache.max_bytes,
-                        "cache_evicted_bytes": cache.evicted_bytes,
-                        "buffered_bytes": client.buffered_bytes,
-                        "objects_done": counts["objects_done"],
-                    }
-
-                metrics.start(status_reader(status))
+                metrics.start(status_reader(lambda: _materialize_status(client, cache, counts)))
             return await materialize(client, cache, request)
 
     try:
@@ -1112,22 +1119,42 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     for line in result.failed:
         print(f"ossfs: failed: {printable(line)}", file=sys.stderr)
     if not args.quiet:
-        rate = result.bytes_fetched / result.elapsed if result.elapsed > 0 else 0.0
-        out = f", {result.written} written to {args.to}" if args.to else ""
-        done = result.objects - len(result.failed)
-        count = (
-            f"{done} of {result.objects} object(s) ({len(result.failed)} failed)"
-            if result.failed
-            else f"{done} object(s)"
-        )
-        print(
-            f"materialized {count} of {printable(url)} "
-            f"({format_size(result.total_bytes)}) in {result.elapsed:.1f}s: "
-            f"{format_size(result.bytes_fetched)} fetched ({format_size(rate)}/s), "
-            f"{format_size(result.bytes_reused)} already cached{out}",
-            file=sys.stderr,
-        )
+        print(_materialize_summary(result, target.url, args.to), file=sys.stderr)
     return EXIT_FAILURE if result.failed else 0
+
+
+def _materialize_status(
+    client: HttpObjectClient, cache: CacheDir, counts: dict[str, int]
+) -> dict[str, Any]:
+    """What `--metrics` shows during a materialize run."""
+    return {
+        "requests": client.stats.as_dict(),
+        "bytes_fetched": counts["fetched"],
+        "cache_hit_bytes": counts["cached"] - counts["fetched"],
+        "cache_miss_bytes": counts["fetched"],
+        "cache_used_bytes": cache.used_bytes,
+        "cache_size_bytes": cache.max_bytes,
+        "cache_evicted_bytes": cache.evicted_bytes,
+        "buffered_bytes": client.buffered_bytes,
+        "objects_done": counts["objects_done"],
+    }
+
+
+def _materialize_summary(result: MaterializeResult, url: ObjectUrl, to: str | None) -> str:
+    rate = result.bytes_fetched / result.elapsed if result.elapsed > 0 else 0.0
+    out = f", {result.written} written to {to}" if to else ""
+    done = result.objects - len(result.failed)
+    count = (
+        f"{done} of {result.objects} object(s) ({len(result.failed)} failed)"
+        if result.failed
+        else f"{done} object(s)"
+    )
+    return (
+        f"materialized {count} of {printable(url)} "
+        f"({format_size(result.total_bytes)}) in {result.elapsed:.1f}s: "
+        f"{format_size(result.bytes_fetched)} fetched ({format_size(rate)}/s), "
+        f"{format_size(result.bytes_reused)} already cached{out}"
+    )
 
 
 class Interrupted(KeyboardInterrupt):
