@@ -167,62 +167,15 @@ def shard_from_environment(
     given_from = "--shard-count"
     if given is None and env.get(SHARD_COUNT_VARIABLE, "").strip():
         given, given_from = _env_int(env, SHARD_COUNT_VARIABLE, least=1), SHARD_COUNT_VARIABLE
-    found: list[tuple[tuple[int, int], str]] = []
-
-    if "JOB_COMPLETION_INDEX" in env:
-        index = _env_int(env, "JOB_COMPLETION_INDEX", least=0)
-        if given is None:
-            raise UsageError(
-                f"--shard auto: JOB_COMPLETION_INDEX={index} (a Kubernetes "
-                "Indexed Job) needs the shard count: give --shard-count N or "
-                f"set {SHARD_COUNT_VARIABLE} to the Job's completions"
-            )
-        if index >= given:
-            raise UsageError(
-                f"--shard auto: JOB_COMPLETION_INDEX={index} is not below {given_from}={given}"
-            )
-        found.append(((index, given), f"JOB_COMPLETION_INDEX={index}, {given_from}={given}"))
-
-    if "SLURM_ARRAY_TASK_ID" in env:
-        if "SLURM_ARRAY_TASK_COUNT" not in env:
-            raise UsageError(
-                "--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not"
-            )
-        task = _env_int(env, "SLURM_ARRAY_TASK_ID", least=0)
-        tasks = _env_int(env, "SLURM_ARRAY_TASK_COUNT", least=1)
-        low = _env_int(env, "SLURM_ARRAY_TASK_MIN", least=0) if "SLURM_ARRAY_TASK_MIN" in env else 0
-        step = (
-            _env_int(env, "SLURM_ARRAY_TASK_STEP", least=1) if "SLURM_ARRAY_TASK_STEP" in env else 1
+    found = [
+        shard
+        for shard in (
+            _kubernetes_shard(env, given, given_from),
+            _slurm_shard(env),
+            _torch_shard(env),
         )
-        index, off = divmod(task - low, step)
-        high = env.get("SLURM_ARRAY_TASK_MAX", "").strip()
-        last = low + (tasks - 1) * step
-        if task < low or off or index >= tasks or (high and high != str(last)):
-            raise UsageError(
-                f"--shard auto: SLURM_ARRAY_TASK_ID={task} is not one of "
-                f"SLURM_ARRAY_TASK_COUNT={tasks} evenly spaced tasks from "
-                f"SLURM_ARRAY_TASK_MIN={low} (step {step}"
-                + (f", SLURM_ARRAY_TASK_MAX={printable(high)}" if high else "")
-                + "): use a range such as --array=0-N, or give --shard I/N"
-            )
-        found.append(
-            (
-                (index, tasks),
-                f"SLURM_ARRAY_TASK_ID={task}, "
-                f"SLURM_ARRAY_TASK_MIN={low}, SLURM_ARRAY_TASK_COUNT={tasks}",
-            )
-        )
-
-    if "RANK" in env or "WORLD_SIZE" in env:
-        if "RANK" not in env or "WORLD_SIZE" not in env:
-            missing, present = ("WORLD_SIZE", "RANK") if "RANK" in env else ("RANK", "WORLD_SIZE")
-            raise UsageError(f"--shard auto: {present} is set but {missing} is not")
-        rank = _env_int(env, "RANK", least=0)
-        size = _env_int(env, "WORLD_SIZE", least=1)
-        if rank >= size:
-            raise UsageError(f"--shard auto: RANK={rank} is not below WORLD_SIZE={size}")
-        found.append(((rank, size), f"RANK={rank}, WORLD_SIZE={size}"))
-
+        if shard is not None
+    ]
     if not found:
         raise UsageError(
             "--shard auto found no job runner: set JOB_COMPLETION_INDEX "
@@ -241,6 +194,65 @@ def shard_from_environment(
             f"--shard auto: {given_from}={given} does not match the {shard[1]} shards of {why}"
         )
     return shard, why
+
+
+_Found = tuple[tuple[int, int], str] | None  # a shard and where it came from
+
+
+def _kubernetes_shard(env: Mapping[str, str], given: int | None, given_from: str) -> _Found:
+    if "JOB_COMPLETION_INDEX" not in env:
+        return None
+    index = _env_int(env, "JOB_COMPLETION_INDEX", least=0)
+    if given is None:
+        raise UsageError(
+            f"--shard auto: JOB_COMPLETION_INDEX={index} (a Kubernetes "
+            "Indexed Job) needs the shard count: give --shard-count N or "
+            f"set {SHARD_COUNT_VARIABLE} to the Job's completions"
+        )
+    if index >= given:
+        raise UsageError(
+            f"--shard auto: JOB_COMPLETION_INDEX={index} is not below {given_from}={given}"
+        )
+    return (index, given), f"JOB_COMPLETION_INDEX={index}, {given_from}={given}"
+
+
+def _slurm_shard(env: Mapping[str, str]) -> _Found:
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return None
+    if "SLURM_ARRAY_TASK_COUNT" not in env:
+        raise UsageError(
+            "--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not"
+        )
+    task = _env_int(env, "SLURM_ARRAY_TASK_ID", least=0)
+    tasks = _env_int(env, "SLURM_ARRAY_TASK_COUNT", least=1)
+    low = _env_int(env, "SLURM_ARRAY_TASK_MIN", least=0) if "SLURM_ARRAY_TASK_MIN" in env else 0
+    step = _env_int(env, "SLURM_ARRAY_TASK_STEP", least=1) if "SLURM_ARRAY_TASK_STEP" in env else 1
+    index, off = divmod(task - low, step)
+    high = env.get("SLURM_ARRAY_TASK_MAX", "").strip()
+    last = low + (tasks - 1) * step
+    if task < low or off or index >= tasks or (high and high != str(last)):
+        raise UsageError(
+            f"--shard auto: SLURM_ARRAY_TASK_ID={task} is not one of "
+            f"SLURM_ARRAY_TASK_COUNT={tasks} evenly spaced tasks from "
+            f"SLURM_ARRAY_TASK_MIN={low} (step {step}"
+            + (f", SLURM_ARRAY_TASK_MAX={printable(high)}" if high else "")
+            + "): use a range such as --array=0-N, or give --shard I/N"
+        )
+    why = f"SLURM_ARRAY_TASK_ID={task}, SLURM_ARRAY_TASK_MIN={low}, SLURM_ARRAY_TASK_COUNT={tasks}"
+    return (index, tasks), why
+
+
+def _torch_shard(env: Mapping[str, str]) -> _Found:
+    if "RANK" not in env and "WORLD_SIZE" not in env:
+        return None
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        missing, present = ("WORLD_SIZE", "RANK") if "RANK" in env else ("RANK", "WORLD_SIZE")
+        raise UsageError(f"--shard auto: {present} is set but {missing} is not")
+    rank = _env_int(env, "RANK", least=0)
+    size = _env_int(env, "WORLD_SIZE", least=1)
+    if rank >= size:
+        raise UsageError(f"--shard auto: RANK={rank} is not below WORLD_SIZE={size}")
+    return (rank, size), f"RANK={rank}, WORLD_SIZE={size}"
 
 
 def in_shard(key: str, shard: tuple[int, int] | None) -> bool:
