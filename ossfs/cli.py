@@ -574,14 +574,22 @@ def make_client(
     args: argparse.Namespace, url: ObjectUrl, *, connections: int, rate_limit: int | None = None
 ) -> HttpObjectClient:
     endpoint, source = resolve_connection(connection_options(args), url.scheme)
-    config = ClientConfig(
+    config = client_config(args, connections, rate_limit=rate_limit)
+    return HttpObjectClient(endpoint, config, credentials=credentials_from(source))
+
+
+def client_config(
+    args: argparse.Namespace, connections: int, *, rate_limit: int | None = None
+) -> ClientConfig:
+    """The client's limits from the command line (`--attempts`, `--stall-timeout`,
+    `--timeout`)."""
+    return ClientConfig(
         connections=connections,
         attempts=args.attempts,
         stall_timeout=args.stall_timeout,
         timeout=args.timeout,
         rate_limit=rate_limit,
     )
-    return HttpObjectClient(endpoint, config, credentials=credentials_from(source))
 
 
 def credentials_from(source: Source | None) -> CredentialSource | None:
@@ -851,16 +859,11 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         metrics=metrics.where if metrics is not None else None,
         credentials=source.name if source is not None else "none (anonymous)",
     )
-    client_config = ClientConfig(
-        connections=args.threads,
-        attempts=args.attempts,
-        stall_timeout=args.stall_timeout,
-        timeout=args.timeout,
-    )
+    settings = client_config(args, args.threads)
 
     def make() -> HttpObjectClient:
         # Made in the mount's own process (after the fork), where its refreshes run.
-        return HttpObjectClient(endpoint, client_config, credentials=credentials_from(source))
+        return HttpObjectClient(endpoint, settings, credentials=credentials_from(source))
 
     return mount.run(config, make, _log_to_file, metrics)
 
@@ -1091,12 +1094,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
         scheme=target.url.scheme,
     )
     cache = CacheDir(cache_dir, max_bytes=target.cache_size, min_free_fraction=args.cache_min_free)
-    config = ClientConfig(
-        connections=args.threads,
-        attempts=args.attempts,
-        stall_timeout=args.stall_timeout,
-        timeout=args.timeout,
-    )
+    config = client_config(args, args.threads)
 
     async def run() -> Any:
         credentials = credentials_from(target.source)
