@@ -127,14 +127,16 @@ class Reader:
         the mount's pages), and a read that large ran at a fraction of its speed."""
         # Given DROP_BATCH bytes at a time (one thread hop for several small parts),
         # and when a read reaches the object's end (*end*: where this read ended).
+        at_end = end >= store.identity.size
+        if not parts and not at_end:
+            return  # (most reads: nothing looked up)
         pending = self._to_drop.get(id(store))
         if pending is None or pending[0] is not store:
             if not parts:
                 return
             pending = self._to_drop[id(store)] = (store, [])
-        pending[1].extend(parts)
-        at_end = end >= store.identity.size
-        if not pending[1] or (len(pending[1]) * store.layout.part_size < DROP_BATCH and not at_end):
+        pending[1].extend(parts)  # (never empty once made)
+        if len(pending[1]) * store.layout.part_size < DROP_BATCH and not at_end:
             return
         del self._to_drop[id(store)]
         store.flight_started()  # the store stays open until the advice is given

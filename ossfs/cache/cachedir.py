@@ -492,18 +492,19 @@ class CacheDir:
             return
         room = self._room(*self._disk())
         over = self._used - room
-        notify = self.on_room_low
-        slack = over <= _ahead_room(room)
-        if over > 0 and slack and notify is not None and self._evictor_has_work():
-            notify()
+        if 0 < over <= _ahead_room(room) and self._wake_evictor():
             return  # within the slack: the evictor in the background catches up
         if over > 0:
             self._used -= self._evict(over)
         self._note_over(room)
 
-    def _evictor_has_work(self) -> bool:
-        """An evictor runs in the background and has closed stores to remove."""
-        return self.on_room_low is not None and not self._dry
+    def _wake_evictor(self) -> bool:
+        """Tell the evictor in the background to make room; False when there is none,
+        or it has no closed store left to remove (`_dry`)."""
+        if self.on_room_low is None or self._dry:
+            return False
+        self.on_room_low()
+        return True
 
     @contextmanager
     def pinned(self, store: PartStore, parts: range | list[int]) -> Iterator[None]:
@@ -563,7 +564,7 @@ class CacheDir:
         self._scanned_at = time.monotonic()
         self._store_closed()  # another process's, perhaps
         if self.on_room_low is not None and self.evict_wanted() > 0:
-            self.on_room_low()  # another process filled it, or this one started on a full cache
+            self._wake_evictor()  # another process filled it, or this one started full
         return self._used
 
     def rescan(self) -> int:
@@ -646,23 +647,20 @@ class CacheDir:
         if readahead and self.held_bytes() + nbytes > room:
             return False
         need = self._used + nbytes - room
-        notify = self.on_room_low
-        if notify is not None and not self._dry and need > -_ahead_room(room) // 2:
-            notify()  # (it evicts down to a whole `_ahead_room` below: one pass per half)
+        # The evictor is woken with half of its room left, and evicts down to a whole
+        # `_ahead_room` below the cap: one pass per half.
+        behind = need > -_ahead_room(room) // 2 and self._wake_evictor()
         if need > 0:
-            if self._evictor_has_work():
-                # The evictor in the background is behind, and has closed stores to
-                # remove: a guess waits for it; a reader's part may take the cap's
-                # slack meanwhile (as long as the disk has room).
-                if readahead:
-                    return False
-                if need <= _ahead_room(room) and free - self._reserved - nbytes >= floor:
-                    room += need  # within the slack: not worth a warning
-                elif wait:
-                    return False
-                else:
-                    self._used -= self._evict(need)
-                    free, floor = self._disk()
+            # With the evictor behind (and closed stores left for it): a guess waits for
+            # it; a reader's part may take the cap's slack meanwhile (as long as the
+            # disk has room), and beyond it waits too, when the caller can.
+            slack = need <= _ahead_room(room) and free - self._reserved - nbytes >= floor
+            if behind and readahead:
+                return False
+            if behind and slack:
+                room += need  # not worth a warning
+            elif behind and wait:
+                return False
             else:
                 self._used -= self._evict(need)
                 free, floor = self._disk()  # what eviction freed
@@ -781,9 +779,9 @@ class CacheDir:
             freed += self._remove_store(path)
         return freed
 
-    def open_directories(self) -> list[str]:
+    def open_directories(self) -> frozenset[str]:
         """The stores open here (for `evict_closed`, which must leave them)."""
-        return list(self._open)
+        return frozenset(self._open)
 
     def eviction_pass(self) -> int:
         """A token for a pass of `evict_closed` about to start (give it back to
@@ -806,7 +804,7 @@ class CacheDir:
         want = need + min(self.max_bytes // 50, _EVICT_EXTRA)
         freed = 0
         if not self._dry:
-            freed = self.evict_closed(want, frozenset(self._open))
+            freed = self.evict_closed(want, self.open_directories())
             self.evicted_bytes += freed
             if freed >= need:
                 return freed

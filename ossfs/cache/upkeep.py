@@ -64,16 +64,29 @@ async def count_cache(cache: CacheDir, counted: bool = False) -> None:
         await trio.sleep(COUNT_INTERVAL)
 
 
+class _Wakeup:
+    """A call that wakes a waiting task: calls that come while it works count as one,
+    and it is awake at first."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._event.set()
+
+    def __call__(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
+
+
 async def keep_spares(cache: CacheDir) -> None:
     """Keep unnamed files ready for new small objects, made in a worker thread a batch
     at a time (a new inode costs up to 200 us; one thread hop per batch, not per object)."""
-    low = [trio.Event()]
-    cache.on_spares_low = lambda: low[0].set()
-    low[0].set()
+    wakeup = cache.on_spares_low = _Wakeup()
     try:
         while True:
-            await low[0].wait()
-            low[0] = trio.Event()
+            await wakeup.wait()
             want = cache.spares_wanted()
             if want:
                 cache.add_spares(await trio.to_thread.run_sync(cache.make_spares, want))
@@ -87,18 +100,15 @@ async def evict_ahead(
     """Free a twentieth of the cap (256 MiB at most) in a worker thread at start and
     whenever the cache says the room is running low (`CacheDir.on_room_low`: a fetch
     admitted, or a recount)."""
-    low = [trio.Event()]
-    cache.on_room_low = lambda: low[0].set()
-    low[0].set()
+    wakeup = cache.on_room_low = _Wakeup()
     task_status.started()
     try:
         while True:
-            await low[0].wait()
-            low[0] = trio.Event()
+            await wakeup.wait()
             want = cache.evict_wanted()
             if want <= 0:
                 continue
-            open_here = frozenset(cache.open_directories())
+            open_here = cache.open_directories()
             token = cache.eviction_pass()
             freed = await trio.to_thread.run_sync(cache.evict_closed, want, open_here)
             cache.account_evicted(freed, want, token)
