@@ -51,6 +51,7 @@ from ossfs.model import (
     object_url,
     parse_range,
     parse_size,
+    utc_stamp,
     validate_part_size,
 )
 from ossfs.namespace import DEFAULT_MAX_DIR_ENTRIES, ListingGuard
@@ -677,7 +678,7 @@ def _cmd_stat(args: argparse.Namespace) -> int:
             "url": str(url),
             "size": meta.size,
             "etag": meta.etag,
-            "last_modified": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(meta.mtime)),
+            "last_modified": utc_stamp(meta.mtime),
             "crc64ecma": str(meta.crc64) if meta.crc64 is not None else None,
             "object_type": meta.object_type,
             "storage_class": meta.storage_class,

@@ -12,6 +12,7 @@ Must not import: trio, httpx, pyfuse3.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 from ossfs.errors import UsageError
@@ -166,6 +167,11 @@ def validate_part_size(part_size: int) -> None:
             f"part size {format_size(part_size)} is out of range "
             f"({format_size(MIN_PART_SIZE)} to {format_size(MAX_PART_SIZE)})"
         )
+
+
+def utc_stamp(when: float) -> str:
+    """Seconds since the epoch as ISO 8601 in UTC, to the second: 2026-11-30T10:00:00Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def format_size(n: float) -> str:

@@ -35,6 +35,7 @@ from ossfs.client import ObjectClient
 from ossfs.errors import OssfsError, UsageError, unwrap_groups
 from ossfs.fetcher import Fetcher
 from ossfs.fs import FsOptions, Operations
+from ossfs.model import utc_stamp
 from ossfs.mounttable import tune_kernel_read_ahead
 from ossfs.namespace import DEFAULT_MAX_DIR_ENTRIES, Namespace
 from ossfs.prefetch import SiblingPrefetch
@@ -276,7 +277,7 @@ def _expiration(client: ObjectClient) -> str | None:
     expiration = getattr(issued, "expiration", None)
     if expiration is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiration))
+    return utc_stamp(expiration)
 
 
 async def _after_init(mountpoint: str, kb: int) -> None:

@@ -45,7 +45,6 @@ import ssl
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from urllib.parse import quote
 
 import httpx
@@ -69,6 +68,7 @@ from ossfs.credentials import (
 )
 from ossfs.errors import CredentialError
 from ossfs.escape import printable
+from ossfs.model import utc_stamp
 from ossfs.protocol.signing import Credentials
 
 __all__ = ["RefreshingCredentials", "fetch_source", "for_source"]
@@ -173,7 +173,7 @@ class RefreshingCredentials:
                 "the service refused the credentials from %s as expired (they were "
                 "valid until %s by this machine's clock); getting new ones",
                 self.name,
-                _iso(issued.expiration),
+                utc_stamp(issued.expiration),
             )
             self._issued = Issued(credentials=credentials, expiration=now)
             self._refresh_at = now
@@ -263,7 +263,7 @@ class RefreshingCredentials:
                     "valid until %s; trying again in %.0f s",
                     self.name,
                     reason,
-                    _iso(issued.expiration),
+                    utc_stamp(issued.expiration),
                     delay,
                 )
             else:
@@ -272,7 +272,7 @@ class RefreshingCredentials:
         self._retry_at = now + EXPIRED_RETRY
         if issued is not None and issued.expiration is not None:
             self._error = CredentialError(
-                f"credentials from {self.name} expired at {_iso(issued.expiration)} and new "
+                f"credentials from {self.name} expired at {utc_stamp(issued.expiration)} and new "
                 f"ones could not be had: {reason}"
             )
         else:
@@ -285,12 +285,8 @@ def _valid(issued: Issued, now: float) -> bool:
     return issued.expiration is None or now < issued.expiration
 
 
-def _iso(when: float) -> str:
-    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _until(issued: Issued) -> str:
-    return f" (valid until {_iso(issued.expiration)})" if issued.expiration else ""
+    return f" (valid until {utc_stamp(issued.expiration)})" if issued.expiration else ""
 
 
 def for_source(source: Source, *, clock: Callable[[], float] = time.time) -> RefreshingCredentials:
@@ -486,7 +482,7 @@ async def _assume_role(source: AssumeRoleWithToken) -> Issued:
             "Action": "AssumeRoleWithOIDC",
             "Version": "2015-04-01",
             "Format": "JSON",
-            "Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "Timestamp": utc_stamp(time.time()),
             "RoleArn": source.role_arn,
             "OIDCProviderArn": source.provider_arn or "",
             "OIDCToken": token,
