@@ -26,6 +26,21 @@ def put(cache: CacheDir, store: PartStore, parts: list[int]) -> None:
         cache.settle(store, p, end - first, written=end - first, committed=True, readahead=False)
 
 
+def closed_stores(root: Path, count: int, part_size: int) -> list[str]:
+    """*count* closed stores of 2 parts (``old0``, ``old1``...) in the cache at *root*,
+    least recently used first; their directories."""
+    filler = CacheDir(str(root), max_bytes=1 << 40, min_free_fraction=0.0)
+    dirs = []
+    for i in range(count):
+        s = filler.acquire(identity_for("b", f"old{i}", "E", 2 * part_size, part_size))
+        put(filler, s, [0, 1])
+        dirs.append(os.path.dirname(s.data_path))
+        filler.release(s)
+        os.utime(dirs[-1], (1000 + i, 1000 + i))
+    filler.close()
+    return dirs
+
+
 def test_layout_is_private_and_keys_are_hashed(tmp_path: Path) -> None:
     cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30)
     store = cache.acquire(identity_for("b", "../../etc/passwd", "E", PART, PART))

@@ -29,13 +29,13 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ossfs.cache.cachedir import CacheDir, identity_for
+from ossfs.cache.cachedir import CacheDir
 from ossfs.cache.upkeep import evict_ahead
-from ossfs.crc import crc64
 from ossfs.fetcher import Fetcher
 from ossfs.fs import FsOptions, Operations
 from ossfs.namespace import Namespace
 from ossfs.testing.memory import MemoryClient
+from tests.unit.test_cachedir import closed_stores
 
 BUCKET = "bkt"
 KiB = 1 << 10
@@ -83,7 +83,8 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
     data = random.Random(seed).randbytes(sc.size)
     client = MemoryClient(latency=0.003, bandwidth=200 * MiB)
     client.put(BUCKET, "obj", data)
-    fill(root, sc.closed, sc.part_size)
+    if sc.closed:
+        closed_stores(root, sc.closed, sc.part_size)
     cache = CacheDir(str(root), max_bytes=sc.cap, min_free_fraction=0.0)
     fetcher = Fetcher(
         client,
@@ -176,24 +177,6 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
         cache.close()
     assert worst <= bound, f"cache took {worst} bytes on disk, bound {bound}"
     return client
-
-
-def fill(root: Path, count: int, part_size: int) -> None:
-    """*count* closed stores of 2 parts in the cache at *root*, least recently used first."""
-    if not count:
-        return
-    filler = CacheDir(str(root), max_bytes=1 << 40, min_free_fraction=0.0)
-    for i in range(count):
-        store = filler.acquire(identity_for(BUCKET, f"old{i}", "E", 2 * part_size, part_size))
-        for p in range(2):
-            data = os.urandom(part_size)
-            assert filler.admit(store, p, part_size, readahead=False)
-            store.write(p * part_size, data)
-            store.commit(p, crc64(data))
-            filler.settle(store, p, part_size, written=part_size, committed=True, readahead=False)
-        filler.release(store)
-        os.utime(os.path.dirname(store.data_path), (1000 + i, 1000 + i))
-    filler.close()
 
 
 @st.composite

@@ -13,7 +13,7 @@ import trio
 
 from ossfs.cache.cachedir import CacheDir, identity_for
 from ossfs.cache.upkeep import evict_ahead
-from tests.unit.test_cachedir import PART, put
+from tests.unit.test_cachedir import PART, closed_stores, put
 
 CAP = 100 * PART
 
@@ -21,16 +21,7 @@ CAP = 100 * PART
 def full_cache(root: Path) -> list[str]:
     """A cache at *root* holding 50 closed stores of 2 parts (the whole cap), oldest
     first; their directories."""
-    filler = CacheDir(str(root), max_bytes=1 << 40, min_free_fraction=0.0)
-    dirs = []
-    for i in range(50):
-        s = filler.acquire(identity_for("b", f"old{i}", "E", 2 * PART, PART))
-        put(filler, s, [0, 1])
-        dirs.append(os.path.dirname(s.data_path))
-        filler.release(s)
-        os.utime(dirs[-1], (1000 + i, 1000 + i))
-    filler.close()
-    return dirs
+    return closed_stores(root, 50, PART)
 
 
 def record_walks(cache: CacheDir) -> list[bool]:
