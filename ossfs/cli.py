@@ -350,8 +350,8 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_CACHE_PART_SIZE,
         metavar="SIZE",
         help="bytes per cached part: the least a random read fetches "
-        "(default 8MiB; 1MiB for random access: fewer bytes fetched, "
-        "slower sequential reads)",
+        "(default 1MiB; objects of up to 8MiB are one part; sequential reads "
+        "fetch runs of parts per GET)",
     )
 
 

@@ -34,8 +34,8 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -280,13 +280,16 @@ class Fetcher:
         readahead: bool,
         refresh: bool = True,
         wait: bool = False,
+        fit: bool = False,
     ) -> _Flight | None:
         """Register a flight for a missing part, with room reserved for it.
 
         None when the part turned out present, or when it is read-ahead the
         budget has no room for (or, with *wait*, a part whose room is being made:
         the caller waits and asks again). *refresh* False: the caller has just
-        looked at the index (one look for a whole run).
+        looked at the index (one look for a whole run). *fit*: admitted only when it
+        fits next to what is held, as read-ahead is (the tail of a run), but not held
+        for a stream once fetched.
         """
         if refresh:
             store.refresh()  # another process sharing the store may have fetched it
@@ -295,7 +298,10 @@ class Fetcher:
         first, end = store.layout.bounds(part)
         flight = _Flight(first, end, first, readahead=readahead)
         if self._budget is not None:
-            if not self._budget.admit(store, part, end - first, readahead=readahead, wait=wait):
+            admit_as_guess = readahead or fit
+            if not self._budget.admit(
+                store, part, end - first, readahead=admit_as_guess, wait=wait
+            ):
                 return None
             flight.admitted = True
         self._flights[(id(store), part)] = flight
@@ -539,13 +545,82 @@ class Fetcher:
             self._nursery.start_soon(self._background_run, store, list(run))
 
     async def _background_run(self, store: PartStore, run: list[tuple[int, _Flight]]) -> None:
+        """Read-ahead of consecutive parts by one GET (`_fly_run`); failures are left
+        in the flights, for the readers that wait on them."""
+        try:
+            await self._fly_run(store, run, None, self.readahead_limiter)
+        except Exception as e:
+            log.debug(
+                "read-ahead of parts %d-%d of %s failed: %s",
+                run[0][0],
+                run[-1][0],
+                store.identity.key,
+                e,
+            )
+        if store.complete:
+            try:
+                await self.check_whole(store, store.server_crc64)
+            except IntegrityError as e:
+                log.error("%s", e)
+
+    async def ensure_run(
+        self, store: PartStore, parts: Sequence[int], *, on_bytes: ByteCallback | None = None
+    ) -> None:
+        """`ensure` for consecutive *parts*, by one GET when they are all missing and
+        nobody fetches them (materialize: small parts need not mean many requests).
+
+        The parts the GET did not cover (in flight in this process, fetched by
+        another, no room) are then made present one by one, as `ensure` does. A part
+        the GET fetched is not fetched again, even if it was evicted since (a cache
+        smaller than the run).
+        """
+        i = 0
+        while i < len(parts):
+            run = self._run_from(store, parts[i:])
+            if not run:  # in flight here, or no room for it yet
+                await self.ensure(store, parts[i], on_bytes=on_bytes)
+                i += 1
+                continue
+            fetched = await self._fly_run(store, run, on_bytes, None)
+            if store.complete:
+                await self.check_whole(store, store.server_crc64)
+            for part, _flight in run:
+                if part not in fetched:  # another process had it
+                    await self.ensure(store, part, on_bytes=on_bytes)
+            i += len(run)
+
+    def _run_from(self, store: PartStore, parts: Sequence[int]) -> list[tuple[int, _Flight]]:
+        """Flights for the leading parts of *parts* that are missing and in flight
+        nowhere in this process (empty when the first is not)."""
+        run: list[tuple[int, _Flight]] = []
+        store.refresh()
+        for part in parts:
+            if store.is_present(part) or (id(store), part) in self._flights:
+                break
+            # The first part as a reader's; the rest only as far as the cache has room
+            # beside what is in flight (a run must not overfill a small cache).
+            flight = self._new_flight(store, part, readahead=False, refresh=False, fit=bool(run))
+            if flight is None:
+                break
+            run.append((part, flight))
+        return run
+
+    async def _fly_run(
+        self,
+        store: PartStore,
+        run: list[tuple[int, _Flight]],
+        on_bytes: ByteCallback | None,
+        limiter: trio.CapacityLimiter | None,
+    ) -> set[int]:
         """Fetch consecutive parts with one GET; each part is committed, and its flight
-        ends, as soon as its last byte is written."""
+        ends, as soon as its last byte is written. Every flight of *run* has ended when
+        this returns (the parts it fetched) or raises (with the GET's error)."""
         store.flight_started()
         claimed: list[tuple[int, _Flight]] = []
         error: BaseException | None = None
         try:
-            async with self.readahead_limiter:
+            gate: AbstractAsyncContextManager[object] = limiter or nullcontext()
+            async with gate:
                 # Only the leading parts nobody else (another process) is fetching, and
                 # that are still missing: a run is one contiguous range.
                 store.refresh()
@@ -554,19 +629,11 @@ class Fetcher:
                         break
                     claimed.append((part, flight))
                 if claimed:
-                    await self._download_run(store, claimed)
+                    await self._download_run(store, claimed, on_bytes)
+            return {part for part, _flight in claimed}
         except BaseException as e:
             error = e
-            if not isinstance(e, trio.Cancelled):
-                log.debug(
-                    "read-ahead of parts %d-%d of %s failed: %s",
-                    run[0][0],
-                    run[-1][0],
-                    store.identity.key,
-                    e,
-                )
-            if not isinstance(e, Exception):
-                raise
+            raise
         finally:
             for part, _flight in claimed:
                 store.unlock_part(part)
@@ -575,11 +642,6 @@ class Fetcher:
                 # reader that needs the part starts a flight of its own.
                 self._land(store, part, flight, error)
             store.flight_ended()
-        if store.complete:
-            try:
-                await self.check_whole(store, store.server_crc64)
-            except IntegrityError as e:
-                log.error("%s", e)
 
     async def _download_run(
         self, store: PartStore, run: list[tuple[int, _Flight]], on_bytes: ByteCallback | None = None
@@ -639,7 +701,7 @@ class Fetcher:
         if self._commit(store, part, flight, last_crc):
             done.append(part)
         if done:
-            await trio.to_thread.run_sync(_start_writeback, store, done)
+            await trio.to_thread.run_sync(store.start_writeback, done)
 
     def _commit(self, store: PartStore, part: int, flight: _Flight, crc: int) -> bool:
         """Record a part whose bytes are all written and end its flight; True when the
@@ -661,12 +723,7 @@ def _writeback(store: PartStore, parts: list[int]) -> Awaitable[None] | None:
     busy: never in the event loop); None when there is nothing to write back."""
     if not parts:
         return None
-    return trio.to_thread.run_sync(_start_writeback, store, parts)
-
-
-def _start_writeback(store: PartStore, parts: list[int]) -> None:
-    for part in parts:
-        store.start_writeback(part)
+    return trio.to_thread.run_sync(store.start_writeback, parts)
 
 
 @contextmanager

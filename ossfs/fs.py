@@ -35,7 +35,7 @@ import pyfuse3
 import trio
 from cachetools import LRUCache
 
-from ossfs.cache.cachedir import CacheDir, identity_for
+from ossfs.cache.cachedir import CacheDir, object_identity
 from ossfs.cache.index import StoreIdentity
 from ossfs.cache.store import PartStore
 from ossfs.errors import (
@@ -46,6 +46,7 @@ from ossfs.errors import (
     errno_for,
 )
 from ossfs.fetcher import Fetcher
+from ossfs.model import DEFAULT_CACHE_PART_SIZE
 from ossfs.namespace import DirReader, Namespace, Node
 from ossfs.prefetch import SiblingPrefetch
 from ossfs.reader import OpenFile, Reader
@@ -71,7 +72,7 @@ class FsOptions:
     umask: int = 0o222
     ttl: float = 60.0
     negative_ttl: float = 5.0
-    part_size: int = 8 << 20
+    part_size: int = DEFAULT_CACHE_PART_SIZE
 
 
 @dataclass(slots=True)
@@ -305,7 +306,7 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ESTALE)
             meta = node.meta
             assert meta is not None
-            ident = identity_for(
+            ident = object_identity(
                 self.ns.bucket, meta.key, meta.etag, meta.size, self.opts.part_size
             )
             store = await self.fetcher.open_store(self.cache, ident)
@@ -433,7 +434,7 @@ class Operations(pyfuse3.Operations):
                     raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
                 return str(crc).encode()
             info = self.cache.info_for(
-                identity_for(self.ns.bucket, meta.key, meta.etag, meta.size, self.opts.part_size)
+                object_identity(self.ns.bucket, meta.key, meta.etag, meta.size, self.opts.part_size)
             )
             return str(info.cached_bytes if info else 0).encode()
 

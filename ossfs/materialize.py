@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ossfs.cache.cachedir import CacheDir, identity_for
+from ossfs.cache.cachedir import CacheDir, object_identity
 from ossfs.cache.store import PartStore
 from ossfs.cache.upkeep import run_upkeep
 from ossfs.client import ObjectClient
@@ -105,6 +105,9 @@ class MaterializeRequest:
 # How often an object that changed while it was fetched (a 412 on If-Match) is
 # fetched again in its new version before it counts as failed; as in download.
 RESTARTS = 2
+# Consecutive missing parts are fetched by one GET of up to this many bytes (or one
+# part, if larger): small cache parts do not multiply the requests.
+RUN_BYTES = 8 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +427,17 @@ async def materialize(
     )
 
 
+def consecutive_runs(parts: list[int], most: int) -> list[list[int]]:
+    """*parts* (ascending) cut into runs of consecutive parts, of at most *most* each."""
+    runs: list[list[int]] = []
+    for part in parts:
+        if runs and runs[-1][-1] == part - 1 and len(runs[-1]) < most:
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    return runs
+
+
 class _Run:
     """One materialize run: the objects, what became of them, and the counters.
 
@@ -448,7 +462,7 @@ class _Run:
         self.written = 0
         self.skipped = 0
         self.failed: list[str] = []
-        self.remaining: dict[int, int] = {}  # object index -> parts still to fetch
+        self.remaining: dict[int, int] = {}  # object index -> runs of parts still to fetch
         self.stores: dict[int, PartStore] = {}
         self.object_failed: set[int] = set()
         self.changed: dict[int, str] = {}  # objects replaced while fetched: index -> the error
@@ -486,25 +500,23 @@ class _Run:
         self._progress(n)
 
     async def run_pass(self, indexes: list[int]) -> None:
-        async def feed(send: trio.MemorySendChannel[tuple[int, PartStore, int]]) -> None:
+        async def feed(send: trio.MemorySendChannel[tuple[int, PartStore, list[int]]]) -> None:
             for i in indexes:
                 await self._open(i, send)
 
-        await run_pool(
-            self.request.threads, feed, self._fetch_part, buffer=self.request.threads * 2
-        )
+        await run_pool(self.request.threads, feed, self._fetch_run, buffer=self.request.threads * 2)
 
     async def _open(
         self,
         i: int,
-        send: trio.MemorySendChannel[tuple[int, PartStore, int]],
+        send: trio.MemorySendChannel[tuple[int, PartStore, list[int]]],
     ) -> None:
         """Open object *i*'s store and send its missing parts to the workers."""
         meta, cache = self.objects[i], self.cache
         try:
             store = await self.fetcher.open_store(
                 cache,
-                identity_for(
+                object_identity(
                     self.request.bucket, meta.key, meta.etag, meta.size, self.request.part_size
                 ),
             )
@@ -522,18 +534,18 @@ class _Run:
         self.reused += have
         self.done_bytes += have
         self._progress(0)
-        missing = store.missing()
-        self.remaining[i] = len(missing)
-        if not missing:
+        runs = consecutive_runs(store.missing(), max(1, RUN_BYTES // store.layout.part_size))
+        self.remaining[i] = len(runs)
+        if not runs:
             await self._object_finished(i)
-        for part in missing:
-            await send.send((i, store, part))
+        for run in runs:
+            await send.send((i, store, run))
 
-    async def _fetch_part(self, item: tuple[int, PartStore, int]) -> None:
-        i, store, part = item
+    async def _fetch_run(self, item: tuple[int, PartStore, list[int]]) -> None:
+        i, store, run = item
         cache = self.cache
         try:
-            await self.fetcher.ensure(store, part, on_bytes=self.on_bytes)
+            await self.fetcher.ensure_run(store, run, on_bytes=self.on_bytes)
         except NoSpaceError as e:
             # The cache's disk is full (or at its free-space floor): every other part
             # would fail the same way. Stop; what is cached stays.

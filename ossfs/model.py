@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ossfs.errors import UsageError
@@ -23,6 +24,9 @@ __all__ = [
     "GiB",
     "DEFAULT_PART_SIZE",
     "DEFAULT_CACHE_PART_SIZE",
+    "WHOLE_OBJECT_MAX",
+    "one_part_limit",
+    "store_part_size",
     "MIN_PART_SIZE",
     "MAX_PART_SIZE",
     "validate_part_size",
@@ -42,9 +46,14 @@ GiB = 1024 * MiB
 
 DEFAULT_PART_SIZE = 8 * MiB
 # The cache's part size (mount, materialize): what one random read fetches at least.
-# 1 MiB meets the bytes-fetched targets but costs 2.4x on a cold 1 GiB read at 800 MB/s
-# (per-part work; docs/bench-fetch.md): 8 MiB until that cost is cut.
-DEFAULT_CACHE_PART_SIZE = 8 * MiB
+# A sequential reader's GETs cover runs of parts (`ossfs.fetcher`), so its requests do
+# not multiply; what 1 MiB costs against 8 MiB is per-part work (docs/bench-fetch.md).
+DEFAULT_CACHE_PART_SIZE = 1 * MiB
+# An object of at most this size (or of the part size, if larger) is cached as one
+# part: one GET, one file (`ossfs.cache.small`). 8 MiB was the part size before the
+# default became 1 MiB, so such objects keep the cache entries they had then. Not for
+# part sizes below the default (`one_part_limit`).
+WHOLE_OBJECT_MAX = 8 * MiB
 MIN_PART_SIZE = 100 * KiB
 MAX_PART_SIZE = 5 * GiB
 
@@ -114,6 +123,18 @@ class PartLayout:
         first = self.start + index * self.part_size
         return first, min(first + self.part_size, self.start + self.length)
 
+    def spans(self, parts: Iterable[int]) -> list[tuple[int, int]]:
+        """Object ranges ``(first, end_exclusive)`` covering *parts*, consecutive parts
+        merged into one range (one system call for a run of parts)."""
+        out: list[tuple[int, int]] = []
+        for part in sorted(set(parts)):
+            first, end = self.bounds(part)
+            if out and out[-1][1] == first:
+                out[-1] = (out[-1][0], end)
+            else:
+                out.append((first, end))
+        return out
+
     def part_length(self, index: int) -> int:
         first, end = self.bounds(index)
         return end - first
@@ -158,6 +179,20 @@ def parse_size(text: str) -> int:
     if value != int(value):
         raise ValueError(f"not a whole number of bytes: {text!r}")
     return int(value)
+
+
+def one_part_limit(part_size: int) -> int:
+    """The largest object the cache keeps as one part, at cache part size *part_size*:
+    `WHOLE_OBJECT_MAX`, or the part size if larger. A part size below the default asks
+    for fine-grained caching: then objects are cut into parts whatever their size."""
+    return part_size if part_size < DEFAULT_CACHE_PART_SIZE else max(part_size, WHOLE_OBJECT_MAX)
+
+
+def store_part_size(size: int, part_size: int) -> int:
+    """The part size of the cache entry of an object of *size* bytes: *part_size*, or
+    one part for an object of at most `one_part_limit`."""
+    whole = one_part_limit(part_size)
+    return whole if size <= whole else part_size
 
 
 def validate_part_size(part_size: int) -> None:

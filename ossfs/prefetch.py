@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ossfs.cache.cachedir import CacheDir, identity_for
+from ossfs.cache.cachedir import CacheDir, object_identity
 from ossfs.fetcher import Fetcher
-from ossfs.model import ObjectMeta
+from ossfs.model import ObjectMeta, one_part_limit
 from ossfs.namespace import Namespace, Node
 
 __all__ = ["SiblingPrefetch"]
@@ -48,12 +48,13 @@ class SiblingPrefetch:
         self.cache = cache
         self.fetcher = fetcher
         self.part_size = part_size
+        self.small = one_part_limit(part_size)  # only objects kept as one part
         self._walks: dict[str, _Walk] = {}
         self.started = 0
 
     def on_open(self, node: Node) -> None:
         """Called when a file is opened; may start background fetches of its siblings."""
-        if node.meta is None or node.meta.size > self.part_size:
+        if node.meta is None or node.meta.size > self.small:
             return
         parent, _, name = node.path.rpartition("/")
         listed = self.ns.listed_files(parent)
@@ -80,13 +81,13 @@ class SiblingPrefetch:
 
     def _prefetch(self, parent: str, name: str) -> None:
         meta = self.ns.listed_meta(parent, name)
-        if meta is None or meta.size == 0 or meta.size > self.part_size:
+        if meta is None or meta.size == 0 or meta.size > self.small:
             return
         self.started += 1
         self.fetcher.spawn(self._fetch_one, meta)
 
     async def _fetch_one(self, meta: ObjectMeta) -> None:
-        identity = identity_for(self.ns.bucket, meta.key, meta.etag, meta.size, self.part_size)
+        identity = object_identity(self.ns.bucket, meta.key, meta.etag, meta.size, self.part_size)
         store = await self.fetcher.open_store(self.cache, identity)
         try:
             flight = self.fetcher.start(store, 0, readahead=True)

@@ -77,9 +77,9 @@ from ossfs.cache.small import (
 from ossfs.cache.store import PartStore
 from ossfs.errors import CheckpointError, NoSpaceError
 from ossfs.fsutil import punch_hole
-from ossfs.model import format_size
+from ossfs.model import format_size, store_part_size
 
-__all__ = ["CacheDir", "CachedObjectInfo", "identity_for", "cached_objects"]
+__all__ = ["CacheDir", "CachedObjectInfo", "identity_for", "object_identity", "cached_objects"]
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,17 @@ _STALE_TEMP = 3600.0
 
 
 def identity_for(bucket: str, key: str, etag: str, size: int, part_size: int) -> StoreIdentity:
-    """The identity of a whole-object store in the cache."""
+    """The identity of a whole-object store in the cache, of parts of *part_size*."""
     return StoreIdentity(
         bucket=bucket, key=key, etag=etag, size=size, part_size=part_size, start=0, length=size
     )
+
+
+def object_identity(bucket: str, key: str, etag: str, size: int, part_size: int) -> StoreIdentity:
+    """The store a mount, materialize and the sibling prefetch use for an object at
+    cache part size *part_size*: one part for a small object
+    (`ossfs.model.store_part_size`). They must agree, to share the cache."""
+    return identity_for(bucket, key, etag, size, store_part_size(size, part_size))
 
 
 @lru_cache(maxsize=65536)

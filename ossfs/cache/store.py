@@ -324,14 +324,15 @@ class PartStore:
             "part(s), run again to fetch them"
         )
 
-    def start_writeback(self, part: int) -> None:
-        """Start writing *part* to disk now (see `ossfs.fsutil.start_writeback`).
+    def start_writeback(self, parts: Iterable[int]) -> None:
+        """Start writing *parts* to disk now (see `ossfs.fsutil.start_writeback`), a run
+        of consecutive parts in one call.
 
         Only for parts of 1 MiB or more: early writeback keeps a large transfer
         from piling up dirty pages; for small files it would only add I/O.
         """
-        first, end = self.layout.bounds(part)
-        if end - first >= _EARLY_WRITEBACK:
+        big = [p for p in parts if self.layout.part_length(p) >= _EARLY_WRITEBACK]
+        for first, end in self.layout.spans(big):
             start_writeback(self._fd, first - self.identity.start, end - first)
 
     def drop_pages(self, parts: Iterable[int]) -> None:
@@ -340,15 +341,16 @@ class PartStore:
 
         For parts a stream has read through: the reader keeps its own copy in the page
         cache of the file it read (the mount's), and keeping this one too doubles what
-        a long sequential read puts in memory. Blocking (it may start writeback)."""
-        for part in parts:
-            first, end = self.layout.bounds(part)
+        a long sequential read puts in memory. Blocking (it may start writeback). A run
+        of consecutive parts is one call: each call drains the kernel's per-CPU page
+        lists, which cost a fifth of the daemon's CPU on a read of 1 MiB parts."""
+        for first, end in self.layout.spans(parts):
             try:
                 os.posix_fadvise(
                     self._fd, first - self.identity.start, end - first, os.POSIX_FADV_DONTNEED
                 )
             except OSError as e:  # only advice
-                log.debug("cannot drop the pages of part %d of %s: %s", part, self.data_path, e)
+                log.debug("cannot drop the pages of %d-%d of %s: %s", first, end, self.data_path, e)
 
     def try_lock_part(self, part: int) -> bool:
         """Claim *part* for fetching across processes; False when another process has it."""

@@ -459,7 +459,9 @@ def test_materialize_summary_counts_failures_apart(
 def test_materialize_starts_a_replaced_object_over(
     srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path
 ) -> None:
-    new = os.urandom(4 * 100 * KiB + 9)
+    # More than one GET's run of parts (8 MiB), so that a GET follows the replacing one.
+    srv.put(BUCKET, "dir/a.bin", os.urandom(9 * 1024 * KiB))
+    new = os.urandom(9 * 1024 * KiB + 9)
     srv.faults.add(Fault("replace", op="get", key="dir/a.bin", after_bytes=1000, data=new))
     out = tmp_path / "out" / "deeper"  # --to creates what is missing
     # One connection: the GET after the replacing one is surely sent after the replace

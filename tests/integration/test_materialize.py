@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from ossfs.cache.cachedir import CacheDir
+from ossfs.materialize import RUN_BYTES, consecutive_runs
 from ossfs.testing import Fault, OssTestServer
 from tests.helpers import OSSFS, run_ossfs, summary_line
 from tests.integration.conftest import settled_stats
@@ -59,6 +60,15 @@ OUTSIDE: dict[str, bytes] = {
 def parts_of(size: int) -> int:
     """How many 100 KiB parts an object of *size* bytes has."""
     return -(-size // PART)
+
+
+# Consecutive missing parts are fetched by one GET of up to RUN_BYTES.
+RUN_PARTS = RUN_BYTES // PART
+
+
+def get_starts(size: int) -> list[int]:
+    """Where the GETs of a cold run over an object of *size* bytes start."""
+    return [i * PART for i in range(0, parts_of(size), RUN_PARTS)]
 
 
 def materialize(
@@ -99,6 +109,15 @@ def succeeded(result: subprocess.CompletedProcess[str]) -> str:
     return summary_line(result, "materialized ")
 
 
+def cached_bytes(cache: Path) -> dict[str, int]:
+    """Key -> bytes the cache holds (read after the writer is gone)."""
+    cd = CacheDir(str(cache), max_bytes=1 << 40)
+    try:
+        return {info.key: info.cached_bytes for info in cd.objects()}
+    finally:
+        cd.close()
+
+
 def cached_parts(cache: Path) -> dict[str, int]:
     """Key -> parts the cache holds (read after the writer is gone)."""
     cd = CacheDir(str(cache), max_bytes=1 << 40)
@@ -130,13 +149,11 @@ def test_prefix_to_dir(srv: OssTestServer, oss_env: dict[str, str], tmp_path: Pa
     for rel in expected:
         assert os.stat(to / rel).st_mtime == 1_650_000_000
     assert f"materialized {len(DATASET)} object(s)" in line
-    # Each part once; nothing outside the prefix.
+    # Each byte once, by one GET per run of parts; nothing outside the prefix.
     stats = settled_stats(srv)
     assert set(stats.gets_by_key) == {k for k, v in DATASET.items() if v}
     for key, records in stats.gets_by_key.items():
-        assert sorted(r.req_start or 0 for r in records) == [
-            i * PART for i in range(parts_of(len(DATASET[key])))
-        ]
+        assert sorted(r.req_start or 0 for r in records) == get_starts(len(DATASET[key]))
     assert stats.bytes_sent == sum(len(v) for v in DATASET.values())
 
     # A rerun fetches nothing and leaves the files as they are.
@@ -159,7 +176,7 @@ def test_cache_first_then_to_dir(
 ) -> None:
     cache, to = tmp_path / "cache", tmp_path / "to"
     succeeded(materialize(srv, oss_env, f"oss://{BUCKET}/ds/", cache))
-    assert gets(srv) == sum(parts_of(len(v)) for v in DATASET.values())
+    assert gets(srv) == sum(len(get_starts(len(v))) for v in DATASET.values())
     assert cached_parts(cache) == {k: parts_of(len(v)) for k, v in DATASET.items()}
     before = gets(srv)
     to.mkdir()
@@ -243,18 +260,18 @@ def test_resume_after_kill_9(
     for rel, content in files_under(to).items():
         if not rel.endswith(".ossfs-tmp"):
             assert content == objects["big/" + rel]
-    held = cached_parts(cache)
-    total_parts = sum(parts_of(len(v)) for v in objects.values())
-    missing = total_parts - sum(held.values())
+    held = cached_bytes(cache)
+    missing = sum(len(v) for v in objects.values()) - sum(held.values())
     assert sum(held.values()) > 0 and missing > 0
     oss_server.faults.bandwidth = None
-    before = gets(oss_server)  # after the killed run's answers have ended
+    before = settled_stats(oss_server).bytes_sent  # after the killed run's answers ended
     line = succeeded(
         materialize(
             oss_server, oss_env, f"oss://{BUCKET}/big/", cache, "--to", str(to), "--threads", "4"
         )
     )
-    assert gets(oss_server) - before == missing
+    # The parts the killed run had committed are not fetched again.
+    assert settled_stats(oss_server).bytes_sent - before == missing
     assert "already cached" in line
     assert files_under(to) == {k.removeprefix("big/"): v for k, v in objects.items()}
 
@@ -304,15 +321,17 @@ def test_object_replaced_mid_run(
 ) -> None:
     """The changed object is started over in its new version (never mixed), as
     download does; the others complete."""
-    old, new = randbytes(10 * PART, seed=20), randbytes(9 * PART + 5, seed=21)
+    # More than one GET's run of parts: a GET follows the one the object is replaced in.
+    old, new = randbytes(RUN_PARTS * PART + 10 * PART, seed=20), randbytes(9 * PART + 5, seed=21)
     oss_server.put(BUCKET, "mat/changing.bin", old)
     oss_server.put(BUCKET, "mat/steady.txt", b"steady\n")
     oss_server.faults.add(
         Fault("replace", op="get", key="mat/changing.bin", after_bytes=100, data=new)
     )
     cache, to = tmp_path / "cache", tmp_path / "to"
+    # One connection: the second GET is surely sent after the replace.
     result = materialize(
-        oss_server, oss_env, f"oss://{BUCKET}/mat/", cache, "--to", str(to), "--threads", "2"
+        oss_server, oss_env, f"oss://{BUCKET}/mat/", cache, "--to", str(to), "--threads", "1"
     )
     succeeded(result)
     assert f"oss://{BUCKET}/mat/changing.bin changed while it was fetched" in result.stderr
@@ -322,7 +341,8 @@ def test_object_replaced_mid_run(
 def test_object_that_keeps_changing_fails_alone(
     oss_server: OssTestServer, oss_env: dict[str, str], tmp_path: Path
 ) -> None:
-    oss_server.put(BUCKET, "mat/changing.bin", randbytes(10 * PART, seed=22))
+    size = RUN_PARTS * PART + 10 * PART  # more than one GET's run of parts
+    oss_server.put(BUCKET, "mat/changing.bin", randbytes(size, seed=22))
     oss_server.put(BUCKET, "mat/steady.txt", b"steady\n")
     for i in range(5):
         oss_server.faults.add(
@@ -331,7 +351,7 @@ def test_object_that_keeps_changing_fails_alone(
                 op="get",
                 key="mat/changing.bin",
                 after_bytes=100,
-                data=randbytes(10 * PART, seed=30 + i),
+                data=randbytes(size, seed=30 + i),
             )
         )
     cache, to = tmp_path / "cache", tmp_path / "to"
@@ -349,7 +369,7 @@ def test_object_that_keeps_changing_fails_alone(
 def test_two_concurrent_runs_share_the_cache(
     oss_server: OssTestServer, oss_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """Two runs on one cache at once: every part is fetched once, by one of them."""
+    """Two runs on one cache at once: every byte is fetched once, by one of them."""
     objects = {f"pair/obj-{i}.bin": randbytes(MiB + i, seed=30 + i) for i in range(3)}
     for key, data in objects.items():
         oss_server.put(BUCKET, key, data)
@@ -394,7 +414,7 @@ def test_two_concurrent_runs_share_the_cache(
     expected = {k.removeprefix("pair/"): v for k, v in objects.items()}
     assert files_under(tmp_path / "to-0") == expected
     assert files_under(tmp_path / "to-1") == expected
-    assert gets(oss_server) == sum(parts_of(len(v)) for v in objects.values())
+    assert settled_stats(oss_server).bytes_sent == sum(len(v) for v in objects.values())
 
 
 # ---------------------------------------------------------------------- --shard
@@ -660,3 +680,8 @@ def test_the_cache_keeps_its_cap_when_the_prefix_does_not_fit(
     assert on_disk <= 1 * MiB + 4 * PART, on_disk
     # Every part was fetched once: nothing evicted before it was written.
     assert settled_stats(oss_server).bytes_sent == sum(sizes)
+
+
+def test_consecutive_runs() -> None:
+    assert consecutive_runs([], 3) == []
+    assert consecutive_runs([0, 1, 2, 3, 5, 6, 9], 3) == [[0, 1, 2], [3], [5, 6], [9]]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ossfs.cache.cachedir import CacheDir, identity_for
+from ossfs.cache.cachedir import CacheDir, object_identity
 from ossfs.crc import crc64
 from ossfs.testing import Fault, OssTestServer
 from tests.helpers import mounted
@@ -197,14 +197,15 @@ def test_complete_cached_bytes_are_checked_against_the_service_on_open(
     """A complete object in the cache whose parts match their own records but not the
     object (written by a run that never saw the service's CRC-64): the first open
     compares the whole, drops it, and the bytes read after that are the object's."""
-    data = os.urandom(3 * MiB)
+    data = os.urandom(10 * MiB)  # more than one part at 1 MiB (`one_part_limit`)
     meta = server.put(BUCKET, "stale.bin", data)
     cache_dir = tmp_path / "cache"
     cache = CacheDir(str(cache_dir), max_bytes=1 << 30)
-    store = cache.acquire(identity_for(BUCKET, "stale.bin", meta.etag, len(data), MiB))
+    store = cache.acquire(object_identity(BUCKET, "stale.bin", meta.etag, len(data), MiB))
+    assert store.layout.count == 10
     bad = bytearray(data)
     bad[MiB + 5] ^= 0xFF
-    for part in range(3):
+    for part in range(10):
         chunk = bytes(bad[part * MiB : (part + 1) * MiB])
         store.write(part * MiB, chunk)
         store.commit(part, crc64(chunk))

@@ -300,8 +300,9 @@ def test_eviction_keeps_the_cap_and_reads_stay_correct(
 def test_object_replaced_while_mounted(
     tmp_path: Path, moto_endpoint: str, s3: Any, s3_bucket: str, cli_env: dict[str, str]
 ) -> None:
-    old = os.urandom(4 * MiB)
-    new = os.urandom(4 * MiB)
+    # Larger than objects cached as one part (8 MiB), so that it has parts to fetch later.
+    old = os.urandom(12 * MiB)
+    new = os.urandom(12 * MiB)
     s3.put_object(Bucket=s3_bucket, Key="v.bin", Body=old)
     mnt = tmp_path / "mnt"
     opts = _mount_opts(moto_endpoint, tmp_path, "--ttl", "1", "--read-ahead", "1MiB")
@@ -311,7 +312,7 @@ def test_object_replaced_while_mounted(
             s3.put_object(Bucket=s3_bucket, Key="v.bin", Body=new)
             # Bytes already cached still come from the old version; a part that must be
             # fetched now fails rather than mixing versions.
-            f.seek(3 * MiB)
+            f.seek(10 * MiB)
             with pytest.raises(OSError) as e:
                 f.read(1000)
             assert e.value.errno == errno.EIO

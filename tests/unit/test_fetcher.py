@@ -17,6 +17,7 @@ from ossfs.client import ClientConfig, HttpObjectClient
 from ossfs.errors import IntegrityError
 from ossfs.fetcher import Fetcher
 from ossfs.testing import OssTestServer
+from ossfs.testing.memory import MemoryClient
 from tests.integration.conftest import settled_stats
 
 BUCKET = "fetch"
@@ -159,3 +160,50 @@ async def test_the_whole_object_check_rereads_parts_off_the_event_loop(
         assert threads == [False]
         assert fetcher.crc_mismatches == 1 and not store.parts
         cache.release(store)
+
+
+# ------------------------------------------------------------ runs (materialize)
+
+
+def _memory_store(
+    tmp_path: Path, size: int, cap: int = 1 << 30
+) -> tuple[MemoryClient, CacheDir, PartStore, bytes]:
+    client = MemoryClient()
+    data = os.urandom(size)
+    meta = client.put(BUCKET, "obj", data)
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=cap, min_free_fraction=0.0)
+    store = cache.acquire(identity_for(BUCKET, "obj", meta.etag, size, PART))
+    return client, cache, store, data
+
+
+def test_a_run_of_missing_parts_is_one_get(tmp_path: Path) -> None:
+    client, cache, store, data = _memory_store(tmp_path, 10 * PART + 5)
+    fetcher = Fetcher(client, connections=2, budget=cache)
+    got: list[int] = []
+
+    async def main() -> None:
+        await fetcher.ensure(store, 3)  # one part in the middle is cached already
+        await fetcher.ensure_run(store, list(range(8)), on_bytes=got.append)
+
+    trio.run(main)
+    assert client.gets == 3  # part 3, then parts 0-2 in one GET, then parts 4-7 in one
+    assert sum(got) == 7 * PART
+    assert [p for p in range(store.layout.count) if store.is_present(p)] == list(range(8))
+    assert store.read(0, 8 * PART) == data[: 8 * PART]
+    cache.release(store)
+
+
+def test_a_run_is_not_fetched_twice_through_a_small_cache(tmp_path: Path) -> None:
+    """A cache smaller than the run: its first parts are evicted before the GET ends,
+    and must not be fetched again; the run is cut to the room the cache has."""
+    client, cache, store, data = _memory_store(tmp_path, 20 * PART, cap=4 * PART)
+    fetcher = Fetcher(client, connections=2, budget=cache)
+
+    async def main() -> None:
+        await fetcher.ensure_run(store, list(range(20)))
+
+    trio.run(main)
+    assert sum(client.bytes_sent.values()) == len(data)  # every byte once
+    assert 1 < client.gets < 20  # runs, cut to what fits beside the parts in flight
+    assert store.present_bytes <= 4 * PART + PART
+    cache.release(store)

@@ -14,6 +14,7 @@ from ossfs.model import (
     parse_range,
     parse_size,
     resolve_range,
+    store_part_size,
     validate_part_size,
 )
 
@@ -89,3 +90,23 @@ def test_part_size_bounds() -> None:
     for bad in (100 * 1024 - 1, 5 * 1024 * MiB + 1):
         with pytest.raises(UsageError, match="out of range"):
             validate_part_size(bad)
+
+
+def test_small_objects_are_one_part_at_the_default_part_size() -> None:
+    """At 1 MiB parts (the default) and above, an object of up to 8 MiB is one part,
+    with the identity 8 MiB parts gave it before the default changed; a smaller part
+    size cuts every object."""
+    assert store_part_size(5 * MiB, MiB) == 8 * MiB
+    assert store_part_size(8 * MiB, MiB) == 8 * MiB
+    assert store_part_size(8 * MiB + 1, MiB) == MiB
+    assert store_part_size(5 * MiB, 2 * MiB) == 8 * MiB
+    assert store_part_size(20 * MiB, 16 * MiB) == 16 * MiB
+    assert store_part_size(12 * MiB, 16 * MiB) == 16 * MiB
+    assert store_part_size(5 * MiB, 256 * 1024) == 256 * 1024
+    assert store_part_size(0, MiB) == 8 * MiB
+
+
+def test_spans_merge_consecutive_parts() -> None:
+    layout = PartLayout(0, 10 * 100 + 7, 100)
+    assert layout.spans([]) == []
+    assert layout.spans([3, 1, 2, 2, 7, 10]) == [(100, 400), (700, 800), (1000, 1007)]
