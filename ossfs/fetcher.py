@@ -58,7 +58,7 @@ ByteCallback = Callable[[int], None]
 # The most one read-ahead GET asks for (a run of consecutive parts).
 MAX_RUN_BYTES = 16 << 20
 # The writeback of committed parts is started this many bytes at a time.
-WRITEBACK_BATCH = 4 << 20
+WRITEBACK_BATCH = 16 << 20
 # A reader whose part has no room yet, while the cache's evictor makes it in a worker
 # thread, asks again every ROOM_POLL seconds, for ROOM_WAIT seconds at most; then the
 # room is made in the event loop (an evictor stuck on a dead disk delays, never hangs).

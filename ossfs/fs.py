@@ -310,7 +310,7 @@ class Operations(pyfuse3.Operations):
                 self.ns.bucket, meta.key, meta.etag, meta.size, self.opts.part_size
             )
             store = await self.fetcher.open_store(self.cache, ident)
-            self._inode_of[ident] = inode
+            self._inode_of[store.identity] = inode  # (it may be an earlier identity's)
             if self._prefetch is not None:
                 self._prefetch.on_open(node)
             if (
@@ -322,7 +322,7 @@ class Operations(pyfuse3.Operations):
                 # (A store with server_crc64 was fetched here: the fetch checks it.)
                 # Cached by another process or run: compare the whole with the
                 # service's CRC-64 once, in the background (a HEAD at most).
-                self.fetcher.spawn(self._check_whole, node, self.cache.reuse(ident))
+                self.fetcher.spawn(self._check_whole, node, self.cache.reuse(store.identity))
         fh = self._new_fh()
         self._handles[fh] = _Handle(node, self.reader.open(store, self.ns.url(meta.key)))
         # An inode is one version (`Namespace`): its page cache is good, unless the

@@ -58,7 +58,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 
 from cachetools import LRUCache
@@ -77,9 +77,21 @@ from ossfs.cache.small import (
 from ossfs.cache.store import PartStore
 from ossfs.errors import CheckpointError, NoSpaceError
 from ossfs.fsutil import punch_hole
-from ossfs.model import format_size, store_part_size
+from ossfs.model import (
+    DEFAULT_CACHE_PART_SIZE,
+    WHOLE_OBJECT_MAX,
+    format_size,
+    store_part_size,
+)
 
-__all__ = ["CacheDir", "CachedObjectInfo", "identity_for", "object_identity", "cached_objects"]
+__all__ = [
+    "CacheDir",
+    "CachedObjectInfo",
+    "identity_for",
+    "object_identity",
+    "earlier_identity",
+    "cached_objects",
+]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +134,23 @@ def object_identity(bucket: str, key: str, etag: str, size: int, part_size: int)
     cache part size *part_size*: one part for a small object
     (`ossfs.model.store_part_size`). They must agree, to share the cache."""
     return identity_for(bucket, key, etag, size, store_part_size(size, part_size))
+
+
+def earlier_identity(identity: StoreIdentity) -> StoreIdentity | None:
+    """The identity a large object had at the default part size of earlier versions
+    (8 MiB), for an identity at today's default (1 MiB); else None.
+
+    A cache filled before the default changed keeps serving: a store of the object
+    found under that identity is used as it is (its parts stay 8 MiB).
+    """
+    if (
+        identity.part_size != DEFAULT_CACHE_PART_SIZE
+        or identity.start != 0
+        or identity.length != identity.size
+        or identity.size <= WHOLE_OBJECT_MAX
+    ):
+        return None
+    return replace(identity, part_size=WHOLE_OBJECT_MAX)
 
 
 @lru_cache(maxsize=65536)
@@ -276,8 +305,12 @@ class CacheDir:
         return self.reuse(identity) or self.adopt(self.prepare(identity))
 
     def reuse(self, identity: StoreIdentity) -> PartStore | None:
-        """The store for *identity* if this process has it open (counted), else None."""
+        """The store for *identity* if this process has it open (counted), else None.
+        (It may be the store of `earlier_identity`.)"""
         entry = self._open.get(self._dir_for(identity))
+        if entry is None:
+            earlier = earlier_identity(identity)
+            entry = None if earlier is None else self._open.get(self._dir_for(earlier))
         if entry is None:
             return None
         if entry.refs <= 0:
@@ -329,13 +362,25 @@ class CacheDir:
     def add_spares(self, fds: list[int]) -> None:
         self._spares.extend(fds)
 
+    def _on_disk(self, identity: StoreIdentity) -> StoreIdentity:
+        """*identity*, or its `earlier_identity` when only that one has a store on disk
+        (blocking: up to two stats)."""
+        earlier = earlier_identity(identity)
+        if earlier is None or os.path.isdir(self._dir_for(identity)):
+            return identity
+        return earlier if os.path.isdir(self._dir_for(earlier)) else identity
+
     def prepare(self, identity: StoreIdentity) -> PartStore:
         """Open or create a store on disk and lock it for sharing.
 
         Only file-system work, touching nothing shared in this object, so it may
         run in a worker thread (creating thousands of small entries is slow on
         some disks). `adopt` then makes the store this process's own.
+
+        A store of `earlier_identity` is opened instead of a new one, when there is
+        one and none of *identity*.
         """
+        identity = self._on_disk(identity)
         directory = self._dir_for(identity)
         if is_small(identity):
             self._shard(directory)
@@ -922,6 +967,7 @@ class CacheDir:
 
     def info_for(self, identity: StoreIdentity) -> CachedObjectInfo | None:
         """How much of one object version the cache holds (None: nothing)."""
+        identity = self._on_disk(identity)
         directory = self._dir_for(identity)
         entry = self._open.get(directory)
         if entry is not None:

@@ -24,6 +24,7 @@ from ossfs.cache.cachedir import CacheDir, object_identity
 from ossfs.crc import crc64
 from ossfs.testing import Fault, OssTestServer
 from tests.helpers import mounted
+from tests.integration.conftest import settled_stats
 
 pytestmark = pytest.mark.fuse
 
@@ -228,6 +229,34 @@ def test_complete_cached_bytes_are_checked_against_the_service_on_open(
             _wait_for_status(mnt, "crc_mismatches", 1)
         assert (mnt / "stale.bin").read_bytes() == data
     assert "CRC-64 mismatch" in (tmp_path / "log").read_text()
+
+
+def test_a_cache_of_the_earlier_default_part_size_is_read_without_fetching(
+    server: OssTestServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    """A large object cached at 8 MiB parts (the default of earlier versions) is read
+    through a mount at today's default part size with no GET."""
+    data = os.urandom(20 * MiB + 7)
+    meta = server.put(BUCKET, "earlier.bin", data)
+    cache_dir = tmp_path / "cache"
+    cache = CacheDir(str(cache_dir), max_bytes=1 << 30)
+    store = cache.acquire(object_identity(BUCKET, "earlier.bin", meta.etag, len(data), 8 * MiB))
+    for part in range(store.layout.count):
+        first, end = store.layout.bounds(part)
+        store.write(first, data[first:end])
+        store.commit(part, crc64(data[first:end]))
+    cache.release(store)
+    cache.close()
+    before = len(settled_stats(server).gets)
+    mnt = tmp_path / "m"
+    with mounted(
+        f"oss://{BUCKET}", mnt, "--endpoint", server.url, "--cache-dir", str(cache_dir), env=env
+    ):
+        assert (mnt / "earlier.bin").read_bytes() == data
+        assert (
+            os.getxattr(mnt / "earlier.bin", "user.ossfs.cached_bytes") == str(len(data)).encode()
+        )
+    assert [g.key for g in settled_stats(server).gets[before:]] == []
 
 
 @pytest.fixture

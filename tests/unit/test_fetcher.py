@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from ossfs.cache.cachedir import CacheDir, identity_for
+from ossfs.cache.cachedir import CacheDir, identity_for, object_identity
 from ossfs.cache.store import PartStore
 from ossfs.client import ClientConfig, HttpObjectClient
 from ossfs.errors import IntegrityError
 from ossfs.fetcher import Fetcher
+from ossfs.model import DEFAULT_CACHE_PART_SIZE, WHOLE_OBJECT_MAX, MiB
 from ossfs.testing import OssTestServer
 from ossfs.testing.memory import MemoryClient
 from tests.integration.conftest import settled_stats
@@ -207,3 +208,52 @@ def test_a_run_is_not_fetched_twice_through_a_small_cache(tmp_path: Path) -> Non
     assert 1 < client.gets < 20  # runs, cut to what fits beside the parts in flight
     assert store.present_bytes <= 4 * PART + PART
     cache.release(store)
+
+
+def test_a_cache_made_at_the_earlier_default_part_size_keeps_serving(tmp_path: Path) -> None:
+    """A large object cached with 8 MiB parts (the default before it became 1 MiB) is
+    read from that store at today's default: nothing is fetched again."""
+    client = MemoryClient()
+    data = os.urandom(WHOLE_OBJECT_MAX + 3 * MiB)
+    meta = client.put(BUCKET, "big", data)
+    root = str(tmp_path / "c")
+
+    async def fill(part_size: int) -> None:
+        cache = CacheDir(root, max_bytes=1 << 30, min_free_fraction=0.0)
+        fetcher = Fetcher(client, connections=2, budget=cache)
+        ident = object_identity(BUCKET, "big", meta.etag, len(data), part_size)
+        store = await fetcher.open_store(cache, ident)
+        await fetcher.ensure_run(store, list(range(store.layout.count)))
+        cache.release(store)
+        cache.close()
+
+    trio.run(fill, 8 * MiB)
+    assert client.gets == 1
+
+    async def read_at_default() -> None:
+        cache = CacheDir(root, max_bytes=1 << 30, min_free_fraction=0.0)
+        fetcher = Fetcher(client, connections=2, budget=cache)
+        ident = object_identity(BUCKET, "big", meta.etag, len(data), DEFAULT_CACHE_PART_SIZE)
+        info = cache.info_for(ident)
+        assert info is not None and info.cached_bytes == len(data)
+        store = await fetcher.open_store(cache, ident)
+        assert store.identity.part_size == 8 * MiB and store.complete
+        assert cache.reuse(ident) is store  # (a second open finds it too)
+        cache.release(store)
+        assert store.read(0, len(data)) == data
+        cache.release(store)
+        cache.close()
+
+    trio.run(read_at_default)
+    assert client.gets == 1
+
+    # A new version of the object gets a store of today's part size.
+    meta = client.put(BUCKET, "big", data[::-1])
+    trio.run(fill, DEFAULT_CACHE_PART_SIZE)
+    assert client.gets == 2
+    cache = CacheDir(root, max_bytes=1 << 30, min_free_fraction=0.0)
+    ident = object_identity(BUCKET, "big", meta.etag, len(data), DEFAULT_CACHE_PART_SIZE)
+    store = cache.acquire(ident)
+    assert store.identity.part_size == DEFAULT_CACHE_PART_SIZE and store.complete
+    cache.release(store)
+    cache.close()
