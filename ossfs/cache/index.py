@@ -330,18 +330,26 @@ class IndexFile:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _append(self, data: bytes) -> None:
+        """Append the complete records *data* and apply them, after the records other
+        processes appended since the last look. Under `_locked` (so the file is not
+        replaced meanwhile, and nobody else appends)."""
         size = os.fstat(self._fd).st_size
-        if size and os.pread(self._fd, 1, size - 1) != b"\n":
-            # A crash tore the last record: start ours on a new line so that only
-            # the torn one is lost.
-            data = b"\n" + data
-        os.write(self._fd, data)
+        if size != self.state.consumed:
+            apply_records(self.state, _read_from(self._fd, self.state.consumed))
+        if size == self.state.consumed:
+            # (The common case: one fstat, no read. The file ends with a whole line.)
+            os.write(self._fd, data)
+            apply_records(self.state, data)
+            return
+        # A crash tore the last record: start ours on a new line so that only the
+        # torn one is lost.
+        os.write(self._fd, b"\n" + data)
+        apply_records(self.state, _read_from(self._fd, self.state.consumed))
 
     def add(self, part: int, record: PartRecord) -> None:
         """Record that *part* is complete (its bytes must already be written)."""
         with self._locked():
             self._append(format_add(part, record))
-            self.refresh()
         self.state.parts[part] = record
 
     def drop(self, parts: list[int]) -> None:
@@ -350,7 +358,6 @@ class IndexFile:
             return
         with self._locked():
             self._append(b"".join(format_drop(p) for p in parts))
-            self.refresh()
         for p in parts:
             self.state.parts.pop(p, None)
 

@@ -136,3 +136,26 @@ def test_create_without_replace_keeps_a_concurrent_index(tmp_path: Path) -> None
     first.add(2, PartRecord(100, 2))
     second = IndexFile.create(path, IDENT, replace=False)
     assert set(second.state.parts) == {2}
+
+
+def test_an_append_takes_in_what_others_appended_first(tmp_path: Path) -> None:
+    """An append applies the records another writer added before it (and its own),
+    so that the in-memory state is the file's, with or without a torn line."""
+    path = str(tmp_path / "index")
+    a = IndexFile.create(path, IDENT)
+    b = IndexFile.load(path)
+    assert b is not None
+    a.add(1, PartRecord(100, 1))
+    b.add(2, PartRecord(100, 2))
+    a.add(3, PartRecord(100, 3))
+    assert set(a.state.parts) == {1, 2, 3}
+    assert a.state.consumed == os.path.getsize(path)
+    with open(path, "ab") as f:  # a writer that died in the middle of a record
+        f.write(format_add(4, PartRecord(100, 4))[:7])
+    b.drop([1])
+    assert set(b.state.parts) == {2, 3}
+    assert b.state.consumed == os.path.getsize(path) and b.state.bad_lines == 1
+    a.add(5, PartRecord(100, 5))
+    assert set(a.state.parts) == {2, 3, 5} and a.state.consumed == os.path.getsize(path)
+    fresh = IndexFile.load(path)
+    assert fresh is not None and fresh.state.parts == a.state.parts
