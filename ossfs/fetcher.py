@@ -179,16 +179,18 @@ class Fetcher:
         *,
         connections: int,
         budget: Budget | None = None,
-        readahead_share: float = 0.75,
+        readahead_share: float = 0.875,
         read_ahead: int = 128 << 20,
     ) -> None:
         self.client = client
         self.connections = max(1, connections)
         self.limiter = trio.CapacityLimiter(self.connections)
-        # Read-ahead flights also take this one, so guesses never hold every connection.
-        self.readahead_limiter = trio.CapacityLimiter(
-            max(1, min(self.connections - 1, int(self.connections * readahead_share)))
+        # Read-ahead flights also take this one, so guesses never hold every connection
+        # (14 of 16: a reader that must wait finds one of the other two).
+        self.ahead_connections = max(
+            1, min(self.connections - 1, int(self.connections * readahead_share))
         )
+        self.readahead_limiter = trio.CapacityLimiter(self.ahead_connections)
         self._budget = budget
         self.read_ahead_bytes = read_ahead
         self._streams: weakref.WeakKeyDictionary[PartStore, Streams] = weakref.WeakKeyDictionary()
@@ -500,7 +502,11 @@ class Fetcher:
         if nbytes <= 0 or offset >= end or self._nursery is None:
             return
         nbytes = min(nbytes, end - offset)
-        run_limit = max(store.layout.part_size, min(MAX_RUN_BYTES, nbytes // 4))
+        # A window is cut into as many runs as read-ahead may have connections: a link
+        # whose connections are each slow (a WAN, a per-connection cap) is filled.
+        run_limit = max(
+            store.layout.part_size, min(MAX_RUN_BYTES, nbytes // self.ahead_connections)
+        )
         wanted = [
             p
             for p in store.layout.parts_for(offset, nbytes)

@@ -678,6 +678,30 @@ def start_test_server(
     return f"http://127.0.0.1:{port}"
 
 
+def ranged_curls(url: str, size: int, n: int) -> list[list[str]]:
+    """*n* curl commands that fetch one 1/n range each of the object at *url* to
+    /dev/null: run at once, the server's (or the link's) limit."""
+    span = -(-size // n)
+    ranges = [f"{i * span}-{min(size, (i + 1) * span) - 1}" for i in range(n)]
+    return [["curl", "-s", "-f", "-o", "/dev/null", "-r", r, url] for r in ranges]
+
+
+def run_at_once(cmds: Sequence[Sequence[str]], timeout: float) -> float:
+    """Seconds for *cmds* run all at once (BenchError if one fails)."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(list(c), stdin=subprocess.DEVNULL) for c in cmds]
+    try:
+        codes = [p.wait(timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if any(codes):
+        raise BenchError(f"{cmds[0][0]} failed: exit codes {codes}")
+    return time.perf_counter() - t0
+
+
 class ServerPair:
     """nginx for the objects, the test server for the listings, on one directory.
 
@@ -693,16 +717,23 @@ class ServerPair:
         *,
         workers: int = 2,
         count_requests: bool = False,
+        limit_rate: str | None = None,
+        name: str = "nginx",
     ) -> None:
+        """*limit_rate*: nginx's ``limit_rate`` for object answers (bytes per second
+        per connection, e.g. ``25m``: a simulated WAN link); *name* tells two pairs'
+        files and logs apart."""
         self.services = services
+        self.limit_rate = limit_rate
+        self.name = name
         self.root = root
         self.bucket = bucket
         self.workers = workers
         # With count_requests, nginx logs one short line per request (`requests_since`).
-        self.access_log = services.tmp / "nginx" / "requests.log" if count_requests else None
+        self.access_log = services.tmp / name / "requests.log" if count_requests else None
         self.port = 0
         self.listing_url = ""
-        self.nginx_conf = services.tmp / "nginx" / "nginx.conf"
+        self.nginx_conf = services.tmp / name / "nginx.conf"
 
     @property
     def url(self) -> str:
@@ -714,7 +745,7 @@ class ServerPair:
     def start(self) -> ServerPair:
         self.listing_url = start_test_server(
             self.services,
-            "listing-server",
+            f"{self.name}-listing-server",
             self.bucket,
             self.root / self.bucket,
             "--anonymous",
@@ -760,12 +791,14 @@ class ServerPair:
             "            proxy_read_timeout 300s;\n"
             "        }\n"
             "        # Objects: files only (a directory is a missing key, not a 403/301).\n"
-            "        location / { try_files $uri =404; }\n"
+            "        location / { try_files $uri =404; "
+            + (f"limit_rate {self.limit_rate}; " if self.limit_rate else "")
+            + "}\n"
             "    }\n"
             "}\n"
         )
         svc = self.services.start(
-            "nginx", [nginx, "-p", str(t), "-c", str(self.nginx_conf), "-e", str(t / "error.log")]
+            self.name, [nginx, "-p", str(t), "-c", str(self.nginx_conf), "-e", str(t / "error.log")]
         )
         wait_for_port(self.port, svc.proc)
         return self

@@ -72,6 +72,7 @@ class Scenario:
     together: bool  # readers run at the same time, or one after another
     closed: int = 0  # objects of 2 parts cached before (closed stores, oldest first)
     evictor: bool = False  # closed stores are evicted in a worker thread (as a mount does)
+    bandwidth: int = 200 * MiB  # per GET
 
 
 def sequential_reads(size: int, start: int, chunk: int) -> list[Read]:
@@ -81,7 +82,7 @@ def sequential_reads(size: int, start: int, chunk: int) -> list[Read]:
 def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
     """Run the readers of *sc*; assert bytes and bounds; return the client (counters)."""
     data = random.Random(seed).randbytes(sc.size)
-    client = MemoryClient(latency=0.003, bandwidth=200 * MiB)
+    client = MemoryClient(latency=0.003, bandwidth=sc.bandwidth)
     client.put(BUCKET, "obj", data)
     if sc.closed:
         closed_stores(root, sc.closed, sc.part_size)
@@ -287,6 +288,27 @@ def test_one_stream_through_a_small_cache_fetches_the_object_once(
     )
     client = run_scenario(sc, tmp_path / "cache", seed=7)
     assert client.bytes_sent["obj"] <= 1.25 * size
+
+
+def test_a_stream_on_slow_connections_fills_them(tmp_path: Path) -> None:
+    """Connections of 25 MB/s each (a WAN, a per-connection cap): a stream's window is
+    cut into as many GETs as read-ahead may have connections (14 of 16), so that the
+    link is filled, and the object is still fetched once."""
+    part = 256 * KiB
+    size = 160 * part
+    sc = Scenario(
+        size=size,
+        part_size=part,
+        cap=1 << 30,
+        read_ahead_parts=64,
+        connections=16,
+        readers=[Reader(sequential_reads(size, 0, 1 << 20), 2, True)],
+        together=False,
+        bandwidth=25_000_000,
+    )
+    client = run_scenario(sc, tmp_path / "cache", seed=11)
+    assert client.max_in_flight >= 14, client.max_in_flight
+    assert client.bytes_sent["obj"] == size
 
 
 def test_concurrent_streams_share_a_small_cache(tmp_path: Path) -> None:
