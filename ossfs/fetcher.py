@@ -300,10 +300,15 @@ class Fetcher:
         first, end = store.layout.bounds(part)
         flight = _Flight(first, end, first, readahead=readahead)
         if self._budget is not None:
-            admit_as_guess = readahead or fit
-            if not self._budget.admit(
-                store, part, end - first, readahead=admit_as_guess, wait=wait
-            ):
+            guess = readahead or fit
+            try:
+                if not self._budget.admit(store, part, end - first, readahead=guess, wait=wait):
+                    return None
+            except NoSpaceError:
+                if not guess:
+                    raise
+                # Only a guess: no room for it is "not now", as when it does not fit
+                # (raising would strand the flights its caller has made so far).
                 return None
             flight.admitted = True
         self._flights[(id(store), part)] = flight
@@ -634,6 +639,10 @@ class Fetcher:
                     if store.is_present(part) or not store.try_lock_part(part):
                         break
                     claimed.append((part, flight))
+                for part, flight in run[len(claimed) :]:
+                    # Not ours to fetch now: its waiters look again at once rather than
+                    # wait for this GET.
+                    self._land(store, part, flight, None)
                 if claimed:
                     await self._download_run(store, claimed, on_bytes)
             return {part for part, _flight in claimed}

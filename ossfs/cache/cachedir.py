@@ -307,10 +307,7 @@ class CacheDir:
     def reuse(self, identity: StoreIdentity) -> PartStore | None:
         """The store for *identity* if this process has it open (counted), else None.
         (It may be the store of `earlier_identity`.)"""
-        entry = self._open.get(self._dir_for(identity))
-        if entry is None:
-            earlier = earlier_identity(identity)
-            entry = None if earlier is None else self._open.get(self._dir_for(earlier))
+        entry = self._reuse_entry(identity)
         if entry is None:
             return None
         if entry.refs <= 0:
@@ -319,6 +316,14 @@ class CacheDir:
         entry.refs += 1
         self._touch(entry)
         return entry.store
+
+    def _reuse_entry(self, identity: StoreIdentity) -> _Open | None:
+        """This process's open store for *identity*, or for its `earlier_identity`."""
+        entry = self._open.get(self._dir_for(identity))
+        if entry is None:
+            earlier = earlier_identity(identity)
+            entry = None if earlier is None else self._open.get(self._dir_for(earlier))
+        return entry
 
     def find_small(self, identity: StoreIdentity) -> PartStore | None:
         """The store of a small object that is cached (counted), without creating one:
@@ -380,6 +385,7 @@ class CacheDir:
         A store of `earlier_identity` is opened instead of a new one, when there is
         one and none of *identity*.
         """
+        wanted = identity
         identity = self._on_disk(identity)
         directory = self._dir_for(identity)
         if is_small(identity):
@@ -389,6 +395,9 @@ class CacheDir:
                 identity, directory, looked=looked, on_discard=lambda d: log.warning("cache: %s", d)
             )
         for _ in range(5):
+            if identity is not wanted and not os.path.isdir(directory):
+                # The earlier store was evicted meanwhile: never make one of that size.
+                identity, directory = wanted, self._dir_for(wanted)
             _make_store_dir(directory)
             data = os.path.join(directory, "data")
             try:
@@ -966,9 +975,12 @@ class CacheDir:
     # ---------------------------------------------------------------- reporting
 
     def info_for(self, identity: StoreIdentity) -> CachedObjectInfo | None:
-        """How much of one object version the cache holds (None: nothing)."""
-        identity = self._on_disk(identity)
-        directory = self._dir_for(identity)
+        """How much of one object version the cache holds (None: nothing). The store
+        this process reads (`reuse`) if it has one open, else the one on disk."""
+        opened = self._reuse_entry(identity)
+        if opened is None:
+            identity = self._on_disk(identity)
+        directory = opened.directory if opened is not None else self._dir_for(identity)
         entry = self._open.get(directory)
         if entry is not None:
             entry.store.refresh()

@@ -338,12 +338,12 @@ class IndexFile:
             apply_records(self.state, _read_from(self._fd, self.state.consumed))
         if size == self.state.consumed:
             # (The common case: one fstat, no read. The file ends with a whole line.)
-            os.write(self._fd, data)
+            _write_all(self._fd, data)
             apply_records(self.state, data)
             return
         # A crash tore the last record: start ours on a new line so that only the
         # torn one is lost.
-        os.write(self._fd, b"\n" + data)
+        _write_all(self._fd, b"\n" + data)
         apply_records(self.state, _read_from(self._fd, self.state.consumed))
 
     def add(self, part: int, record: PartRecord) -> None:
@@ -375,6 +375,14 @@ class IndexFile:
             # Our fd still points at the old inode; the next operation follows the rename.
         self.refresh()
         return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Append all of *data* (a short write goes on; a full disk raises, and the line
+    it leaves torn is skipped by every reader, as a crash's)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _read_from(fd: int, offset: int) -> bytes:

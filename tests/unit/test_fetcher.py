@@ -6,15 +6,17 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from ossfs.cache.cachedir import CacheDir, identity_for, object_identity
 from ossfs.cache.store import PartStore
 from ossfs.client import ClientConfig, HttpObjectClient
-from ossfs.errors import IntegrityError
+from ossfs.errors import IntegrityError, NoSpaceError
 from ossfs.fetcher import Fetcher
 from ossfs.model import DEFAULT_CACHE_PART_SIZE, WHOLE_OBJECT_MAX, MiB
 from ossfs.testing import OssTestServer
@@ -194,9 +196,9 @@ def test_a_run_of_missing_parts_is_one_get(tmp_path: Path) -> None:
     cache.release(store)
 
 
-def test_a_run_is_not_fetched_twice_through_a_small_cache(tmp_path: Path) -> None:
-    """A cache smaller than the run: its first parts are evicted before the GET ends,
-    and must not be fetched again; the run is cut to the room the cache has."""
+def test_a_run_is_cut_to_the_room_of_a_small_cache(tmp_path: Path) -> None:
+    """A cache smaller than the parts asked for: a run takes only what fits beside
+    the parts in flight, and every byte is fetched once."""
     client, cache, store, data = _memory_store(tmp_path, 20 * PART, cap=4 * PART)
     fetcher = Fetcher(client, connections=2, budget=cache)
 
@@ -207,6 +209,64 @@ def test_a_run_is_not_fetched_twice_through_a_small_cache(tmp_path: Path) -> Non
     assert sum(client.bytes_sent.values()) == len(data)  # every byte once
     assert 1 < client.gets < 20  # runs, cut to what fits beside the parts in flight
     assert store.present_bytes <= 4 * PART + PART
+    cache.release(store)
+
+
+def test_parts_a_run_fetched_are_not_fetched_again_once_evicted(tmp_path: Path) -> None:
+    """Two runs at once through a small cache: each evicts what the other committed
+    before its GET ended; neither fetches those parts again."""
+    client = MemoryClient(latency=0.01, bandwidth=4 * PART)
+    objects = {k: os.urandom(12 * PART) for k in ("a", "b")}
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=6 * PART, min_free_fraction=0.0)
+    stores = {}
+    for key, body in objects.items():
+        meta = client.put(BUCKET, key, body)
+        stores[key] = cache.acquire(identity_for(BUCKET, key, meta.etag, len(body), PART))
+    fetcher = Fetcher(client, connections=4, budget=cache)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for store in stores.values():
+                nursery.start_soon(partial(fetcher.ensure_run, store, list(range(12))))
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert sum(client.bytes_sent.values()) == sum(len(b) for b in objects.values())
+    for store in stores.values():
+        cache.release(store)
+
+
+def test_no_room_for_read_ahead_is_not_an_error(tmp_path: Path) -> None:
+    """A budget that raises NoSpaceError for a guess (the disk at its floor): the
+    read-ahead made so far still runs, and a reader waiting for it is served."""
+    client, cache, store, data = _memory_store(tmp_path, 8 * PART)
+
+    class FullForGuesses:
+        """Room for a reader's parts, and for two guesses."""
+
+        guesses = 2
+
+        def admit(self, *args: object, readahead: bool, wait: bool = False) -> bool:
+            if readahead:
+                if self.guesses <= 0:
+                    raise NoSpaceError("the cache disk is full", path=str(tmp_path))
+                self.guesses -= 1
+            return True
+
+        def settle(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    fetcher = Fetcher(client, connections=4, budget=FullForGuesses())
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            fetcher.read_ahead(store, 0, len(data))
+            with trio.fail_after(30):
+                await fetcher.wait_for(store, 0, len(data))
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert store.read(0, len(data)) == data
     cache.release(store)
 
 
