@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from ossfs.cache.cachedir import CacheDir
+from ossfs.cache.cachedir import CacheDir, CachedObjectInfo
 from ossfs.materialize import RUN_BYTES, consecutive_runs
 from ossfs.testing import Fault, OssTestServer
 from tests.helpers import OSSFS, run_ossfs, summary_line
@@ -116,22 +116,21 @@ def disk_bytes(cache: Path) -> int:
     )
 
 
-def cached_bytes(cache: Path) -> dict[str, int]:
-    """Key -> bytes the cache holds (read after the writer is gone)."""
+def cached_info(cache: Path) -> dict[str, CachedObjectInfo]:
+    """Key -> what the cache holds of it (read after the writer is gone)."""
     cd = CacheDir(str(cache), max_bytes=1 << 40)
     try:
-        return {info.key: info.cached_bytes for info in cd.objects()}
+        return {info.key: info for info in cd.objects()}
     finally:
         cd.close()
+
+
+def cached_bytes(cache: Path) -> dict[str, int]:
+    return {key: info.cached_bytes for key, info in cached_info(cache).items()}
 
 
 def cached_parts(cache: Path) -> dict[str, int]:
-    """Key -> parts the cache holds (read after the writer is gone)."""
-    cd = CacheDir(str(cache), max_bytes=1 << 40)
-    try:
-        return {info.key: info.parts_present for info in cd.objects()}
-    finally:
-        cd.close()
+    return {key: info.parts_present for key, info in cached_info(cache).items()}
 
 
 @pytest.fixture
