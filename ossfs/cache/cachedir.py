@@ -978,8 +978,7 @@ class CacheDir:
         """How much of one object version the cache holds (None: nothing). The store
         this process reads (`reuse`) if it has one open, else the one on disk."""
         opened = self._reuse_entry(identity)
-        if opened is None:
-            identity = self._on_disk(identity)
+        identity = opened.store.identity if opened is not None else self._on_disk(identity)
         directory = opened.directory if opened is not None else self._dir_for(identity)
         entry = self._open.get(directory)
         if entry is not None:

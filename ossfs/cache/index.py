@@ -341,9 +341,10 @@ class IndexFile:
             _write_all(self._fd, data)
             apply_records(self.state, data)
             return
-        # A crash tore the last record: start ours on a new line so that only the
-        # torn one is lost.
-        _write_all(self._fd, b"\n" + data)
+        # A crash (or a full disk) tore the last record: end it with a byte that no
+        # record ends with, so that it stays a bad line even if all that is missing
+        # is its newline, and start ours on a new line: only the torn one is lost.
+        _write_all(self._fd, _TORN_END + data)
         apply_records(self.state, _read_from(self._fd, self.state.consumed))
 
     def add(self, part: int, record: PartRecord) -> None:
@@ -375,6 +376,10 @@ class IndexFile:
             # Our fd still points at the old inode; the next operation follows the rename.
         self.refresh()
         return True
+
+
+# Ends a torn last line before an append (see `IndexFile._append`).
+_TORN_END = b"#\n"
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -159,3 +159,20 @@ def test_an_append_takes_in_what_others_appended_first(tmp_path: Path) -> None:
     assert set(a.state.parts) == {2, 3, 5} and a.state.consumed == os.path.getsize(path)
     fresh = IndexFile.load(path)
     assert fresh is not None and fresh.state.parts == a.state.parts
+
+
+def test_a_record_torn_just_before_its_newline_stays_torn(tmp_path: Path) -> None:
+    """A write cut off after all of a record but its newline (a full disk, a crash):
+    the next append must not complete the line and bring the record back."""
+    path = str(tmp_path / "index")
+    idx = IndexFile.create(path, IDENT)
+    idx.add(1, PartRecord(100, 1))
+    idx.close()
+    with open(path, "ab") as f:
+        f.write(format_add(2, PartRecord(100, 2))[:-1])
+    other = IndexFile.load(path)
+    assert other is not None
+    other.add(3, PartRecord(100, 3))
+    assert set(other.state.parts) == {1, 3}
+    fresh = IndexFile.load(path)
+    assert fresh is not None and set(fresh.state.parts) == {1, 3}
