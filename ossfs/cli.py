@@ -770,17 +770,23 @@ def _download_summary(url: ObjectUrl, result: DownloadResult) -> str:
     )
 
 
+def _make_directory(path: str, option: str, *, mode: int = 0o777) -> None:
+    """Create directory *path* (given as *option*) if missing; a UsageError naming the
+    option when it cannot be, or is not a directory."""
+    try:
+        os.makedirs(path, mode=mode, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"{option} {path} is not a directory") from None
+    except OSError as e:
+        raise UsageError(f"{option} {path} cannot be created: {e.strerror}") from None
+    if not os.path.isdir(path):
+        raise UsageError(f"{option} {path} is not a directory")
+
+
 def check_cache_dir(path: str) -> str:
     """The absolute cache directory, created if missing; a UsageError if it cannot be used."""
     path = os.path.abspath(path)
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except FileExistsError:
-        raise UsageError(f"--cache-dir {path} is not a directory") from None
-    except OSError as e:
-        raise UsageError(f"--cache-dir {path} cannot be created: {e.strerror}") from None
-    if not os.path.isdir(path):
-        raise UsageError(f"--cache-dir {path} is not a directory")
+    _make_directory(path, "--cache-dir", mode=0o700)
     probe = os.path.join(path, f".ossfs-probe-{os.getpid()}")
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
@@ -1045,17 +1051,6 @@ def _materialize_target(args: argparse.Namespace) -> _Target:
     return _Target(url, endpoint, source, info["cache_dir"], info["part_size"], info["cache_size"])
 
 
-def _make_to_dir(path: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-    except FileExistsError:
-        raise UsageError(f"--to {path} is not a directory") from None
-    except OSError as e:
-        raise UsageError(f"--to {path} cannot be created: {e.strerror}") from None
-    if not os.path.isdir(path):
-        raise UsageError(f"--to {path} is not a directory")
-
-
 def _cmd_materialize(args: argparse.Namespace) -> int:
     from ossfs.cache.cachedir import CacheDir
     from ossfs.materialize import MaterializeRequest, materialize
@@ -1065,7 +1060,7 @@ def _cmd_materialize(args: argparse.Namespace) -> int:
     validate_part_size(target.part_size)
     shard = _materialize_shard(args)
     if args.to is not None:
-        _make_to_dir(args.to)
+        _make_directory(args.to, "--to")
     cache_dir = check_cache_dir(target.cache_dir)
     metrics = _metrics_server(args.metrics)
     show = not args.no_progress and not args.quiet and sys.stderr.isatty()
