@@ -167,7 +167,9 @@ def test_a_corrupted_body_is_not_cached_for_good(
     the kernel's pages of them are dropped, and with the server behaving the next
     reads are exact. (Only the first two GETs are damaged: while every GET is, what is
     fetched after the check is damaged again, and caught at the next completion.)"""
-    data = os.urandom(4 * MiB + 3)
+    # More than one part (objects of up to 8 MiB are one), so that read-ahead runs
+    # complete it.
+    data = os.urandom(12 * MiB + 3)
     server.put(BUCKET, "flip.bin", data)
     server.faults.add(Fault("corrupt", op="get", key="flip.bin", offset=1000), times=2)
     mnt = tmp_path / "m"

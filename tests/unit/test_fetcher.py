@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -317,3 +318,49 @@ def test_a_cache_made_at_the_earlier_default_part_size_keeps_serving(tmp_path: P
     assert store.identity.part_size == DEFAULT_CACHE_PART_SIZE and store.complete
     cache.release(store)
     cache.close()
+
+
+class _DamagingClient(MemoryClient):
+    """Flips one byte, at object offset *at*, in the first answer that carries it."""
+
+    at = 0
+    damaged = False
+
+    async def get_range(
+        self, bucket: str, key: str, start: int, end: int, etag: str | None, sink: Any
+    ) -> Any:
+        def flip(pos: int, chunk: memoryview) -> Any:
+            if not self.damaged and pos <= self.at < pos + len(chunk):
+                self.damaged = True
+                bad = bytearray(chunk)
+                bad[self.at - pos] ^= 0xFF
+                return sink(pos, memoryview(bad))
+            return sink(pos, chunk)
+
+        return await super().get_range(bucket, key, start, end, etag, flip)
+
+
+def test_a_run_that_completes_a_store_checks_it_against_the_service(tmp_path: Path) -> None:
+    """A byte damaged on the way (each part's CRC is of what arrived, so it agrees):
+    the run that completes the store compares the whole with the service's CRC-64,
+    drops every part (on disk they all match their records: the damage came over the
+    wire) and fails; fetched again, the bytes are the object's."""
+    client = _DamagingClient()
+    client.at = 3 * PART + 7
+    data = os.urandom(6 * PART + 5)
+    meta = client.put(BUCKET, "obj", data)
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    store = cache.acquire(identity_for(BUCKET, "obj", meta.etag, len(data), PART))
+    fetcher = Fetcher(client, connections=2, budget=cache)
+    parts = list(range(store.layout.count))
+
+    async def main() -> None:
+        with pytest.raises(IntegrityError):
+            await fetcher.ensure_run(store, parts)
+        assert not store.parts
+        await fetcher.ensure_run(store, parts)
+
+    trio.run(main)
+    assert client.damaged and store.complete
+    assert store.read(0, len(data)) == data
+    cache.release(store)
