@@ -560,6 +560,8 @@ class Fetcher:
         in the flights, for the readers that wait on them."""
         try:
             await self._fly_run(store, run, None, self.readahead_limiter)
+        except IntegrityError as e:
+            log.error("%s", e)
         except Exception as e:
             log.debug(
                 "read-ahead of parts %d-%d of %s failed: %s",
@@ -568,11 +570,6 @@ class Fetcher:
                 store.identity.key,
                 e,
             )
-        if store.complete:
-            try:
-                await self.check_whole(store, store.server_crc64)
-            except IntegrityError as e:
-                log.error("%s", e)
 
     async def ensure_run(
         self, store: PartStore, parts: Sequence[int], *, on_bytes: ByteCallback | None = None
@@ -593,8 +590,6 @@ class Fetcher:
                 i += 1
                 continue
             fetched = await self._fly_run(store, run, on_bytes, None)
-            if store.complete:
-                await self.check_whole(store, store.server_crc64)
             for part, _flight in run:
                 if part not in fetched:  # another process had it
                     await self.ensure(store, part, on_bytes=on_bytes)
@@ -625,7 +620,9 @@ class Fetcher:
     ) -> set[int]:
         """Fetch consecutive parts with one GET; each part is committed, and its flight
         ends, as soon as its last byte is written. Every flight of *run* has ended when
-        this returns (the parts it fetched) or raises (with the GET's error)."""
+        this returns (the parts it fetched) or raises (with the GET's error). A run that
+        completes the store compares it with the service's CRC-64 (`check_whole`), as
+        the fetch of one part does."""
         store.flight_started()
         claimed: list[tuple[int, _Flight]] = []
         error: BaseException | None = None
@@ -645,7 +642,7 @@ class Fetcher:
                     self._land(store, part, flight, None)
                 if claimed:
                     await self._download_run(store, claimed, on_bytes)
-            return {part for part, _flight in claimed}
+            fetched = {part for part, _flight in claimed}
         except BaseException as e:
             error = e
             raise
@@ -657,6 +654,9 @@ class Fetcher:
                 # reader that needs the part starts a flight of its own.
                 self._land(store, part, flight, error)
             store.flight_ended()
+        if store.complete:
+            await self.check_whole(store, store.server_crc64)
+        return fetched
 
     async def _download_run(
         self, store: PartStore, run: list[tuple[int, _Flight]], on_bytes: ByteCallback | None = None

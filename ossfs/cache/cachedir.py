@@ -978,13 +978,12 @@ class CacheDir:
         """How much of one object version the cache holds (None: nothing). The store
         this process reads (`reuse`) if it has one open, else the one on disk."""
         opened = self._reuse_entry(identity)
-        identity = opened.store.identity if opened is not None else self._on_disk(identity)
-        directory = opened.directory if opened is not None else self._dir_for(identity)
-        entry = self._open.get(directory)
-        if entry is not None:
-            entry.store.refresh()
-            parts = entry.store.parts
-        elif directory.endswith(SUFFIX):
+        if opened is not None:
+            opened.store.refresh()
+            return CachedObjectInfo.of(opened.store.identity, opened.store.parts)
+        identity = self._on_disk(identity)
+        directory = self._dir_for(identity)
+        if directory.endswith(SUFFIX):
             found = _small_info(directory)
             return found if found is not None and found.etag == identity.etag else None
         else:

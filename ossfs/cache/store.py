@@ -342,8 +342,9 @@ class PartStore:
         For parts a stream has read through: the reader keeps its own copy in the page
         cache of the file it read (the mount's), and keeping this one too doubles what
         a long sequential read puts in memory. Blocking (it may start writeback). A run
-        of consecutive parts is one call: each call drains the kernel's per-CPU page
-        lists, which cost a fifth of the daemon's CPU on a read of 1 MiB parts."""
+        of consecutive parts is one call: on a cold 1 GiB read of 1 MiB parts this
+        function took 7.7% of the daemon's CPU samples with one call per part, 4.7%
+        with one per run (py-spy)."""
         for first, end in self.layout.spans(parts):
             try:
                 os.posix_fadvise(
