@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import trio
 
 from ossfs import __version__
+from ossfs.cache.memory import DEFAULT_MEMORY_BUDGET
 from ossfs.client import ClientConfig, CredentialSource, HttpObjectClient
 from ossfs.config import (
     ConnectionOptions,
@@ -408,6 +409,15 @@ def _add_mount_commands(sub: Any) -> None:
         help="the kernel's read-ahead for the mount, which sets the size of "
         "its read requests (default 1MiB, the most one request carries; "
         "0 leaves the kernel's default; needs root)",
+    )
+    g.add_argument(
+        "--memory-budget",
+        type=_size,
+        default=DEFAULT_MEMORY_BUDGET,
+        metavar="SIZE",
+        help="while the cache disk is behind, readers are served from memory, "
+        "not cached: at most this much (default 256MiB; 0: always wait for the "
+        "cache disk)",
     )
     g.add_argument(
         "--ttl",
@@ -846,6 +856,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         threads=args.threads,
         read_ahead=args.read_ahead,
         kernel_read_ahead=args.kernel_read_ahead,
+        memory_budget=args.memory_budget,
         ttl=args.ttl,
         negative_ttl=args.negative_ttl,
         uid=args.uid,
@@ -957,6 +968,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(
             f"uncached:    {format_size(st['uncached_bytes'])} served from the network "
             "because the cache disk was full"
+        )
+    if st.get("memory_bytes"):
+        print(
+            f"memory:      {format_size(st['memory_bytes'])} served from memory, not cached, "
+            "because the cache disk was behind "
+            f"(peak {format_size(st.get('memory_peak_bytes', 0))})"
         )
     if st.get("log_file"):
         print(f"log:         {st['log_file']}")

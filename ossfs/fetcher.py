@@ -19,7 +19,10 @@ of one store. A mount read, a read-ahead guess, ``materialize`` and
   had punched meanwhile);
 - room in the cache (the `Budget`) is reserved when a flight is created, in
   the same step, and given back when it ends: read-ahead that does not fit
-  next to what readers hold is not started at all.
+  next to what readers hold is not started at all;
+- while the cache disk is behind (`pressure`), a mount's reads and read-ahead
+  fetch into memory instead (`ossfs.cache.memory`, under its own budget); those
+  parts are never recorded, and `ensure` (``materialize``) never uses them.
 
 Rules (from trio): no ``timeout=`` parameters (callers use cancel scopes);
 cancellation leaves no half-recorded part, since a part is recorded last.
@@ -43,6 +46,7 @@ import trio
 
 from ossfs.cache.cachedir import CacheDir, is_small
 from ossfs.cache.index import StoreIdentity
+from ossfs.cache.memory import MemoryBudget
 from ossfs.cache.store import EARLY_WRITEBACK, PartStore
 from ossfs.client import ObjectClient
 from ossfs.crc import crc64
@@ -101,6 +105,7 @@ class _Flight:
     written: int  # object offset up to which bytes are on disk
     readahead: bool = False
     admitted: bool = False  # room was reserved in the budget (settled when it ends)
+    memory: bool = False  # into memory, not the cache (room reserved in the memory budget)
     done: trio.Event = field(default_factory=trio.Event)
     progress: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
@@ -181,7 +186,11 @@ class Fetcher:
         budget: Budget | None = None,
         readahead_share: float = 0.875,
         read_ahead: int = 128 << 20,
+        memory: MemoryBudget | None = None,
+        pressure: Callable[[], bool] | None = None,
     ) -> None:
+        """*memory* and *pressure*: a mount's readers fetch into memory under that
+        budget while *pressure* says the cache disk is behind (ossfs.pressure)."""
         self.client = client
         self.connections = max(1, connections)
         self.limiter = trio.CapacityLimiter(self.connections)
@@ -192,6 +201,8 @@ class Fetcher:
         )
         self.readahead_limiter = trio.CapacityLimiter(self.ahead_connections)
         self._budget = budget
+        self.memory = memory
+        self._pressure = pressure
         self.read_ahead_bytes = read_ahead
         self._streams: weakref.WeakKeyDictionary[PartStore, Streams] = weakref.WeakKeyDictionary()
         self._flights: dict[tuple[int, int], _Flight] = {}
@@ -283,6 +294,7 @@ class Fetcher:
         refresh: bool = True,
         wait: bool = False,
         fit: bool = False,
+        memory_ok: bool = False,
     ) -> _Flight | None:
         """Register a flight for a missing part, with room reserved for it.
 
@@ -291,15 +303,26 @@ class Fetcher:
         the caller waits and asks again). *refresh* False: the caller has just
         looked at the index (one look for a whole run). *fit*: admitted only when it
         fits next to what is held, as read-ahead is (the tail of a run), but not held
-        for a stream once fetched.
+        for a stream once fetched. *memory_ok*: a mount's read, which fetches into
+        memory while the cache disk is behind.
         """
         if refresh:
             store.refresh()  # another process sharing the store may have fetched it
-        if store.is_present(part):
+        if store.is_present(part) or (memory_ok and store.has(part)):
             return None
         first, end = store.layout.bounds(part)
         flight = _Flight(first, end, first, readahead=readahead)
-        if self._budget is not None:
+        held = store.memory
+        if memory_ok and held is not None and held.take_over(part):
+            # What a failed fetch into memory left is read from there: fetch it there.
+            flight.memory = True
+        elif memory_ok and self._into_memory(store):
+            assert self.memory is not None
+            if not self.memory.reserve(store, part, must=not (readahead or fit)):
+                return None
+            store.memory_parts(self.memory).flying.add(part)
+            flight.memory = True
+        elif self._budget is not None:
             guess = readahead or fit
             try:
                 if not self._budget.admit(store, part, end - first, readahead=guess, wait=wait):
@@ -313,6 +336,15 @@ class Fetcher:
             flight.admitted = True
         self._flights[(id(store), part)] = flight
         return flight
+
+    def _into_memory(self, store: PartStore) -> bool:
+        """Whether a read of *store* fetches into memory now (the disk is behind)."""
+        return (
+            self.memory is not None
+            and self._pressure is not None
+            and store.layout.count > 1  # (an object of one part is one small file)
+            and self._pressure()
+        )
 
     async def _fly(
         self,
@@ -345,6 +377,8 @@ class Fetcher:
             return
         if self._flights.get((id(store), part)) is flight:
             del self._flights[(id(store), part)]
+        if flight.memory and store.memory is not None:
+            store.memory.end_flight(part)  # (kept already if it completed)
         if flight.admitted and self._budget is not None:
             committed = error is None and store.is_present(part)
             self._budget.settle(
@@ -364,7 +398,7 @@ class Fetcher:
             return  # another process fetched it meanwhile
         try:
             store.refresh()
-            if not store.is_present(part):
+            if not _landed(store, part, flight):
                 await self._download(store, part, flight, on_bytes)
         finally:
             store.unlock_part(part)
@@ -420,16 +454,16 @@ class Fetcher:
     def start(
         self, store: PartStore, part: int, *, readahead: bool = False, wait: bool = False
     ) -> _Flight | None:
-        """Start fetching *part* in the background unless present or in flight (None:
-        present, or no room: see `_new_flight`)."""
-        if store.is_present(part):
+        """Start fetching *part* for a reader in the background unless it can be read
+        or is in flight (None: present, or no room: see `_new_flight`)."""
+        if store.has(part):
             return None
         flight = self._flights.get((id(store), part))
         if flight is not None:
             return flight
         if self._nursery is None:
             raise RuntimeError("Fetcher.attach() was not called")
-        flight = self._new_flight(store, part, readahead=readahead, wait=wait)
+        flight = self._new_flight(store, part, readahead=readahead, wait=wait, memory_ok=True)
         if flight is None:
             return None
         self._nursery.start_soon(self._background, store, part, flight)
@@ -445,7 +479,8 @@ class Fetcher:
             log.debug("background fetch of part %d of %s failed: %s", part, store.identity.key, e)
 
     async def wait_for(self, store: PartStore, offset: int, end: int) -> None:
-        """Return once object bytes ``[offset, end)`` are on disk, fetching what is missing.
+        """Return once object bytes ``[offset, end)`` can be read (on disk, or in
+        memory while the disk is behind), fetching what is missing.
 
         Needs `attach`. Raises the error of a failed flight. The caller must pin
         the parts first: bytes a running flight has written are trusted only
@@ -456,10 +491,10 @@ class Fetcher:
             _, part_end = store.layout.bounds(part)
             need = min(end, part_end)
             asked = trio.current_time()
-            while not store.is_present(part):
+            while not store.has(part):
                 flight = self.start(store, part, wait=_may_wait(asked))
                 if flight is None:
-                    if not store.is_present(part):
+                    if not store.has(part):
                         await trio.sleep(ROOM_POLL)  # the room is being made
                     continue  # present now (or another process has it): look again
                 while flight.written < need and not flight.done.is_set():
@@ -515,7 +550,7 @@ class Fetcher:
         wanted = [
             p
             for p in store.layout.parts_for(offset, nbytes)
-            if not store.is_present(p) and (id(store), p) not in self._flights
+            if not store.has(p) and (id(store), p) not in self._flights
         ]
         if not wanted:
             return
@@ -531,13 +566,13 @@ class Fetcher:
         run: list[tuple[int, _Flight]] = []
         store.refresh()  # another process sharing the store may have fetched some
         for part in store.layout.parts_for(offset, nbytes):
-            if store.is_present(part) or (id(store), part) in self._flights:
+            if store.has(part) or (id(store), part) in self._flights:
                 self._launch_run(store, run)
                 run = []
                 continue
-            flight = self._new_flight(store, part, readahead=True, refresh=False)
+            flight = self._new_flight(store, part, readahead=True, refresh=False, memory_ok=True)
             if flight is None:
-                if store.is_present(part):
+                if store.has(part):
                     continue
                 break  # no room: a later read asks again
             run.append((part, flight))
@@ -633,7 +668,7 @@ class Fetcher:
                 # that are still missing: a run is one contiguous range.
                 store.refresh()
                 for part, flight in run:
-                    if store.is_present(part) or not store.try_lock_part(part):
+                    if _landed(store, part, flight) or not store.try_lock_part(part):
                         break
                     claimed.append((part, flight))
                 for part, flight in run[len(claimed) :]:
@@ -685,15 +720,21 @@ class Fetcher:
                 part, flight = run[index]
                 take = min(len(data), flight.end - offset)
                 piece = data[:take]
-                with _disk_full_is_no_space(store):
-                    store.write(offset, piece)
-                crc = crc64(piece, crc)
+                if flight.memory:
+                    assert store.memory is not None
+                    store.memory.write(offset, piece)
+                else:
+                    with _disk_full_is_no_space(store):
+                        store.write(offset, piece)
+                    crc = crc64(piece, crc)
                 offset += take
                 data = data[take:]
                 flight.advance(offset)
                 if offset == flight.end:
                     if index == len(run) - 1:
                         last_crc = crc
+                    elif flight.memory:
+                        self._keep(store, part, flight)
                     elif self._commit(store, part, flight, crc):
                         done.append(part)
                     index += 1
@@ -713,7 +754,9 @@ class Fetcher:
             store.server_crc64 = got.object_crc64
         self.bytes_fetched += got.nbytes
         part, flight = run[-1]
-        if self._commit(store, part, flight, last_crc):
+        if flight.memory:
+            self._keep(store, part, flight)
+        elif self._commit(store, part, flight, last_crc):
             done.append(part)
         if done:
             await trio.to_thread.run_sync(store.start_writeback, done)
@@ -726,6 +769,18 @@ class Fetcher:
         self.parts_fetched += 1
         self._land(store, part, flight, None)
         return flight.end - flight.first >= EARLY_WRITEBACK
+
+    def _keep(self, store: PartStore, part: int, flight: _Flight) -> None:
+        """A part fetched into memory is complete: readers read it from there."""
+        assert store.memory is not None
+        store.memory.keep(part)  # (counted by the memory budget, not in parts_fetched)
+        self._land(store, part, flight, None)
+
+
+def _landed(store: PartStore, part: int, flight: _Flight) -> bool:
+    """Whether what *flight* is for is there already: the part in memory or on disk
+    for a fetch into memory, on disk for one into the cache."""
+    return store.has(part) if flight.memory else store.is_present(part)
 
 
 def _may_wait(asked: float) -> bool:

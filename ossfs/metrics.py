@@ -265,6 +265,18 @@ def families(status: Status) -> list[Metric]:
         status.get("uncached_bytes"),
         unit="bytes",
     )
+    counter(
+        "memory_served",
+        "Bytes fetched into memory and not cached because the cache disk was behind",
+        status.get("memory_bytes"),
+        unit="bytes",
+    )
+    gauge(
+        "memory_held",
+        "Memory held by parts fetched into memory while the cache disk was behind",
+        status.get("memory_held_bytes"),
+        unit="bytes",
+    )
     gauge(
         "buffered",
         "Memory held by the receive buffers of open data connections",

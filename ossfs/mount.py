@@ -30,6 +30,7 @@ import pyfuse3
 import trio
 
 from ossfs.cache.cachedir import CacheDir
+from ossfs.cache.memory import DEFAULT_MEMORY_BUDGET, MemoryBudget
 from ossfs.cache.upkeep import run_upkeep
 from ossfs.client import ObjectClient
 from ossfs.errors import OssfsError, UsageError, unwrap_groups
@@ -39,6 +40,7 @@ from ossfs.model import utc_stamp
 from ossfs.mounttable import tune_kernel_read_ahead
 from ossfs.namespace import DEFAULT_MAX_DIR_ENTRIES, Namespace
 from ossfs.prefetch import SiblingPrefetch
+from ossfs.pressure import DirtyPressure, read_meminfo
 
 if TYPE_CHECKING:
     # (imported when used: prometheus_client takes 65 ms to import)
@@ -64,6 +66,7 @@ class MountConfig:
     threads: int
     read_ahead: int
     kernel_read_ahead: int = 1 << 20  # bytes; 0: the kernel's default
+    memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes; 0: never fetch into memory
     ttl: float
     negative_ttl: float
     uid: int
@@ -162,8 +165,16 @@ class _Mounted:
             min_free_fraction=config.cache_min_free,
             keep_idle=_KEEP_IDLE,
         )
+        memory = None
+        if config.memory_budget > 0:
+            memory = MemoryBudget(config.memory_budget, pinned=cache.is_pinned)
         fetcher = Fetcher(
-            client, connections=config.threads, budget=cache, read_ahead=config.read_ahead
+            client,
+            connections=config.threads,
+            budget=cache,
+            read_ahead=config.read_ahead,
+            memory=memory,
+            pressure=_dirty_pressure(),
         )
         ns = Namespace(
             client,
@@ -233,6 +244,9 @@ class _Mounted:
             "buffered_bytes": getattr(self.client, "buffered_bytes", 0),
             "crc_mismatches": fetcher.crc_mismatches,
             "uncached_bytes": fetcher.uncached_bytes,
+            "memory_bytes": fetcher.memory.fetched_bytes if fetcher.memory else 0,
+            "memory_held_bytes": fetcher.memory.held if fetcher.memory else 0,
+            "memory_peak_bytes": fetcher.memory.peak if fetcher.memory else 0,
             "sibling_prefetches": self.prefetch.started,
             "list_requests": self.ns.list_requests,
             "log_file": config.log_file,
@@ -241,6 +255,15 @@ class _Mounted:
             "credentials_expire": _expiration(self.client),
             **({"fs_op_seconds": self.op_times.as_dict()} if self.op_times is not None else {}),
         }
+
+
+def _dirty_pressure() -> DirtyPressure:
+    # OSSFS_MEMINFO names a file read instead of /proc/meminfo: the tests' way to make
+    # a mount see a cache disk that is behind (or not) without slowing a real disk.
+    path = os.environ.get("OSSFS_MEMINFO")
+    if path:
+        return DirtyPressure(meminfo=lambda: read_meminfo(path))
+    return DirtyPressure()
 
 
 async def _run(config: MountConfig, m: _Mounted) -> int | None:

@@ -13,6 +13,9 @@
   then the bytes are read from the page cache, or from disk in a worker
   thread;
 - a full cache disk: the bytes come from the network, not cached;
+- a cache disk that is behind: the fetcher fetches into memory
+  (`ossfs.cache.memory`); a part read to its end there is released at once
+  unless another read holds it;
 - a part whose fetch failed for this open file fails again at once for
   `FAILURE_MEMORY` seconds (the kernel repeats a failed read; a new open tries
   again);
@@ -205,10 +208,13 @@ class OpenFile:
         fetcher, cache, reader = self.reader.fetcher, self.reader.cache, self.reader
         reader.count_hits(store, parts, off, end)
         window = fetcher.observe(store, off, end - off)
-        self._move_position(parts[-1] if window else None)
+        self._move_position(parts[-1] if window else None, reading=parts)
         if window:
             # Flights start running only at this task's next await, after the pin below.
-            fetcher.read_ahead(store, end, window)
+            # The room read-ahead makes (eviction, in the cache or in memory) must not
+            # come from the parts this read is about to use: pinned meanwhile.
+            with cache.pinned(store, parts):
+                fetcher.read_ahead(store, end, window)
         verified = store.verified
         if all(p in verified for p in parts):
             # Everything is on disk and checked. If it is also in the page cache, answer
@@ -237,7 +243,21 @@ class OpenFile:
                 if answer is None:
                     answer = await reader.disk_answer(store, off, end)
             reader.read_through(store, cache.note_access(store, parts, read_to=end), end)
+            if store.memory is not None and store.memory.kept:
+                self._read_from_memory(parts, end)
         return answer
+
+    def _read_from_memory(self, parts: range, end: int) -> None:
+        """Parts held in memory were read (up to object offset *end*): those read to
+        their end that no other read holds are released."""
+        store, cache = self.store, self.reader.cache
+        memory = store.memory
+        assert memory is not None
+        for p in parts:
+            if p in memory.kept:
+                memory.unread.discard(p)
+                if end >= store.layout.bounds(p)[1] and not cache.is_pinned(store, p):
+                    memory.release(p)
 
     def close(self) -> None:
         self._move_position(None)
@@ -259,12 +279,21 @@ class OpenFile:
                 self.failed[p] = (failed_at, e)
             raise
 
-    def _move_position(self, part: int | None) -> None:
+    def _move_position(self, part: int | None, reading: range = range(0)) -> None:
         if part == self.position:
             return
         cache = self.reader.cache
         if part is not None:
             cache.pin(self.store, [part])
         if self.position is not None:
-            cache.unpin(self.store, [self.position])
+            old = self.position
+            cache.unpin(self.store, [old])
+            memory = self.store.memory
+            if (
+                memory is not None
+                and old in memory.kept
+                and old not in reading
+                and not cache.is_pinned(self.store, old)
+            ):
+                memory.release(old)  # the stream has moved past it
         self.position = part

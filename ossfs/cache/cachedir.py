@@ -173,6 +173,9 @@ class _Open:
     ahead: dict[int, float] = field(default_factory=dict)
     # Parts being fetched (reserved, not settled) -> bytes reserved.
     fetching: dict[int, int] = field(default_factory=dict)
+    # Parts whose fetch failed part-way while a reader held them -> bytes left in the
+    # data file (counted as used): punched once the last reader lets go.
+    stale: dict[int, int] = field(default_factory=dict)
     touched: float = 0.0
 
     def held(self, part: int, now: float) -> bool:
@@ -525,6 +528,11 @@ class CacheDir:
             entry.pins[p] += 1
             entry.part_access[p] = now
 
+    def is_pinned(self, store: PartStore, part: int) -> bool:
+        """Whether a reader (or a stream's position) holds *part* of *store*."""
+        entry = self._by_store.get(id(store))
+        return entry is not None and entry.pins.get(part, 0) > 0
+
     def unpin(self, store: PartStore, parts: range | list[int]) -> None:
         entry = self._by_store.get(id(store))
         if entry is None:
@@ -533,7 +541,24 @@ class CacheDir:
             entry.pins[p] -= 1
             if entry.pins[p] <= 0:
                 del entry.pins[p]
+                if p in entry.stale and p not in entry.fetching:
+                    self._punch_stale(entry, p)
         self._trim()
+
+    def _punch_stale(self, entry: _Open, part: int) -> None:
+        """Punch out what a failed fetch left of *part* once nobody reads it."""
+        written = entry.stale.pop(part)
+        store = entry.store
+        if store.is_present(part) or store.fileno() < 0:
+            self._used -= written  # (another process fetched it: the bytes are its)
+            return
+        first, _ = store.layout.bounds(part)
+        try:
+            punch_hole(store.fileno(), first - store.identity.start, written)
+        except OSError as e:
+            log.debug("cache: cannot punch a failed fetch's bytes: %s", e)
+            return
+        self._used -= written
 
     def _closed_late(self) -> None:
         """A store whose close waited for its fetches has closed: it may be evicted now
@@ -772,6 +797,9 @@ class CacheDir:
         entry = self._by_store.get(id(store))
         if entry is not None:
             self._reserved -= entry.fetching.pop(part, 0)
+            # A failed fetch's leftovers are written over by this one (and counted in
+            # what it reserved).
+            self._used -= entry.stale.pop(part, 0)
             if committed:
                 now = time.monotonic()
                 entry.part_access.setdefault(part, now)
@@ -793,6 +821,8 @@ class CacheDir:
                 self._used += written
         elif written:
             self._used += written
+            if entry is not None:
+                entry.stale[part] = written  # punched when the reader lets go (`unpin`)
 
     def _note_over(self, room: int) -> None:
         """Log going over the limit (at most every `_OVER_LOG_INTERVAL`) and coming back."""

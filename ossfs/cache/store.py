@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from ossfs.cache.index import IndexCorrupt, IndexFile, PartRecord, StoreIdentity
+from ossfs.cache.memory import MemoryBudget, MemoryParts
 from ossfs.crc import crc64, crc64_of_parts
 from ossfs.errors import IntegrityError
 from ossfs.fsutil import open_private_file, start_writeback, unlink_quietly
@@ -99,6 +100,9 @@ class PartStore:
         # Called once a close deferred for running fetches has happened (the cache
         # trims itself then: those fetches may have taken it over its cap).
         self.on_deferred_close: Callable[[], None] | None = None
+        # Parts a mount fetched into memory while the cache disk was behind
+        # (ossfs.cache.memory): read from there, never recorded in the index.
+        self.memory: MemoryParts | None = None
 
     # ---------------------------------------------------------------- opening
 
@@ -146,6 +150,9 @@ class PartStore:
         if self.flights > 0:
             self._close_when_idle = True
             return
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -177,7 +184,18 @@ class PartStore:
         return self._parts
 
     def is_present(self, part: int) -> bool:
+        """Whether *part* is recorded: its bytes are in the data file, with their CRC."""
         return part in self._parts
+
+    def has(self, part: int) -> bool:
+        """Whether *part* can be read now: recorded, or kept in memory."""
+        return part in self._parts or (self.memory is not None and part in self.memory.kept)
+
+    def memory_parts(self, budget: MemoryBudget) -> MemoryParts:
+        """The store's parts in memory (made on first use)."""
+        if self.memory is None:
+            self.memory = MemoryParts(self, budget)
+        return self.memory
 
     def missing(self) -> list[int]:
         return [i for i in range(self.layout.count) if i not in self._parts]
@@ -215,9 +233,25 @@ class PartStore:
         """Read object bytes at *offset* into *view*; return how many were read.
 
         With *nowait*, only what the page cache holds (BlockingIOError if nothing).
+        Parts held in memory are read from there.
         """
         flags = os.RWF_NOWAIT if nowait else 0
-        return os.preadv(self._fd, [view], offset - self.identity.start, flags)
+        memory = self.memory
+        if memory is None or not (memory.kept or memory.flying or memory.partial):
+            return os.preadv(self._fd, [view], offset - self.identity.start, flags)
+        done = 0
+        for part in self.layout.parts_for(offset, len(view)):
+            first, end = self.layout.bounds(part)
+            a, b = max(first, offset), min(end, offset + len(view))
+            piece = view[a - offset : b - offset]
+            if memory.holds(part) and part not in self._parts:
+                n = memory.read_into(a, piece)
+            else:
+                n = os.preadv(self._fd, [piece], a - self.identity.start, flags)
+            done += n
+            if n < len(piece):
+                break
+        return done
 
     def commit(self, part: int, crc: int) -> None:
         """Record *part* as complete; its bytes must already be written."""

@@ -356,3 +356,73 @@ def test_cache_min_free_keeps_that_much_of_the_disk_free(
         assert free >= 0.5 * total - 4096, (free, total)
         assert cache_disk_bytes(tiny_disk / "cache") >= 2 * MiB  # it did cache, up to the floor
     assert "Traceback" not in (tmp_path / "log").read_text()
+
+
+def _meminfo(path: Path, *, behind: bool) -> None:
+    """A stand-in for /proc/meminfo (read by the mount through OSSFS_MEMINFO): dirty
+    pages far past the kernel's free-run ceiling (the cache disk is behind), or none."""
+    dirty_kb = 1 << 30 if behind else 0
+    path.write_text(
+        "MemFree: 1048576 kB\nActive(file): 0 kB\nInactive(file): 0 kB\n"
+        f"Dirty: {dirty_kb} kB\nWriteback: 0 kB\n"
+    )
+
+
+def test_a_cache_disk_that_is_behind_serves_readers_from_memory(
+    server: OssTestServer, env: dict[str, str], source: Path, tmp_path: Path
+) -> None:
+    """While the disk is behind, reads are exact, fetched once, served from memory
+    within its budget and not written to the cache; once it has caught up, reads are
+    cached again."""
+    meminfo = tmp_path / "meminfo"
+    _meminfo(meminfo, behind=True)
+    cache = tmp_path / "cache"
+    mnt = tmp_path / "m"
+    with mounted(
+        f"oss://{BUCKET}",
+        mnt,
+        "--endpoint",
+        server.url,
+        "--cache-dir",
+        str(cache),
+        "--part-size",
+        "1MiB",
+        "--memory-budget",
+        "16MiB",
+        "--threads",
+        str(THREADS),
+        env={**env, "OSSFS_MEMINFO": str(meminfo)},
+        log=tmp_path / "log",
+    ):
+        target = mnt / "big/huge.bin"
+        cmp(target, source)
+        sent = server.stats.bytes_sent
+        assert sent <= 1.1 * SIZE, f"the server sent {sent / SIZE:.2f}x the object"
+        # Two whole-file readers, one from the middle and mmap page faults at once.
+        procs = [subprocess.Popen(["cmp", str(target), str(source)]) for _ in range(2)]
+        procs.append(
+            subprocess.Popen(["cmp", "-i", f"{SIZE // 2}:{SIZE // 2}", str(target), str(source)])
+        )
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", MMAP_READER, str(target), str(source)])
+        )
+        for p in procs:
+            assert p.wait(timeout=300) == 0
+        st = _status(mnt)
+        assert int(st["memory_bytes"]) >= SIZE  # type: ignore[call-overload]
+        # The budget, plus the parts of the reads in progress (the kernel sends a
+        # handful at once per reader).
+        peak = int(st["memory_peak_bytes"])  # type: ignore[call-overload]
+        assert 0 < peak <= 16 * MiB + 4 * 8 * MiB, peak
+        assert cache_disk_bytes(cache) == 0  # nothing was written while the disk was behind
+
+        _meminfo(meminfo, behind=False)
+        time.sleep(0.2)  # (the mount looks at most every 50 ms)
+        fd = os.open(target, os.O_RDONLY)
+        try:  # the kernel's pages of the file would answer the next read themselves
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        cmp(target, source)
+        assert cache_disk_bytes(cache) >= SIZE - MiB
+    assert "Traceback" not in (tmp_path / "log").read_text()

@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 from ossfs.cache.cachedir import CacheDir, identity_for, object_identity
+from ossfs.cache.memory import MemoryBudget
 from ossfs.cache.store import PartStore
 from ossfs.client import ClientConfig, HttpObjectClient
 from ossfs.errors import IntegrityError, NoSpaceError
@@ -364,3 +365,130 @@ def test_a_run_that_completes_a_store_checks_it_against_the_service(tmp_path: Pa
     assert client.damaged and store.complete
     assert store.read(0, len(data)) == data
     cache.release(store)
+
+
+def _behind(
+    client: MemoryClient, cache: CacheDir, budget: int, pressure: list[bool]
+) -> tuple[Fetcher, MemoryBudget]:
+    """A fetcher whose cache disk is behind while ``pressure[0]``."""
+    memory = MemoryBudget(budget, pinned=cache.is_pinned)
+    fetcher = Fetcher(
+        client, connections=4, budget=cache, memory=memory, pressure=lambda: pressure[0]
+    )
+    return fetcher, memory
+
+
+def test_reads_while_the_disk_is_behind_come_from_memory_and_are_not_recorded(
+    tmp_path: Path,
+) -> None:
+    client, cache, store, data = _memory_store(tmp_path, 6 * PART + 7)
+    fetcher, memory = _behind(client, cache, 3 * PART, [True])
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            with cache.pinned(store, [1]):
+                await fetcher.wait_for(store, PART + 5, 2 * PART)
+                view = memoryview(bytearray(PART - 5))
+                assert store.read_into(PART + 5, view) == PART - 5
+                assert bytes(view) == data[PART + 5 : 2 * PART]
+            # Part 1 is still held (nobody read it); parts 2 and 3 fit beside it, 4 not.
+            fetcher.read_ahead(store, 2 * PART, 3 * PART)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert store.parts == {}  # nothing recorded: the checkpoint holds parts on disk only
+    assert memory.held <= 3 * PART
+    assert store.memory is not None and store.memory.kept == {1, 2, 3}
+    assert memory.fetched_bytes == 3 * PART
+    assert client.bytes_sent["obj"] == 3 * PART
+    got = memoryview(bytearray(3 * PART))
+    assert store.read_into(PART, got) == 3 * PART and bytes(got) == data[PART : 4 * PART]
+    cache.close()
+    assert memory.held == 0
+
+
+def test_materialize_while_the_disk_is_behind_still_lands_every_part_in_the_cache(
+    tmp_path: Path,
+) -> None:
+    """A part held in memory is not present: `ensure` (materialize) fetches it into
+    the cache, rather than taking the memory copy for done (or looping forever)."""
+    client, cache, store, data = _memory_store(tmp_path, 4 * PART + 3)
+    pressure = [True]
+    fetcher, memory = _behind(client, cache, 8 * PART, pressure)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            with cache.pinned(store, [0, 1]):
+                await fetcher.wait_for(store, 0, 2 * PART)  # parts 0 and 1, into memory
+            with trio.fail_after(30):
+                await fetcher.ensure(store, 0)
+                await fetcher.ensure_run(store, list(range(store.layout.count)))
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert store.complete
+    assert store.check_crc()
+    assert os.pread(store.fileno(), len(data), 0) == data
+    cache.close()
+
+
+def test_what_a_failed_fetch_into_memory_left_stays_readable_for_its_reader(
+    tmp_path: Path,
+) -> None:
+    """A reader waits only for its own bytes; if the fetch of the rest of the part then
+    fails, the bytes that arrived must stay readable while the reader holds the part
+    (as the cache file's do), and the next fetch of the part takes them over."""
+    client, cache, store, data = _memory_store(tmp_path, 4 * PART)
+    client.bandwidth = 64 * PART  # several chunks per part, so the reader wakes early
+    client.fail_every = 1  # every GET fails half way
+    fetcher, memory = _behind(client, cache, 8 * PART, [True])
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            with cache.pinned(store, [0]):
+                await fetcher.wait_for(store, 0, PART // 8)
+                await trio.sleep(1)  # the fetch goes on, and fails half way
+                assert store.memory is not None and 0 in store.memory.partial
+                view = memoryview(bytearray(PART // 8))
+                assert store.read_into(0, view) == PART // 8
+                assert bytes(view) == data[: PART // 8]
+                client.fail_every = 0
+                await fetcher.wait_for(store, 0, PART)
+                whole = memoryview(bytearray(PART))
+                assert store.read_into(0, whole) == PART and bytes(whole) == data[:PART]
+            assert memory.held == PART
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    cache.close()
+    assert memory.held == 0
+
+
+def test_what_a_failed_fetch_left_for_its_reader_is_punched_once_it_lets_go(
+    tmp_path: Path,
+) -> None:
+    """The cache-file counterpart: the bytes stay while the reader holds the part, and
+    are punched out (and no longer counted) once it lets go."""
+    client, cache, store, data = _memory_store(tmp_path, 4 * PART)
+    client.bandwidth = 64 * PART
+    client.fail_every = 1
+    fetcher = Fetcher(client, connections=4, budget=cache)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            with cache.pinned(store, [0]):
+                await fetcher.wait_for(store, 0, PART // 8)
+                await trio.sleep(1)  # the fetch goes on, and fails half way
+                assert store.read(0, PART // 8) == data[: PART // 8]
+                assert os.fstat(store.fileno()).st_blocks * 512 >= PART // 2
+            assert os.fstat(store.fileno()).st_blocks * 512 == 0
+            assert cache.used_bytes == 0
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    cache.close()
