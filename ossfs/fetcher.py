@@ -46,7 +46,7 @@ import trio
 
 from ossfs.cache.cachedir import CacheDir, is_small
 from ossfs.cache.index import StoreIdentity
-from ossfs.cache.memory import MemoryBudget
+from ossfs.cache.memory import MemoryBudget, MemoryParts
 from ossfs.cache.store import EARLY_WRITEBACK, PartStore
 from ossfs.client import ObjectClient
 from ossfs.crc import crc64
@@ -312,15 +312,15 @@ class Fetcher:
             return None
         first, end = store.layout.bounds(part)
         flight = _Flight(first, end, first, readahead=readahead)
-        held = store.memory
-        if memory_ok and held is not None and held.take_over(part):
+        mem = store.memory if memory_ok else None
+        if mem is not None and mem.take_over(part):
             # What a failed fetch into memory left is read from there: fetch it there.
             flight.memory = True
-        elif memory_ok and self._into_memory(store):
+        elif memory_ok and self._into_memory(store, part) and (mem := self._memory_of(store)):
             assert self.memory is not None
             if not self.memory.reserve(store, part, must=not (readahead or fit)):
                 return None
-            store.memory_parts(self.memory).flying.add(part)
+            mem.fly(part)
             flight.memory = True
         elif self._budget is not None:
             guess = readahead or fit
@@ -337,14 +337,27 @@ class Fetcher:
         self._flights[(id(store), part)] = flight
         return flight
 
-    def _into_memory(self, store: PartStore) -> bool:
-        """Whether a read of *store* fetches into memory now (the disk is behind)."""
+    def _into_memory(self, store: PartStore, part: int) -> bool:
+        """Whether a read of *part* fetches into memory now (the disk is behind)."""
         return (
             self.memory is not None
             and self._pressure is not None
             and store.layout.count > 1  # (an object of one part is one small file)
+            # What a failed fetch left in the cache file for a reader is read from
+            # there: the next fetch must write there too.
+            and not self.memory.left_over(store, part)
             and self._pressure()
         )
+
+    def _memory_of(self, store: PartStore) -> MemoryParts | None:
+        """The store's parts in memory; None when no memory file can be made (then the
+        read waits for the cache disk, as it would without the memory path)."""
+        assert self.memory is not None
+        try:
+            return store.memory_parts(self.memory)
+        except OSError as e:
+            log.debug("no memory file for %s: %s", store.identity.key, e)
+            return None
 
     async def _fly(
         self,

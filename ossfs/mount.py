@@ -167,7 +167,9 @@ class _Mounted:
         )
         memory = None
         if config.memory_budget > 0:
-            memory = MemoryBudget(config.memory_budget, pinned=cache.is_pinned)
+            memory = MemoryBudget(
+                config.memory_budget, pinned=cache.is_pinned, left_over=cache.left_over
+            )
         fetcher = Fetcher(
             client,
             connections=config.threads,

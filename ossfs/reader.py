@@ -14,8 +14,8 @@
   thread;
 - a full cache disk: the bytes come from the network, not cached;
 - a cache disk that is behind: the fetcher fetches into memory
-  (`ossfs.cache.memory`); a part read to its end there is released at once
-  unless another read holds it;
+  (`ossfs.cache.memory`); a part whose every byte was read there is released
+  at once unless another read holds it;
 - a part whose fetch failed for this open file fails again at once for
   `FAILURE_MEMORY` seconds (the kernel repeats a failed read; a new open tries
   again);
@@ -212,8 +212,9 @@ class OpenFile:
         if window:
             # Flights start running only at this task's next await, after the pin below.
             # The room read-ahead makes (eviction, in the cache or in memory) must not
-            # come from the parts this read is about to use: pinned meanwhile.
-            with cache.pinned(store, parts):
+            # come from the parts this read is about to use: pinned meanwhile (and no
+            # trim on letting go: the read itself does that, if it has to wait).
+            with cache.pinned(store, parts, trim=False):
                 fetcher.read_ahead(store, end, window)
         verified = store.verified
         if all(p in verified for p in parts):
@@ -243,20 +244,21 @@ class OpenFile:
                 if answer is None:
                     answer = await reader.disk_answer(store, off, end)
             reader.read_through(store, cache.note_access(store, parts, read_to=end), end)
-            if store.memory is not None and store.memory.kept:
-                self._read_from_memory(parts, end)
+            if store.memory is not None and store.memory.state:
+                self._read_from_memory(parts, off, end)
         return answer
 
-    def _read_from_memory(self, parts: range, end: int) -> None:
-        """Parts held in memory were read (up to object offset *end*): those read to
-        their end that no other read holds are released."""
+    def _read_from_memory(self, parts: range, off: int, end: int) -> None:
+        """Bytes ``[off, end)`` were read: parts held in memory whose every byte has
+        been read, and that no other read holds, are released."""
         store, cache = self.store, self.reader.cache
         memory = store.memory
         assert memory is not None
         for p in parts:
-            if p in memory.kept:
-                memory.unread.discard(p)
-                if end >= store.layout.bounds(p)[1] and not cache.is_pinned(store, p):
+            if memory.is_kept(p):
+                first, last = store.layout.bounds(p)
+                read_all = memory.note_read(p, min(last, end) - max(first, off))
+                if read_all and not cache.is_pinned(store, p):
                     memory.release(p)
 
     def close(self) -> None:
@@ -291,7 +293,8 @@ class OpenFile:
             memory = self.store.memory
             if (
                 memory is not None
-                and old in memory.kept
+                and memory.is_kept(old)
+                and memory.read_through(old)
                 and old not in reading
                 and not cache.is_pinned(self.store, old)
             ):

@@ -533,7 +533,13 @@ class CacheDir:
         entry = self._by_store.get(id(store))
         return entry is not None and entry.pins.get(part, 0) > 0
 
-    def unpin(self, store: PartStore, parts: range | list[int]) -> None:
+    def left_over(self, store: PartStore, part: int) -> bool:
+        """Whether a reader holds what a failed fetch left of *part* in the data file."""
+        entry = self._by_store.get(id(store))
+        return entry is not None and part in entry.stale
+
+    def unpin(self, store: PartStore, parts: range | list[int], *, trim: bool = True) -> None:
+        """Let go of *parts*; with *trim*, evict at once if the cache is over its cap."""
         entry = self._by_store.get(id(store))
         if entry is None:
             return
@@ -543,22 +549,29 @@ class CacheDir:
                 del entry.pins[p]
                 if p in entry.stale and p not in entry.fetching:
                     self._punch_stale(entry, p)
-        self._trim()
+        if trim:
+            self._trim()
 
     def _punch_stale(self, entry: _Open, part: int) -> None:
         """Punch out what a failed fetch left of *part* once nobody reads it."""
         written = entry.stale.pop(part)
+        self._used -= written
         store = entry.store
-        if store.is_present(part) or store.fileno() < 0:
-            self._used -= written  # (another process fetched it: the bytes are its)
+        if store.fileno() < 0:
             return
-        first, _ = store.layout.bounds(part)
+        store.refresh()
+        # Another process (a materialize, a second mount) may be writing the part, or
+        # have recorded it: then the bytes are its own.
+        if store.is_present(part) or not store.try_lock_part(part):
+            return
         try:
+            first, _ = store.layout.bounds(part)
             punch_hole(store.fileno(), first - store.identity.start, written)
         except OSError as e:
             log.debug("cache: cannot punch a failed fetch's bytes: %s", e)
-            return
-        self._used -= written
+            self._used += written
+        finally:
+            store.unlock_part(part)
 
     def _closed_late(self) -> None:
         """A store whose close waited for its fetches has closed: it may be evicted now
@@ -593,13 +606,15 @@ class CacheDir:
         return True
 
     @contextmanager
-    def pinned(self, store: PartStore, parts: range | list[int]) -> Iterator[None]:
+    def pinned(
+        self, store: PartStore, parts: range | list[int], *, trim: bool = True
+    ) -> Iterator[None]:
         """Keep *parts* of *store* from being evicted while a reader uses them."""
         self.pin(store, parts)
         try:
             yield
         finally:
-            self.unpin(store, parts)
+            self.unpin(store, parts, trim=trim)
 
     def _touch(self, entry: _Open) -> None:
         now = time.time()
@@ -795,11 +810,13 @@ class CacheDir:
         is held for its stream.
         """
         entry = self._by_store.get(id(store))
+        left_before = 0
         if entry is not None:
             self._reserved -= entry.fetching.pop(part, 0)
-            # A failed fetch's leftovers are written over by this one (and counted in
-            # what it reserved).
-            self._used -= entry.stale.pop(part, 0)
+            # An earlier failed fetch's leftovers: written over by this one when it
+            # commits (counted in what it reserved), punched with its own otherwise.
+            left_before = entry.stale.pop(part, 0)
+            self._used -= left_before
             if committed:
                 now = time.monotonic()
                 entry.part_access.setdefault(part, now)
@@ -812,17 +829,18 @@ class CacheDir:
                     self._used += os.fstat(store.fileno()).st_blocks * 512 - nbytes
             return
         self._used -= nbytes
-        if written and (entry is None or not entry.pins.get(part)) and store.fileno() >= 0:
+        left = max(written, left_before)
+        if left and (entry is None or not entry.pins.get(part)) and store.fileno() >= 0:
             first, _ = store.layout.bounds(part)
             try:
-                punch_hole(store.fileno(), first - store.identity.start, written)
+                punch_hole(store.fileno(), first - store.identity.start, left)
             except OSError as e:
                 log.debug("cache: cannot punch a failed fetch's bytes: %s", e)
-                self._used += written
-        elif written:
-            self._used += written
+                self._used += left
+        elif left:
+            self._used += left
             if entry is not None:
-                entry.stale[part] = written  # punched when the reader lets go (`unpin`)
+                entry.stale[part] = left  # punched when the reader lets go (`unpin`)
 
     def _note_over(self, room: int) -> None:
         """Log going over the limit (at most every `_OVER_LOG_INTERVAL`) and coming back."""

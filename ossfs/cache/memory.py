@@ -12,11 +12,11 @@ their read-ahead fetch go to memory instead: one anonymous memory file
 - Such a part is never recorded in the index: the checkpoint holds only parts
   whose bytes are on disk with their CRC. It is not cached; reading it again
   after it is released fetches it again.
-- A part is released once a reader has read it to its end, or a stream has
-  moved past it (the kernel's page cache holds what was read), or, least
-  recently kept first, when the budget needs room and no reader holds it (a
-  pin, as for eviction). Read-ahead makes room only from parts that were read:
-  one guess never pushes out another that nobody has read yet.
+- A part is released once readers have read as many bytes as it holds (the
+  kernel's page cache holds what was read; its requests arrive in any order)
+  and none holds it, or, least recently kept first, when the budget needs room
+  and no reader holds it (a pin, as for eviction). Read-ahead makes room only
+  from parts that were read: one guess never pushes out another nobody has read.
 - `MemoryBudget` bounds the bytes held, parts being fetched included. Read-ahead
   that does not fit is not started; a reader's own part always is, so the
   budget can be exceeded by at most the parts of the reads in progress.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from ossfs.fsutil import punch_hole
@@ -35,7 +36,7 @@ from ossfs.fsutil import punch_hole
 if TYPE_CHECKING:
     from ossfs.cache.store import PartStore
 
-__all__ = ["MemoryBudget", "MemoryParts", "DEFAULT_MEMORY_BUDGET"]
+__all__ = ["MemoryBudget", "MemoryParts", "DEFAULT_MEMORY_BUDGET", "FLYING", "KEPT", "PARTIAL"]
 
 # The bytes of object data a mount may hold in memory for its readers (--memory-budget).
 DEFAULT_MEMORY_BUDGET = 256 << 20
@@ -44,10 +45,19 @@ DEFAULT_MEMORY_BUDGET = 256 << 20
 class MemoryBudget:
     """The bytes of parts all stores of a mount hold in memory, and their order."""
 
-    def __init__(self, limit: int, *, pinned: Callable[[PartStore, int], bool]) -> None:
-        """*pinned*: whether a reader holds a part (`CacheDir.is_pinned`)."""
+    def __init__(
+        self,
+        limit: int,
+        *,
+        pinned: Callable[[PartStore, int], bool],
+        left_over: Callable[[PartStore, int], bool] = lambda store, part: False,
+    ) -> None:
+        """*pinned*: whether a reader holds a part (`CacheDir.is_pinned`); *left_over*:
+        whether a reader may be reading what a failed fetch left of a part in the cache
+        file (`CacheDir.left_over`; such a part is fetched into the cache file again)."""
         self.limit = limit
         self._pinned = pinned
+        self.left_over = left_over
         self.held = 0  # parts kept plus parts being fetched
         self.peak = 0
         self.fetched_bytes = 0  # fetched into memory (so not cached)
@@ -78,19 +88,26 @@ class MemoryBudget:
         self.held -= nbytes
 
 
+# What a part held in memory is (`MemoryParts.state`).
+FLYING = 1  # being fetched into memory (room reserved)
+KEPT = 2  # complete
+PARTIAL = 3  # a fetch failed part-way while a reader held the part: what arrived stays
+# readable for that reader (as in the cache file), until fetched again or released
+
+
 class MemoryParts:
-    """The parts of one store held in memory: an anonymous file the size of the store."""
+    """The parts of one store held in memory: an anonymous file the size of the store.
+
+    A part's state is one entry of one dict, changed in one step: a worker thread
+    reading a part a reader holds (`PartStore.read_into`) sees it in memory all along.
+    """
 
     def __init__(self, store: PartStore, budget: MemoryBudget) -> None:
         self.store = store
         self.budget = budget
-        self.kept: set[int] = set()
+        self.state: dict[int, int] = {}
         self.unread: set[int] = set()  # kept parts no reader has read yet
-        self.flying: set[int] = set()  # being fetched into memory (room reserved)
-        # Fetches that failed part-way while a reader held the part: what arrived stays
-        # readable for that reader (as in the cache file), until the part is fetched
-        # again or released.
-        self.partial: set[int] = set()
+        self.read_bytes: dict[int, int] = {}  # bytes of kept parts readers have read
         self.fd = os.memfd_create("ossfs-parts", os.MFD_CLOEXEC)
         try:
             os.ftruncate(self.fd, store.identity.length)
@@ -99,16 +116,24 @@ class MemoryParts:
             raise
 
     def holds(self, part: int) -> bool:
-        """Whether *part*'s bytes are read from memory (kept, being fetched, or what a
-        failed fetch left for a reader)."""
-        return part in self.kept or part in self.flying or part in self.partial
+        """Whether *part*'s bytes are read from memory (one lookup: thread-safe)."""
+        return part in self.state
+
+    def is_kept(self, part: int) -> bool:
+        return self.state.get(part) == KEPT
+
+    def parts_in(self, state: int) -> set[int]:
+        return {p for p, s in self.state.items() if s == state}
+
+    def fly(self, part: int) -> None:
+        """A fetch into memory starts (its room reserved)."""
+        self.state[part] = FLYING
 
     def take_over(self, part: int) -> bool:
         """A new fetch of a part a failed one left (its room is still reserved)."""
-        if part not in self.partial:
+        if self.state.get(part) != PARTIAL:
             return False
-        self.partial.discard(part)
-        self.flying.add(part)
+        self.state[part] = FLYING
         self.budget._kept.pop((id(self), part), None)
         return True
 
@@ -124,45 +149,49 @@ class MemoryParts:
 
     def keep(self, part: int) -> None:
         """A part fetched into memory is complete."""
-        # Kept before no longer flying: a worker thread reading the part (a read that
-        # also needs the disk) must never find it in neither.
-        self.kept.add(part)
+        self.state[part] = KEPT
         self.unread.add(part)
-        self.flying.discard(part)
+        self.read_bytes[part] = 0
         self.budget._kept_part(self, part, self.store.layout.part_length(part))
+
+    def note_read(self, part: int, nbytes: int) -> bool:
+        """A reader read *nbytes* of a kept part; True once its every byte was read (as
+        many bytes, at least: the kernel's requests arrive in any order)."""
+        self.unread.discard(part)
+        done = self.read_bytes.get(part, 0) + nbytes
+        self.read_bytes[part] = done
+        return done >= self.store.layout.part_length(part)
+
+    def read_through(self, part: int) -> bool:
+        return self.read_bytes.get(part, 0) >= self.store.layout.part_length(part)
 
     def end_flight(self, part: int) -> None:
         """A fetch into memory ended without completing the part: give its room back,
         unless a reader holds the part (it may be reading what arrived)."""
-        if part not in self.flying:
+        if self.state.get(part) != FLYING:
             return
         if self.budget._pinned(self.store, part):
-            self.partial.add(part)
-            self.flying.discard(part)
+            self.state[part] = PARTIAL
             self.budget._kept[(id(self), part)] = self  # released once let go
         else:
-            self.flying.discard(part)
             self._free(part)
 
     def release(self, part: int) -> None:
         """Forget a kept (or partial) part and give its memory back."""
-        if part in self.kept or part in self.partial:
-            self.kept.discard(part)
-            self.unread.discard(part)
-            self.partial.discard(part)
+        if self.state.get(part) in (KEPT, PARTIAL):
             self._free(part)
 
     def _free(self, part: int) -> None:
+        del self.state[part]
+        self.unread.discard(part)
+        self.read_bytes.pop(part, None)
         first, end = self.store.layout.bounds(part)
-        start = self.store.identity.start
-        punch_hole(self.fd, first - start, end - first)
         self.budget._released(self, part, end - first)
+        with suppress(OSError):  # (the pages then stay until the store closes)
+            punch_hole(self.fd, first - self.store.identity.start, end - first)
 
     def close(self) -> None:
         """Release everything (the store closes; no fetch into it is running)."""
-        for part in list(self.kept | self.partial):
-            self.release(part)
-        for part in list(self.flying):
-            self.flying.discard(part)
+        for part in list(self.state):
             self._free(part)
         os.close(self.fd)

@@ -189,7 +189,7 @@ class PartStore:
 
     def has(self, part: int) -> bool:
         """Whether *part* can be read now: recorded, or kept in memory."""
-        return part in self._parts or (self.memory is not None and part in self.memory.kept)
+        return part in self._parts or (self.memory is not None and self.memory.is_kept(part))
 
     def memory_parts(self, budget: MemoryBudget) -> MemoryParts:
         """The store's parts in memory (made on first use)."""
@@ -237,7 +237,7 @@ class PartStore:
         """
         flags = os.RWF_NOWAIT if nowait else 0
         memory = self.memory
-        if memory is None or not (memory.kept or memory.flying or memory.partial):
+        if memory is None or not memory.state:
             return os.preadv(self._fd, [view], offset - self.identity.start, flags)
         done = 0
         for part in self.layout.parts_for(offset, len(view)):

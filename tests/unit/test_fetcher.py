@@ -3,6 +3,7 @@ readers that need only their bytes, and a store released while a fetch still wri
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from collections.abc import Iterator
@@ -15,8 +16,8 @@ import trio
 import trio.testing
 
 from ossfs.cache.cachedir import CacheDir, identity_for, object_identity
-from ossfs.cache.memory import MemoryBudget
-from ossfs.cache.store import PartStore
+from ossfs.cache.memory import KEPT, PARTIAL, MemoryBudget
+from ossfs.cache.store import PartStore, _ofd_lock
 from ossfs.client import ClientConfig, HttpObjectClient
 from ossfs.errors import IntegrityError, NoSpaceError
 from ossfs.fetcher import Fetcher
@@ -371,7 +372,7 @@ def _behind(
     client: MemoryClient, cache: CacheDir, budget: int, pressure: list[bool]
 ) -> tuple[Fetcher, MemoryBudget]:
     """A fetcher whose cache disk is behind while ``pressure[0]``."""
-    memory = MemoryBudget(budget, pinned=cache.is_pinned)
+    memory = MemoryBudget(budget, pinned=cache.is_pinned, left_over=cache.left_over)
     fetcher = Fetcher(
         client, connections=4, budget=cache, memory=memory, pressure=lambda: pressure[0]
     )
@@ -400,7 +401,7 @@ def test_reads_while_the_disk_is_behind_come_from_memory_and_are_not_recorded(
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert store.parts == {}  # nothing recorded: the checkpoint holds parts on disk only
     assert memory.held <= 3 * PART
-    assert store.memory is not None and store.memory.kept == {1, 2, 3}
+    assert store.memory is not None and store.memory.parts_in(KEPT) == {1, 2, 3}
     assert memory.fetched_bytes == 3 * PART
     assert client.bytes_sent["obj"] == 3 * PART
     got = memoryview(bytearray(3 * PART))
@@ -452,7 +453,7 @@ def test_what_a_failed_fetch_into_memory_left_stays_readable_for_its_reader(
             with cache.pinned(store, [0]):
                 await fetcher.wait_for(store, 0, PART // 8)
                 await trio.sleep(1)  # the fetch goes on, and fails half way
-                assert store.memory is not None and 0 in store.memory.partial
+                assert store.memory is not None and store.memory.state.get(0) == PARTIAL
                 view = memoryview(bytearray(PART // 8))
                 assert store.read_into(0, view) == PART // 8
                 assert bytes(view) == data[: PART // 8]
@@ -491,4 +492,65 @@ def test_what_a_failed_fetch_left_for_its_reader_is_punched_once_it_lets_go(
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    cache.close()
+
+
+def test_a_part_a_failed_fetch_left_in_the_cache_for_its_reader_is_fetched_there_again(
+    tmp_path: Path,
+) -> None:
+    """The disk fell behind meanwhile, but the reader may still be reading the cache
+    file's bytes of the part: the next fetch must not move the part to memory (where
+    its bytes are not there yet)."""
+    client, cache, store, data = _memory_store(tmp_path, 4 * PART)
+    client.bandwidth = 64 * PART
+    client.fail_every = 1
+    pressure = [False]
+    fetcher, memory = _behind(client, cache, 8 * PART, pressure)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            with cache.pinned(store, [0]):
+                await fetcher.wait_for(store, 0, PART // 8)  # into the cache file
+                await trio.sleep(1)  # the fetch goes on, and fails half way
+                pressure[0] = True
+                client.fail_every = 0
+                fetcher.start(store, 0)  # another reader wants the part now
+                view = memoryview(bytearray(PART // 8))
+                assert store.read_into(0, view) == PART // 8
+                assert bytes(view) == data[: PART // 8]
+                await fetcher.wait_for(store, 0, PART)
+            assert store.is_present(0)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert memory.fetched_bytes == 0
+    cache.close()
+
+
+def test_a_failed_fetch_s_leftovers_are_not_punched_while_another_process_claims_the_part(
+    tmp_path: Path,
+) -> None:
+    client, cache, store, data = _memory_store(tmp_path, 4 * PART)
+    client.bandwidth = 64 * PART
+    client.fail_every = 1
+    fetcher = Fetcher(client, connections=4, budget=cache)
+    other = os.open(store.data_path, os.O_RDWR)  # another process's open file
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            with cache.pinned(store, [0]):
+                await fetcher.wait_for(store, 0, PART // 8)
+                await trio.sleep(1)  # the fetch fails half way
+                assert _ofd_lock(other, 0, PART, fcntl.F_WRLCK)  # the other claims it
+                os.pwrite(other, data[:PART], 0)  # and writes it
+            assert os.pread(store.fileno(), PART, 0) == data[:PART]
+            assert cache.used_bytes == 0  # (its bytes: the other process counts them)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        os.close(other)
     cache.close()

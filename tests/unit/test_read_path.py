@@ -98,7 +98,7 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
     if sc.closed:
         closed_stores(root, sc.closed, sc.part_size)
     cache = CacheDir(str(root), max_bytes=sc.cap, min_free_fraction=0.0)
-    memory = MemoryBudget(sc.memory_budget, pinned=cache.is_pinned)
+    memory = MemoryBudget(sc.memory_budget, pinned=cache.is_pinned, left_over=cache.left_over)
     flips = random.Random(seed)
     retry_rng = random.Random(seed + 1)
     behind = {
