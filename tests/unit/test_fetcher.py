@@ -520,6 +520,8 @@ def test_a_part_a_failed_fetch_left_in_the_cache_for_its_reader_is_fetched_there
                 assert store.read_into(0, view) == PART // 8
                 assert bytes(view) == data[: PART // 8]
                 await fetcher.wait_for(store, 0, PART)
+            # wait_for returns once the bytes are written; the part is recorded after.
+            await trio.sleep(1)
             assert store.is_present(0)
             nursery.cancel_scope.cancel()
 
