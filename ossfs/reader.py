@@ -228,21 +228,28 @@ class OpenFile:
         async with self._remember_failure(parts):
             # Pinned from before the first presence check to the end of the read:
             # no eviction can punch these parts in between.
-            with cache.pinned(store, parts):
-                try:
-                    await fetcher.wait_for(store, off, end)
+            try:
+                with cache.pinned(store, parts):
+                    try:
+                        await fetcher.wait_for(store, off, end)
+                        for p in parts:
+                            if store.is_present(p) and p not in store.verified:
+                                await reader.verify(store, p, self.url)
+                        await fetcher.wait_for(store, off, end)
+                    except NoSpaceError:
+                        # The cache disk is full and nothing can be evicted: the bytes
+                        # come from the network (same version: If-Match), not cached.
+                        return await fetcher.read_uncached(store, off, end)
+                    # The shared reply buffer is returned with no await after it is filled.
+                    answer = reader.cached_answer(store, off, end)
+                    if answer is None:
+                        answer = await reader.disk_answer(store, off, end)
+            finally:
+                if store.memory is not None and store.memory.state:
+                    # What a failed fetch into memory left for this read (kept while
+                    # the read held the part) goes once no read holds it.
                     for p in parts:
-                        if store.is_present(p) and p not in store.verified:
-                            await reader.verify(store, p, self.url)
-                    await fetcher.wait_for(store, off, end)
-                except NoSpaceError:
-                    # The cache disk is full and nothing can be evicted: the bytes come
-                    # from the network (same version: If-Match) and are not cached.
-                    return await fetcher.read_uncached(store, off, end)
-                # The shared reply buffer is returned with no await after it is filled.
-                answer = reader.cached_answer(store, off, end)
-                if answer is None:
-                    answer = await reader.disk_answer(store, off, end)
+                        store.memory.let_go(p)
             reader.read_through(store, cache.note_access(store, parts, read_to=end), end)
             if store.memory is not None and store.memory.state:
                 self._read_from_memory(parts, off, end)
@@ -251,15 +258,13 @@ class OpenFile:
     def _read_from_memory(self, parts: range, off: int, end: int) -> None:
         """Bytes ``[off, end)`` were read: parts held in memory whose every byte has
         been read, and that no other read holds, are released."""
-        store, cache = self.store, self.reader.cache
+        store = self.store
         memory = store.memory
         assert memory is not None
         for p in parts:
-            if memory.is_kept(p):
-                first, last = store.layout.bounds(p)
-                read_all = memory.note_read(p, min(last, end) - max(first, off))
-                if read_all and not cache.is_pinned(store, p):
-                    memory.release(p)
+            first, last = store.layout.bounds(p)
+            memory.note_read(p, min(last, end) - max(first, off))
+            memory.let_go(p)
 
     def close(self) -> None:
         self._move_position(None)
@@ -291,12 +296,6 @@ class OpenFile:
             old = self.position
             cache.unpin(self.store, [old])
             memory = self.store.memory
-            if (
-                memory is not None
-                and memory.is_kept(old)
-                and memory.read_through(old)
-                and old not in reading
-                and not cache.is_pinned(self.store, old)
-            ):
-                memory.release(old)  # the stream has moved past it
+            if memory is not None and old not in reading:
+                memory.let_go(old)  # the stream has moved past it
         self.position = part

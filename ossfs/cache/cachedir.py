@@ -829,6 +829,14 @@ class CacheDir:
                     self._used += os.fstat(store.fileno()).st_blocks * 512 - nbytes
             return
         self._used -= nbytes
+        if not written and left_before and entry is not None:
+            # This fetch wrote nothing, so it may never have held the part's claim: the
+            # earlier leftovers go the guarded way (another process may have the part).
+            self._used += left_before
+            entry.stale[part] = left_before
+            if not entry.pins.get(part):
+                self._punch_stale(entry, part)
+            return
         left = max(written, left_before)
         if left and (entry is None or not entry.pins.get(part)) and store.fileno() >= 0:
             first, _ = store.layout.bounds(part)

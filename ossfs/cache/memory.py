@@ -148,22 +148,34 @@ class MemoryParts:
         return os.preadv(self.fd, [view], offset - self.store.identity.start)
 
     def keep(self, part: int) -> None:
-        """A part fetched into memory is complete."""
+        """A part fetched into memory is complete (readers may have read it already,
+        while it arrived)."""
         self.state[part] = KEPT
-        self.unread.add(part)
-        self.read_bytes[part] = 0
         self.budget._kept_part(self, part, self.store.layout.part_length(part))
+        if not self.read_bytes.get(part):
+            self.unread.add(part)
+        else:
+            self.let_go(part)
 
-    def note_read(self, part: int, nbytes: int) -> bool:
-        """A reader read *nbytes* of a kept part; True once its every byte was read (as
-        many bytes, at least: the kernel's requests arrive in any order)."""
-        self.unread.discard(part)
-        done = self.read_bytes.get(part, 0) + nbytes
-        self.read_bytes[part] = done
-        return done >= self.store.layout.part_length(part)
+    def note_read(self, part: int, nbytes: int) -> None:
+        """A reader read *nbytes* of a part being fetched or kept."""
+        if self.state.get(part) in (FLYING, KEPT):
+            self.unread.discard(part)
+            self.read_bytes[part] = self.read_bytes.get(part, 0) + nbytes
 
     def read_through(self, part: int) -> bool:
+        """Whether readers have read as many bytes as the part holds (its every byte,
+        as far as can be told: the kernel's requests arrive in any order)."""
         return self.read_bytes.get(part, 0) >= self.store.layout.part_length(part)
+
+    def let_go(self, part: int) -> None:
+        """Release *part* if nobody needs it any more: read through, or what a failed
+        fetch left, and no reader holds it."""
+        state = self.state.get(part)
+        if (state == PARTIAL or (state == KEPT and self.read_through(part))) and not (
+            self.budget._pinned(self.store, part)
+        ):
+            self._free(part)
 
     def end_flight(self, part: int) -> None:
         """A fetch into memory ended without completing the part: give its room back,

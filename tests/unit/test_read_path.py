@@ -505,3 +505,49 @@ def test_a_stream_lets_the_kernel_drop_the_cache_pages_it_has_read(
     assert len(dropped) == len(set(dropped)) >= 8, dropped
     assert not set(dropped) & {5, 40, 22}
     assert in_loop and not any(in_loop)
+
+
+def test_a_stream_served_from_memory_as_it_arrives_lets_each_part_go(tmp_path: Path) -> None:
+    """The disk is behind: a reader that keeps up with its read-ahead reads each part
+    while it is still arriving. Every part is fetched once, and let go once read, so
+    the memory held stays small and read-ahead is never starved."""
+    part = 256 * KiB
+    data = os.urandom(24 * part)
+    client = MemoryClient(latency=0.003, bandwidth=20 * MiB)
+    client.put(BUCKET, "obj", data)
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    memory = MemoryBudget(6 * part, pinned=cache.is_pinned, left_over=cache.left_over)
+    fetcher = Fetcher(
+        client,
+        connections=4,
+        budget=cache,
+        read_ahead=4 * part,
+        memory=memory,
+        pressure=lambda: True,
+    )
+    ns = Namespace(client, BUCKET, "", ttl=60.0, negative_ttl=5.0, scheme="oss")
+    ops = Operations(
+        ns, fetcher, cache, FsOptions(uid=0, gid=0, part_size=part), describe=dict, status=dict
+    )
+    held_at_end = -1
+
+    async def main() -> None:
+        nonlocal held_at_end
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            attrs = await ops.lookup(pyfuse3.ROOT_INODE, b"obj")
+            info = await ops.open(attrs.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
+            for off in range(0, len(data), 64 * KiB):
+                got = bytes(await ops.read(info.fh, off, 64 * KiB))
+                assert got == data[off : off + 64 * KiB], off
+            await trio.testing.wait_all_tasks_blocked()  # the last GET has ended
+            held_at_end = memory.held
+            await ops.release(info.fh)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    cache.close()
+    assert client.bytes_sent["obj"] == len(data)
+    assert memory.fetched_bytes == len(data)
+    assert held_at_end <= part, f"{held_at_end} bytes still held after reading it all"
+    assert memory.held == 0
