@@ -33,6 +33,7 @@ __all__ = [
     "write_atomically",
     "start_writeback",
     "punch_hole",
+    "pwrite_all",
 ]
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -46,6 +47,15 @@ if _sync_file_range is not None:
 _fallocate: Any = getattr(_libc, "fallocate", None)
 if _fallocate is not None:
     _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of *data* at *offset* (a short write goes on where it stopped)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

@@ -228,6 +228,7 @@ class OpenFile:
         async with self._remember_failure(parts):
             # Pinned from before the first presence check to the end of the read:
             # no eviction can punch these parts in between.
+            read = False
             try:
                 with cache.pinned(store, parts):
                     try:
@@ -244,26 +245,24 @@ class OpenFile:
                     answer = reader.cached_answer(store, off, end)
                     if answer is None:
                         answer = await reader.disk_answer(store, off, end)
+                    read = True
             finally:
                 if store.memory is not None and store.memory.state:
-                    # What a failed fetch into memory left for this read (kept while
-                    # the read held the part) goes once no read holds it.
-                    for p in parts:
-                        store.memory.let_go(p)
+                    self._done_with_memory(parts, off, end, read=read)
             reader.read_through(store, cache.note_access(store, parts, read_to=end), end)
-            if store.memory is not None and store.memory.state:
-                self._read_from_memory(parts, off, end)
         return answer
 
-    def _read_from_memory(self, parts: range, off: int, end: int) -> None:
-        """Bytes ``[off, end)`` were read: parts held in memory whose every byte has
-        been read, and that no other read holds, are released."""
+    def _done_with_memory(self, parts: range, off: int, end: int, *, read: bool) -> None:
+        """A read of ``[off, end)`` ended (*read*: with the bytes): parts held in memory
+        whose every byte has been read, or that a failed fetch left for it, are
+        released unless another read holds them."""
         store = self.store
         memory = store.memory
         assert memory is not None
         for p in parts:
-            first, last = store.layout.bounds(p)
-            memory.note_read(p, min(last, end) - max(first, off))
+            if read:
+                first, last = store.layout.bounds(p)
+                memory.note_read(p, min(last, end) - max(first, off))
             memory.let_go(p)
 
     def close(self) -> None:

@@ -565,13 +565,19 @@ class CacheDir:
         if store.is_present(part) or not store.try_lock_part(part):
             return
         try:
-            first, _ = store.layout.bounds(part)
-            punch_hole(store.fileno(), first - store.identity.start, written)
-        except OSError as e:
-            log.debug("cache: cannot punch a failed fetch's bytes: %s", e)
-            self._used += written
+            self._punch_failed(store, part, written)
         finally:
             store.unlock_part(part)
+
+    def _punch_failed(self, store: PartStore, part: int, nbytes: int) -> None:
+        """Punch out the first *nbytes* of *part* a failed fetch wrote (no longer
+        counted as used; still counted if the file system cannot punch)."""
+        first, _ = store.layout.bounds(part)
+        try:
+            punch_hole(store.fileno(), first - store.identity.start, nbytes)
+        except OSError as e:
+            log.debug("cache: cannot punch a failed fetch's bytes: %s", e)
+            self._used += nbytes
 
     def _closed_late(self) -> None:
         """A store whose close waited for its fetches has closed: it may be evicted now
@@ -839,12 +845,7 @@ class CacheDir:
             return
         left = max(written, left_before)
         if left and (entry is None or not entry.pins.get(part)) and store.fileno() >= 0:
-            first, _ = store.layout.bounds(part)
-            try:
-                punch_hole(store.fileno(), first - store.identity.start, left)
-            except OSError as e:
-                log.debug("cache: cannot punch a failed fetch's bytes: %s", e)
-                self._used += left
+            self._punch_failed(store, part, left)
         elif left:
             self._used += left
             if entry is not None:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
-from ossfs.fsutil import punch_hole
+from ossfs.fsutil import punch_hole, pwrite_all
 
 if TYPE_CHECKING:
     from ossfs.cache.store import PartStore
@@ -138,11 +138,7 @@ class MemoryParts:
         return True
 
     def write(self, offset: int, data: memoryview) -> None:
-        pos = offset - self.store.identity.start
-        while data:
-            n = os.pwrite(self.fd, data, pos)
-            data = data[n:]
-            pos += n
+        pwrite_all(self.fd, data, offset - self.store.identity.start)
 
     def read_into(self, offset: int, view: memoryview) -> int:
         return os.preadv(self.fd, [view], offset - self.store.identity.start)

@@ -49,7 +49,7 @@ from functools import lru_cache
 
 from ossfs.cache.index import PartRecord, StoreIdentity
 from ossfs.cache.store import Discarded, PartStore, describe_mismatch
-from ossfs.fsutil import open_private_file
+from ossfs.fsutil import open_private_file, pwrite_all
 
 __all__ = [
     "SmallStore",
@@ -272,12 +272,7 @@ class SmallStore(PartStore):
         self.verified.add(0)
 
     def _write_trailer(self, crc: int, checked: bool) -> None:
-        view = memoryview(_encode_trailer(self.identity, crc, checked))
-        pos = self.identity.size
-        while view:
-            n = os.pwrite(self._fd, view, pos)
-            view = view[n:]
-            pos += n
+        pwrite_all(self._fd, _encode_trailer(self.identity, crc, checked), self.identity.size)
 
     def _publish(self) -> None:
         temp = self._temp_path

@@ -32,7 +32,7 @@ from ossfs.cache.index import IndexCorrupt, IndexFile, PartRecord, StoreIdentity
 from ossfs.cache.memory import MemoryBudget, MemoryParts
 from ossfs.crc import crc64, crc64_of_parts
 from ossfs.errors import IntegrityError
-from ossfs.fsutil import open_private_file, start_writeback, unlink_quietly
+from ossfs.fsutil import open_private_file, pwrite_all, start_writeback, unlink_quietly
 
 __all__ = ["PartStore", "describe_mismatch", "Discarded"]
 
@@ -218,12 +218,7 @@ class PartStore:
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write object bytes starting at object offset *offset*."""
-        pos = offset - self.identity.start
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self._fd, view, pos)
-            view = view[n:]
-            pos += n
+        pwrite_all(self._fd, data, offset - self.identity.start)
 
     def read(self, offset: int, size: int) -> bytes:
         """Read object bytes ``[offset, offset+size)`` from the data file."""
