@@ -77,6 +77,21 @@ def cmp(a: Path, b: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def readers_at_once(target: Path, source: Path) -> None:
+    """Two whole-file readers, one from the middle, and page faults through a shared
+    mapping in strides, all at once; each compares every byte it reads with *source*.
+
+    The mmap reader is another process: the test server runs in this one, and a fault
+    that waits for it while holding this process's GIL would wait forever."""
+    procs = [subprocess.Popen(["cmp", str(target), str(source)]) for _ in range(2)]
+    procs.append(
+        subprocess.Popen(["cmp", "-i", f"{SIZE // 2}:{SIZE // 2}", str(target), str(source)])
+    )
+    procs.append(subprocess.Popen([sys.executable, "-c", MMAP_READER, str(target), str(source)]))
+    for p in procs:
+        assert p.wait(timeout=300) == 0
+
+
 @pytest.mark.parametrize(
     ("cap", "part"), [("8MiB", "1MiB"), ("8MiB", "16MiB"), ("12MiB", "4MiB"), ("20MiB", "8MiB")]
 )
@@ -128,20 +143,7 @@ def test_concurrent_readers_and_mmap_through_a_small_cache(
         env=env,
         log=tmp_path / "log",
     ):
-        target = tmp_path / "m/big/huge.bin"
-        # Two whole-file readers and one from the middle, at the same time.
-        procs = [subprocess.Popen(["cmp", str(target), str(source)]) for _ in range(2)]
-        procs.append(
-            subprocess.Popen(["cmp", "-i", f"{SIZE // 2}:{SIZE // 2}", str(target), str(source)])
-        )
-        # Meanwhile, page faults through a shared mapping, in strides, in another
-        # process (the test server runs in this one: a fault that waits for it while
-        # holding this process's GIL would wait forever).
-        procs.append(
-            subprocess.Popen([sys.executable, "-c", MMAP_READER, str(target), str(source)])
-        )
-        for p in procs:
-            assert p.wait(timeout=300) == 0
+        readers_at_once(tmp_path / "m/big/huge.bin", source)
     assert cache_disk_bytes(cache) <= 10 * MiB + THREADS * 2 * MiB
 
 
@@ -398,16 +400,7 @@ def test_a_cache_disk_that_is_behind_serves_readers_from_memory(
         cmp(target, source)
         sent = server.stats.bytes_sent
         assert sent <= 1.1 * SIZE, f"the server sent {sent / SIZE:.2f}x the object"
-        # Two whole-file readers, one from the middle and mmap page faults at once.
-        procs = [subprocess.Popen(["cmp", str(target), str(source)]) for _ in range(2)]
-        procs.append(
-            subprocess.Popen(["cmp", "-i", f"{SIZE // 2}:{SIZE // 2}", str(target), str(source)])
-        )
-        procs.append(
-            subprocess.Popen([sys.executable, "-c", MMAP_READER, str(target), str(source)])
-        )
-        for p in procs:
-            assert p.wait(timeout=300) == 0
+        readers_at_once(target, source)
         st = _status(mnt)
         assert int(st["memory_bytes"]) >= SIZE  # type: ignore[call-overload]
         # The budget, plus the parts of the reads in progress (the kernel sends a

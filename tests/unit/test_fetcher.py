@@ -436,23 +436,36 @@ def test_materialize_while_the_disk_is_behind_still_lands_every_part_in_the_cach
     cache.close()
 
 
+def _failing_store(tmp_path: Path) -> tuple[MemoryClient, CacheDir, PartStore, bytes]:
+    """A 4-part store whose every GET fails half way, in several chunks per part (so a
+    reader waiting for the start of a part wakes before the failure)."""
+    client, cache, store, data = _memory_store(tmp_path, 4 * PART)
+    client.bandwidth = 64 * PART
+    client.fail_every = 1
+    return client, cache, store, data
+
+
+async def _read_the_start_then_the_fetch_fails(fetcher: Fetcher, store: PartStore) -> None:
+    """Wait (part 0 pinned by the caller) for its first bytes, then let its fetch go
+    on and fail half way."""
+    await fetcher.wait_for(store, 0, PART // 8)
+    await trio.sleep(1)
+
+
 def test_what_a_failed_fetch_into_memory_left_stays_readable_for_its_reader(
     tmp_path: Path,
 ) -> None:
     """A reader waits only for its own bytes; if the fetch of the rest of the part then
     fails, the bytes that arrived must stay readable while the reader holds the part
     (as the cache file's do), and the next fetch of the part takes them over."""
-    client, cache, store, data = _memory_store(tmp_path, 4 * PART)
-    client.bandwidth = 64 * PART  # several chunks per part, so the reader wakes early
-    client.fail_every = 1  # every GET fails half way
+    client, cache, store, data = _failing_store(tmp_path)
     fetcher, memory = _behind(client, cache, 8 * PART, [True])
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             fetcher.attach(nursery)
             with cache.pinned(store, [0]):
-                await fetcher.wait_for(store, 0, PART // 8)
-                await trio.sleep(1)  # the fetch goes on, and fails half way
+                await _read_the_start_then_the_fetch_fails(fetcher, store)
                 assert store.memory is not None and store.memory.state.get(0) == PARTIAL
                 view = memoryview(bytearray(PART // 8))
                 assert store.read_into(0, view) == PART // 8
@@ -474,17 +487,14 @@ def test_what_a_failed_fetch_left_for_its_reader_is_punched_once_it_lets_go(
 ) -> None:
     """The cache-file counterpart: the bytes stay while the reader holds the part, and
     are punched out (and no longer counted) once it lets go."""
-    client, cache, store, data = _memory_store(tmp_path, 4 * PART)
-    client.bandwidth = 64 * PART
-    client.fail_every = 1
+    client, cache, store, data = _failing_store(tmp_path)
     fetcher = Fetcher(client, connections=4, budget=cache)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             fetcher.attach(nursery)
             with cache.pinned(store, [0]):
-                await fetcher.wait_for(store, 0, PART // 8)
-                await trio.sleep(1)  # the fetch goes on, and fails half way
+                await _read_the_start_then_the_fetch_fails(fetcher, store)
                 assert store.read(0, PART // 8) == data[: PART // 8]
                 assert os.fstat(store.fileno()).st_blocks * 512 >= PART // 2
             assert os.fstat(store.fileno()).st_blocks * 512 == 0
@@ -501,9 +511,7 @@ def test_a_part_a_failed_fetch_left_in_the_cache_for_its_reader_is_fetched_there
     """The disk fell behind meanwhile, but the reader may still be reading the cache
     file's bytes of the part: the next fetch must not move the part to memory (where
     its bytes are not there yet)."""
-    client, cache, store, data = _memory_store(tmp_path, 4 * PART)
-    client.bandwidth = 64 * PART
-    client.fail_every = 1
+    client, cache, store, data = _failing_store(tmp_path)
     pressure = [False]
     fetcher, memory = _behind(client, cache, 8 * PART, pressure)
 
@@ -511,8 +519,7 @@ def test_a_part_a_failed_fetch_left_in_the_cache_for_its_reader_is_fetched_there
         async with trio.open_nursery() as nursery:
             fetcher.attach(nursery)
             with cache.pinned(store, [0]):
-                await fetcher.wait_for(store, 0, PART // 8)  # into the cache file
-                await trio.sleep(1)  # the fetch goes on, and fails half way
+                await _read_the_start_then_the_fetch_fails(fetcher, store)  # cache file
                 pressure[0] = True
                 client.fail_every = 0
                 fetcher.start(store, 0)  # another reader wants the part now
@@ -533,9 +540,7 @@ def test_a_part_a_failed_fetch_left_in_the_cache_for_its_reader_is_fetched_there
 def test_a_failed_fetch_s_leftovers_are_not_punched_while_another_process_claims_the_part(
     tmp_path: Path,
 ) -> None:
-    client, cache, store, data = _memory_store(tmp_path, 4 * PART)
-    client.bandwidth = 64 * PART
-    client.fail_every = 1
+    client, cache, store, data = _failing_store(tmp_path)
     fetcher = Fetcher(client, connections=4, budget=cache)
     other = os.open(store.data_path, os.O_RDWR)  # another process's open file
 
@@ -543,8 +548,7 @@ def test_a_failed_fetch_s_leftovers_are_not_punched_while_another_process_claims
         async with trio.open_nursery() as nursery:
             fetcher.attach(nursery)
             with cache.pinned(store, [0]):
-                await fetcher.wait_for(store, 0, PART // 8)
-                await trio.sleep(1)  # the fetch fails half way
+                await _read_the_start_then_the_fetch_fails(fetcher, store)
                 assert _ofd_lock(other, 0, PART, fcntl.F_WRLCK)  # the other claims it
                 os.pwrite(other, data[:PART], 0)  # and writes it
             assert os.pread(store.fileno(), PART, 0) == data[:PART]
