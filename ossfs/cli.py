@@ -975,6 +975,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
             "because the cache disk was behind "
             f"(peak {format_size(st.get('memory_peak_bytes', 0))})"
         )
+    if st.get("cache_disk_behind"):
+        served = "; readers are served from memory" if st.get("memory_budget") else ""
+        print(f"cache disk:  behind now (dirty pages near the kernel's ceiling){served}")
+    if st.get("dirty_cgroup"):
+        print(f"dirty pages: watched for the machine and the cgroup {st['dirty_cgroup']}")
     if st.get("log_file"):
         print(f"log:         {st['log_file']}")
     if st.get("metrics"):

@@ -40,7 +40,7 @@ from ossfs.model import utc_stamp
 from ossfs.mounttable import tune_kernel_read_ahead
 from ossfs.namespace import DEFAULT_MAX_DIR_ENTRIES, Namespace
 from ossfs.prefetch import SiblingPrefetch
-from ossfs.pressure import DirtyPressure, read_meminfo
+from ossfs.pressure import DirtyPressure, read_cgroup, read_meminfo
 
 if TYPE_CHECKING:
     # (imported when used: prometheus_client takes 65 ms to import)
@@ -153,6 +153,7 @@ class _Mounted:
     fetcher: Fetcher
     ns: Namespace
     prefetch: SiblingPrefetch
+    pressure: DirtyPressure
     ops: Operations = field(init=False)
     op_times: OpTimes | None = None
     started: float = field(default_factory=time.time)
@@ -165,6 +166,7 @@ class _Mounted:
             min_free_fraction=config.cache_min_free,
             keep_idle=_KEEP_IDLE,
         )
+        pressure = _dirty_pressure()
         memory = None
         if config.memory_budget > 0:
             memory = MemoryBudget(
@@ -176,7 +178,7 @@ class _Mounted:
             budget=cache,
             read_ahead=config.read_ahead,
             memory=memory,
-            pressure=_dirty_pressure(),
+            pressure=pressure,
         )
         ns = Namespace(
             client,
@@ -188,7 +190,7 @@ class _Mounted:
             max_dir_entries=config.max_dir_entries,
         )
         prefetch = SiblingPrefetch(ns, cache, fetcher, config.part_size)
-        m = cls(config, client, cache, fetcher, ns, prefetch)
+        m = cls(config, client, cache, fetcher, ns, prefetch, pressure)
         fs_opts = FsOptions(
             uid=config.uid,
             gid=config.gid,
@@ -249,6 +251,9 @@ class _Mounted:
             "memory_bytes": fetcher.memory.fetched_bytes if fetcher.memory else 0,
             "memory_held_bytes": fetcher.memory.held if fetcher.memory else 0,
             "memory_peak_bytes": fetcher.memory.peak if fetcher.memory else 0,
+            "memory_budget": config.memory_budget,
+            "cache_disk_behind": self.pressure.on,
+            "dirty_cgroup": self.pressure.cgroup_dir,
             "sibling_prefetches": self.prefetch.started,
             "list_requests": self.ns.list_requests,
             "log_file": config.log_file,
@@ -260,12 +265,16 @@ class _Mounted:
 
 
 def _dirty_pressure() -> DirtyPressure:
-    # OSSFS_MEMINFO names a file read instead of /proc/meminfo: the tests' way to make
-    # a mount see a cache disk that is behind (or not) without slowing a real disk.
-    path = os.environ.get("OSSFS_MEMINFO")
-    if path:
-        return DirtyPressure(meminfo=lambda: read_meminfo(path))
-    return DirtyPressure()
+    # The tests' way to make a mount see a cache disk that is behind (or not) without
+    # slowing a real disk: OSSFS_MEMINFO names a file read instead of /proc/meminfo,
+    # OSSFS_CGROUP a directory read as the daemon's memory cgroup.
+    meminfo = os.environ.get("OSSFS_MEMINFO")
+    cgroup = os.environ.get("OSSFS_CGROUP")
+    return DirtyPressure(
+        meminfo=(lambda: read_meminfo(meminfo)) if meminfo else read_meminfo,
+        cgroup=(lambda: read_cgroup([cgroup])) if cgroup else None,
+        cgroup_dir=cgroup,
+    )
 
 
 async def _run(config: MountConfig, m: _Mounted) -> int | None:

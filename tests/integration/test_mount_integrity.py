@@ -23,7 +23,7 @@ import pytest
 from ossfs.cache.cachedir import CacheDir, object_identity
 from ossfs.crc import crc64
 from ossfs.testing import Fault, OssTestServer
-from tests.helpers import mounted
+from tests.helpers import mounted, run_ossfs
 from tests.integration.conftest import settled_stats
 
 pytestmark = pytest.mark.fuse
@@ -360,24 +360,39 @@ def test_cache_min_free_keeps_that_much_of_the_disk_free(
     assert "Traceback" not in (tmp_path / "log").read_text()
 
 
-def _meminfo(path: Path, *, behind: bool) -> None:
-    """A stand-in for /proc/meminfo (read by the mount through OSSFS_MEMINFO): dirty
-    pages far past the kernel's free-run ceiling (the cache disk is behind), or none."""
-    dirty_kb = 1 << 30 if behind else 0
-    path.write_text(
-        "MemFree: 1048576 kB\nActive(file): 0 kB\nInactive(file): 0 kB\n"
-        f"Dirty: {dirty_kb} kB\nWriteback: 0 kB\n"
-    )
-
-
-def test_a_cache_disk_that_is_behind_serves_readers_from_memory(
-    server: OssTestServer, env: dict[str, str], source: Path, tmp_path: Path
-) -> None:
-    """While the disk is behind, reads are exact, fetched once, served from memory
-    within its budget and not written to the cache; once it has caught up, reads are
-    cached again."""
+def _behind(tmp_path: Path, where: str, *, behind: bool) -> dict[str, str]:
+    """Stand-ins for /proc/meminfo and the daemon's memory cgroup (read by the mount
+    through OSSFS_MEMINFO and OSSFS_CGROUP): dirty pages far past the kernel's free-run
+    ceiling of the machine or of the cgroup (the cache disk is behind), or none. The
+    environment that points the mount at them."""
+    machine = behind and where == "machine"
     meminfo = tmp_path / "meminfo"
-    _meminfo(meminfo, behind=True)
+    meminfo.write_text(
+        f"MemFree: {1 << 24} kB\nActive(file): 0 kB\nInactive(file): 0 kB\n"
+        f"Dirty: {1 << 30 if machine else 0} kB\nWriteback: 0 kB\n"
+    )
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir(exist_ok=True)
+    (cgroup / "memory.max").write_text(f"{1 << 30}\n")
+    (cgroup / "memory.high").write_text("max\n")
+    # At its limit, all 1 GiB of it file pages: all dirty is past any ceiling.
+    (cgroup / "memory.current").write_text(f"{1 << 30}\n")
+    dirty = 1 << 30 if behind and where == "cgroup" else 0
+    (cgroup / "memory.stat").write_text(
+        f"active_file {1 << 30}\ninactive_file 0\nfile_dirty {dirty}\nfile_writeback 0\n"
+    )
+    return {"OSSFS_MEMINFO": str(meminfo), "OSSFS_CGROUP": str(cgroup)}
+
+
+@pytest.mark.parametrize("where", ["machine", "cgroup"])
+def test_a_cache_disk_that_is_behind_serves_readers_from_memory(
+    server: OssTestServer, env: dict[str, str], source: Path, tmp_path: Path, where: str
+) -> None:
+    """While the disk is behind (the dirty pages of the machine, or of the daemon's
+    memory cgroup, near the kernel's ceiling), reads are exact, fetched once, served
+    from memory within its budget and not written to the cache; once it has caught up,
+    reads are cached again."""
+    stand_ins = _behind(tmp_path, where, behind=True)
     cache = tmp_path / "cache"
     mnt = tmp_path / "m"
     with mounted(
@@ -393,7 +408,7 @@ def test_a_cache_disk_that_is_behind_serves_readers_from_memory(
         "16MiB",
         "--threads",
         str(THREADS),
-        env={**env, "OSSFS_MEMINFO": str(meminfo)},
+        env={**env, **stand_ins},
         log=tmp_path / "log",
     ):
         target = mnt / "big/huge.bin"
@@ -408,8 +423,12 @@ def test_a_cache_disk_that_is_behind_serves_readers_from_memory(
         peak = int(st["memory_peak_bytes"])  # type: ignore[call-overload]
         assert 0 < peak <= 16 * MiB + 4 * 8 * MiB, peak
         assert cache_disk_bytes(cache) == 0  # nothing was written while the disk was behind
+        assert st["cache_disk_behind"] is True
+        assert st["dirty_cgroup"] == stand_ins["OSSFS_CGROUP"]
+        shown = run_ossfs("status", str(mnt), env=env, check=True).stdout
+        assert "behind now" in shown and stand_ins["OSSFS_CGROUP"] in shown, shown
 
-        _meminfo(meminfo, behind=False)
+        _behind(tmp_path, where, behind=False)
         time.sleep(0.2)  # (the mount looks at most every 50 ms)
         fd = os.open(target, os.O_RDONLY)
         try:  # the kernel's pages of the file would answer the next read themselves
@@ -418,4 +437,5 @@ def test_a_cache_disk_that_is_behind_serves_readers_from_memory(
             os.close(fd)
         cmp(target, source)
         assert cache_disk_bytes(cache) >= SIZE - MiB
+        assert _status(mnt)["cache_disk_behind"] is False
     assert "Traceback" not in (tmp_path / "log").read_text()

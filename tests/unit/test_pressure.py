@@ -1,11 +1,23 @@
 """When a mount considers its cache disk behind (ossfs.pressure): the kernel's free-run
-ceiling computed from /proc/meminfo and vm.dirty_*, and the on/off hysteresis."""
+ceilings computed from /proc/meminfo and vm.dirty_*, the machine's and a memory
+cgroup's (v2), and the on/off hysteresis."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ossfs.pressure import DirtyPressure, free_run_ceiling, read_meminfo
+import pytest
+
+from ossfs import mount
+from ossfs.pressure import (
+    CgroupMemory,
+    DirtyPressure,
+    cgroup_free_run_ceiling,
+    find_cgroup,
+    free_run_ceiling,
+    read_cgroup,
+    read_meminfo,
+)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -71,3 +83,177 @@ def test_proc_meminfo_is_read_in_bytes() -> None:
     assert info["MemTotal"] > 64 * MiB
     assert {"MemFree", "Active(file)", "Inactive(file)", "Dirty", "Writeback"} <= set(info)
     assert DirtyPressure()() in (True, False)
+
+
+# A pod limited to 2 GiB, 1.5 GiB of it used (1 GiB of file pages), on the machine of
+# _meminfo (10 GiB can hold file pages).
+POD = CgroupMemory(file=1 * GiB, dirty=0, headroom=512 * MiB)
+
+
+def test_a_cgroup_s_ceiling_is_its_share_of_what_it_may_still_use() -> None:
+    # Its dirtyable memory: 1 GiB of file pages + 512 MiB of headroom = 1.5 GiB.
+    # Ratios: 20% and 10% of it, half way between: 15%.
+    assert (
+        cgroup_free_run_ceiling(POD, _meminfo(), RATIOS)
+        == (1536 * MiB * 20 // 100 + 1536 * MiB * 10 // 100) // 2
+    )
+    # Byte settings become the ratio they are of the machine: 512 MiB and 256 MiB of
+    # 10 GiB are 5% and 2.5%.
+    assert (
+        cgroup_free_run_ceiling(POD, _meminfo(), BYTES)
+        == (1536 * MiB * 512 // 10240 + 1536 * MiB * 256 // 10240) // 2
+    )
+    # Far below the machine's: 230 MiB against 1.5 GiB with the ratios.
+    assert (
+        cgroup_free_run_ceiling(POD, _meminfo(), RATIOS) < free_run_ceiling(_meminfo(), RATIOS) / 6
+    )
+
+
+def test_a_cgroup_s_headroom_is_capped_by_the_clean_memory_of_the_rest_of_the_machine() -> None:
+    # 5 GiB of headroom, but of the machine's 10 GiB dirtyable 4.5 GiB are dirty:
+    # 5.5 GiB clean, 1 GiB of it the cgroup's own, so only 4.5 GiB more to take.
+    # Its dirtyable memory: 1 + 4.5 = 5.5 GiB.
+    cg = CgroupMemory(file=1 * GiB, dirty=0, headroom=5 * GiB)
+    info = _meminfo(dirty=4 * GiB + 512 * MiB)
+    assert (
+        cgroup_free_run_ceiling(cg, info, RATIOS)
+        == (5632 * MiB * 20 // 100 + 5632 * MiB * 10 // 100) // 2
+    )
+
+
+def test_a_cgroup_without_a_limit_holding_every_file_page_has_the_machine_s_ceiling() -> None:
+    cg = CgroupMemory(file=2 * GiB, dirty=0, headroom=None)
+    for vm in (RATIOS, BYTES):
+        assert cgroup_free_run_ceiling(cg, _meminfo(), vm) == free_run_ceiling(_meminfo(), vm)
+
+
+def test_pressure_comes_from_the_cgroup_while_the_machine_is_far_from_its_ceiling() -> None:
+    now = [0.0]
+    cg = [POD]
+    p = DirtyPressure(
+        meminfo=_meminfo, vm=lambda: RATIOS, cgroup=lambda: cg[0], clock=lambda: now[0]
+    )
+    seen = []
+    # The pod's ceiling is 230.4 MiB: on at 172.8, off below 115.2. The machine's is
+    # 1.5 GiB, and the machine's dirty pages are left at 0 here.
+    for dirty in (150, 180, 120, 110, 200):
+        cg[0] = CgroupMemory(file=POD.file, dirty=dirty * MiB, headroom=POD.headroom)
+        now[0] += 1
+        seen.append(p())
+    assert seen == [False, True, True, False, True]
+
+
+def test_a_cgroup_that_cannot_be_read_leaves_the_machine_s_ceiling(tmp_path: Path) -> None:
+    now = [0.0]
+    info = [_meminfo()]
+    p = DirtyPressure(
+        meminfo=lambda: info[0],
+        vm=lambda: BYTES,
+        cgroup=lambda: read_cgroup([str(tmp_path / "gone")]),
+        clock=lambda: now[0],
+    )
+    assert p() is False
+    assert p.cgroup_available is False and p.available is True
+    info[0] = _meminfo(dirty=300 * MiB)
+    now[0] += 1
+    assert p() is True
+
+
+def _cgroup_tree(
+    tmp_path: Path, path: str, limits: dict[str, tuple[str, str, int]]
+) -> tuple[str, str]:
+    """A cgroup2 mount at tmp_path/cg with this process in *path*; *limits*: per cgroup
+    below the root, (memory.max, memory.high, memory.current). The files /proc would
+    hold: (mounts, cgroup)."""
+    top = tmp_path / "cg"
+    (top / path.strip("/")).mkdir(parents=True)
+    (top / "memory.stat").write_text("anon 1\nfile 2\n")  # the root: no limits
+    for name, (mmax, high, current) in limits.items():
+        d = top / name
+        (d / "memory.max").write_text(mmax + "\n")
+        (d / "memory.high").write_text(high + "\n")
+        (d / "memory.current").write_text(f"{current}\n")
+        (d / "memory.stat").write_text(
+            "anon 5\nfile 300\nactive_file 100\ninactive_file 200\n"
+            "file_dirty 30\nfile_writeback 20\nfile_mapped 7\n"
+        )
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n"
+        f"cgroup2 {top} cgroup2 rw,nsdelegate 0 0\n"
+    )
+    proc = tmp_path / "cgroup"
+    proc.write_text(f"4:memory:/v1/path\n0::{path}\n")
+    return str(mounts), str(proc)
+
+
+def test_the_daemon_s_cgroup_and_the_tightest_headroom_of_it_and_its_ancestors(
+    tmp_path: Path,
+) -> None:
+    mounts, proc = _cgroup_tree(
+        tmp_path,
+        "/kubepods/pod1/ctr",
+        {
+            "kubepods": ("max", "max", 10 * GiB),
+            "kubepods/pod1": (str(2 * GiB), "max", 1536 * MiB),  # 512 MiB left
+            "kubepods/pod1/ctr": ("max", str(3 * GiB), 1024 * MiB),  # 2 GiB left
+        },
+    )
+    dirs = find_cgroup(proc, mounts)
+    top = tmp_path / "cg"
+    assert dirs == [
+        str(top / "kubepods/pod1/ctr"),
+        str(top / "kubepods/pod1"),
+        str(top / "kubepods"),
+    ]
+    assert read_cgroup(dirs) == CgroupMemory(file=300, dirty=50, headroom=512 * MiB)
+
+
+@pytest.mark.parametrize("path", ["/", "/system.slice/nomemory"])
+def test_no_cgroup_of_its_own_in_the_root_or_without_the_memory_controller(
+    tmp_path: Path, path: str
+) -> None:
+    mounts, proc = _cgroup_tree(tmp_path, path, {})
+    assert find_cgroup(proc, mounts) is None
+
+
+def test_no_cgroup_v2_means_the_machine_s_ceiling_only(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text("cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:memory:/a\n0::/\n")
+    assert find_cgroup(str(proc), str(mounts)) is None
+    assert find_cgroup(str(tmp_path / "none"), str(mounts)) is None
+
+
+def test_a_mount_reads_the_cgroup_it_is_pointed_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The daemon's own wiring (ossfs.mount): a pod's dirty pages near its ceiling turn
+    # the pressure on while the machine's meminfo shows none.
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(
+        "MemTotal: 16777216 kB\nMemFree: 8388608 kB\nActive(file): 1048576 kB\n"
+        "Inactive(file): 1048576 kB\nDirty: 0 kB\nWriteback: 0 kB\n"
+    )
+    pod = tmp_path / "pod"
+    pod.mkdir()
+    (pod / "memory.max").write_text(f"{2 * GiB}\n")
+    (pod / "memory.high").write_text("max\n")
+    (pod / "memory.current").write_text(f"{1536 * MiB}\n")
+
+    def stat(dirty: int) -> None:
+        (pod / "memory.stat").write_text(
+            f"active_file {512 * MiB}\ninactive_file {512 * MiB}\n"
+            f"file_dirty {dirty}\nfile_writeback 0\n"
+        )
+
+    monkeypatch.setenv("OSSFS_MEMINFO", str(meminfo))
+    monkeypatch.setenv("OSSFS_CGROUP", str(pod))
+    # Whatever this machine's vm.dirty_* (real ones are read here): 1 MiB is far below
+    # the pod's ceiling, and all its 1 GiB of file pages dirty is above 3/4 of any (at
+    # most 3/4 of its 1.5 GiB).
+    stat(1 * MiB)
+    assert mount._dirty_pressure()() is False
+    stat(1 * GiB)
+    assert mount._dirty_pressure()() is True
