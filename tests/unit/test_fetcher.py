@@ -560,3 +560,37 @@ def test_a_failed_fetch_s_leftovers_are_not_punched_while_another_process_claims
     finally:
         os.close(other)
     cache.close()
+
+
+def test_a_refetch_that_wrote_nothing_leaves_the_bytes_of_the_process_that_claims_the_part(
+    tmp_path: Path,
+) -> None:
+    """A failed fetch left bytes for its reader; the next fetch of the part waits for
+    another process's claim, the reader lets go meanwhile, and the fetch ends (the
+    mount closes) having written nothing. What the first fetch left is now the other
+    process's bytes: ending must not punch them."""
+    client, cache, store, data = _failing_store(tmp_path)
+    fetcher = Fetcher(client, connections=4, budget=cache)
+    other = os.open(store.data_path, os.O_RDWR)  # another process's open file
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            with cache.pinned(store, [0]):
+                await _read_the_start_then_the_fetch_fails(fetcher, store)
+                assert _ofd_lock(other, 0, PART, fcntl.F_WRLCK)  # the other claims it
+                os.pwrite(other, data[:PART], 0)  # and writes it
+                client.fail_every = 0
+                assert fetcher.start(store, 0) is not None  # waits for the claim
+                await trio.sleep(1)
+            await trio.sleep(1)  # the reader has let go; the fetch still waits
+            assert os.pread(store.fileno(), PART, 0) == data[:PART]
+            nursery.cancel_scope.cancel()  # the fetch ends, having written nothing
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        os.close(other)
+    assert os.pread(store.fileno(), PART, 0) == data[:PART]
+    assert client.gets == 1  # (the refetch never started its GET)
+    cache.close()
