@@ -166,7 +166,7 @@ class _Mounted:
             min_free_fraction=config.cache_min_free,
             keep_idle=_KEEP_IDLE,
         )
-        pressure = _dirty_pressure()
+        pressure = _dirty_pressure(config.cache_dir)
         memory = None
         if config.memory_budget > 0:
             memory = MemoryBudget(
@@ -252,7 +252,7 @@ class _Mounted:
             "memory_held_bytes": fetcher.memory.held if fetcher.memory else 0,
             "memory_peak_bytes": fetcher.memory.peak if fetcher.memory else 0,
             "memory_budget": config.memory_budget,
-            "cache_disk_behind": self.pressure.on,
+            "cache_disk_behind": self.pressure(),
             "dirty_cgroup": self.pressure.cgroup_dir,
             "sibling_prefetches": self.prefetch.started,
             "list_requests": self.ns.list_requests,
@@ -264,7 +264,7 @@ class _Mounted:
         }
 
 
-def _dirty_pressure() -> DirtyPressure:
+def _dirty_pressure(cache_dir: str) -> DirtyPressure:
     # The tests' way to make a mount see a cache disk that is behind (or not) without
     # slowing a real disk: OSSFS_MEMINFO names a file read instead of /proc/meminfo,
     # OSSFS_CGROUP a directory read as the daemon's memory cgroup.
@@ -274,6 +274,7 @@ def _dirty_pressure() -> DirtyPressure:
         meminfo=(lambda: read_meminfo(meminfo)) if meminfo else read_meminfo,
         cgroup=(lambda: read_cgroup([cgroup])) if cgroup else None,
         cgroup_dir=cgroup,
+        cache_dir=cache_dir,
     )
 
 

@@ -17,17 +17,25 @@ under ``memory.max`` / ``memory.high`` (``mdtc_calc_avail`` and
 ``domain_dirty_limits``). A pod limited to 2 GiB on a 64 GiB machine is paused long
 before the machine's ceiling is near, so both ceilings are checked, from the
 daemon's own cgroup (``memory.stat``) and its ancestors (the tightest headroom).
-Version 1 memory cgroups have no dirty limit of their own; they are not read.
+The kernel applies the cgroup's ceiling only with cgroup writeback (the io
+controller on v2, and a cache on a file system that supports it, such as ext4 or
+XFS); version 1 memory cgroups have none. Elsewhere only the machine's is read.
+Nothing here can stop a mount: files that cannot be read or parsed mean no
+pressure from them.
 
 The check reads a few small files at most every `INTERVAL` seconds.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DirtyPressure",
@@ -123,31 +131,84 @@ def read_vm(root: str = "/proc/sys/vm") -> dict[str, int]:
     return out
 
 
+# File systems whose writeback the kernel charges to memory cgroups (SB_I_CGROUPWB):
+# a cache elsewhere (tmpfs, NFS, a FUSE file system) meets the machine's ceiling only.
+CGROUP_WRITEBACK_FS = frozenset({"ext2", "ext4", "xfs", "btrfs", "f2fs"})
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo writes space, tab, newline and backslash as \ooo.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def _mounts(mountinfo: str) -> list[tuple[str, str, str]]:
+    """(root within the file system, mount point, type) of each mount."""
+    out = []
+    with open(mountinfo, "rb") as f:
+        for raw in f:
+            left, sep, right = raw.decode("utf-8", "surrogateescape").partition(" - ")
+            a, b = left.split(), right.split()
+            if sep and len(a) >= 5 and b:
+                out.append((_unescape(a[3]), _unescape(a[4]), b[0]))
+    return out
+
+
+def _fs_type(path: str, mounts: list[tuple[str, str, str]]) -> str | None:
+    """The type of the file system *path* is on (the innermost mount holding it)."""
+    holding = [
+        (len(point), fstype)
+        for _root, point, fstype in mounts
+        if path == point or path.startswith(point.rstrip("/") + "/")
+    ]
+    # (the last of the longest: a later mount on the same point hides an earlier one)
+    return max(reversed(holding), key=lambda m: m[0])[1] if holding else None
+
+
 def find_cgroup(
-    proc: str = "/proc/self/cgroup", mounts: str = "/proc/self/mounts"
+    cache_dir: str | None = None,
+    *,
+    proc: str = "/proc/self/cgroup",
+    mountinfo: str = "/proc/self/mountinfo",
 ) -> list[str] | None:
-    """The directories of this process's cgroup v2 and its ancestors up to the
-    hierarchy's mount (innermost first); None if it has no v2 memory cgroup of its own
-    (version 1, no v2 mount, or the root cgroup)."""
+    """The directories of this process's memory cgroup (v2) and its ancestors that have
+    limits, innermost first; None when the kernel gives it no dirty ceiling of its own:
+    cgroup v1, the root cgroup, no io controller on v2 (no cgroup writeback), or a
+    cache directory (*cache_dir*) on a file system without cgroup writeback."""
     try:
-        with open(mounts) as f:
-            points = [line.split()[1] for line in f if line.split()[2:3] == ["cgroup2"]]
-        with open(proc) as f:
-            paths = [line.rstrip("\n")[3:] for line in f if line.startswith("0::")]
-    except (OSError, IndexError):
+        mounts = _mounts(mountinfo)
+        with open(proc, "rb") as f:
+            paths = [
+                line.decode("utf-8", "surrogateescape").rstrip("\n")[3:]
+                for line in f
+                if line.startswith(b"0::")
+            ]
+        if not paths or ".." in paths[0].split("/"):
+            return None  # (a cgroup outside this namespace's view)
+        cache_fs = _fs_type(os.path.realpath(cache_dir), mounts) if cache_dir else None
+        if cache_dir and cache_fs not in CGROUP_WRITEBACK_FS:
+            return None
+        path = paths[0].rstrip("/") or "/"
+        for root, top, fstype in mounts:
+            if fstype != "cgroup2":
+                continue
+            root = root.rstrip("/")
+            if path != (root or "/") and not path.startswith(root + "/"):
+                continue  # a bind mount of another part of the hierarchy
+            with open(os.path.join(top, "cgroup.controllers")) as f:
+                if "io" not in f.read().split():
+                    return None
+            walk = [os.path.normpath(top + "/" + path[len(root) :])]
+            while walk[-1] != top and walk[-1].startswith(top.rstrip("/") + "/"):
+                walk.append(os.path.dirname(walk[-1]))
+            # The root cgroup has no limits (no memory.max) and ends the walk; a cgroup
+            # without the memory controller is charged to the nearest one with it.
+            dirs = [d for d in walk if os.path.exists(os.path.join(d, "memory.max"))]
+            if dirs and os.path.exists(os.path.join(dirs[0], "memory.stat")):
+                return dirs
+            return None
+    except (OSError, ValueError):
         return None
-    if not points or not paths:
-        return None
-    top = points[0].replace("\\040", " ")
-    walk = [os.path.normpath(top + "/" + paths[0].lstrip("/"))]
-    while walk[-1] != top and walk[-1].startswith(top.rstrip("/") + "/"):
-        walk.append(os.path.dirname(walk[-1]))
-    # The root cgroup has no limits (no memory.max) and ends the walk; a cgroup
-    # without the memory controller is charged to the nearest one with it.
-    dirs = [d for d in walk if os.path.exists(os.path.join(d, "memory.max"))]
-    if not dirs or not os.path.exists(os.path.join(dirs[0], "memory.stat")):
-        return None
-    return dirs
+    return None
 
 
 def _limit(path: str) -> int | None:
@@ -193,15 +254,21 @@ class DirtyPressure:
         vm: Callable[[], dict[str, int]] = read_vm,
         cgroup: Callable[[], CgroupMemory | None] | None = None,
         cgroup_dir: str | None = None,
+        cache_dir: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """*cgroup*: the daemon's memory cgroup now (None: not in one), read from the
-        directory *cgroup_dir*; by default the one `find_cgroup` finds."""
+        directory *cgroup_dir*; by default the one `find_cgroup` finds for a cache in
+        *cache_dir*."""
         if cgroup is None:
-            dirs = find_cgroup()
+            try:
+                dirs = find_cgroup(cache_dir)
+            except Exception as e:  # never a reason not to mount
+                log.debug("pressure: no memory cgroup looked at: %r", e)
+                dirs = None
             cgroup = (lambda: read_cgroup(dirs)) if dirs else (lambda: None)
             cgroup_dir = dirs[0] if dirs else None
-        self.cgroup_dir = cgroup_dir  # shown by `ossfs status`
+        self.cgroup_dir = cgroup_dir  # shown by `ossfs status` (None once unreadable)
         self._meminfo = meminfo
         self._vm = vm
         self._cgroup = cgroup
@@ -209,7 +276,7 @@ class DirtyPressure:
         self._next = 0.0
         self.on = False
         self.available = True  # False once the files could not be read (never pressure)
-        self.cgroup_available = True  # False once the cgroup's could not be (machine only)
+        self.cgroup_available = True  # False once the cgroup's could not (machine only)
 
     def __call__(self) -> bool:
         now = self._clock()
@@ -229,7 +296,15 @@ class DirtyPressure:
                 cg = self._cgroup()
                 if cg is not None:
                     level = max(level, cg.dirty / cgroup_free_run_ceiling(cg, info, vm))
-            except (OSError, KeyError, ValueError):
+            except (OSError, KeyError, ValueError) as e:
+                # (moved to another cgroup, or its own was removed)
+                log.info(
+                    "pressure: the memory cgroup %s can no longer be read (%s); "
+                    "only the machine's dirty pages are watched",
+                    self.cgroup_dir,
+                    e,
+                )
                 self.cgroup_available = False
+                self.cgroup_dir = None
         self.on = level >= (LEAVE if self.on else ENTER)
         return self.on

@@ -121,6 +121,19 @@ def test_a_cgroup_s_headroom_is_capped_by_the_clean_memory_of_the_rest_of_the_ma
     )
 
 
+def test_dirty_pages_are_not_clean_memory_a_cgroup_could_take() -> None:
+    # The machine: 10 GiB dirtyable, 3 GiB dirty and 1 GiB under writeback: 6 GiB clean.
+    # The cgroup: 2 GiB of file pages, 512 MiB dirty and 512 MiB under writeback, so
+    # 1 GiB of them clean; the rest of the machine has 5 GiB clean, below its 8 GiB of
+    # headroom. Its dirtyable memory: 2 + 5 = 7 GiB.
+    cg = CgroupMemory(file=2 * GiB, dirty=1 * GiB, headroom=8 * GiB)
+    info = _meminfo(dirty=3 * GiB, writeback=1 * GiB)
+    assert (
+        cgroup_free_run_ceiling(cg, info, RATIOS)
+        == (7 * GiB * 20 // 100 + 7 * GiB * 10 // 100) // 2
+    )
+
+
 def test_a_cgroup_without_a_limit_holding_every_file_page_has_the_machine_s_ceiling() -> None:
     cg = CgroupMemory(file=2 * GiB, dirty=0, headroom=None)
     for vm in (RATIOS, BYTES):
@@ -160,16 +173,26 @@ def test_a_cgroup_that_cannot_be_read_leaves_the_machine_s_ceiling(tmp_path: Pat
 
 
 def _cgroup_tree(
-    tmp_path: Path, path: str, limits: dict[str, tuple[str, str, int]]
-) -> tuple[str, str]:
-    """A cgroup2 mount at tmp_path/cg with this process in *path*; *limits*: per cgroup
-    below the root, (memory.max, memory.high, memory.current). The files /proc would
-    hold: (mounts, cgroup)."""
-    top = tmp_path / "cg"
-    (top / path.strip("/")).mkdir(parents=True)
+    tmp_path: Path,
+    path: str,
+    limits: dict[str, tuple[str, str, int]],
+    *,
+    top_name: str = "cg",
+    root: str = "/",
+    controllers: str = "cpuset cpu io memory pids",
+    cache_fs: str = "ext4",
+) -> tuple[str, str, Path]:
+    """A cgroup2 mount at tmp_path/*top_name* (showing the hierarchy from *root*) with
+    this process in *path*, and a cache directory on a *cache_fs* mount; *limits*: per
+    cgroup below the mount, (memory.max, memory.high, memory.current). The files /proc
+    would hold (mountinfo, cgroup) and the cache directory."""
+    top = tmp_path / top_name
+    top.mkdir()
+    (top / "cgroup.controllers").write_text(controllers + "\n")
     (top / "memory.stat").write_text("anon 1\nfile 2\n")  # the root: no limits
     for name, (mmax, high, current) in limits.items():
         d = top / name
+        d.mkdir(parents=True, exist_ok=True)
         (d / "memory.max").write_text(mmax + "\n")
         (d / "memory.high").write_text(high + "\n")
         (d / "memory.current").write_text(f"{current}\n")
@@ -177,29 +200,34 @@ def _cgroup_tree(
             "anon 5\nfile 300\nactive_file 100\ninactive_file 200\n"
             "file_dirty 30\nfile_writeback 20\nfile_mapped 7\n"
         )
-    mounts = tmp_path / "mounts"
-    mounts.write_text(
-        "cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n"
-        f"cgroup2 {top} cgroup2 rw,nsdelegate 0 0\n"
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    escaped = str(top).replace(" ", "\\040")
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_bytes(
+        b"1 0 8:1 / / rw,relatime - ext4 /dev/vda rw\n"
+        + f"30 1 0:26 / {cache} rw - {cache_fs} none rw\n".encode()
+        + b"31 1 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+        + b"32 1 0:28 / /mnt/\xff\xfe rw - tmpfs tmpfs rw\n"  # (not UTF-8)
+        + f"33 1 0:29 {root} {escaped} rw,nsdelegate - cgroup2 cgroup2 rw\n".encode()
     )
     proc = tmp_path / "cgroup"
     proc.write_text(f"4:memory:/v1/path\n0::{path}\n")
-    return str(mounts), str(proc)
+    return str(mountinfo), str(proc), cache
+
+
+POD_TREE = {
+    "kubepods": ("max", "max", 10 * GiB),
+    "kubepods/pod1": (str(2 * GiB), "max", 1536 * MiB),  # 512 MiB left
+    "kubepods/pod1/ctr": ("max", str(3 * GiB), 1024 * MiB),  # 2 GiB left
+}
 
 
 def test_the_daemon_s_cgroup_and_the_tightest_headroom_of_it_and_its_ancestors(
     tmp_path: Path,
 ) -> None:
-    mounts, proc = _cgroup_tree(
-        tmp_path,
-        "/kubepods/pod1/ctr",
-        {
-            "kubepods": ("max", "max", 10 * GiB),
-            "kubepods/pod1": (str(2 * GiB), "max", 1536 * MiB),  # 512 MiB left
-            "kubepods/pod1/ctr": ("max", str(3 * GiB), 1024 * MiB),  # 2 GiB left
-        },
-    )
-    dirs = find_cgroup(proc, mounts)
+    mountinfo, proc, cache = _cgroup_tree(tmp_path, "/kubepods/pod1/ctr", POD_TREE)
+    dirs = find_cgroup(str(cache), proc=proc, mountinfo=mountinfo)
     top = tmp_path / "cg"
     assert dirs == [
         str(top / "kubepods/pod1/ctr"),
@@ -207,23 +235,75 @@ def test_the_daemon_s_cgroup_and_the_tightest_headroom_of_it_and_its_ancestors(
         str(top / "kubepods"),
     ]
     assert read_cgroup(dirs) == CgroupMemory(file=300, dirty=50, headroom=512 * MiB)
+    # memory.high counts as a limit too: 1.25 GiB high, 1 GiB used.
+    (top / "kubepods/pod1/ctr/memory.high").write_text(f"{1280 * MiB}\n")
+    assert read_cgroup(dirs).headroom == 256 * MiB
 
 
-@pytest.mark.parametrize("path", ["/", "/system.slice/nomemory"])
-def test_no_cgroup_of_its_own_in_the_root_or_without_the_memory_controller(
-    tmp_path: Path, path: str
+def test_a_container_s_own_view_of_its_cgroup_and_a_mount_path_with_a_space(
+    tmp_path: Path,
 ) -> None:
-    mounts, proc = _cgroup_tree(tmp_path, path, {})
-    assert find_cgroup(proc, mounts) is None
+    # In a cgroup namespace /proc/self/cgroup says "0::/" and the mount is the
+    # container's own cgroup, which has limits.
+    mountinfo, proc, _cache = _cgroup_tree(
+        tmp_path, "/", {".": (str(GiB), "max", 256 * MiB)}, top_name="cg root"
+    )
+    top = str(tmp_path / "cg root")
+    assert find_cgroup(proc=proc, mountinfo=mountinfo) == [top]
+    assert read_cgroup([top]).headroom == 768 * MiB
+
+
+def test_a_mount_of_part_of_the_hierarchy(tmp_path: Path) -> None:
+    # The v2 hierarchy's /kubepods/pod1 mounted at tmp_path/cg: its root field says so.
+    mountinfo, proc, cache = _cgroup_tree(
+        tmp_path,
+        "/kubepods/pod1/ctr",
+        {".": (str(2 * GiB), "max", GiB), "ctr": ("max", "max", GiB)},
+        root="/kubepods/pod1",
+    )
+    top = tmp_path / "cg"
+    assert find_cgroup(str(cache), proc=proc, mountinfo=mountinfo) == [
+        str(top / "ctr"),
+        str(top),
+    ]
+    # A process elsewhere in the hierarchy is not in what that mount shows.
+    Path(proc).write_text("0::/system.slice/other\n")
+    assert find_cgroup(str(cache), proc=proc, mountinfo=mountinfo) is None
+
+
+@pytest.mark.parametrize(
+    ("path", "options"),
+    [
+        ("/", {}),  # the root cgroup: no limits
+        ("/system.slice/nomemory", {}),  # no memory controller on the way
+        ("/kubepods/pod1/ctr", {"controllers": "cpu memory pids"}),  # no cgroup writeback
+        ("/kubepods/pod1/ctr", {"cache_fs": "tmpfs"}),  # a cache without cgroup writeback
+        ("/kubepods/pod1/ctr", {"cache_fs": "fuse.sshfs"}),
+        ("/../../kubepods/pod1/ctr", {}),  # outside this namespace's view
+    ],
+)
+def test_no_dirty_ceiling_of_its_own(tmp_path: Path, path: str, options: dict[str, str]) -> None:
+    tree = POD_TREE if path.endswith("ctr") else {}
+    mountinfo, proc, cache = _cgroup_tree(tmp_path, path, tree, **options)
+    assert find_cgroup(str(cache), proc=proc, mountinfo=mountinfo) is None
 
 
 def test_no_cgroup_v2_means_the_machine_s_ceiling_only(tmp_path: Path) -> None:
-    mounts = tmp_path / "mounts"
-    mounts.write_text("cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n")
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("31 1 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
     proc = tmp_path / "cgroup"
     proc.write_text("4:memory:/a\n0::/\n")
-    assert find_cgroup(str(proc), str(mounts)) is None
-    assert find_cgroup(str(tmp_path / "none"), str(mounts)) is None
+    assert find_cgroup(proc=str(proc), mountinfo=str(mountinfo)) is None
+    assert find_cgroup(proc=str(tmp_path / "none"), mountinfo=str(mountinfo)) is None
+
+
+def test_a_cgroup_the_daemon_cannot_make_sense_of_never_stops_a_mount(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_bytes(b"\xff garbage\n33 1 0:29 / /x - cgroup2 cgroup2 rw\n")
+    proc = tmp_path / "cgroup"
+    proc.write_bytes(b"0::/\xff\n")
+    assert find_cgroup(proc=str(proc), mountinfo=str(mountinfo)) is None  # (no /x)
+    assert DirtyPressure(meminfo=_meminfo, vm=lambda: RATIOS)() is False
 
 
 def test_a_mount_reads_the_cgroup_it_is_pointed_at(
@@ -240,7 +320,7 @@ def test_a_mount_reads_the_cgroup_it_is_pointed_at(
     pod.mkdir()
     (pod / "memory.max").write_text(f"{2 * GiB}\n")
     (pod / "memory.high").write_text("max\n")
-    (pod / "memory.current").write_text(f"{1536 * MiB}\n")
+    (pod / "memory.current").write_text(f"{2 * GiB}\n")  # at its limit: no headroom
 
     def stat(dirty: int) -> None:
         (pod / "memory.stat").write_text(
@@ -250,10 +330,10 @@ def test_a_mount_reads_the_cgroup_it_is_pointed_at(
 
     monkeypatch.setenv("OSSFS_MEMINFO", str(meminfo))
     monkeypatch.setenv("OSSFS_CGROUP", str(pod))
-    # Whatever this machine's vm.dirty_* (real ones are read here): 1 MiB is far below
-    # the pod's ceiling, and all its 1 GiB of file pages dirty is above 3/4 of any (at
-    # most 3/4 of its 1.5 GiB).
-    stat(1 * MiB)
-    assert mount._dirty_pressure()() is False
+    # Whatever this machine's vm.dirty_* (the real ones are read here): with no
+    # headroom the pod's dirtyable memory is its 1 GiB of file pages, and no ceiling
+    # is above all of it; none dirty is below any.
+    stat(0)
+    assert mount._dirty_pressure(str(tmp_path))() is False
     stat(1 * GiB)
-    assert mount._dirty_pressure()() is True
+    assert mount._dirty_pressure(str(tmp_path))() is True
