@@ -40,6 +40,7 @@ from cachetools import LRUCache
 
 from ossfs.cache.cachedir import CacheDir
 from ossfs.cache.store import PartStore
+from ossfs.crc import crc64
 from ossfs.errors import NoSpaceError, OssfsError
 from ossfs.fetcher import Fetcher
 from ossfs.flight import SingleFlight
@@ -160,6 +161,37 @@ class Reader:
         n = await trio.to_thread.run_sync(store.read_into, off, buf)
         return buf[:n]
 
+    def check_cached(self, store: PartStore, parts: range) -> bool:
+        """Check the recorded parts of *parts* not checked yet against their CRC, from
+        the page cache and without yielding; True when every one of them now is.
+
+        A remount of a cache the kernel still holds, measured on 1 GiB (1 MiB parts,
+        alternating runs): 0.81-0.86 s with each part checked in a worker thread
+        before it was read, 0.62-0.74 s checked here, 0.65-0.75 s with no check at
+        all. A part that is not recorded, not all in the page cache
+        or larger than the reply buffer, or that does not match, is left to `verify`
+        (a worker thread, which also drops a bad part).
+        """
+        if not self._nowait:
+            return False
+        recorded = store.parts
+        for p in parts:
+            if p in store.verified:
+                continue
+            record = recorded.get(p)
+            if record is None or record.length > len(self._reply):
+                return False
+            view = self._reply[: record.length]  # (the answer is read into it after)
+            try:
+                n = store.read_into(store.layout.bounds(p)[0], view, nowait=True)
+            except OSError:
+                return False
+            if n != record.length or crc64(view) != record.crc64:
+                return False
+            store.verified.add(p)
+            self.verifications += 1
+        return True
+
     async def verify(self, store: PartStore, part: int, url: str) -> None:
         """Check a part another process (or an earlier run) cached before serving it.
 
@@ -217,7 +249,7 @@ class OpenFile:
             with cache.pinned(store, parts, trim=False):
                 fetcher.read_ahead(store, end, window)
         verified = store.verified
-        if all(p in verified for p in parts):
+        if all(p in verified for p in parts) or reader.check_cached(store, parts):
             # Everything is on disk and checked. If it is also in the page cache, answer
             # without yielding to other tasks, so nothing can evict the parts between
             # this check and the read.

@@ -429,6 +429,59 @@ def test_a_failed_part_fails_again_at_once_for_a_while(tmp_path: Path) -> None:
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+def test_parts_an_earlier_run_cached_are_checked_once_and_a_damaged_one_fetched_again(
+    tmp_path: Path,
+) -> None:
+    """A second mount of the same cache (the bytes still in the page cache, as after a
+    restart) checks each part against its CRC before serving it, once; a part whose
+    bytes changed on disk is fetched again, and only that one."""
+    data = os.urandom(8 * 64 * KiB)
+    client = MemoryClient()
+    client.put(BUCKET, "obj", data)
+    root = tmp_path / "c"
+
+    async def read_all(ops: Operations, fetcher: Fetcher, chunk: int) -> bytes:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            attrs = await ops.lookup(pyfuse3.ROOT_INODE, b"obj")
+            info = await ops.open(attrs.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
+            got = b"".join(
+                [bytes(await ops.read(info.fh, off, chunk)) for off in range(0, len(data), chunk)]
+            )
+            await ops.release(info.fh)
+            await trio.sleep(1)  # the last parts are recorded after their bytes are read
+            nursery.cancel_scope.cancel()
+        return got
+
+    def run(chunk: int) -> tuple[bytes, Operations]:
+        ops, fetcher = _ops(client, root)
+        try:
+            clock = trio.testing.MockClock(autojump_threshold=0)
+            return trio.run(read_all, ops, fetcher, chunk, clock=clock), ops
+        finally:
+            ops.cache.close()
+
+    def sent() -> int:
+        return sum(client.bytes_sent.values())
+
+    assert run(64 * KiB)[0] == data
+    assert sent() == len(data)
+    [path] = [p for p in root.rglob("data")]
+    with open(path, "r+b") as f:  # one byte of part 5 changes on disk
+        f.seek(5 * 64 * KiB + 1000)
+        f.write(bytes([data[5 * 64 * KiB + 1000] ^ 0xFF]))
+    got, ops = run(64 * KiB)
+    assert got == data
+    assert ops.reader.verifications == 8
+    assert sent() == len(data) + 64 * KiB  # part 5, once
+    # Read again in pieces (a part checked by the first of its reads), and the
+    # repaired part is good.
+    got, ops = run(16 * KiB)
+    assert got == data
+    assert ops.reader.verifications == 8
+    assert sent() == len(data) + 64 * KiB
+
+
 def test_an_open_of_a_changed_object_gets_a_new_inode(tmp_path: Path) -> None:
     client = MemoryClient()
     old, new = os.urandom(200 * KiB), os.urandom(200 * KiB)
