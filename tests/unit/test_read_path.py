@@ -440,46 +440,44 @@ def test_parts_an_earlier_run_cached_are_checked_once_and_a_damaged_one_fetched_
     client.put(BUCKET, "obj", data)
     root = tmp_path / "c"
 
-    async def read_all(ops: Operations, fetcher: Fetcher, chunk: int) -> bytes:
+    async def read_all(ops: Operations, fetcher: Fetcher, reads: list[Read]) -> None:
         async with trio.open_nursery() as nursery:
             fetcher.attach(nursery)
             attrs = await ops.lookup(pyfuse3.ROOT_INODE, b"obj")
             info = await ops.open(attrs.st_ino, os.O_RDONLY, None)  # type: ignore[arg-type]
-            got = b"".join(
-                [bytes(await ops.read(info.fh, off, chunk)) for off in range(0, len(data), chunk)]
-            )
+            for off, size in reads:
+                got = bytes(await ops.read(info.fh, off, size))
+                assert got == data[off : off + size], (off, size)
             await ops.release(info.fh)
             await trio.sleep(1)  # the last parts are recorded after their bytes are read
             nursery.cancel_scope.cancel()
-        return got
 
-    def run(chunk: int) -> tuple[bytes, Operations]:
+    def run(reads: list[Read]) -> Operations:
         ops, fetcher = _ops(client, root)
         try:
             clock = trio.testing.MockClock(autojump_threshold=0)
-            return trio.run(read_all, ops, fetcher, chunk, clock=clock), ops
+            trio.run(read_all, ops, fetcher, reads, clock=clock)
+            return ops
         finally:
             ops.cache.close()
 
     def sent() -> int:
         return sum(client.bytes_sent.values())
 
-    assert run(64 * KiB)[0] == data
+    part = 64 * KiB
+    run(sequential_reads(len(data), 0, part))
     assert sent() == len(data)
     [path] = [p for p in root.rglob("data")]
     with open(path, "r+b") as f:  # one byte of part 5 changes on disk
-        f.seek(5 * 64 * KiB + 1000)
-        f.write(bytes([data[5 * 64 * KiB + 1000] ^ 0xFF]))
-    got, ops = run(64 * KiB)
-    assert got == data
-    assert ops.reader.verifications == 8
-    assert sent() == len(data) + 64 * KiB  # part 5, once
-    # Read again in pieces (a part checked by the first of its reads), and the
+        f.seek(5 * part + 1000)
+        f.write(bytes([data[5 * part + 1000] ^ 0xFF]))
+    assert run(sequential_reads(len(data), 0, part)).reader.verifications == 8
+    assert sent() == len(data) + part  # part 5, once
+    # Each part's first read from its middle, or across two parts; then the rest. The
     # repaired part is good.
-    got, ops = run(16 * KiB)
-    assert got == data
-    assert ops.reader.verifications == 8
-    assert sent() == len(data) + 64 * KiB
+    reads = [(p * part + 10 * KiB, 20 * KiB) for p in (7, 0, 3)] + [(part - 8, 16)]
+    assert run(reads + sequential_reads(len(data), 0, 24 * KiB)).reader.verifications == 8
+    assert sent() == len(data) + part
 
 
 def test_an_open_of_a_changed_object_gets_a_new_inode(tmp_path: Path) -> None:
