@@ -26,6 +26,10 @@ class SingleFlight(Generic[K]):
     def __init__(self) -> None:
         self._running: dict[K, trio.Event] = {}
 
+    def running(self, key: K) -> bool:
+        """Whether a run for *key* is under way."""
+        return key in self._running
+
     async def run(self, key: K, fn: Callable[[*Ts], Awaitable[T]], *args: *Ts) -> T | None:
         """``await fn(*args)`` unless a run for *key* is under way.
 

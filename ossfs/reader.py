@@ -6,7 +6,9 @@
 - **fast path**: every part is in the store and checked against its CRC, and
   the bytes are in the page cache: they are copied into the one shared reply
   buffer without yielding to another task, so nothing can evict them between
-  the check and the copy;
+  the check and the copy. A part another process (or an earlier run) cached
+  and whose bytes are all in the page cache is checked here too, in the same
+  step; a read within that one part is answered from the bytes the check read;
 - **slow path**: the parts are pinned (docs/cache-format.md, "Eviction"), the
   fetcher makes them present (a reader waits only for its own bytes), a part
   another process cached is checked once (one check however many readers),
@@ -191,14 +193,26 @@ class Reader:
         return self.cached_answer(store, off, end)
 
     def _check(self, store: PartStore, part: int) -> bool:
-        """Check *part* from the page cache, reading it into the reply buffer."""
+        """Check *part* from the page cache, reading it into the reply buffer. Not
+        when a worker thread is checking it already (the read waits for that check),
+        or when it is also held in memory (the slow path keeps that account)."""
         record = store.parts.get(part)
-        if record is None or record.length > len(self._reply):
+        if (
+            record is None
+            or record.length > len(self._reply)
+            or self._verifying.running((id(store), part))
+            or (store.memory is not None and store.memory.holds(part))
+        ):
             return False
         view = self._reply[: record.length]
         try:
             n = store.read_into(store.layout.bounds(part)[0], view, nowait=True)
-        except OSError:
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._nowait = False  # this file system cannot say
             return False
         if n != record.length or crc64(view) != record.crc64:
             return False

@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 
 from ossfs.cache.cachedir import CacheDir
 from ossfs.cache.memory import MemoryBudget
+from ossfs.cache.store import PartStore
 from ossfs.cache.upkeep import evict_ahead
 from ossfs.fetcher import Fetcher
 from ossfs.fs import FsOptions, Operations
@@ -430,15 +431,34 @@ def test_a_failed_part_fails_again_at_once_for_a_while(tmp_path: Path) -> None:
 
 
 def test_parts_an_earlier_run_cached_are_checked_once_and_a_damaged_one_fetched_again(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A second mount of the same cache (the bytes still in the page cache, as after a
-    restart) checks each part against its CRC before serving it, once; a part whose
-    bytes changed on disk is fetched again, and only that one."""
-    data = os.urandom(8 * 64 * KiB)
+    """A second mount of the same cache (the bytes in the page cache, as after a
+    restart) checks each part against its CRC before serving it, once, inline
+    (`Reader.checked_answer`); a part whose bytes changed on disk goes to the worker
+    thread's check, which drops it, and is fetched again, only that one."""
+    part = 64 * KiB
+    data = os.urandom(8 * part - 1000)  # (a shorter last part)
     client = MemoryClient()
     client.put(BUCKET, "obj", data)
     root = tmp_path / "c"
+    root.mkdir()
+    probe = os.open(root, os.O_RDWR | os.O_TMPFILE)
+    try:
+        os.write(probe, b"x")
+        os.preadv(probe, [bytearray(1)], 0, os.RWF_NOWAIT)
+    except OSError as e:
+        pytest.skip(f"this file system cannot read with RWF_NOWAIT: {e}")
+    finally:
+        os.close(probe)
+    in_thread: list[int] = []  # parts checked by the worker thread's check
+    verify = PartStore.verify
+
+    def spy(store: PartStore, p: int) -> bool:
+        in_thread.append(p)
+        return verify(store, p)
+
+    monkeypatch.setattr(PartStore, "verify", spy)
 
     async def read_all(ops: Operations, fetcher: Fetcher, reads: list[Read]) -> None:
         async with trio.open_nursery() as nursery:
@@ -453,6 +473,9 @@ def test_parts_an_earlier_run_cached_are_checked_once_and_a_damaged_one_fetched_
             nursery.cancel_scope.cancel()
 
     def run(reads: list[Read]) -> Operations:
+        in_thread.clear()
+        for path in root.rglob("data"):
+            path.read_bytes()  # in the page cache (the first run let the kernel drop it)
         ops, fetcher = _ops(client, root)
         try:
             clock = trio.testing.MockClock(autojump_threshold=0)
@@ -464,7 +487,6 @@ def test_parts_an_earlier_run_cached_are_checked_once_and_a_damaged_one_fetched_
     def sent() -> int:
         return sum(client.bytes_sent.values())
 
-    part = 64 * KiB
     run(sequential_reads(len(data), 0, part))
     assert sent() == len(data)
     [path] = [p for p in root.rglob("data")]
@@ -472,11 +494,13 @@ def test_parts_an_earlier_run_cached_are_checked_once_and_a_damaged_one_fetched_
         f.seek(5 * part + 1000)
         f.write(bytes([data[5 * part + 1000] ^ 0xFF]))
     assert run(sequential_reads(len(data), 0, part)).reader.verifications == 8
+    assert in_thread == [5]  # the others inline
     assert sent() == len(data) + part  # part 5, once
-    # Each part's first read from its middle, or across two parts; then the rest. The
-    # repaired part is good.
+    # Each part's first read from its middle (the last part's too), or across two
+    # parts; then the rest. The repaired part is good.
     reads = [(p * part + 10 * KiB, 20 * KiB) for p in (7, 0, 3)] + [(part - 8, 16)]
     assert run(reads + sequential_reads(len(data), 0, 24 * KiB)).reader.verifications == 8
+    assert in_thread == []
     assert sent() == len(data) + part
 
 
