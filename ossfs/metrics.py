@@ -277,6 +277,13 @@ def families(status: Status) -> list[Metric]:
         status.get("memory_held_bytes"),
         unit="bytes",
     )
+    behind = status.get("cache_disk_behind")
+    gauge(
+        "cache_disk_behind",
+        "1 while the dirty pages of the machine or of the mount's memory cgroup are near "
+        "the kernel's ceiling (readers are then served from memory), else 0",
+        None if behind is None else int(behind),
+    )
     gauge(
         "buffered",
         "Memory held by the receive buffers of open data connections",

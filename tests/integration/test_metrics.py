@@ -162,6 +162,8 @@ def test_counters_move_by_what_the_server_sent(
         assert status["requests"]["bytes_received"] == value(after, "ossfs_received_bytes_total")
         assert status["requests"]["retries"] == value(after, "ossfs_request_retries_total")
         assert status["cache_used_bytes"] == value(after, "ossfs_cache_used_bytes")
+        assert ("ossfs_cache_disk_behind", ()) in after
+        assert value(after, "ossfs_cache_disk_behind") == int(status["cache_disk_behind"])
         assert status["metrics"] == where
         text = run_ossfs("status", str(mnt), env=env, check=True).stdout
         assert f"metrics:     http://{where}/metrics" in text
