@@ -97,3 +97,23 @@ async def test_a_run_that_fails_or_is_cancelled_lets_the_next_caller_run(
     # The second caller woke when the first run ended (at 2 when cancelled, at 5 when it
     # failed) and then ran the work itself.
     assert ended == (2 if first_ends == "cancelled" else WORK_TAKES) + WORK_TAKES
+
+
+async def test_a_run_is_seen_as_running_until_it_ends_however_it_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    flight: SingleFlight[str] = SingleFlight()
+    work = Work(fail_first=True)
+    assert not flight.running("k")
+    async with trio.open_nursery() as nursery:
+
+        async def failing() -> None:
+            with contextlib.suppress(OSError):
+                await flight.run("k", work, "v")
+
+        nursery.start_soon(failing)
+        await trio.sleep(WORK_TAKES / 2)
+        assert flight.running("k") and not flight.running("other")
+    assert not flight.running("k")  # (it failed)
+    assert await flight.run("k", work, "v") == "v"
+    assert not flight.running("k")
