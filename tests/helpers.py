@@ -15,6 +15,19 @@ from pathlib import Path
 OSSFS = [sys.executable, "-m", "ossfs"]
 
 
+def disk_bytes(root: str | os.PathLike[str], *, name: str | None = None) -> int:
+    """What the files under *root* (only those called *name*) take on disk. A file that
+    goes while they are counted (a writer or an evictor is running: a probe file, an
+    evicted store) counts as nothing."""
+    total = 0
+    for d, _dirs, files in os.walk(root):
+        for f in files:
+            if name is None or f == name:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.stat(os.path.join(d, f)).st_blocks * 512
+    return total
+
+
 def run_ossfs(
     *args: str,
     env: Mapping[str, str] | None = None,

@@ -28,7 +28,7 @@ import pytest
 from ossfs.cache.cachedir import CacheDir, CachedObjectInfo
 from ossfs.materialize import RUN_BYTES, consecutive_runs
 from ossfs.testing import Fault, OssTestServer
-from tests.helpers import OSSFS, run_ossfs, summary_line
+from tests.helpers import OSSFS, disk_bytes, run_ossfs, summary_line
 from tests.integration.conftest import settled_stats
 
 KiB = 1024
@@ -107,13 +107,6 @@ def gets(server: OssTestServer) -> int:
 def succeeded(result: subprocess.CompletedProcess[str]) -> str:
     """The summary line of a successful run."""
     return summary_line(result, "materialized ")
-
-
-def disk_bytes(cache: Path) -> int:
-    """What the files under *cache* take on disk (while a writer is running)."""
-    return sum(
-        os.stat(os.path.join(d, f)).st_blocks * 512 for d, _, names in os.walk(cache) for f in names
-    )
 
 
 def cached_info(cache: Path) -> dict[str, CachedObjectInfo]:
@@ -680,12 +673,7 @@ def test_the_cache_keeps_its_cap_when_the_prefix_does_not_fit(
     )
     succeeded(result)
     assert "does not fit in the cache" in result.stderr
-    on_disk = sum(
-        os.stat(os.path.join(d, f)).st_blocks * 512
-        for d, _, names in os.walk(cache)
-        for f in names
-        if f == "data"
-    )
+    on_disk = disk_bytes(cache, name="data")
     assert on_disk <= 1 * MiB + 4 * PART, on_disk
     # Every part was fetched once: nothing evicted before it was written.
     assert settled_stats(oss_server).bytes_sent == sum(sizes)

@@ -23,7 +23,7 @@ import pytest
 from ossfs.cache.cachedir import CacheDir, object_identity
 from ossfs.crc import crc64
 from ossfs.testing import Fault, OssTestServer
-from tests.helpers import mounted, run_ossfs
+from tests.helpers import disk_bytes, mounted, run_ossfs
 from tests.integration.conftest import settled_stats
 
 pytestmark = pytest.mark.fuse
@@ -61,15 +61,6 @@ with open(sys.argv[1], "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         if m[off:off + 65536] != want[off:off + 65536]:
             sys.exit(f"mmap read at {off} differs")
 """
-
-
-def cache_disk_bytes(root: Path) -> int:
-    return sum(
-        os.stat(os.path.join(d, f)).st_blocks * 512
-        for d, _, files in os.walk(root)
-        for f in files
-        if f == "data"
-    )
 
 
 def cmp(a: Path, b: Path) -> None:
@@ -120,7 +111,7 @@ def test_cmp_through_a_cache_smaller_than_the_object(
         assert sent <= 1.25 * SIZE, f"the server sent {sent / SIZE:.2f}x the object"
     part_bytes = int(part.removesuffix("MiB")) * MiB
     cap_bytes = int(cap.removesuffix("MiB")) * MiB
-    assert cache_disk_bytes(cache) <= cap_bytes + THREADS * part_bytes
+    assert disk_bytes(cache, name="data") <= cap_bytes + THREADS * part_bytes
 
 
 def test_concurrent_readers_and_mmap_through_a_small_cache(
@@ -144,7 +135,7 @@ def test_concurrent_readers_and_mmap_through_a_small_cache(
         log=tmp_path / "log",
     ):
         readers_at_once(tmp_path / "m/big/huge.bin", source)
-    assert cache_disk_bytes(cache) <= 10 * MiB + THREADS * 2 * MiB
+    assert disk_bytes(cache, name="data") <= 10 * MiB + THREADS * 2 * MiB
 
 
 def _status(mnt: Path) -> dict[str, object]:
@@ -356,7 +347,8 @@ def test_cache_min_free_keeps_that_much_of_the_disk_free(
         st = os.statvfs(tiny_disk)
         free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
         assert free >= 0.5 * total - 4096, (free, total)
-        assert cache_disk_bytes(tiny_disk / "cache") >= 2 * MiB  # it did cache, up to the floor
+        # It did cache, up to the floor.
+        assert disk_bytes(tiny_disk / "cache", name="data") >= 2 * MiB
     assert "Traceback" not in (tmp_path / "log").read_text()
 
 
@@ -422,7 +414,7 @@ def test_a_cache_disk_that_is_behind_serves_readers_from_memory(
         # handful at once per reader).
         peak = int(st["memory_peak_bytes"])  # type: ignore[call-overload]
         assert 0 < peak <= 16 * MiB + 4 * 8 * MiB, peak
-        assert cache_disk_bytes(cache) == 0  # nothing was written while the disk was behind
+        assert disk_bytes(cache, name="data") == 0  # nothing was written while the disk was behind
         assert st["cache_disk_behind"] is True
         assert st["dirty_cgroup"] == stand_ins["OSSFS_CGROUP"]
         shown = run_ossfs("status", str(mnt), env=env, check=True).stdout
@@ -436,6 +428,6 @@ def test_a_cache_disk_that_is_behind_serves_readers_from_memory(
         finally:
             os.close(fd)
         cmp(target, source)
-        assert cache_disk_bytes(cache) >= SIZE - MiB
+        assert disk_bytes(cache, name="data") >= SIZE - MiB
         assert _status(mnt)["cache_disk_behind"] is False
     assert "Traceback" not in (tmp_path / "log").read_text()

@@ -12,7 +12,6 @@ directory under tmp_path).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import os
@@ -41,6 +40,7 @@ from ossfs.fs import FsOptions, Operations
 from ossfs.namespace import Namespace
 from ossfs.reader import FAILURE_MEMORY
 from ossfs.testing.memory import MemoryClient
+from tests.helpers import disk_bytes
 from tests.unit.test_cachedir import closed_stores
 
 BUCKET = "bkt"
@@ -48,17 +48,6 @@ KiB = 1 << 10
 MiB = 1 << 20
 
 Read = tuple[int, int]
-
-
-def disk_bytes(root: Path) -> int:
-    """Bytes the cache takes on disk (allocated blocks of every data file)."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            if name == "data":
-                with contextlib.suppress(FileNotFoundError):  # the evictor's thread
-                    total += os.stat(os.path.join(dirpath, name)).st_blocks * 512
-    return total
 
 
 @dataclass(frozen=True)
@@ -132,8 +121,8 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
     if sc.evictor:
         bound += sc.cap // 20  # a reader's part may take this slack while the evictor works
     if sc.closed:
-        bound = max(bound, disk_bytes(root))  # it may start over the cap
-    before = disk_bytes(root)
+        bound = max(bound, disk_bytes(root, name="data"))  # it may start over the cap
+    before = disk_bytes(root, name="data")
     # Read-ahead fits in the memory budget; a reader's own parts are fetched anyway,
     # and parts readers hold (reads in progress, each stream's part) are not released.
     memory_bound = sc.memory_budget + (len(sc.readers) + depth * span) * sc.part_size
@@ -164,7 +153,7 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
             raise AssertionError(
                 f"read({off}, {size}): wrong bytes from offset {off + first} (got {len(got)} bytes)"
             )
-        worst = max(worst, disk_bytes(root))
+        worst = max(worst, disk_bytes(root, name="data"))
 
     async def reader(ino: int, r: Reader) -> None:
         info = await ops.open(ino, os.O_RDONLY, None)  # type: ignore[arg-type]
@@ -209,7 +198,7 @@ def run_scenario(sc: Scenario, root: Path, seed: int) -> MemoryClient:
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
         # At rest (every reader done) the cap holds again; a cap smaller than one
         # part holds that part.
-        rest = disk_bytes(root)
+        rest = disk_bytes(root, name="data")
         limit = max(sc.cap, sc.part_size) + 8192
         if fetcher.parts_fetched == 0:
             limit = max(limit, before)  # nothing was written, so nothing had to be evicted
