@@ -111,18 +111,25 @@ class Reader:
             return None
         view = self._reply[:size]
         if self._nowait:
-            try:
-                n = store.read_into(off, view, nowait=True)
-            except BlockingIOError:
-                return None
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                self._nowait = False  # this file system cannot say; read inline
-            else:
+            n = self._from_page_cache(store, off, view)
+            if n is not None:
                 return view[:n] if n == size else None
-        n = store.read_into(off, view)
+        n = store.read_into(off, view)  # (this file system cannot say: read inline)
         return view[:n]
+
+    def _from_page_cache(self, store: PartStore, off: int, view: memoryview) -> int | None:
+        """Read into *view* what the page cache holds of it, without waiting for the
+        disk: the bytes read (0: none), or None when this file system cannot say
+        (`_nowait` is then off for good)."""
+        try:
+            return store.read_into(off, view, nowait=True)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._nowait = False
+            return None
 
     def read_through(self, store: PartStore, parts: list[int], end: int) -> None:
         """A stream has read *parts* (fetched ahead for it) through: the kernel may drop
@@ -166,11 +173,11 @@ class Reader:
     def checked_answer(
         self, store: PartStore, parts: range, off: int, end: int
     ) -> memoryview | None:
-        """`cached_answer` for parts an earlier run (or another process) cached: the
-        ones not checked yet are checked against their CRC first, from the page cache
-        and without yielding. None when one of them cannot be (not recorded, not all
-        in the page cache, larger than the reply buffer) or does not match: `verify`
-        then checks it in a worker thread, and drops a bad part.
+        """`cached_answer`, after checking against their CRC the parts not checked yet
+        (cached by an earlier run or another process), from the page cache and without
+        yielding. None when one of them cannot be (not recorded, not all in the page
+        cache, larger than the reply buffer) or does not match: `verify` then checks
+        it in a worker thread, and drops a bad part.
 
         A read within one part just checked is answered from the bytes the check
         read. A remount of a cache the kernel still holds, measured on 1 GiB (1 MiB
@@ -179,8 +186,6 @@ class Reader:
         answer; 0.53-0.55 s answered from the check's bytes (0.65-0.75 s with no
         check at all, reading once).
         """
-        if not self._nowait:
-            return None
         checked = None
         for p in parts:
             if p not in store.verified:
@@ -198,22 +203,15 @@ class Reader:
         or when it is also held in memory (the slow path keeps that account)."""
         record = store.parts.get(part)
         if (
-            record is None
+            not self._nowait
+            or record is None
             or record.length > len(self._reply)
             or self._verifying.running((id(store), part))
             or (store.memory is not None and store.memory.holds(part))
         ):
             return False
         view = self._reply[: record.length]
-        try:
-            n = store.read_into(store.layout.bounds(part)[0], view, nowait=True)
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            self._nowait = False  # this file system cannot say
-            return False
+        n = self._from_page_cache(store, store.layout.bounds(part)[0], view)
         if n != record.length or crc64(view) != record.crc64:
             return False
         store.verified.add(part)
@@ -276,13 +274,10 @@ class OpenFile:
             # trim on letting go: the read itself does that, if it has to wait).
             with cache.pinned(store, parts, trim=False):
                 fetcher.read_ahead(store, end, window)
-        if all(p in store.verified for p in parts):
-            # Everything is on disk and checked. If it is also in the page cache, answer
-            # without yielding to other tasks, so nothing can evict the parts between
-            # this check and the read.
-            answer = reader.cached_answer(store, off, end)
-        else:  # (the same, for parts cached by an earlier run, checked first)
-            answer = reader.checked_answer(store, parts, off, end)
+        # Everything on disk and checked (here, first, for parts an earlier run cached),
+        # and in the page cache: answered without yielding to other tasks, so nothing
+        # can evict the parts between the check and the read.
+        answer = reader.checked_answer(store, parts, off, end)
         if answer is not None:
             reader.read_through(store, cache.note_access(store, parts, read_to=end), end)
             return answer
