@@ -537,6 +537,16 @@ def test_a_part_a_failed_fetch_left_in_the_cache_for_its_reader_is_fetched_there
     cache.close()
 
 
+async def _the_fetch_fails_and_another_process_takes_the_part(
+    fetcher: Fetcher, store: PartStore, other: int, data: bytes
+) -> None:
+    """(Part 0 pinned by the caller.) A read of part 0 meets a fetch that fails half
+    way; then another process (its open file *other*) claims the part and writes it."""
+    await _read_the_start_then_the_fetch_fails(fetcher, store)
+    assert _ofd_lock(other, 0, PART, fcntl.F_WRLCK)
+    os.pwrite(other, data[:PART], 0)
+
+
 def test_a_failed_fetch_s_leftovers_are_not_punched_while_another_process_claims_the_part(
     tmp_path: Path,
 ) -> None:
@@ -548,9 +558,9 @@ def test_a_failed_fetch_s_leftovers_are_not_punched_while_another_process_claims
         async with trio.open_nursery() as nursery:
             fetcher.attach(nursery)
             with cache.pinned(store, [0]):
-                await _read_the_start_then_the_fetch_fails(fetcher, store)
-                assert _ofd_lock(other, 0, PART, fcntl.F_WRLCK)  # the other claims it
-                os.pwrite(other, data[:PART], 0)  # and writes it
+                await _the_fetch_fails_and_another_process_takes_the_part(
+                    fetcher, store, other, data
+                )
             assert os.pread(store.fileno(), PART, 0) == data[:PART]
             assert cache.used_bytes == 0  # (its bytes: the other process counts them)
             nursery.cancel_scope.cancel()
@@ -577,9 +587,9 @@ def test_a_refetch_that_wrote_nothing_leaves_the_bytes_of_the_process_that_claim
         async with trio.open_nursery() as nursery:
             fetcher.attach(nursery)
             with cache.pinned(store, [0]):
-                await _read_the_start_then_the_fetch_fails(fetcher, store)
-                assert _ofd_lock(other, 0, PART, fcntl.F_WRLCK)  # the other claims it
-                os.pwrite(other, data[:PART], 0)  # and writes it
+                await _the_fetch_fails_and_another_process_takes_the_part(
+                    fetcher, store, other, data
+                )
                 client.fail_every = 0
                 assert fetcher.start(store, 0) is not None  # waits for the claim
                 await trio.sleep(1)
