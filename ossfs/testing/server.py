@@ -909,6 +909,8 @@ class OssTestServer:
         self.key_expiry: dict[str, float] = {}
         # access key id -> requests that passed the signature check with it.
         self.keys_used: dict[str, int] = {}
+        # The error code of every request refused by the credential check, in order.
+        self.refused: list[str] = []
         self.allow_anonymous = allow_anonymous
         self.crc = crc
         self.faults = faults if faults is not None else Faults(seed=seed)
@@ -1133,6 +1135,13 @@ class OssTestServer:
         return f"{self._rid_prefix}{next(self._rid_counter):016X}"
 
     def _authorize(self, info: RequestInfo, query: list[tuple[str, str | None]]) -> None:
+        try:
+            self._check_credentials(info, query)
+        except OssError as e:
+            self.refused.append(e.code)
+            raise
+
+    def _check_credentials(self, info: RequestInfo, query: list[tuple[str, str | None]]) -> None:
         if self.credentials is None:
             return
         if "authorization" not in info.headers:
