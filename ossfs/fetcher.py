@@ -415,7 +415,7 @@ class Fetcher:
                 await self._download(store, part, flight, on_bytes)
         finally:
             store.unlock_part(part)
-        if store.complete:
+        if store.crc_known:
             await self.check_whole(store, store.server_crc64)
 
     async def check_whole(self, store: PartStore, service_crc64: int | None) -> None:
@@ -427,13 +427,18 @@ class Fetcher:
         IntegrityError is raised (counted, logged by the caller); `on_corrupt` hears
         of it.
         """
-        if service_crc64 is None or not store.complete:
+        if service_crc64 is None or not store.crc_known:
             return
         store.server_crc64 = service_crc64
         actual = store.whole_crc_mismatch()
         if actual is None:
             return
         damaged = await trio.to_thread.run_sync(store.damaged_parts)
+        if not store.crc_known or store.whole_crc_mismatch() != actual:
+            # Another check of the same parts ended meanwhile (fetches that complete
+            # the store together each start one): it dropped them, or the parts
+            # changed since. Dropping again would only drop parts fetched since.
+            return
         try:
             store.drop_mismatched(damaged, actual)
         except IntegrityError:
@@ -702,7 +707,7 @@ class Fetcher:
                 # reader that needs the part starts a flight of its own.
                 self._land(store, part, flight, error)
             store.flight_ended()
-        if store.complete:
+        if store.crc_known:
             await self.check_whole(store, store.server_crc64)
         return fetched
 
@@ -739,7 +744,7 @@ class Fetcher:
                 else:
                     with _disk_full_is_no_space(store):
                         store.write(offset, piece)
-                    crc = crc64(piece, crc)
+                crc = crc64(piece, crc)
                 offset += take
                 data = data[take:]
                 flight.advance(offset)
@@ -747,7 +752,7 @@ class Fetcher:
                     if index == len(run) - 1:
                         last_crc = crc
                     elif flight.memory:
-                        self._keep(store, part, flight)
+                        self._keep(store, part, flight, crc)
                     elif self._commit(store, part, flight, crc):
                         done.append(part)
                     index += 1
@@ -768,7 +773,7 @@ class Fetcher:
         self.bytes_fetched += got.nbytes
         part, flight = run[-1]
         if flight.memory:
-            self._keep(store, part, flight)
+            self._keep(store, part, flight, last_crc)
         elif self._commit(store, part, flight, last_crc):
             done.append(part)
         if done:
@@ -783,10 +788,12 @@ class Fetcher:
         self._land(store, part, flight, None)
         return flight.end - flight.first >= EARLY_WRITEBACK
 
-    def _keep(self, store: PartStore, part: int, flight: _Flight) -> None:
-        """A part fetched into memory is complete: readers read it from there."""
+    def _keep(self, store: PartStore, part: int, flight: _Flight, crc: int) -> None:
+        """A part fetched into memory is complete: readers read it from there. The CRC
+        of what arrived (*crc*) counts in the whole-object check."""
         assert store.memory is not None
         store.memory.keep(part)  # (counted by the memory budget, not in parts_fetched)
+        store.note_served(part, crc)
         self._land(store, part, flight, None)
 
 

@@ -20,6 +20,9 @@ their read-ahead fetch go to memory instead: one anonymous memory file
 - `MemoryBudget` bounds the bytes held, parts being fetched included. Read-ahead
   that does not fit is not started; a reader's own part always is, so the
   budget can be exceeded by at most the parts of the reads in progress.
+- The CRC-64 of what arrived for a part is kept by the store after the part is
+  released (`PartStore.note_served`): the whole-object check covers parts served
+  from here. When it fails, no kept part is read again (`MemoryParts.distrust`).
 - ``materialize`` never uses it: what it fetches lands in the cache.
 """
 
@@ -183,6 +186,19 @@ class MemoryParts:
             self.budget._kept[(id(self), part)] = self  # released once let go
         else:
             self._free(part)
+
+    def distrust(self) -> None:
+        """The whole-object check failed and no part can be blamed: no kept part is
+        read again. One a reader holds stays readable for it, as what a failed fetch
+        left (PARTIAL: a new read fetches it again); the others are released."""
+        for part, state in list(self.state.items()):
+            if state != KEPT:
+                continue
+            if self.budget._pinned(self.store, part):
+                self.state[part] = PARTIAL
+                self.unread.discard(part)
+            else:
+                self._free(part)
 
     def release(self, part: int) -> None:
         """Forget a kept (or partial) part and give its memory back."""

@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import struct
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NoReturn
@@ -103,6 +104,12 @@ class PartStore:
         # Parts a mount fetched into memory while the cache disk was behind
         # (ossfs.cache.memory): read from there, never recorded in the index.
         self.memory: MemoryParts | None = None
+        # The CRC-64 of what arrived for each part served from memory and not recorded,
+        # for the whole-object check (`note_served`): 9 bytes per part of the object,
+        # made when the first such part is complete.
+        self._served: array[int] | None = None
+        self._served_known = bytearray()
+        self._served_count = 0
 
     # ---------------------------------------------------------------- opening
 
@@ -257,6 +264,54 @@ class PartStore:
         else:
             self._parts[part] = record
         self.verified.add(part)
+        if self._served_known and self._served_known[part]:
+            self._served_known[part] = 0  # the record speaks for the part now
+            self._served_count -= 1
+
+    def note_served(self, part: int, crc: int) -> None:
+        """A part fetched into memory is complete; *crc* is the CRC-64 of what arrived.
+        Kept after its bytes are released, so that the whole-object check can cover
+        the parts a reader was served from memory (`crc_known`)."""
+        if self._served is None:
+            self._served = array("Q", bytes(8 * self.layout.count))
+            self._served_known = bytearray(self.layout.count)
+        if not self._served_known[part]:
+            self._served_known[part] = 1
+            self._served_count += 1
+        self._served[part] = crc
+
+    def forget_served(self) -> None:
+        """Trust no CRC of a part served from memory (the whole did not match)."""
+        self._served = None
+        self._served_known = bytearray()
+        self._served_count = 0
+
+    @property
+    def crc_known(self) -> bool:
+        """Whether every part's CRC-64 is known: recorded in the index (`complete`), or
+        of what arrived for a part served from memory (`note_served`)."""
+        count = self.layout.count
+        if len(self._parts) == count:
+            return True
+        if len(self._parts) + self._served_count < count:
+            return False  # (the usual answer, without looking at each part)
+        # Parts recorded by another process since may be counted twice: look.
+        known = self._served_known
+        for p in range(count):
+            if p in self._parts:
+                if known[p]:
+                    known[p] = 0
+                    self._served_count -= 1
+            elif not known[p]:
+                return False
+        return True
+
+    def _part_crc(self, part: int) -> int:
+        record = self._parts.get(part)
+        if record is not None:
+            return record.crc64
+        assert self._served is not None and self._served_known[part]
+        return int(self._served[part])
 
     def drop(self, parts: Iterable[int]) -> None:
         """Forget *parts* (their bytes are no longer trusted or were evicted)."""
@@ -294,11 +349,12 @@ class PartStore:
         return ok
 
     def combined_crc(self) -> int:
-        """CRC-64 of the whole range; every part must be present."""
-        if not self.complete:
-            raise ValueError("not every part is present")
+        """CRC-64 of the whole range; every part's must be known (`crc_known`)."""
+        if not self.crc_known:
+            raise ValueError("not every part's CRC-64 is known")
+        layout = self.layout
         return crc64_of_parts(
-            (self._parts[i].crc64, self._parts[i].length) for i in range(self.layout.count)
+            (self._part_crc(i), layout.part_length(i)) for i in range(layout.count)
         )
 
     def check_crc(self) -> bool:
@@ -347,10 +403,17 @@ class PartStore:
         bad = damaged or list(self._parts)
         self.drop(bad)
         self.verified.update(self._parts)
+        served = ""
+        if not damaged and self._served_count:
+            # Parts served from memory may hold the damage: none is read again.
+            served = f" ({self._served_count} more had been served from memory)"
+            self.forget_served()
+            if self.memory is not None:
+                self.memory.distrust()
         raise IntegrityError(
             f"{ident.bucket}/{ident.key}: CRC-64 mismatch (the service says "
             f"{self.server_crc64}, the fetched bytes give {actual}); dropped {len(bad)} "
-            "part(s), run again to fetch them"
+            f"part(s){served}, run again to fetch them"
         )
 
     def start_writeback(self, parts: Iterable[int]) -> None:

@@ -152,38 +152,52 @@ def _wait_for_status(mnt: Path, field: str, at_least: int) -> dict[str, object]:
     raise AssertionError(f"status {field} never reached {at_least}: {st}")
 
 
+@pytest.mark.parametrize("behind", [False, True], ids=["cached", "disk-behind"])
 def test_a_corrupted_body_is_not_cached_for_good(
-    server: OssTestServer, env: dict[str, str], tmp_path: Path
+    server: OssTestServer, env: dict[str, str], tmp_path: Path, behind: bool
 ) -> None:
     """The first GETs flip a byte (headers intact): the first read cannot know, but
     once the object is complete its CRC-64 differs from the service's, the parts and
     the kernel's pages of them are dropped, and with the server behaving the next
     reads are exact. (Only the first two GETs are damaged: while every GET is, what is
-    fetched after the check is damaged again, and caught at the next completion.)"""
+    fetched after the check is damaged again, and caught at the next completion.)
+
+    With the cache disk behind, nothing is cached: the check combines the CRC-64s of
+    what arrived for the parts served from memory, and none of them is read again."""
     # More than one part (objects of up to 8 MiB are one), so that read-ahead runs
     # complete it.
     data = os.urandom(12 * MiB + 3)
-    server.put(BUCKET, "flip.bin", data)
-    server.faults.add(Fault("corrupt", op="get", key="flip.bin", offset=1000), times=2)
+    key = f"flip-{behind}.bin"
+    server.put(BUCKET, key, data)
+    server.faults.add(Fault("corrupt", op="get", key=key, offset=1000), times=2)
     mnt = tmp_path / "m"
+    cache = tmp_path / "cache"
+    stand_ins = _behind(tmp_path, "machine", behind=True) if behind else {}
     with mounted(
         f"oss://{BUCKET}",
         mnt,
         "--endpoint",
         server.url,
         "--cache-dir",
-        str(tmp_path / "cache"),
+        str(cache),
         "--part-size",
         "1MiB",
-        env=env,
+        env={**env, **stand_ins},
         log=tmp_path / "log",
     ):
         with contextlib.suppress(OSError):  # EIO is a fine answer too
-            (mnt / "flip.bin").read_bytes()
+            (mnt / key).read_bytes()
         _wait_for_status(mnt, "crc_mismatches", 1)
         server.faults.clear()
-        assert (mnt / "flip.bin").read_bytes() == data
-        assert (mnt / "flip.bin").read_bytes() == data
+        assert (mnt / key).read_bytes() == data
+        assert (mnt / key).read_bytes() == data
+        st = _status(mnt)
+        # At most one per damaged GET: two checks of the same parts once counted (and
+        # dropped) twice.
+        assert st["crc_mismatches"] in (1, 2)
+        if behind:
+            assert int(st["memory_bytes"]) >= 2 * len(data)  # type: ignore[call-overload]
+            assert disk_bytes(cache, name="data") == 0
     assert "CRC-64 mismatch" in (tmp_path / "log").read_text()
 
 

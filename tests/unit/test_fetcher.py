@@ -6,7 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from ossfs.cache.cachedir import CacheDir, identity_for, object_identity
 from ossfs.cache.memory import KEPT, PARTIAL, MemoryBudget
 from ossfs.cache.store import PartStore, _ofd_lock
 from ossfs.client import ClientConfig, HttpObjectClient
+from ossfs.crc import crc64
 from ossfs.errors import IntegrityError, NoSpaceError
 from ossfs.fetcher import Fetcher
 from ossfs.model import DEFAULT_CACHE_PART_SIZE, WHOLE_OBJECT_MAX, MiB
@@ -368,6 +369,37 @@ def test_a_run_that_completes_a_store_checks_it_against_the_service(tmp_path: Pa
     cache.release(store)
 
 
+def test_two_checks_of_the_same_parts_count_and_drop_once(tmp_path: Path) -> None:
+    """Fetches that complete a store together each start a check of the whole. Both
+    see the mismatch before either has looked for damaged parts (in a worker thread);
+    the second must not count it again, nor drop the parts fetched after the first."""
+    client, cache, store, data = _memory_store(tmp_path, 4 * PART + 1)
+    bad = bytearray(data)
+    bad[PART + 3] ^= 1  # damaged on the way: each part's record agrees with its bytes
+    for part in range(store.layout.count):
+        first, end = store.layout.bounds(part)
+        store.write(first, bytes(bad[first:end]))
+        store.commit(part, crc64(bytes(bad[first:end])))
+    fetcher = Fetcher(client, connections=2, budget=cache)
+    raised: list[BaseException] = []
+
+    async def check() -> None:
+        try:
+            await fetcher.check_whole(store, crc64(data))
+        except IntegrityError as e:
+            raised.append(e)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(check)
+            nursery.start_soon(check)
+
+    trio.run(main)
+    assert fetcher.crc_mismatches == 1 and len(raised) == 1
+    assert not store.parts
+    cache.release(store)
+
+
 def _behind(
     client: MemoryClient, cache: CacheDir, budget: int, pressure: list[bool]
 ) -> tuple[Fetcher, MemoryBudget]:
@@ -408,6 +440,132 @@ def test_reads_while_the_disk_is_behind_come_from_memory_and_are_not_recorded(
     assert store.read_into(PART, got) == 3 * PART and bytes(got) == data[PART : 4 * PART]
     cache.close()
     assert memory.held == 0
+
+
+async def _until(done: Callable[[], bool]) -> None:
+    """Wait for *done* (the whole-object check looks for damaged parts in a worker
+    thread, which the mock clock does not wait for), at most a few real seconds."""
+    for _ in range(5000):
+        if done():
+            return
+        await trio.sleep(0.001)
+    raise AssertionError("not done")
+
+
+async def _read_each_part(
+    fetcher: Fetcher,
+    cache: CacheDir,
+    store: PartStore,
+    data: bytes,
+    pressure: list[bool],
+    behind: Iterable[int] | None = None,
+) -> None:
+    """Read the store part by part as a mount's reader does (pinned, waiting for the
+    bytes), checking each; the cache disk is behind (``pressure[0]``) while the parts
+    *behind* are fetched, or all along when it is None."""
+    for part in range(store.layout.count):
+        pressure[0] = behind is None or part in behind
+        first, end = store.layout.bounds(part)
+        with cache.pinned(store, [part]):
+            await fetcher.wait_for(store, first, end)
+            view = memoryview(bytearray(end - first))
+            assert store.read_into(first, view) == end - first
+            assert bytes(view) == data[first:end], part
+
+
+def test_parts_served_from_memory_count_in_the_whole_object_check(tmp_path: Path) -> None:
+    """Parts fetched into memory while the disk is behind are never cached, but the
+    CRC-64 of what arrived is kept: once every part's is known (from the index or from
+    memory) the whole is compared with the service's. A byte damaged on the way in a
+    part served from memory is found (every kept part let go, and no CRC of that read
+    trusted again); read again, the object checks."""
+    client = _DamagingClient()
+    client.at = 2 * PART + 9
+    data = os.urandom(5 * PART + 3)
+    meta = client.put(BUCKET, "obj", data)
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    store = cache.acquire(identity_for(BUCKET, "obj", meta.etag, len(data), PART))
+    fetcher, memory = _behind(client, cache, 8 * PART, [True])
+    damaged_read: list[bytes] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            # The damaged byte reaches the reader (a ranged GET cannot be checked on
+            # its own); the check of the whole, once part 5 is in, finds it.
+            part = 2
+            with cache.pinned(store, [part]):
+                first, end = store.layout.bounds(part)
+                await fetcher.wait_for(store, first, end)
+                view = memoryview(bytearray(end - first))
+                store.read_into(first, view)
+                damaged_read.append(bytes(view))
+            for p in (0, 1, 3, 4, 5):
+                with cache.pinned(store, [p]):
+                    await fetcher.wait_for(store, *store.layout.bounds(p))
+            await _until(lambda: fetcher.crc_mismatches > 0)
+            assert fetcher.crc_mismatches == 1
+            assert not store.crc_checked
+            assert store.memory is not None and not store.memory.parts_in(KEPT)
+            # Read again (the disk still behind): every part from memory once more.
+            await _read_each_part(fetcher, cache, store, data, [True])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert damaged_read[0] != data[2 * PART : 3 * PART]
+    assert store.parts == {}  # nothing was cached
+    assert fetcher.crc_mismatches == 1
+    assert store.crc_checked
+    assert client.bytes_sent["obj"] == 2 * len(data)
+    cache.close()
+    assert memory.held == 0
+
+
+@pytest.mark.parametrize(
+    ("damaged_part", "memory_parts"), [(None, [1, 2, 4]), (3, [0, 2]), (0, [0, 1, 5])]
+)
+def test_the_whole_object_check_joins_parts_from_memory_and_from_the_cache(
+    tmp_path: Path, damaged_part: int | None, memory_parts: list[int]
+) -> None:
+    """The disk is behind for some parts only: the check combines the CRCs of the
+    parts served from memory with those the index records. With a byte damaged on the
+    way (in a part cached, or in one served from memory), every cached part is dropped
+    (on disk they match their records: the damage came over the wire) and the memory
+    CRCs are forgotten."""
+    client = _DamagingClient()
+    client.damaged = damaged_part is None
+    client.at = (damaged_part or 0) * PART + 100
+    data = os.urandom(6 * PART + 1)
+    meta = client.put(BUCKET, "obj", data)
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    store = cache.acquire(identity_for(BUCKET, "obj", meta.etag, len(data), PART))
+    pressure = [False]
+    fetcher, _memory = _behind(client, cache, 8 * PART, pressure)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            if damaged_part is None:
+                await _read_each_part(fetcher, cache, store, data, pressure, memory_parts)
+            else:
+                for p in range(store.layout.count):
+                    pressure[0] = p in memory_parts
+                    with cache.pinned(store, [p]):
+                        await fetcher.wait_for(store, *store.layout.bounds(p))
+                await _until(lambda: fetcher.crc_mismatches > 0)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    if damaged_part is None:
+        assert set(store.parts) == set(range(store.layout.count)) - set(memory_parts)
+        assert store.crc_checked and fetcher.crc_mismatches == 0
+    else:
+        assert client.damaged
+        assert store.parts == {}
+        assert not store.crc_checked and fetcher.crc_mismatches == 1
+    cache.close()
 
 
 def test_materialize_while_the_disk_is_behind_still_lands_every_part_in_the_cache(
