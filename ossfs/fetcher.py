@@ -433,11 +433,16 @@ class Fetcher:
         actual = store.whole_crc_mismatch()
         if actual is None:
             return
+        found = store.mismatches
         damaged = await trio.to_thread.run_sync(store.damaged_parts)
-        if not store.crc_known or store.whole_crc_mismatch() != actual:
-            # Another check of the same parts ended meanwhile (fetches that complete
-            # the store together each start one): it dropped them, or the parts
-            # changed since. Dropping again would only drop parts fetched since.
+        if store.mismatches != found:
+            # Another check (fetches that complete the store together each start one)
+            # found it meanwhile and dropped the parts: dropping again would only drop
+            # parts fetched since, which the fetch that completes the store checks.
+            return
+        # Parts may have changed meanwhile: compare again (no I/O).
+        actual = store.whole_crc_mismatch() if store.crc_known else None
+        if actual is None:
             return
         try:
             store.drop_mismatched(damaged, actual)

@@ -492,7 +492,7 @@ class CacheDir:
         del self._by_store[id(store)]
         self._holding.pop(id(entry), None)
         self._reserved -= sum(entry.fetching.values())  # fetches still running: forgotten
-        if store.crc_checked:
+        if store.crc_checked and store.complete:  # (not a check of parts served from memory)
             self._whole_checked[entry.version] = True
         else:
             self._whole_checked.pop(entry.version, None)

@@ -137,6 +137,7 @@ class MemoryParts:
         if self.state.get(part) != PARTIAL:
             return False
         self.state[part] = FLYING
+        self.read_bytes.pop(part, None)  # (what was read of the old bytes: not of these)
         self.budget._kept.pop((id(self), part), None)
         return True
 
@@ -197,6 +198,7 @@ class MemoryParts:
             if self.budget._pinned(self.store, part):
                 self.state[part] = PARTIAL
                 self.unread.discard(part)
+                self.read_bytes.pop(part, None)
             else:
                 self._free(part)
 

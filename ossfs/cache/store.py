@@ -92,8 +92,12 @@ class PartStore:
         self.verified: set[int] = set()
         # The whole object's CRC-64 as the service published it (OSS), once seen.
         self.server_crc64: int | None = None
-        # True once the complete store matched server_crc64.
+        # True once the parts' CRCs (recorded, or served from memory) matched
+        # server_crc64, and none has changed since.
         self.crc_checked = False
+        # Whole-object mismatches found (`drop_mismatched`): a check that took a while
+        # stands down when another one found it meanwhile.
+        self.mismatches = 0
         # Fetches writing into this store right now; closing waits for them (a closed
         # descriptor's number can be reused by another file at once).
         self.flights = 0
@@ -220,6 +224,8 @@ class PartStore:
         if self._index is not None:
             self._index.refresh()
             self._parts = self._index.state.parts
+            if self._served_count:
+                self._settle_served()
 
     # ---------------------------------------------------------------- data
 
@@ -264,9 +270,16 @@ class PartStore:
         else:
             self._parts[part] = record
         self.verified.add(part)
+        # The record speaks for the part now: a check that passed with another CRC for
+        # it (what was served from memory) no longer holds.
         if self._served_known and self._served_known[part]:
-            self._served_known[part] = 0  # the record speaks for the part now
+            assert self._served is not None
+            if self._served[part] != crc:
+                self.crc_checked = False
+            self._served_known[part] = 0
             self._served_count -= 1
+        else:
+            self.crc_checked = False  # (not known before: only after a drop)
 
     def note_served(self, part: int, crc: int) -> None:
         """A part fetched into memory is complete; *crc* is the CRC-64 of what arrived.
@@ -275,10 +288,32 @@ class PartStore:
         if self._served is None:
             self._served = array("Q", bytes(8 * self.layout.count))
             self._served_known = bytearray(self.layout.count)
+        if part in self._parts:
+            return  # (recorded meanwhile by another process: the record speaks for it)
         if not self._served_known[part]:
             self._served_known[part] = 1
             self._served_count += 1
+            self.crc_checked = False  # (not known before: only after a release)
+        elif self._served[part] != crc:
+            self.crc_checked = False
         self._served[part] = crc
+
+    def _settle_served(self) -> None:
+        """Parts served from memory that are recorded now (by another process, seen
+        by `refresh`): their records speak for them, and a check that passed with
+        another CRC for one of them no longer holds."""
+        known, served = self._served_known, self._served
+        if served is None:
+            return
+        p = known.find(1)
+        while p != -1:
+            record = self._parts.get(p)
+            if record is not None:
+                if record.crc64 != served[p]:
+                    self.crc_checked = False
+                known[p] = 0
+                self._served_count -= 1
+            p = known.find(1, p + 1)
 
     def forget_served(self) -> None:
         """Trust no CRC of a part served from memory (the whole did not match)."""
@@ -296,15 +331,8 @@ class PartStore:
         if len(self._parts) + self._served_count < count:
             return False  # (the usual answer, without looking at each part)
         # Parts recorded by another process since may be counted twice: look.
-        known = self._served_known
-        for p in range(count):
-            if p in self._parts:
-                if known[p]:
-                    known[p] = 0
-                    self._served_count -= 1
-            elif not known[p]:
-                return False
-        return True
+        self._settle_served()
+        return len(self._parts) + self._served_count == count
 
     def _part_crc(self, part: int) -> int:
         record = self._parts.get(part)
@@ -403,6 +431,7 @@ class PartStore:
         bad = damaged or list(self._parts)
         self.drop(bad)
         self.verified.update(self._parts)
+        self.mismatches += 1
         served = ""
         if not damaged and self._served_count:
             # Parts served from memory may hold the damage: none is read again.

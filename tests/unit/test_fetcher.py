@@ -324,9 +324,11 @@ def test_a_cache_made_at_the_earlier_default_part_size_keeps_serving(tmp_path: P
 
 
 class _DamagingClient(MemoryClient):
-    """Flips one byte, at object offset *at*, in the first answer that carries it."""
+    """Flips one byte, at object offset *at*, in the first answer that carries it
+    after *intact* answers that carry it went through unharmed."""
 
     at = 0
+    intact = 0
     damaged = False
 
     async def get_range(
@@ -334,6 +336,9 @@ class _DamagingClient(MemoryClient):
     ) -> Any:
         def flip(pos: int, chunk: memoryview) -> Any:
             if not self.damaged and pos <= self.at < pos + len(chunk):
+                if self.intact:
+                    self.intact -= 1
+                    return sink(pos, chunk)
                 self.damaged = True
                 bad = bytearray(chunk)
                 bad[self.at - pos] ^= 0xFF
@@ -397,6 +402,42 @@ def test_two_checks_of_the_same_parts_count_and_drop_once(tmp_path: Path) -> Non
     trio.run(main)
     assert fetcher.crc_mismatches == 1 and len(raised) == 1
     assert not store.parts
+    cache.release(store)
+
+
+def test_a_check_whose_parts_changed_meanwhile_compares_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a check looks for damaged parts (a worker thread), another process records
+    one of them anew, still damaged: the whole still does not match, with another
+    CRC. The check must compare again and report it, not take the change for another
+    check's work and stand down (nothing would look again until the next fetch)."""
+    client, cache, store, data = _memory_store(tmp_path, 4 * PART + 1)
+    bad = bytearray(data)
+    bad[PART + 3] ^= 1
+    for part in range(store.layout.count):
+        first, end = store.layout.bounds(part)
+        store.write(first, bytes(bad[first:end]))
+        store.commit(part, crc64(bytes(bad[first:end])))
+    fetcher = Fetcher(client, connections=2, budget=cache)
+    looked = store.damaged_parts
+
+    def recorded_anew_meanwhile() -> list[int]:
+        first, end = store.layout.bounds(2)
+        worse = bytearray(bad[first:end])
+        worse[0] ^= 1
+        store.write(first, bytes(worse))
+        store.commit(2, crc64(bytes(worse)))
+        return looked()
+
+    monkeypatch.setattr(store, "damaged_parts", recorded_anew_meanwhile)
+
+    async def main() -> None:
+        with pytest.raises(IntegrityError):
+            await fetcher.check_whole(store, crc64(data))
+
+    trio.run(main)
+    assert fetcher.crc_mismatches == 1 and not store.parts
     cache.release(store)
 
 
@@ -520,6 +561,98 @@ def test_parts_served_from_memory_count_in_the_whole_object_check(tmp_path: Path
     assert client.bytes_sent["obj"] == 2 * len(data)
     cache.close()
     assert memory.held == 0
+
+
+def test_a_check_passed_with_a_part_from_memory_holds_only_for_those_bytes(
+    tmp_path: Path,
+) -> None:
+    """The whole matched with part 1's CRC taken from memory. Part 1 is released, then
+    read again once the disk has caught up: fetched into the cache, damaged on the way
+    this time. That record is not what was checked: the check must run again, and
+    find it, not take the object for checked."""
+    client = _DamagingClient()
+    client.at = PART + 77
+    client.intact = 1  # the first fetch of part 1 (into memory) is whole
+    data = os.urandom(3 * PART + 5)
+    meta = client.put(BUCKET, "obj", data)
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    store = cache.acquire(identity_for(BUCKET, "obj", meta.etag, len(data), PART))
+    pressure = [False]
+    fetcher, _memory = _behind(client, cache, 8 * PART, pressure)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            await _read_each_part(fetcher, cache, store, data, pressure, behind={1})
+            await trio.testing.wait_all_tasks_blocked()
+            assert store.crc_checked and set(store.parts) == {0, 2, 3}
+            assert store.memory is not None
+            store.memory.release(1)
+            pressure[0] = False
+            with cache.pinned(store, [1]):
+                await fetcher.wait_for(store, *store.layout.bounds(1))
+            await _until(lambda: fetcher.crc_mismatches > 0)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert client.damaged
+    assert not store.crc_checked and fetcher.crc_mismatches == 1
+    assert store.parts == {}  # all dropped: on disk each matches its record
+    cache.close()
+
+
+def test_a_part_a_reader_holds_when_the_check_fails_stays_readable_for_it_only(
+    tmp_path: Path,
+) -> None:
+    """Every part from memory, one byte damaged on the way; part 4 completes the object
+    while a reader holds part 3, which it has read. The check fails: part 3 stays
+    readable for that reader (PARTIAL), the other kept parts are released, and
+    read-ahead over part 3 fetches it again, whole, and keeps it for its next reader
+    (what the first reader read was of the old bytes)."""
+    client = _DamagingClient()
+    client.at = PART + 1
+    data = os.urandom(4 * PART + 9)
+    meta = client.put(BUCKET, "obj", data)
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    store = cache.acquire(identity_for(BUCKET, "obj", meta.etag, len(data), PART))
+    fetcher, _memory = _behind(client, cache, 8 * PART, [True])
+    first, end = store.layout.bounds(3)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            for p in (0, 1, 2):
+                with cache.pinned(store, [p]):
+                    await fetcher.wait_for(store, *store.layout.bounds(p))
+            with cache.pinned(store, [3]):
+                await fetcher.wait_for(store, first, end)
+                assert store.memory is not None
+                store.memory.note_read(3, end - first)
+                with cache.pinned(store, [4]):
+                    await fetcher.wait_for(store, *store.layout.bounds(4))
+                await _until(lambda: fetcher.crc_mismatches > 0)
+                memory = store.memory
+                assert memory is not None
+                assert memory.state == {3: PARTIAL}
+                held = memoryview(bytearray(end - first))
+                assert store.read_into(first, held) == end - first
+                assert bytes(held) == data[first:end]  # (this part arrived whole)
+            sent = client.bytes_sent["obj"]
+            fetcher.read_ahead(store, first, end - first)
+            await trio.testing.wait_all_tasks_blocked()
+            assert memory.state.get(3) == KEPT
+            assert client.bytes_sent["obj"] == sent + (end - first)
+            with cache.pinned(store, [3]):
+                await fetcher.wait_for(store, first, end)
+                again = memoryview(bytearray(end - first))
+                assert store.read_into(first, again) == end - first
+                assert bytes(again) == data[first:end]
+            assert client.bytes_sent["obj"] == sent + (end - first)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert fetcher.crc_mismatches == 1 and store.parts == {}
+    cache.close()
 
 
 @pytest.mark.parametrize(
