@@ -266,13 +266,7 @@ class OpenFile:
         fetcher, cache, reader = self.reader.fetcher, self.reader.cache, self.reader
         reader.count_hits(store, parts, off, end)
         window = fetcher.observe(store, off, end - off)
-        # The part this open file reads in stays pinned until it moves on: for a stream
-        # (it has a window), and for a read that stopped inside a part, before any
-        # stream is seen (the next read likely goes on there; in a cache smaller than
-        # a part, that part was evicted in between and fetched again).
-        last = parts[-1]
-        inside = end < store.layout.bounds(last)[1]
-        self._move_position(last if window or inside else None, reading=parts)
+        self._move_position(parts[-1] if window else None, reading=parts)
         if window:
             # Flights start running only at this task's next await, after the pin below.
             # The room read-ahead makes (eviction, in the cache or in memory) must not
