@@ -265,6 +265,7 @@ class OpenFile:
         parts = store.layout.parts_for(off, end - off)
         fetcher, cache, reader = self.reader.fetcher, self.reader.cache, self.reader
         reader.count_hits(store, parts, off, end)
+        cache.reading(store, parts[-1])
         window = fetcher.observe(store, off, end - off)
         self._move_position(parts[-1] if window else None, reading=parts)
         if window:
