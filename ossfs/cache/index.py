@@ -215,6 +215,9 @@ class IndexFile:
         self.path = path
         self.state = state
         self._fd = fd
+        # Counts the looks that found records other processes wrote (or their
+        # compaction): a caller that keeps derived state compares it before and after.
+        self.foreign = 0
 
     # ---------------------------------------------------------------- opening
 
@@ -304,6 +307,7 @@ class IndexFile:
             raise IndexCorrupt("index was replaced by one for another object version")
         os.close(self._fd)
         self._fd, self.state = fd, state
+        self.foreign += 1
         return True
 
     def refresh(self) -> None:
@@ -313,6 +317,7 @@ class IndexFile:
         tail = _read_from(self._fd, self.state.consumed)
         if tail:
             apply_records(self.state, tail)
+            self.foreign += 1
 
     # ---------------------------------------------------------------- writing
 
@@ -336,6 +341,7 @@ class IndexFile:
         size = os.fstat(self._fd).st_size
         if size != self.state.consumed:
             apply_records(self.state, _read_from(self._fd, self.state.consumed))
+            self.foreign += 1
         if size == self.state.consumed:
             # (The common case: one fstat, no read. The file ends with a whole line.)
             _write_all(self._fd, data)

@@ -222,10 +222,10 @@ class PartStore:
     def refresh(self) -> None:
         """See parts that other processes recorded since the last look."""
         if self._index is not None:
+            before = self._index.foreign
             self._index.refresh()
             self._parts = self._index.state.parts
-            if self._served_count:
-                self._settle_served()
+            self._settle_if_foreign(before)
 
     # ---------------------------------------------------------------- data
 
@@ -263,15 +263,8 @@ class PartStore:
 
     def commit(self, part: int, crc: int) -> None:
         """Record *part* as complete; its bytes must already be written."""
-        record = PartRecord(self.layout.part_length(part), crc)
-        if self._index is not None:
-            self._index.add(part, record)
-            self._parts = self._index.state.parts
-        else:
-            self._parts[part] = record
-        self.verified.add(part)
         # The record speaks for the part now: a check that passed with another CRC for
-        # it (what was served from memory) no longer holds.
+        # it (what was served from memory), or with none, no longer holds.
         if self._served_known and self._served_known[part]:
             assert self._served is not None
             if self._served[part] != crc:
@@ -280,6 +273,15 @@ class PartStore:
             self._served_count -= 1
         else:
             self.crc_checked = False  # (not known before: only after a drop)
+        record = PartRecord(self.layout.part_length(part), crc)
+        if self._index is not None:
+            before = self._index.foreign
+            self._index.add(part, record)
+            self._parts = self._index.state.parts
+            self._settle_if_foreign(before)
+        else:
+            self._parts[part] = record
+        self.verified.add(part)
 
     def note_served(self, part: int, crc: int) -> None:
         """A part fetched into memory is complete; *crc* is the CRC-64 of what arrived.
@@ -297,6 +299,12 @@ class PartStore:
         elif self._served[part] != crc:
             self.crc_checked = False
         self._served[part] = crc
+
+    def _settle_if_foreign(self, before: int) -> None:
+        """After a look at the index: settle the parts served from memory if records of
+        other processes came in with it (*before*: `IndexFile.foreign` until then)."""
+        if self._served_count and self._index is not None and self._index.foreign != before:
+            self._settle_served()
 
     def _settle_served(self) -> None:
         """Parts served from memory that are recorded now (by another process, seen
@@ -345,8 +353,10 @@ class PartStore:
         """Forget *parts* (their bytes are no longer trusted or were evicted)."""
         parts = [p for p in parts if p in self._parts]
         if self._index is not None:
+            before = self._index.foreign
             self._index.drop(parts)
             self._parts = self._index.state.parts
+            self._settle_if_foreign(before)
         else:
             for p in parts:
                 self._parts.pop(p, None)

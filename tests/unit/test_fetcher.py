@@ -441,6 +441,43 @@ def test_a_check_whose_parts_changed_meanwhile_compares_again(
     cache.release(store)
 
 
+@pytest.mark.parametrize("seen_by", ["refresh", "commit"])
+def test_a_record_another_process_makes_of_a_part_served_from_memory_is_checked(
+    tmp_path: Path, seen_by: str
+) -> None:
+    """The whole matched with parts 1 and 3 from memory. Another process (a second
+    cache of the same directory) then records part 1 with other, damaged bytes. Once
+    this process sees that record (a look at the index, or its own commit of part 3
+    with the bytes it served), the pass no longer holds: the whole does not match."""
+    data = os.urandom(4 * PART)
+    crcs = [crc64(data[p * PART : (p + 1) * PART]) for p in range(4)]
+    ident = identity_for(BUCKET, "obj", '"e"', len(data), PART)
+    here = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    there = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    store = here.acquire(ident)
+    for p in (0, 2):
+        store.write(p * PART, data[p * PART : (p + 1) * PART])
+        store.commit(p, crcs[p])
+    store.note_served(1, crcs[1])
+    store.note_served(3, crcs[3])
+    store.server_crc64 = crc64(data)
+    assert store.crc_known and store.whole_crc_mismatch() is None and store.crc_checked
+    other = there.acquire(ident)
+    bad = bytearray(data[PART : 2 * PART])
+    bad[5] ^= 1
+    other.write(PART, bytes(bad))
+    other.commit(1, crc64(bytes(bad)))
+    if seen_by == "refresh":
+        store.refresh()
+    else:
+        store.write(3 * PART, data[3 * PART :])
+        store.commit(3, crcs[3])
+    assert not store.crc_checked
+    assert store.whole_crc_mismatch() is not None
+    there.release(other)
+    here.release(store)
+
+
 def _behind(
     client: MemoryClient, cache: CacheDir, budget: int, pressure: list[bool]
 ) -> tuple[Fetcher, MemoryBudget]:
