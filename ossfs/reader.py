@@ -350,7 +350,9 @@ class OpenFile:
             cache.pin(self.store, [part])
         if self.position is not None:
             old = self.position
-            cache.unpin(self.store, [old])
+            # Not trimmed when this read is in it: that evicted the part the read was
+            # about to use (it pins its parts after this), which was then fetched again.
+            cache.unpin(self.store, [old], trim=old not in reading)
             memory = self.store.memory
             if memory is not None and old not in reading:
                 memory.let_go(old)  # the stream has moved past it

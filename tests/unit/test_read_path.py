@@ -369,6 +369,27 @@ def test_the_part_a_first_read_stopped_in_is_not_fetched_twice(tmp_path: Path) -
     cache.close()
 
 
+def test_a_read_that_moves_a_stream_on_does_not_evict_the_part_it_reads(
+    tmp_path: Path,
+) -> None:
+    """Found by the property test: a stream's last read spans the end of part 0 and
+    the 1-byte part 1. Moving the stream's position to part 1 let go of part 0 and
+    trimmed the cache (smaller than one part) before the read pinned its parts: part
+    0 was evicted and fetched again."""
+    reads = [(24935 + 4096 * i, 4096) for i in range(9)] + [(61799, 3738)]
+    sc = Scenario(
+        size=65537,
+        part_size=65536,
+        cap=32768,
+        read_ahead_parts=1,
+        connections=1,
+        readers=[Reader(reads, 1, True)],
+        together=False,
+    )
+    client = run_scenario(sc, tmp_path / "cache", seed=0)
+    assert client.bytes_sent["obj"] == 65537
+
+
 def test_a_stream_on_slow_connections_fills_them(tmp_path: Path) -> None:
     """Connections of 25 MB/s each (a WAN, a per-connection cap): a stream's window is
     cut into as many GETs as read-ahead may have connections (14 of 16), so that the
