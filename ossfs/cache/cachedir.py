@@ -634,12 +634,14 @@ class CacheDir:
                 os.utime(entry.directory)
 
     def reading(self, store: PartStore, part: int) -> None:
-        """A read that ends in *part* begins: until another read begins, eviction leaves
-        *part* alone (the reader may go on in it). One part for the whole cache: that
-        is what a cache smaller than one part needs, where the trim at the end of the
-        read evicted it before the next read, which fetched it again."""
+        """A read that ends in *part* begins. When the part is larger than the whole
+        cache, eviction leaves it alone until another read begins (the reader may go on
+        in it): the trim at the end of the read evicted it before the next read, which
+        fetched it again. One part for the whole cache, and only one that cannot fit
+        anyway (a cap smaller than one part holds that part, as the cap says)."""
         entry = self._by_store.get(id(store))
-        self._last_read = (entry, part) if entry is not None else None
+        big = entry is not None and store.layout.part_length(part) > self.max_bytes
+        self._last_read = (entry, part) if big else None
 
     def note_access(
         self, store: PartStore, parts: range | list[int], read_to: int | None = None
@@ -940,7 +942,7 @@ class CacheDir:
                 return freed
             self._dry = self.on_room_low is not None  # (only an evictor is told again)
         # 2. Parts of stores open here that nothing holds, least recently used first;
-        # never the part read last (`reading`).
+        # never the part read last if it is larger than the cache (`reading`).
         now = time.monotonic()
         parts: list[tuple[float, _Open, int]] = []
         last_entry, last_part = self._last_read or (None, -1)

@@ -390,6 +390,33 @@ def test_a_read_that_moves_a_stream_on_does_not_evict_the_part_it_reads(
     assert client.bytes_sent["obj"] == 65537
 
 
+def test_random_reads_through_a_two_part_cache_leave_it_within_its_cap(
+    tmp_path: Path,
+) -> None:
+    """Found by the property test: eviction spared the part the latest read ended in
+    even when it fits the cache, so random reads left three 64 KiB parts in a 128 KiB
+    cache at rest. (`run_scenario` checks the cap at rest.)"""
+    reads = [
+        (485498, 6117),
+        (280110, 2270),
+        (195187, 106),
+        (354760, 7598),
+        (634072, 1325),
+        (350249, 671),
+        (397430, 2776),
+    ]
+    sc = Scenario(
+        size=720896,
+        part_size=65536,
+        cap=131072,
+        read_ahead_parts=1,
+        connections=2,
+        readers=[Reader(reads, 2, False)],
+        together=False,
+    )
+    run_scenario(sc, tmp_path / "cache", seed=0)
+
+
 def test_a_stream_on_slow_connections_fills_them(tmp_path: Path) -> None:
     """Connections of 25 MB/s each (a WAN, a per-connection cap): a stream's window is
     cut into as many GETs as read-ahead may have connections (14 of 16), so that the
