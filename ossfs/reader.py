@@ -265,7 +265,6 @@ class OpenFile:
         parts = store.layout.parts_for(off, end - off)
         fetcher, cache, reader = self.reader.fetcher, self.reader.cache, self.reader
         reader.count_hits(store, parts, off, end)
-        cache.reading(store, parts[-1])
         window = fetcher.observe(store, off, end - off)
         self._move_position(parts[-1] if window else None, reading=parts)
         if window:
@@ -350,9 +349,7 @@ class OpenFile:
             cache.pin(self.store, [part])
         if self.position is not None:
             old = self.position
-            # Not trimmed when this read is in it: that evicted the part the read was
-            # about to use (it pins its parts after this), which was then fetched again.
-            cache.unpin(self.store, [old], trim=old not in reading)
+            cache.unpin(self.store, [old])
             memory = self.store.memory
             if memory is not None and old not in reading:
                 memory.let_go(old)  # the stream has moved past it

@@ -261,8 +261,6 @@ class CacheDir:
         # the cache is not walked for nothing. `_closes` counts what resets it.
         self._dry = False
         self._closes = 0
-        # The part read last (`note_access`), which eviction leaves alone.
-        self._last_read: tuple[_Open, int] | None = None
         self._prepare()
 
     # ---------------------------------------------------------------- set-up
@@ -492,8 +490,6 @@ class CacheDir:
         self._store_closed()
         del self._open[entry.directory]
         del self._by_store[id(store)]
-        if self._last_read is not None and self._last_read[0] is entry:
-            self._last_read = None
         self._holding.pop(id(entry), None)
         self._reserved -= sum(entry.fetching.values())  # fetches still running: forgotten
         if store.crc_checked and store.complete:  # (not a check of parts served from memory)
@@ -632,16 +628,6 @@ class CacheDir:
             entry.touched = now
             with suppress(OSError):
                 os.utime(entry.directory)
-
-    def reading(self, store: PartStore, part: int) -> None:
-        """A read that ends in *part* begins. When the part is larger than the whole
-        cache, eviction leaves it alone until another read begins (the reader may go on
-        in it): the trim at the end of the read evicted it before the next read, which
-        fetched it again. One part for the whole cache, and only one that cannot fit
-        anyway (a cap smaller than one part holds that part, as the cap says)."""
-        entry = self._by_store.get(id(store))
-        big = entry is not None and store.layout.part_length(part) > self.max_bytes
-        self._last_read = (entry, part) if big else None
 
     def note_access(
         self, store: PartStore, parts: range | list[int], read_to: int | None = None
@@ -941,14 +927,12 @@ class CacheDir:
             if freed >= need:
                 return freed
             self._dry = self.on_room_low is not None  # (only an evictor is told again)
-        # 2. Parts of stores open here that nothing holds, least recently used first;
-        # never the part read last if it is larger than the cache (`reading`).
+        # 2. Parts of stores open here that nothing holds, least recently used first.
         now = time.monotonic()
         parts: list[tuple[float, _Open, int]] = []
-        last_entry, last_part = self._last_read or (None, -1)
         for entry in self._open.values():
             for p in entry.store.parts:
-                if not entry.held(p, now) and not (entry is last_entry and p == last_part):
+                if not entry.held(p, now):
                     parts.append((entry.part_access.get(p, 0.0), entry, p))
         parts.sort(key=lambda t: t[0])
         by_entry: dict[int, list[int]] = {}
