@@ -164,8 +164,9 @@ def _parse_header(line: bytes) -> StoreIdentity:
     return identity
 
 
-def apply_records(state: IndexState, data: bytes) -> None:
-    """Apply the complete lines in *data* (which follows ``state.consumed``)."""
+def apply_records(state: IndexState, data: bytes, added: set[int] | None = None) -> None:
+    """Apply the complete lines in *data* (which follows ``state.consumed``); the parts
+    recorded go into *added* too."""
     pos = 0
     while True:
         nl = data.find(b"\n", pos)
@@ -182,6 +183,8 @@ def apply_records(state: IndexState, data: bytes) -> None:
                     raise ValueError("length does not fit the part")
                 state.parts[part] = PartRecord(length, crc)
                 state.records += 1
+                if added is not None:
+                    added.add(part)
             elif len(fields) == 2 and fields[0] == "-":
                 state.parts.pop(int(fields[1]), None)
                 state.records += 1
@@ -215,9 +218,10 @@ class IndexFile:
         self.path = path
         self.state = state
         self._fd = fd
-        # Counts the looks that found records other processes wrote (or their
-        # compaction): a caller that keeps derived state compares it before and after.
-        self.foreign = 0
+        # What looks at the file found that other processes recorded: the parts (until
+        # the caller takes them), or True for "any part" (their compaction was followed).
+        self.foreign_parts: set[int] = set()
+        self.foreign_all = False
 
     # ---------------------------------------------------------------- opening
 
@@ -307,7 +311,7 @@ class IndexFile:
             raise IndexCorrupt("index was replaced by one for another object version")
         os.close(self._fd)
         self._fd, self.state = fd, state
-        self.foreign += 1
+        self.foreign_all = True
         return True
 
     def refresh(self) -> None:
@@ -316,8 +320,7 @@ class IndexFile:
             return
         tail = _read_from(self._fd, self.state.consumed)
         if tail:
-            apply_records(self.state, tail)
-            self.foreign += 1
+            apply_records(self.state, tail, self.foreign_parts)
 
     # ---------------------------------------------------------------- writing
 
@@ -340,8 +343,7 @@ class IndexFile:
         replaced meanwhile, and nobody else appends)."""
         size = os.fstat(self._fd).st_size
         if size != self.state.consumed:
-            apply_records(self.state, _read_from(self._fd, self.state.consumed))
-            self.foreign += 1
+            apply_records(self.state, _read_from(self._fd, self.state.consumed), self.foreign_parts)
         if size == self.state.consumed:
             # (The common case: one fstat, no read. The file ends with a whole line.)
             _write_all(self._fd, data)

@@ -222,10 +222,9 @@ class PartStore:
     def refresh(self) -> None:
         """See parts that other processes recorded since the last look."""
         if self._index is not None:
-            before = self._index.foreign
             self._index.refresh()
             self._parts = self._index.state.parts
-            self._settle_if_foreign(before)
+            self._settle_foreign()
 
     # ---------------------------------------------------------------- data
 
@@ -275,10 +274,9 @@ class PartStore:
             self.crc_checked = False  # (not known before: only after a drop)
         record = PartRecord(self.layout.part_length(part), crc)
         if self._index is not None:
-            before = self._index.foreign
             self._index.add(part, record)
             self._parts = self._index.state.parts
-            self._settle_if_foreign(before)
+            self._settle_foreign()
         else:
             self._parts[part] = record
         self.verified.add(part)
@@ -300,28 +298,32 @@ class PartStore:
             self.crc_checked = False
         self._served[part] = crc
 
-    def _settle_if_foreign(self, before: int) -> None:
-        """After a look at the index: settle the parts served from memory if records of
-        other processes came in with it (*before*: `IndexFile.foreign` until then)."""
-        if self._served_count and self._index is not None and self._index.foreign != before:
-            self._settle_served()
+    def _settle_foreign(self) -> None:
+        """After a look at the index: the parts other processes recorded meanwhile that
+        were served from memory here. Their records speak for them now (a part is never
+        counted as both), and a check that passed with another CRC for one of them no
+        longer holds. Only those parts are looked at (all, after a compaction)."""
+        index = self._index
+        if index is None or not (index.foreign_parts or index.foreign_all):
+            return
+        if self._served_count:
+            self._settle_served(None if index.foreign_all else index.foreign_parts)
+        index.foreign_parts.clear()
+        index.foreign_all = False
 
-    def _settle_served(self) -> None:
-        """Parts served from memory that are recorded now (by another process, seen
-        by `refresh`): their records speak for them, and a check that passed with
-        another CRC for one of them no longer holds."""
+    def _settle_served(self, parts: Iterable[int] | None) -> None:
         known, served = self._served_known, self._served
         if served is None:
             return
-        p = known.find(1)
-        while p != -1:
+        if parts is None:
+            parts = [p for p in range(len(known)) if known[p]]
+        for p in parts:
             record = self._parts.get(p)
-            if record is not None:
+            if record is not None and known[p]:
                 if record.crc64 != served[p]:
                     self.crc_checked = False
                 known[p] = 0
                 self._served_count -= 1
-            p = known.find(1, p + 1)
 
     def forget_served(self) -> None:
         """Trust no CRC of a part served from memory (the whole did not match)."""
@@ -333,30 +335,24 @@ class PartStore:
     def crc_known(self) -> bool:
         """Whether every part's CRC-64 is known: recorded in the index (`complete`), or
         of what arrived for a part served from memory (`note_served`)."""
-        count = self.layout.count
-        if len(self._parts) == count:
-            return True
-        if len(self._parts) + self._served_count < count:
-            return False  # (the usual answer, without looking at each part)
-        # Parts recorded by another process since may be counted twice: look.
-        self._settle_served()
-        return len(self._parts) + self._served_count == count
+        # (No part is counted as both: `commit`, `note_served` and `_settle_foreign`.)
+        return len(self._parts) + self._served_count == self.layout.count
 
     def _part_crc(self, part: int) -> int:
         record = self._parts.get(part)
         if record is not None:
             return record.crc64
-        assert self._served is not None and self._served_known[part]
+        if self._served is None or not self._served_known[part]:
+            raise ValueError(f"part {part}'s CRC-64 is not known")
         return int(self._served[part])
 
     def drop(self, parts: Iterable[int]) -> None:
         """Forget *parts* (their bytes are no longer trusted or were evicted)."""
         parts = [p for p in parts if p in self._parts]
         if self._index is not None:
-            before = self._index.foreign
             self._index.drop(parts)
             self._parts = self._index.state.parts
-            self._settle_if_foreign(before)
+            self._settle_foreign()
         else:
             for p in parts:
                 self._parts.pop(p, None)
@@ -420,7 +416,10 @@ class PartStore:
             or self.crc_checked
         ):
             return None
-        actual = self.combined_crc() if self.layout.count else 0
+        try:
+            actual = self.combined_crc() if self.layout.count else 0
+        except ValueError:
+            return None  # (not every part's CRC is known: nothing to compare yet)
         if actual == self.server_crc64:
             self.crc_checked = True
             return None
