@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
@@ -522,12 +523,13 @@ def test_reads_while_the_disk_is_behind_come_from_memory_and_are_not_recorded(
 
 async def _until(done: Callable[[], bool]) -> None:
     """Wait for *done* (the whole-object check looks for damaged parts in a worker
-    thread, which the mock clock does not wait for), at most a few real seconds."""
-    for _ in range(5000):
-        if done():
-            return
+    thread, which the mock clock does not wait for), at most 30 real seconds (a
+    count of mock-clock sleeps ran out on a loaded machine)."""
+    deadline = time.monotonic() + 30
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError("not done")
         await trio.sleep(0.001)
-    raise AssertionError("not done")
 
 
 async def _read_each_part(
