@@ -173,15 +173,22 @@ async def test_the_whole_object_check_rereads_parts_off_the_event_loop(
 # ------------------------------------------------------------ runs (materialize)
 
 
-def _memory_store(
-    tmp_path: Path, size: int, cap: int = 1 << 30
-) -> tuple[MemoryClient, CacheDir, PartStore, bytes]:
-    client = MemoryClient()
+def _store_of(
+    client: MemoryClient, tmp_path: Path, size: int, cap: int = 1 << 30
+) -> tuple[CacheDir, PartStore, bytes]:
+    """A random object of *size* bytes put into *client*, and its store in a new cache."""
     data = os.urandom(size)
     meta = client.put(BUCKET, "obj", data)
     cache = CacheDir(str(tmp_path / "c"), max_bytes=cap, min_free_fraction=0.0)
     store = cache.acquire(identity_for(BUCKET, "obj", meta.etag, size, PART))
-    return client, cache, store, data
+    return cache, store, data
+
+
+def _memory_store(
+    tmp_path: Path, size: int, cap: int = 1 << 30
+) -> tuple[MemoryClient, CacheDir, PartStore, bytes]:
+    client = MemoryClient()
+    return (client, *_store_of(client, tmp_path, size, cap))
 
 
 def test_a_run_of_missing_parts_is_one_get(tmp_path: Path) -> None:
@@ -349,17 +356,22 @@ class _DamagingClient(MemoryClient):
         return await super().get_range(bucket, key, start, end, etag, flip)
 
 
+def _damaging_store(
+    tmp_path: Path, size: int, at: int, *, intact: int = 0, damaged: bool = False
+) -> tuple[_DamagingClient, CacheDir, PartStore, bytes]:
+    """`_memory_store` with a client that flips the byte at *at* (see `_DamagingClient`;
+    *damaged*: it already has, so it never does)."""
+    client = _DamagingClient()
+    client.at, client.intact, client.damaged = at, intact, damaged
+    return (client, *_store_of(client, tmp_path, size))
+
+
 def test_a_run_that_completes_a_store_checks_it_against_the_service(tmp_path: Path) -> None:
     """A byte damaged on the way (each part's CRC is of what arrived, so it agrees):
     the run that completes the store compares the whole with the service's CRC-64,
     drops every part (on disk they all match their records: the damage came over the
     wire) and fails; fetched again, the bytes are the object's."""
-    client = _DamagingClient()
-    client.at = 3 * PART + 7
-    data = os.urandom(6 * PART + 5)
-    meta = client.put(BUCKET, "obj", data)
-    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
-    store = cache.acquire(identity_for(BUCKET, "obj", meta.etag, len(data), PART))
+    client, cache, store, data = _damaging_store(tmp_path, 6 * PART + 5, at=3 * PART + 7)
     fetcher = Fetcher(client, connections=2, budget=cache)
     parts = list(range(store.layout.count))
 
@@ -559,12 +571,7 @@ def test_parts_served_from_memory_count_in_the_whole_object_check(tmp_path: Path
     memory) the whole is compared with the service's. A byte damaged on the way in a
     part served from memory is found (every kept part let go, and no CRC of that read
     trusted again); read again, the object checks."""
-    client = _DamagingClient()
-    client.at = 2 * PART + 9
-    data = os.urandom(5 * PART + 3)
-    meta = client.put(BUCKET, "obj", data)
-    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
-    store = cache.acquire(identity_for(BUCKET, "obj", meta.etag, len(data), PART))
+    client, cache, store, data = _damaging_store(tmp_path, 5 * PART + 3, at=2 * PART + 9)
     fetcher, memory = _behind(client, cache, 8 * PART, [True])
     damaged_read: list[bytes] = []
 
@@ -609,13 +616,8 @@ def test_a_check_passed_with_a_part_from_memory_holds_only_for_those_bytes(
     read again once the disk has caught up: fetched into the cache, damaged on the way
     this time. That record is not what was checked: the check must run again, and
     find it, not take the object for checked."""
-    client = _DamagingClient()
-    client.at = PART + 77
-    client.intact = 1  # the first fetch of part 1 (into memory) is whole
-    data = os.urandom(3 * PART + 5)
-    meta = client.put(BUCKET, "obj", data)
-    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
-    store = cache.acquire(identity_for(BUCKET, "obj", meta.etag, len(data), PART))
+    # The first fetch of part 1 (into memory) is whole.
+    client, cache, store, data = _damaging_store(tmp_path, 3 * PART + 5, at=PART + 77, intact=1)
     pressure = [False]
     fetcher, _memory = _behind(client, cache, 8 * PART, pressure)
 
@@ -648,12 +650,7 @@ def test_a_part_a_reader_holds_when_the_check_fails_stays_readable_for_it_only(
     readable for that reader (PARTIAL), the other kept parts are released, and
     read-ahead over part 3 fetches it again, whole, and keeps it for its next reader
     (what the first reader read was of the old bytes)."""
-    client = _DamagingClient()
-    client.at = PART + 1
-    data = os.urandom(4 * PART + 9)
-    meta = client.put(BUCKET, "obj", data)
-    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
-    store = cache.acquire(identity_for(BUCKET, "obj", meta.etag, len(data), PART))
+    client, cache, store, data = _damaging_store(tmp_path, 4 * PART + 9, at=PART + 1)
     fetcher, _memory = _behind(client, cache, 8 * PART, [True])
     first, end = store.layout.bounds(3)
 
@@ -705,13 +702,9 @@ def test_the_whole_object_check_joins_parts_from_memory_and_from_the_cache(
     way (in a part cached, or in one served from memory), every cached part is dropped
     (on disk they match their records: the damage came over the wire) and the memory
     CRCs are forgotten."""
-    client = _DamagingClient()
-    client.damaged = damaged_part is None
-    client.at = (damaged_part or 0) * PART + 100
-    data = os.urandom(6 * PART + 1)
-    meta = client.put(BUCKET, "obj", data)
-    cache = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
-    store = cache.acquire(identity_for(BUCKET, "obj", meta.etag, len(data), PART))
+    client, cache, store, data = _damaging_store(
+        tmp_path, 6 * PART + 1, at=(damaged_part or 0) * PART + 100, damaged=damaged_part is None
+    )
     pressure = [False]
     fetcher, _memory = _behind(client, cache, 8 * PART, pressure)
 
