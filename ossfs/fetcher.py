@@ -441,7 +441,7 @@ class Fetcher:
             # parts fetched since, which the fetch that completes the store checks.
             return
         # Parts may have changed meanwhile: compare again (no I/O).
-        actual = store.whole_crc_mismatch() if store.crc_known else None
+        actual = store.whole_crc_mismatch()
         if actual is None:
             return
         try:

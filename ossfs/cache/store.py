@@ -262,16 +262,8 @@ class PartStore:
 
     def commit(self, part: int, crc: int) -> None:
         """Record *part* as complete; its bytes must already be written."""
-        # The record speaks for the part now: a check that passed with another CRC for
-        # it (what was served from memory), or with none, no longer holds.
-        if self._served_known and self._served_known[part]:
-            assert self._served is not None
-            if self._served[part] != crc:
-                self.crc_checked = False
-            self._served_known[part] = 0
-            self._served_count -= 1
-        else:
-            self.crc_checked = False  # (not known before: only after a drop)
+        if not self._recorded_over_served(part, crc):
+            self.crc_checked = False  # (its CRC was not known before: only after a drop)
         record = PartRecord(self.layout.part_length(part), crc)
         if self._index is not None:
             self._index.add(part, record)
@@ -312,18 +304,26 @@ class PartStore:
         index.foreign_all = False
 
     def _settle_served(self, parts: Iterable[int] | None) -> None:
-        known, served = self._served_known, self._served
-        if served is None:
-            return
+        known = self._served_known
         if parts is None:
             parts = [p for p in range(len(known)) if known[p]]
         for p in parts:
             record = self._parts.get(p)
-            if record is not None and known[p]:
-                if record.crc64 != served[p]:
-                    self.crc_checked = False
-                known[p] = 0
-                self._served_count -= 1
+            if record is not None:
+                self._recorded_over_served(p, record.crc64)
+
+    def _recorded_over_served(self, part: int, crc: int) -> bool:
+        """*part*, served from memory, is recorded now with CRC *crc*: the record speaks
+        for it (a part is never counted as both), and a check that passed with another
+        CRC for it no longer holds. False when it was not served."""
+        if not (self._served_known and self._served_known[part]):
+            return False
+        assert self._served is not None
+        if self._served[part] != crc:
+            self.crc_checked = False
+        self._served_known[part] = 0
+        self._served_count -= 1
+        return True
 
     def forget_served(self) -> None:
         """Trust no CRC of a part served from memory (the whole did not match)."""
