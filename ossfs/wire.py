@@ -40,6 +40,11 @@ __all__ = [
 
 READ_SIZE = 1 << 20
 _MAX_HEAD = 64 * 1024
+# A response head is received this many bytes at a time. The body bytes that
+# arrive with it are copied aside to be handed over first, so this keeps them
+# few: receiving the head into the whole 1 MiB buffer had each GET copy up to
+# 1 MiB of its body four more times, into freshly allocated memory.
+_HEAD_RECV = 16 * 1024
 # A partly filled buffer is handed over once it holds this much and the first byte
 # arrived this long ago (seconds).
 _MIN_HANDOVER = 64 * 1024
@@ -169,7 +174,7 @@ class Connection:
     async def read_head(self) -> Head:
         head = bytearray()
         while True:
-            n = await self._recv_into(self._view)
+            n = await self._recv_into(self._view[:_HEAD_RECV])
             if n == 0:
                 self.reusable = False
                 raise WireError("connection closed before a response")

@@ -194,3 +194,34 @@ async def test_refused_connection_and_garbage_answers() -> None:
     async with scripted(handler) as (url, _):
         with pytest.raises(WireError, match="status line|protocol"):
             await fetch(pool_for(url), bytearray())
+
+
+def _head_of_length(length: int, body: int) -> bytes:
+    """A 200 head for a *body*-byte body, padded with a header to *length* bytes."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Pad: \r\n\r\n" % body
+    return head.replace(b"X-Pad: ", b"X-Pad: " + b"p" * (length - len(head)))
+
+
+# The blank line that ends the head ends before, inside and just after the first
+# 16 KiB received, and one head spans several receives.
+@pytest.mark.parametrize("length", [200, 16 * 1024 - 1, 16 * 1024 + 1, 16 * 1024 + 3, 40_000])
+async def test_a_head_and_body_sent_together_split_at_any_point(length: int) -> None:
+    # The head is received a piece at a time; the body bytes that came with it must
+    # be handed over first, in order, wherever the end of the head falls.
+    head = _head_of_length(length, len(BIG))
+    assert len(head) == length
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        for _ in range(2):
+            await read_request(stream)
+            await stream.send_all(head + BIG)
+
+    async with scripted(handler) as (url, accepted):
+        pool = pool_for(url)
+        for _ in range(2):
+            got = bytearray()
+            status, headers = await fetch(pool, got)
+            assert status == 200 and len(headers["x-pad"]) > 0
+            assert bytes(got) == BIG
+        assert accepted == [0]
+        await pool.aclose()
