@@ -569,6 +569,11 @@ class HttpObjectClient:
                 except _Retryable as e:
                     pos = before + e.received
                     cycle.last = e.reason
+                    if pos >= end:
+                        # Every byte arrived; what broke came after the body (a chunked
+                        # answer's last lines). Nothing is left to ask for.
+                        log.debug("%s: %s after the whole body", cycle.what, e.reason)
+                        return GetResult(pos - start, None)
                 except AccessError as e:
                     if not self._expired_and_renewable(e, cycle):
                         raise

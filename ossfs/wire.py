@@ -19,6 +19,7 @@ Must not import: httpx, pyfuse3.
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -45,6 +46,12 @@ _MAX_HEAD = 64 * 1024
 # few: receiving the head into the whole 1 MiB buffer had each GET copy up to
 # 1 MiB of its body four more times, into freshly allocated memory.
 _HEAD_RECV = 16 * 1024
+# Informational answers (1xx, e.g. 103 Early Hints) skipped before the answer, at most.
+_MAX_INFORMATIONAL = 8
+# Framing fields are plain digits: Python's int() would also take "-1", "+5", "0x5",
+# "1_0" or surrounding spaces, and a negative chunk size made the reader spin.
+_DIGITS = re.compile(rb"[0-9]{1,19}")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 # A partly filled buffer is handed over once it holds this much and the first byte
 # arrived this long ago (seconds).
 _MIN_HANDOVER = 64 * 1024
@@ -172,6 +179,20 @@ class Connection:
             raise WireError(f"connection broken: {e}") from e
 
     async def read_head(self) -> Head:
+        """The head of the answer, after any informational (1xx) ones, which are
+        skipped (RFC 9110, 15.2). A bad head leaves the connection unusable."""
+        try:
+            for _ in range(_MAX_INFORMATIONAL + 1):
+                head = await self._read_one_head()
+                if not 100 <= head.status < 200 or head.status == 101:
+                    return head
+        except WireError:
+            self.reusable = False
+            raise
+        self.reusable = False
+        raise WireError(f"more than {_MAX_INFORMATIONAL} informational answers")
+
+    async def _read_one_head(self) -> Head:
         head = bytearray()
         while True:
             n = await self._recv_into(self._view[:_HEAD_RECV])
@@ -193,6 +214,14 @@ class Connection:
         Only GET answers come here (HEAD goes through httpx): a body is framed by
         its status and headers alone.
         """
+        n = await self._read_framed(head, sink)
+        if self._pending:
+            # Bytes past the end of the body, sent before any next request: they are
+            # no answer to it. (Taken as one, a connection would stay an answer behind.)
+            self.reusable = False
+        return n
+
+    async def _read_framed(self, head: Head, sink: BodySink) -> int:
         if head.status in (204, 304) or 100 <= head.status < 200:
             return 0
         te = head.headers.get("transfer-encoding", "").lower()
@@ -200,12 +229,10 @@ class Connection:
             return await self._read_chunked(sink)
         length = head.headers.get("content-length")
         if length is not None:
-            try:
-                total = int(length)
-            except ValueError as e:
+            if not _DIGITS.fullmatch(length.encode("latin-1")):
                 self.reusable = False
-                raise WireError(f"bad Content-Length {length!r}") from e
-            return await self._read_length(total, sink)
+                raise WireError(f"bad Content-Length {length[:40]!r}")
+            return await self._read_length(int(length), sink)
         # No framing: the body runs to the end of the connection.
         self.reusable = False
         return await self._read_length(None, sink)
@@ -242,21 +269,26 @@ class Connection:
                 raise WireError("chunk header too long")
         return bytes(line[:-2])
 
+    async def _line(self, done: int) -> bytes:
+        """`_readline` inside a chunked body: an error carries the *done* bytes."""
+        try:
+            return await self._readline()
+        except WireError as e:
+            e.received = done
+            raise
+
     async def _read_chunked(self, sink: BodySink) -> int:
         done = 0
         while True:
-            try:
-                size_line = await self._readline()
-                size = int(size_line.split(b";")[0].strip(), 16)
-            except ValueError as e:
+            # chunk-size [ BWS ";" extensions ] (RFC 9112, 7.1)
+            field = (await self._line(done)).split(b";", 1)[0].rstrip(b" \t")
+            if not _HEX.fullmatch(field):
                 self.reusable = False
-                raise WireError("bad chunk size", received=done) from e
-            except WireError as e:
-                e.received = done
-                raise
+                raise WireError(f"bad chunk size {bytes(field[:40])!r}", received=done)
+            size = int(field, 16)
             if size == 0:
-                while await self._readline():
-                    pass  # trailers
+                while await self._line(done):
+                    pass  # trailers (each line bounded; the caller's deadline bounds time)
                 return done
             left = size
             while left:
@@ -267,7 +299,9 @@ class Connection:
                 if ended:
                     self.reusable = False
                     raise WireError("connection closed inside a chunk", received=done)
-            await self._readline()  # the CRLF after the chunk
+            if await self._line(done):
+                self.reusable = False
+                raise WireError("bad chunk framing: more bytes than the chunk size", received=done)
 
     async def read_all(self, head: Head, *, limit: int = 64 * 1024) -> bytes:
         """A small body, e.g. an error document: at most *limit* bytes of it.
@@ -330,11 +364,11 @@ async def _call(sink: BodySink, done: int, data: memoryview) -> None:
 
 def _parse_head(raw: bytes) -> Head:
     lines = raw.decode("latin-1").split("\r\n")
-    try:
-        version, status, *reason = lines[0].split(" ", 2)
-        code = int(status)
-    except ValueError as e:
-        raise WireError(f"bad status line {lines[0][:80]!r}") from e
+    version, _, rest = lines[0].partition(" ")
+    status, _, reason = rest.partition(" ")
+    if not (len(status) == 3 and _DIGITS.fullmatch(status.encode("latin-1"))):
+        raise WireError(f"bad status line {lines[0][:80]!r}")
+    code = int(status)
     if not version.startswith("HTTP/1."):
         raise WireError(f"unsupported protocol {version!r}")
     headers: dict[str, str] = {}
@@ -347,7 +381,7 @@ def _parse_head(raw: bytes) -> Head:
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
     connection = headers.get("connection", "").lower()
     keep = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
-    return Head(code, reason[0] if reason else "", headers, keep)
+    return Head(code, reason, headers, keep)
 
 
 class Pool:

@@ -225,3 +225,147 @@ async def test_a_head_and_body_sent_together_split_at_any_point(length: int) -> 
             assert bytes(got) == BIG
         assert accepted == [0]
         await pool.aclose()
+
+
+def _answer_once(raw: bytes, *, close: bool = True) -> Callable[[trio.SocketStream, int], object]:
+    """A handler that answers the first request with *raw* (then closes)."""
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        await read_request(stream)
+        await stream.send_all(raw)
+        if close:
+            await stream.aclose()
+        else:
+            await trio.sleep(30)
+
+    return handler
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+async def fetch_once(url: str, collected: bytearray) -> tuple[int, dict[str, str]]:
+    """`fetch` on a pool of its own, closed after (within 5 s: nothing may hang)."""
+    pool = pool_for(url)
+    try:
+        with trio.fail_after(5):
+            return await fetch(pool, collected)
+    finally:
+        await pool.aclose()
+
+
+# Each is refused with one clear error, without waiting for the server: a size that
+# is not plain hex (a negative one made the reader spin with no checkpoint, so not
+# even a deadline could stop it), and a chunk followed by more than its CRLF.
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"-1\r\n",
+        b"+5\r\nhello\r\n0\r\n\r\n",
+        b"0x5\r\nhello\r\n0\r\n\r\n",
+        b"1_0\r\n",
+        b" 5\r\nhello\r\n0\r\n\r\n",
+        b"\r\n",
+        b"5\r\nhelloEXTRA\r\n0\r\n\r\n",
+    ],
+)
+async def test_bad_chunk_framing_is_an_error_not_a_hang(body: bytes) -> None:
+    async with scripted(_answer_once(CHUNKED + body, close=False)) as (url, _):
+        got = bytearray()
+        with pytest.raises(WireError, match="chunk"):
+            await fetch_once(url, got)
+        assert len(got) <= 5
+
+
+async def test_chunk_size_may_have_extensions_and_spaces_before_them() -> None:
+    body = b"5 ;a=b\r\nhello\r\n3\t;x\r\nabc\r\nA\r\n0123456789\r\n0\r\n\r\n"
+    async with scripted(_answer_once(CHUNKED + body, close=False)) as (url, _):
+        got = bytearray()
+        await fetch_once(url, got)
+        assert bytes(got) == b"helloabc0123456789"
+
+
+@pytest.mark.parametrize("length", [b"-1", b"+5", b"5_0", b"0x5", b""])
+async def test_a_content_length_that_is_not_plain_digits_is_refused(length: bytes) -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: " + length + b"\r\n\r\nbodybytes"
+    async with scripted(_answer_once(raw, close=False)) as (url, _):
+        with pytest.raises(WireError, match="Content-Length"):
+            await fetch_once(url, bytearray())
+
+
+@pytest.mark.parametrize(
+    "tail", [b"5\r\nhello", b"5\r\nhello\r\n", b"5\r\nhello\r\n0\r\n", b"5\r\nhello\r\n0\r\nX: y"]
+)
+async def test_a_chunked_body_cut_after_its_data_reports_every_byte_delivered(
+    tail: bytes,
+) -> None:
+    async with scripted(_answer_once(CHUNKED + tail)) as (url, _):
+        got = bytearray()
+        with pytest.raises(WireError) as e:
+            await fetch_once(url, got)
+        assert bytes(got) == b"hello" and e.value.received == 5
+
+
+async def test_bytes_past_the_end_of_a_body_are_not_taken_as_the_next_answer() -> None:
+    # Sent with the first answer, ahead of any second request: not an answer to it.
+    first = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    early = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTALE"
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        await read_request(stream)
+        if n == 0:
+            await stream.send_all(first + early)
+        else:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+        await trio.sleep(30)
+
+    async with scripted(handler) as (url, accepted):
+        pool = pool_for(url)
+        got = bytearray()
+        with trio.fail_after(5):
+            await fetch(pool, got)
+            assert bytes(got) == b"hello"
+            got.clear()
+            await fetch(pool, got)
+        assert bytes(got) == b"fresh" and accepted == [0, 1]
+        await pool.aclose()
+
+
+@pytest.mark.parametrize("informational", [b"100 Continue", b"103 Early Hints\r\nLink: </x>"])
+async def test_informational_answers_before_the_answer_are_skipped(informational: bytes) -> None:
+    raw = b"HTTP/1.1 " + informational + b"\r\n\r\n"
+    raw += b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    async with scripted(_answer_once(raw, close=False)) as (url, _):
+        got = bytearray()
+        status, _h = await fetch_once(url, got)
+        assert status == 200 and bytes(got) == b"hello"
+
+
+async def test_endless_informational_answers_are_refused() -> None:
+    raw = b"HTTP/1.1 103 Early Hints\r\n\r\n" * 100
+    async with scripted(_answer_once(raw, close=False)) as (url, _):
+        with pytest.raises(WireError, match="informational"):
+            await fetch_once(url, bytearray())
+
+
+async def test_a_ranged_get_whose_chunked_framing_breaks_after_every_byte_is_whole() -> None:
+    # The object client resumes a broken transfer after the bytes delivered; when all
+    # of them were, there is nothing to resume (it raised ValueError("empty range")).
+    from ossfs.client import ClientConfig, HttpObjectClient
+    from ossfs.protocol.ops import Endpoint
+
+    raw = (
+        b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-4/10\r\n"
+        b'ETag: "e"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n'
+    )
+    async with scripted(_answer_once(raw)) as (url, accepted):
+        async with HttpObjectClient(Endpoint(url), ClientConfig(attempts=2)) as client:
+            got = bytearray()
+
+            def sink(at: int, data: memoryview) -> None:
+                assert at == len(got)
+                got.extend(data)
+
+            with trio.fail_after(5):
+                result = await client.get_range("b", "k", 0, 5, None, sink)
+        assert bytes(got) == b"hello" and result.nbytes == 5 and accepted == [0]
