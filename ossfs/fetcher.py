@@ -416,16 +416,17 @@ class Fetcher:
         finally:
             store.unlock_part(part)
         if store.crc_known:
-            await self.check_whole(store, store.server_crc64)
+            self.check_whole(store, store.server_crc64)
 
-    async def check_whole(self, store: PartStore, service_crc64: int | None) -> None:
-        """Compare a complete store with the service's CRC-64 of the object, once.
+    def check_whole(self, store: PartStore, service_crc64: int | None) -> None:
+        """Compare a store whose every part's CRC is known with the service's CRC-64 of
+        the object, once.
 
-        The comparison itself needs no I/O (the parts' CRCs combine); on a mismatch
-        every part is read again, in a worker thread, to find the damaged ones. Those
-        are dropped (all parts when none is: the damage came over the wire), and
-        IntegrityError is raised (counted, logged by the caller); `on_corrupt` hears
-        of it.
+        No I/O, no await: the parts' CRCs combine, and on a mismatch every part is
+        dropped (`PartStore.drop_mismatched`) in the same step, so two fetches that
+        complete the store together cannot both count it. IntegrityError is raised
+        (counted, logged by the caller); `on_corrupt` hears of it. The store must be
+        open (a fetch checks before its flight ends).
         """
         if service_crc64 is None or not store.crc_known:
             return
@@ -433,19 +434,8 @@ class Fetcher:
         actual = store.whole_crc_mismatch()
         if actual is None:
             return
-        found = store.mismatches
-        damaged = await trio.to_thread.run_sync(store.damaged_parts)
-        if store.mismatches != found:
-            # Another check (fetches that complete the store together each start one)
-            # found it meanwhile and dropped the parts: dropping again would only drop
-            # parts fetched since, which the fetch that completes the store checks.
-            return
-        # Parts may have changed meanwhile: compare again (no I/O).
-        actual = store.whole_crc_mismatch()
-        if actual is None:
-            return
         try:
-            store.drop_mismatched(damaged, actual)
+            store.drop_mismatched(actual)
         except IntegrityError:
             self.crc_mismatches += 1
             if self.on_corrupt is not None:
@@ -711,9 +701,12 @@ class Fetcher:
                 # Not reached (or unclaimed): waiters look at the store again, and a
                 # reader that needs the part starts a flight of its own.
                 self._land(store, part, flight, error)
-            store.flight_ended()
-        if store.crc_known:
-            await self.check_whole(store, store.server_crc64)
+            try:
+                if error is None and store.crc_known:
+                    # While the flight still counts: the store stays open for it.
+                    self.check_whole(store, store.server_crc64)
+            finally:
+                store.flight_ended()
         return fetched
 
     async def _download_run(

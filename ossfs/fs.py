@@ -356,7 +356,7 @@ class Operations(pyfuse3.Operations):
                     self._has_crc64 = False
                 return
             self._crc_missing = 0
-            await self.fetcher.check_whole(store, crc)
+            self.fetcher.check_whole(store, crc)
         except IntegrityError as e:
             log.error("%s", e)
         except OssfsError as e:
@@ -429,7 +429,10 @@ class Operations(pyfuse3.Operations):
             if attr == "url":
                 return self.ns.url(meta.key).encode()
             if attr == "crc64":
-                crc = await self.ns.object_crc64(node)
+                try:
+                    crc = await self.ns.object_crc64(node)
+                except ObjectChangedError:
+                    crc = None  # (this inode's version has none to give now)
                 if crc is None:
                     raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
                 return str(crc).encode()

@@ -54,7 +54,13 @@ import trio
 from cachetools import TTLCache
 
 from ossfs.client import ObjectClient
-from ossfs.errors import ListingError, NotFoundError, ServiceError, unwrap_groups
+from ossfs.errors import (
+    ListingError,
+    NotFoundError,
+    ObjectChangedError,
+    ServiceError,
+    unwrap_groups,
+)
 from ossfs.model import ListPage, ObjectMeta, object_url
 
 __all__ = [
@@ -496,14 +502,18 @@ class Namespace:
 
     async def object_crc64(self, node: Node) -> int | None:
         """The service's CRC-64 of *node*'s version (a HEAD when the listing had none);
-        None when the service has none, or the object is another version now."""
+        None when the service keeps none. ObjectChangedError when the object is
+        another version now: nothing to compare *node*'s bytes with, which is not
+        the same as a service without CRCs."""
         meta = node.meta
         if meta is None:
             return None
         if meta.crc64 is None:
             fresh = await self.client.head(self.bucket, meta.key)
             if not _same_version(meta, fresh):
-                return None
+                raise ObjectChangedError(
+                    412, "ObjectChanged", "another version now", resource=self.url(meta.key)
+                )
             node.meta = meta = fresh
         return meta.crc64
 

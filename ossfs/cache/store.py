@@ -95,9 +95,6 @@ class PartStore:
         # True once the parts' CRCs (recorded, or served from memory) matched
         # server_crc64, and none has changed since.
         self.crc_checked = False
-        # Whole-object mismatches found (`drop_mismatched`): a check that took a while
-        # stands down when another one found it meanwhile.
-        self.mismatches = 0
         # Fetches writing into this store right now; closing waits for them (a closed
         # descriptor's number can be reused by another file at once).
         self.flights = 0
@@ -291,13 +288,27 @@ class PartStore:
         self._served[part] = crc
 
     def _settle_foreign(self) -> None:
-        """After a look at the index: the parts other processes recorded meanwhile that
-        were served from memory here. Their records speak for them now (a part is never
-        counted as both), and a check that passed with another CRC for one of them no
-        longer holds. Only those parts are looked at (all, after a compaction)."""
+        """After a look at the index: the parts other processes recorded meanwhile.
+
+        - Each is checked on its first read here, as any part another process
+          cached (out of `verified`, where an earlier record of it may have put it).
+        - One served from memory here: its record speaks for it now (a part is never
+          counted as both), and a check that passed with another CRC for it no
+          longer holds.
+        - One that was not: a check that passed covered an earlier record of it
+          (the part was dropped and fetched again there), so it no longer holds.
+
+        Only those parts are looked at; after a compaction (which rewrites the
+        records, usually the same ones), only the served parts are, all of them.
+        """
         index = self._index
         if index is None or not (index.foreign_parts or index.foreign_all):
             return
+        known = self._served_known
+        for p in index.foreign_parts:
+            self.verified.discard(p)
+            if not (known and known[p]):
+                self.crc_checked = False
         if self._served_count:
             self._settle_served(None if index.foreign_all else index.foreign_parts)
         index.foreign_parts.clear()
@@ -396,14 +407,13 @@ class PartStore:
 
         True when it matched, False when there is nothing to compare with (no
         CRC from the service, or a store that is not the whole object). On a
-        mismatch the parts are dropped (those whose bytes no longer match
-        their own record, or all of them when the damage came over the wire
-        and no single part can be blamed) and IntegrityError is raised.
+        mismatch every part is dropped and IntegrityError is raised
+        (`drop_mismatched`).
         """
         actual = self.whole_crc_mismatch()
         if actual is None:
             return self.crc_checked
-        self.drop_mismatched(self.damaged_parts(), actual)
+        self.drop_mismatched(actual)
 
     def whole_crc_mismatch(self) -> int | None:
         """The combined CRC-64 of the parts when it differs from the service's, else None
@@ -425,29 +435,25 @@ class PartStore:
             return None
         return actual
 
-    def damaged_parts(self) -> list[int]:
-        """Recorded parts whose bytes on disk no longer match their record (reads every
-        part: blocking I/O, safe in a worker thread as it changes nothing)."""
-        records = dict(self._parts)
-        return [p for p, r in records.items() if self.part_crc_on_disk(p) != r.crc64]
+    def drop_mismatched(self, actual: int) -> NoReturn:
+        """After a whole-object mismatch: drop every part, forget the CRCs of parts
+        served from memory and let go of those still kept; raise IntegrityError.
 
-    def drop_mismatched(self, damaged: list[int], actual: int) -> NoReturn:
-        """After a whole-object mismatch: drop the *damaged* parts, or every part when
-        the damage came over the wire and no single part can be blamed; raise
-        IntegrityError. The parts kept were just read and matched their records: they
-        count as checked (as `verify` would have marked them)."""
+        The combined CRC is made of the parts' records (and served CRCs), which are
+        the CRCs of the bytes as they arrived: a mismatch says some part arrived
+        wrong (or the object is another one now), and its record matches its wrong
+        bytes, so no part can be told apart. (A part damaged on disk since would not
+        change the combined CRC: each process checks such parts against their
+        record on first read.) No I/O but the index append."""
         ident = self.identity
-        bad = damaged or list(self._parts)
+        bad = list(self._parts)
         self.drop(bad)
-        self.verified.update(self._parts)
-        self.mismatches += 1
         served = ""
-        if not damaged and self._served_count:
-            # Parts served from memory may hold the damage: none is read again.
+        if self._served_count:
             served = f" ({self._served_count} more had been served from memory)"
             self.forget_served()
-            if self.memory is not None:
-                self.memory.distrust()
+        if self.memory is not None:
+            self.memory.distrust()
         raise IntegrityError(
             f"{ident.bucket}/{ident.key}: CRC-64 mismatch (the service says "
             f"{self.server_crc64}, the fetched bytes give {actual}); dropped {len(bad)} "
@@ -498,6 +504,7 @@ class PartStore:
     def compact(self) -> None:
         if self._index is not None and self._index.compact_if_worthwhile():
             self._parts = self._index.state.parts
+            self._settle_foreign()  # (it may have followed another process's records)
 
     def remove_index(self) -> None:
         """Delete the index file (after a successful download)."""

@@ -8,7 +8,8 @@ import pytest
 import trio
 
 from ossfs.client import HttpObjectClient
-from ossfs.errors import NotFoundError
+from ossfs.crc import crc64
+from ossfs.errors import NotFoundError, ObjectChangedError
 from ossfs.namespace import ROOT_INODE, Namespace
 from ossfs.testing import OssTestServer
 
@@ -243,3 +244,21 @@ async def test_a_walk_lists_the_next_subdirectories_ahead(server: OssTestServer)
         await _all_names(ns, d[19].inode)
         await trio.sleep(0.2)
         assert server.stats.count(op="list") == 10 + 8 + 1
+
+
+async def test_the_crc64_of_a_version_replaced_since_is_an_error_not_none(
+    server: OssTestServer,
+) -> None:
+    # None would say "the service keeps no CRC-64": a mount that hears that for a few
+    # objects in a row stops checking cached objects against the service at all.
+    server.put(BUCKET, "obj", b"first version")
+    async with _client(server) as client:
+        ns = Namespace(client, BUCKET, "")
+        await _all_names(ns, ROOT_INODE)
+        node = await ns.lookup(ROOT_INODE, "obj")
+        assert node.meta is not None and node.meta.crc64 is None  # (not in a listing)
+        server.put(BUCKET, "obj", b"second version")
+        with pytest.raises(ObjectChangedError):
+            await ns.object_crc64(node)
+        server.put(BUCKET, "obj", b"first version")  # (the same ETag: the same bytes)
+        assert await ns.object_crc64(node) == crc64(b"first version")

@@ -253,20 +253,24 @@ def test_refused_index_is_removed_before_the_data_is_emptied(
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_a_whole_crc_mismatch_drops_only_the_damaged_part(tmp_path: Path) -> None:
+def test_a_whole_crc_mismatch_drops_every_part_even_when_one_is_damaged_on_disk(
+    tmp_path: Path,
+) -> None:
+    """Part 6 arrived with a byte flipped (its record is the CRC of those bytes), and
+    part 3 was damaged on disk since. The whole does not match because of part 6: a
+    part damaged on disk does not change the records' combined CRC, so it cannot be
+    the one to blame, and dropping only it would keep part 6's wrong bytes."""
     s = open_store(tmp_path, ident())
-    fill(s, list(range(10)))
-    os.pwrite(s.fileno(), b"\x00", 3 * 1024 + 7)  # part 3 damaged on disk
+    fill(s, [p for p in range(10) if p != 6])
+    first, end = s.layout.bounds(6)
+    wrong = bytearray(DATA[first:end])
+    wrong[5] ^= 1
+    s.write(first, bytes(wrong))
+    s.commit(6, crc64(bytes(wrong)))
+    os.pwrite(s.fileno(), b"\x00", 3 * 1024 + 7)
     s.server_crc64 = crc64(DATA)
-    # The combined record CRCs still match: nothing is read to find that out.
-    assert s.whole_crc_mismatch() is None and s.crc_checked
-    s.crc_checked = False
-    s.server_crc64 = crc64(DATA) ^ 1
-    s.verified.clear()  # as if another process had cached them
     actual = s.whole_crc_mismatch()
-    assert actual is not None
-    assert s.damaged_parts() == [3]
-    with pytest.raises(IntegrityError, match="dropped 1 part"):
-        s.drop_mismatched(s.damaged_parts(), actual)
-    assert sorted(s.parts) == [p for p in range(10) if p != 3]
-    assert s.verified == set(s.parts)  # the rest were just read and matched
+    assert actual is not None and not s.crc_checked
+    with pytest.raises(IntegrityError, match="dropped 10 part"):
+        s.drop_mismatched(actual)
+    assert s.parts == {} and s.verified == set()
