@@ -462,6 +462,39 @@ def test_a_record_another_process_makes_of_a_part_served_from_memory_is_checked(
     here.release(store)
 
 
+def test_a_part_another_process_drops_and_records_anew_is_checked_again_here(
+    tmp_path: Path,
+) -> None:
+    """The whole matched here, every part from this process's cache. Another process
+    drops part 1 and records it anew with damaged bytes (and dies before checking
+    them). Once this process sees that record, neither its pass nor its check of
+    part 1 holds: the part is checked on its next read here, and the whole again."""
+    data = os.urandom(4 * PART)
+    crcs = [crc64(data[p * PART : (p + 1) * PART]) for p in range(4)]
+    ident = identity_for(BUCKET, "obj", '"e"', len(data), PART)
+    here = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    there = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    store = here.acquire(ident)
+    for p in range(4):
+        store.write(p * PART, data[p * PART : (p + 1) * PART])
+        store.commit(p, crcs[p])
+        store.verified.add(p)  # (as after this process's own fetch)
+    store.server_crc64 = crc64(data)
+    assert store.whole_crc_mismatch() is None and store.crc_checked
+    other = there.acquire(ident)
+    other.drop([1])
+    bad = bytearray(data[PART : 2 * PART])
+    bad[5] ^= 1
+    other.write(PART, bytes(bad))
+    other.commit(1, crc64(bytes(bad)))
+    store.refresh()
+    assert 1 not in store.verified and {0, 2, 3} <= store.verified
+    assert not store.crc_checked
+    assert store.whole_crc_mismatch() is not None
+    there.release(other)
+    here.release(store)
+
+
 def _behind(
     client: MemoryClient, cache: CacheDir, budget: int, pressure: list[bool]
 ) -> tuple[Fetcher, MemoryBudget]:
