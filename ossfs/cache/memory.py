@@ -189,18 +189,25 @@ class MemoryParts:
             self._free(part)
 
     def distrust(self) -> None:
-        """The whole-object check failed and no part can be blamed: no kept part is
-        read again. One a reader holds stays readable for it, as what a failed fetch
-        left (PARTIAL: a new read fetches it again); the others are released."""
+        """The whole-object check failed: no kept part is read again (`retire`)."""
         for part, state in list(self.state.items()):
-            if state != KEPT:
-                continue
-            if self.budget._pinned(self.store, part):
-                self.state[part] = PARTIAL
-                self.unread.discard(part)
-                self.read_bytes.pop(part, None)
-            else:
-                self._free(part)
+            if state == KEPT:
+                self.retire(part)
+
+    def retire(self, part: int) -> None:
+        """No new read reads kept *part* from memory: its CRC no longer counts (the
+        whole-object check failed, or a record in the index speaks for the part, and
+        once that record is dropped the copy here would be covered by no CRC). One a
+        reader holds stays readable for it, as what a failed fetch left (PARTIAL: a
+        new read fetches it again); otherwise it is released."""
+        if self.state.get(part) != KEPT:
+            return
+        if self.budget._pinned(self.store, part):
+            self.state[part] = PARTIAL
+            self.unread.discard(part)
+            self.read_bytes.pop(part, None)
+        else:
+            self._free(part)
 
     def release(self, part: int) -> None:
         """Forget a kept (or partial) part and give its memory back."""

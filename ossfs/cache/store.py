@@ -278,7 +278,11 @@ class PartStore:
             self._served = array("Q", bytes(8 * self.layout.count))
             self._served_known = bytearray(self.layout.count)
         if part in self._parts:
-            return  # (recorded meanwhile by another process: the record speaks for it)
+            # Recorded meanwhile by another process: the record speaks for the part,
+            # and the copy in memory is not read again (`MemoryParts.retire`).
+            if self.memory is not None:
+                self.memory.retire(part)
+            return
         if not self._served_known[part]:
             self._served_known[part] = 1
             self._served_count += 1
@@ -325,8 +329,9 @@ class PartStore:
 
     def _recorded_over_served(self, part: int, crc: int) -> bool:
         """*part*, served from memory, is recorded now with CRC *crc*: the record speaks
-        for it (a part is never counted as both), and a check that passed with another
-        CRC for it no longer holds. False when it was not served."""
+        for it (a part is never counted as both), a check that passed with another CRC
+        for it no longer holds, and the copy in memory is not read again
+        (`MemoryParts.retire`). False when it was not served."""
         if not (self._served_known and self._served_known[part]):
             return False
         assert self._served is not None
@@ -334,6 +339,8 @@ class PartStore:
             self.crc_checked = False
         self._served_known[part] = 0
         self._served_count -= 1
+        if self.memory is not None:
+            self.memory.retire(part)
         return True
 
     def forget_served(self) -> None:

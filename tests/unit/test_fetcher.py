@@ -569,6 +569,59 @@ async def _read_each_part(
             assert bytes(view) == data[first:end], part
 
 
+def test_a_memory_copy_a_record_took_over_is_not_read_once_that_record_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """Part 1 was read from memory (kept, its CRC counted as served). Another process
+    then caches part 1: its record speaks for the part, and the served CRC no longer
+    counts. When that record is dropped again (evicted there), the copy in memory must
+    not come back into use: no CRC would cover it, and the whole-object check could
+    not run until it was let go. The part is fetched again instead."""
+    client, cache, store, data = _damaging_store(tmp_path, 3 * PART + 5, at=0, damaged=True)
+    pressure = [False]
+    fetcher, _memory = _behind(client, cache, 8 * PART, pressure)
+    there = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.attach(nursery)
+            await _read_each_part(fetcher, cache, store, data, pressure, behind={1})
+            await trio.testing.wait_all_tasks_blocked()
+            assert store.memory is not None and store.memory.is_kept(1)
+            other = there.acquire(store.identity)
+            first, end = store.layout.bounds(1)
+            other.write(first, data[first:end])
+            other.commit(1, crc64(data[first:end]))
+            store.refresh()
+            assert store.crc_known and 1 in store.parts
+            other.drop([1])
+            store.refresh()
+            assert not store.has(1) and not store.crc_known
+            there.release(other)
+            sent = client.bytes_sent["obj"]
+            with cache.pinned(store, [1]):
+                await fetcher.wait_for(store, first, end)
+            await trio.testing.wait_all_tasks_blocked()  # (recorded once the GET ends)
+            assert client.bytes_sent["obj"] == sent + (end - first)
+            assert store.crc_known
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    cache.close()
+
+
+def _kept_parts_are_intact(store: PartStore, data: bytes) -> None:
+    """Every part kept in memory holds the object's bytes. After a failed whole-object
+    check no part kept then is; one kept now was fetched after it (the reads and
+    their read-ahead go on), and the damage in these tests happens once."""
+    assert store.memory is not None
+    for p in store.memory.parts_in(KEPT):
+        first, end = store.layout.bounds(p)
+        got = memoryview(bytearray(end - first))
+        assert store.read_into(first, got) == end - first
+        assert bytes(got) == data[first:end], p
+
+
 def test_parts_served_from_memory_count_in_the_whole_object_check(tmp_path: Path) -> None:
     """Parts fetched into memory while the disk is behind are never cached, but the
     CRC-64 of what arrived is kept: once every part's is known (from the index or from
@@ -597,7 +650,7 @@ def test_parts_served_from_memory_count_in_the_whole_object_check(tmp_path: Path
             await _until(lambda: fetcher.crc_mismatches > 0)
             assert fetcher.crc_mismatches == 1
             assert not store.crc_checked
-            assert store.memory is not None and not store.memory.parts_in(KEPT)
+            _kept_parts_are_intact(store, data)
             # Read again (the disk still behind): every part from memory once more.
             await _read_each_part(fetcher, cache, store, data, [True])
             await trio.testing.wait_all_tasks_blocked()
@@ -682,12 +735,7 @@ def test_a_part_a_reader_holds_when_the_check_fails_stays_readable_for_it_only(
                 # the fetch: PARTIAL too. A part KEPT now was fetched after the check
                 # (read-ahead goes on): intact.
                 assert memory.state.get(3) == PARTIAL
-                for p, state in memory.state.items():
-                    if state == KEPT:
-                        a, b = store.layout.bounds(p)
-                        got = memoryview(bytearray(b - a))
-                        assert store.read_into(a, got) == b - a
-                        assert bytes(got) == data[a:b]
+                _kept_parts_are_intact(store, data)
                 held = memoryview(bytearray(end - first))
                 assert store.read_into(first, held) == end - first
                 assert bytes(held) == data[first:end]  # (this part arrived whole)
