@@ -46,6 +46,8 @@ _MAX_HEAD = 64 * 1024
 # few: receiving the head into the whole 1 MiB buffer had each GET copy up to
 # 1 MiB of its body four more times, into freshly allocated memory.
 _HEAD_RECV = 16 * 1024
+# The longest chunk-size line or trailer line accepted.
+_MAX_LINE = 4096
 # Informational answers (1xx, e.g. 103 Early Hints) skipped before the answer, at most.
 _MAX_INFORMATIONAL = 8
 # Framing fields are plain digits: Python's int() would also take "-1", "+5", "0x5",
@@ -259,12 +261,12 @@ class Connection:
                 take = len(self._pending) if nl < 0 else nl + 1
                 line += self._pending[:take]
                 self._pending = self._pending[take:]
-                continue
-            if await self._recv_into(one) == 0:
+            elif await self._recv_into(one) == 0:
                 self.reusable = False
                 raise WireError("connection closed inside a chunked body")
-            line += one
-            if len(line) > 4096:
+            else:
+                line += one
+            if len(line) > _MAX_LINE:
                 self.reusable = False
                 raise WireError("chunk header too long")
         return bytes(line[:-2])
@@ -287,8 +289,12 @@ class Connection:
                 raise WireError(f"bad chunk size {bytes(field[:40])!r}", received=done)
             size = int(field, 16)
             if size == 0:
-                while await self._line(done):
-                    pass  # trailers (each line bounded; the caller's deadline bounds time)
+                trailers = 0
+                while line := await self._line(done):
+                    trailers += len(line)
+                    if trailers > _MAX_HEAD:
+                        self.reusable = False
+                        raise WireError("chunked trailers too large", received=done)
                 return done
             left = size
             while left:

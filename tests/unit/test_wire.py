@@ -369,3 +369,17 @@ async def test_a_ranged_get_whose_chunked_framing_breaks_after_every_byte_is_who
             with trio.fail_after(5):
                 result = await client.get_range("b", "k", 0, 5, None, sink)
         assert bytes(got) == b"hello" and result.nbytes == 5 and accepted == [0]
+
+
+async def test_endless_trailers_and_long_chunk_lines_are_refused() -> None:
+    endless = CHUNKED + b"5\r\nhello\r\n0\r\n" + b"X-T: tt\r\n" * 20000
+    async with scripted(_answer_once(endless, close=False)) as (url, _):
+        got = bytearray()
+        with pytest.raises(WireError, match="trailers too large") as e:
+            await fetch_once(url, got)
+        assert bytes(got) == b"hello" and e.value.received == 5
+    # A long line that arrived with the head (served from what was read past it).
+    long_line = CHUNKED + b"5;" + b"e" * 5000 + b"\r\nhello\r\n0\r\n\r\n"
+    async with scripted(_answer_once(long_line, close=False)) as (url, _):
+        with pytest.raises(WireError, match="too long"):
+            await fetch_once(url, bytearray())
