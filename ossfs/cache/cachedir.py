@@ -492,16 +492,18 @@ class CacheDir:
         del self._by_store[id(store)]
         self._holding.pop(id(entry), None)
         self._reserved -= sum(entry.fetching.values())  # fetches still running: forgotten
-        if store.crc_checked and store.complete:  # (not a check of parts served from memory)
-            self._whole_checked[entry.version] = True
-        else:
-            self._whole_checked.pop(entry.version, None)
         try:
             store.compact()
         except OSError as e:
             # Only a tidy-up: the journal stays valid uncompacted (a full disk).
             log.warning("cache: cannot compact %s: %s", store.index_path, e.strerror)
         finally:
+            # After the compaction, which may bring in other processes' records (and
+            # so undo a check). Not a check of parts served from memory.
+            if store.crc_checked and store.complete:
+                self._whole_checked[entry.version] = True
+            else:
+                self._whole_checked.pop(entry.version, None)
             if store.flights:
                 store.on_deferred_close = self._closed_late
             store.close()
