@@ -224,8 +224,9 @@ class CacheDir:
         # Parts checked against their CRC, by (store directory, data file inode): kept
         # when a store is closed, so reopening a file does not check its parts again.
         self._verified: LRUCache[tuple[str, int], set[int]] = LRUCache(maxsize=16384)
-        # Stores whose complete bytes matched the service's CRC-64 (same key).
-        self._whole_checked: LRUCache[tuple[str, int], bool] = LRUCache(maxsize=16384)
+        # Stores whose whole-object check passed here, with their `index_mark` then: it
+        # holds at the next open only if nobody changed the index since.
+        self._whole_checked: LRUCache[tuple[str, int], tuple[int, ...]] = LRUCache(maxsize=16384)
         self._used = 0
         self._scanned_at = 0.0
         self._over = False
@@ -442,9 +443,8 @@ class CacheDir:
                 verified = self._verified[key] = set()
             verified.intersection_update(store.parts)  # dropped since: check again
             store.verified = verified
-            store.crc_checked = (
-                store.crc_checked or self._whole_checked.get(key, False)
-            ) and store.complete
+            mark = self._whole_checked.get(key)
+            store.crc_checked = (store.crc_checked or mark == store.index_mark()) and store.complete
             entry = self._open[directory] = _Open(store, directory, key)
             if isinstance(store, SmallStore):
                 # Its LRU time is the file's own mtime: no utime if it is recent.
@@ -501,7 +501,7 @@ class CacheDir:
             # After the compaction, which may bring in other processes' records (and
             # so undo a check). Not a check of parts served from memory.
             if store.crc_checked and store.complete:
-                self._whole_checked[entry.version] = True
+                self._whole_checked[entry.version] = store.index_mark()
             else:
                 self._whole_checked.pop(entry.version, None)
             if store.flights:

@@ -284,6 +284,11 @@ class IndexFile:
             raise
         return cls(path, IndexState(identity, {}, consumed=len(header)), fd)
 
+    def mark(self) -> tuple[int, int]:
+        """(inode, bytes parsed): the same only while nobody changed the file since (an
+        append, or a compaction by any process, moves it)."""
+        return os.fstat(self._fd).st_ino, self.state.consumed
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

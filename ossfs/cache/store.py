@@ -178,6 +178,11 @@ class PartStore:
             if self.on_deferred_close is not None:
                 self.on_deferred_close()
 
+    def index_mark(self) -> tuple[int, ...]:
+        """`IndexFile.mark`; empty for a store without an index (its records live in
+        its one file, which another process replaces rather than changes)."""
+        return self._index.mark() if self._index is not None else ()
+
     @property
     def index_path(self) -> str | None:
         return self._index.path if self._index else None

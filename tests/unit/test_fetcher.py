@@ -495,6 +495,39 @@ def test_a_part_another_process_drops_and_records_anew_is_checked_again_here(
     here.release(store)
 
 
+def test_a_part_another_process_records_anew_while_the_store_is_closed_here(
+    tmp_path: Path,
+) -> None:
+    """As above, with the store closed here meanwhile: the whole-object check this
+    process remembers for the store no longer holds when it opens it again."""
+    data = os.urandom(4 * PART)
+    ident = identity_for(BUCKET, "obj", '"e"', len(data), PART)
+    here = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    there = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    store = here.acquire(ident)
+    for p in range(4):
+        store.write(p * PART, data[p * PART : (p + 1) * PART])
+        store.commit(p, crc64(data[p * PART : (p + 1) * PART]))
+    store.server_crc64 = crc64(data)
+    assert store.whole_crc_mismatch() is None and store.crc_checked
+    here.release(store)
+    again = here.acquire(ident)
+    assert again.crc_checked  # remembered: nothing changed
+    here.release(again)
+    other = there.acquire(ident)
+    other.drop([1])
+    bad = bytearray(data[PART : 2 * PART])
+    bad[5] ^= 1
+    other.write(PART, bytes(bad))
+    other.commit(1, crc64(bytes(bad)))
+    there.release(other)
+    again = here.acquire(ident)
+    assert not again.crc_checked
+    again.server_crc64 = crc64(data)
+    assert again.whole_crc_mismatch() is not None
+    here.release(again)
+
+
 def _behind(
     client: MemoryClient, cache: CacheDir, budget: int, pressure: list[bool]
 ) -> tuple[Fetcher, MemoryBudget]:
