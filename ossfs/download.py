@@ -518,8 +518,14 @@ def _check_integrity(store: PartStore, meta: ObjectMeta) -> Verification | None:
     store.server_crc64 = meta.crc64
     if store.check_crc():
         return "crc64"
-    if _MD5_ETAG.match(meta.etag) and meta.object_type in (None, "Normal"):
-        # A single-part S3 object's ETag is the MD5 of its content.
+    if (
+        _MD5_ETAG.match(meta.etag)
+        and meta.object_type in (None, "Normal")
+        and meta.encryption in (None, "AES256")
+    ):
+        # A single-part S3 object's ETag is the MD5 of its content, unless it is
+        # encrypted with a KMS key or one of the customer's: then it is not, and a
+        # check would fail every time.
         md5 = hashlib.md5(usedforsecurity=False)
         pos, end = ident.start, ident.start + ident.length
         while pos < end and (chunk := store.read(pos, min(8 << 20, end - pos))):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import time
+from decimal import Decimal
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -69,6 +70,8 @@ class ObjectMeta:
     :crc64: ``x-oss-hash-crc64ecma`` when the service sent it.
     :object_type: ``Normal``, ``Multipart``, ``Appendable`` ... when known.
     :storage_class: ``Standard``, ``Archive`` ... when known.
+    :encryption: the server-side encryption a HEAD names (``AES256``,
+        ``aws:kms``, ``KMS``, ``SSE-C`` for a key of the customer's ...), if any.
     """
 
     key: str
@@ -78,6 +81,7 @@ class ObjectMeta:
     crc64: int | None = None
     object_type: str | None = None
     storage_class: str | None = None
+    encryption: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,8 +179,11 @@ def parse_size(text: str) -> int:
             f"not a size: {text!r} (use a number with an optional unit: 4096, 100K, 8MiB, 64M, 2G)"
         )
     number, unit, _ = m.groups()
-    value = float(number) * _UNITS[unit.lower()]
-    if value != int(value):
+    if len(number) > 30:  # (far beyond any disk; and a bound on the work below)
+        raise ValueError(f"not a size: {text[:40]!r}... is too large")
+    # Decimal, not float: exact at any size (a float of 309 digits is inf).
+    value = Decimal(number) * _UNITS[unit.lower()]
+    if value != value.to_integral_value():
         raise ValueError(f"not a whole number of bytes: {text!r}")
     return int(value)
 

@@ -261,6 +261,10 @@ def meta_from_head(key: str, headers: Mapping[str, str]) -> ObjectMeta:
         object_type=_header(headers, "x-oss-object-type"),
         storage_class=_header(headers, "x-oss-storage-class")
         or _header(headers, "x-amz-storage-class"),
+        encryption="SSE-C"
+        if _header(headers, "x-amz-server-side-encryption-customer-algorithm")
+        else _header(headers, "x-amz-server-side-encryption")
+        or _header(headers, "x-oss-server-side-encryption"),
     )
 
 

@@ -61,9 +61,12 @@ def test_parse_size() -> None:
     assert parse_size("100k") == 100 * 1024
     assert parse_size("1.5G") == 3 * 512 * MiB
     assert parse_size("4096") == 4096
-    for bad in ("", "abc", "-1", "1.3", "5X"):
+    for bad in ("", "abc", "-1", "1.3", "5X", "9" * 400, "9" * 400 + "G"):
         with pytest.raises(ValueError):
             parse_size(bad)
+    # Exact at sizes a float cannot hold (2**53 + 1).
+    assert parse_size("9007199254740993") == 9007199254740993
+    assert parse_size("0.5K") == 512
     assert format_size(1536) == "1.5 KiB"
 
 
