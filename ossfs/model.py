@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import re
 import time
-from decimal import Decimal
 from collections.abc import Iterable
 from dataclasses import dataclass
+from decimal import Decimal
 
 from ossfs.errors import UsageError
 
