@@ -381,8 +381,10 @@ class Operations(pyfuse3.Operations):
         self.requests["release"] += 1
         h = self._handles.pop(fh, None)
         if h is not None:
-            h.file.close()
-            self.cache.release(h.store)
+            try:
+                h.file.close()  # (may evict: an error there must not keep the store open)
+            finally:
+                self.cache.release(h.store)
 
     async def flush(self, fh: int) -> None:
         # Nothing to flush on a read-only file system. ENOSYS tells the kernel never to

@@ -916,6 +916,10 @@ class CacheDir:
         self.evicted_bytes += freed
         if freed < wanted and token == self._closes:
             self._dry = True
+            # What readers took over the cap, waiting for this pass, comes from the
+            # open stores' parts now: nothing else would bring the cache back under
+            # its cap at rest.
+            self._trim()
 
     def _evict(self, need: int) -> int:
         # 1. Whole stores no process holds, least recently used first. A little more
@@ -962,14 +966,14 @@ class CacheDir:
             return freed
         data = os.path.join(directory, "data")
         try:
-            fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return 0
+            fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return 0  # gone meanwhile, or not a store of ours
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return 0  # another process reads it
+            except OSError:
+                return 0  # another process reads it (or no lock here: left alone)
             size = os.fstat(fd).st_blocks * 512
             # Rename first so a process opening the store now starts a fresh one.
             trash = f"{directory}{_TRASH}{os.getpid()}"
@@ -1092,7 +1096,16 @@ def _store_dirs(root: str) -> Iterator[str]:
                         # counted as freed by whoever renamed it, so never again.
                         _remove_orphaned_trash(store.path)
                         continue
-                    yield store.path
+                    try:
+                        ours = (
+                            store.is_file(follow_symlinks=False)
+                            if store.name.endswith(SUFFIX)
+                            else store.is_dir(follow_symlinks=False)
+                        )
+                    except OSError:
+                        ours = False
+                    if ours:  # (anything else is somebody else's: left alone)
+                        yield store.path
 
 
 def _remove_orphaned_trash(path: str) -> None:
@@ -1118,8 +1131,8 @@ def _walk(root: str) -> Iterator[tuple[str, os.stat_result]]:
     for path in _store_dirs(root):
         try:
             st = os.stat(path if path.endswith(SUFFIX) else os.path.join(path, "data"))
-        except FileNotFoundError:
-            continue
+        except OSError:
+            continue  # (gone meanwhile, or not a store of ours)
         yield path, st
 
 

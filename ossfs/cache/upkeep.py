@@ -59,8 +59,12 @@ async def count_cache(cache: CacheDir, counted: bool = False) -> None:
     if counted:
         await trio.sleep(COUNT_INTERVAL)
     while True:
-        on_disk = await trio.to_thread.run_sync(cache.measure)
-        cache.apply_scan(on_disk)
+        try:
+            on_disk = await trio.to_thread.run_sync(cache.measure)
+        except Exception as e:  # (the mount must go on: counted again next time)
+            log.warning("cache: cannot count %s: %s", cache.root, e)
+        else:
+            cache.apply_scan(on_disk)
         await trio.sleep(COUNT_INTERVAL)
 
 
@@ -89,7 +93,12 @@ async def keep_spares(cache: CacheDir) -> None:
             await wakeup.wait()
             want = cache.spares_wanted()
             if want:
-                cache.add_spares(await trio.to_thread.run_sync(cache.make_spares, want))
+                try:
+                    spares = await trio.to_thread.run_sync(cache.make_spares, want)
+                except Exception as e:  # (a new small object then makes its own file)
+                    log.warning("cache: cannot make spare files: %s", e)
+                    continue
+                cache.add_spares(spares)
     finally:
         cache.on_spares_low = None
 
@@ -110,8 +119,12 @@ async def evict_ahead(
                 continue
             open_here = cache.open_directories()
             token = cache.eviction_pass()
-            freed = await trio.to_thread.run_sync(cache.evict_closed, want, open_here)
-            cache.account_evicted(freed, want, token)
+            try:
+                freed = await trio.to_thread.run_sync(cache.evict_closed, want, open_here)
+                cache.account_evicted(freed, want, token)
+            except Exception as e:  # (the mount must go on: fetches evict inline)
+                log.warning("cache: eviction pass failed: %s", e)
+                continue
             log.debug("cache: evicted %d bytes ahead of fetches (wanted %d)", freed, want)
     finally:
         cache.on_room_low = None

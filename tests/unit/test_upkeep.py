@@ -170,3 +170,57 @@ def dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+async def test_stray_entries_in_the_cache_do_not_stop_counting_or_eviction(
+    tmp_path: Path,
+) -> None:
+    """A file of somebody else's in a shard directory (an editor's backup, NFS's
+    .nfsXXXX of a file unlinked while open), a symbolic link, a store whose data file
+    cannot be opened: each is left alone, and the count and the evictor go on (they
+    run in the mount's nursery, so an error there unmounted the file system)."""
+    dirs = full_cache(tmp_path / "c")
+    shard = os.path.dirname(dirs[0])
+    Path(shard, ".nfs0000000000abcd").write_bytes(b"x" * 100)
+    os.symlink("/etc", os.path.join(shard, "link"))
+    os.mkdir(os.path.join(shard, "no-data-file"))  # (not a store)
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=CAP, min_free_fraction=0.0)
+    counted = cache.rescan()
+    assert counted >= 100 * PART
+    new = cache.acquire(identity_for("b", "new", "E", 20 * PART, PART))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(evict_ahead, cache)
+        for p in range(20):
+            put(cache, new, [p])
+            await until_room(cache)
+        nursery.cancel_scope.cancel()
+    assert any(not os.path.exists(d) for d in dirs)  # evicted
+    assert Path(shard, ".nfs0000000000abcd").exists() and os.path.islink(
+        os.path.join(shard, "link")
+    )
+    cache.release(new)
+    cache.close()
+
+
+def test_when_the_evictor_finds_nothing_to_remove_the_cap_holds_at_rest(tmp_path: Path) -> None:
+    """A reader's part went into the slack over the cap while the evictor was to make
+    room; the evictor then found no closed store to remove. What is over the cap must
+    come from the open stores' parts then, not stay until some later read."""
+    cache = CacheDir(str(tmp_path / "c"), max_bytes=CAP, min_free_fraction=0.0)
+    woken: list[bool] = []
+    cache.on_room_low = lambda: woken.append(True)  # an evictor, busy elsewhere
+    big = cache.acquire(identity_for("b", "big", "E", 200 * PART, PART))
+    put(cache, big, list(range(100)))  # the whole cap
+    with cache.pinned(big, [100]):
+        put(cache, big, [100])  # a reader's part: into the slack
+    assert cache.used_bytes > CAP and woken  # the evictor was asked
+    token = cache.eviction_pass()
+    want = cache.evict_wanted()
+    freed = cache.evict_closed(want, cache.open_directories())  # (its pass: nothing)
+    assert freed == 0
+    cache.account_evicted(freed, want, token)
+    assert cache.used_bytes <= CAP
+    assert 100 in big.parts  # the reader's part stays; older ones went
+    cache.on_room_low = None
+    cache.release(big)
+    cache.close()
