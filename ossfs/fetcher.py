@@ -327,11 +327,13 @@ class Fetcher:
             try:
                 if not self._budget.admit(store, part, end - first, readahead=guess, wait=wait):
                     return None
-            except NoSpaceError:
+            except (NoSpaceError, OSError) as e:
                 if not guess:
                     raise
-                # Only a guess: no room for it is "not now", as when it does not fit
-                # (raising would strand the flights its caller has made so far).
+                # Only a guess: no room for it (or an eviction that failed to make
+                # room) is "not now", as when it does not fit: raising would strand
+                # the flights its caller has made so far, never started.
+                log.debug("no room for part %d of %s: %s", part, store.identity.key, e)
                 return None
             flight.admitted = True
         self._flights[(id(store), part)] = flight

@@ -3,6 +3,7 @@ readers that need only their bytes, and a store released while a fetch still wri
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -219,9 +220,13 @@ def test_parts_a_run_fetched_are_not_fetched_again_once_evicted(tmp_path: Path) 
         cache.release(store)
 
 
-def test_no_room_for_read_ahead_is_not_an_error(tmp_path: Path) -> None:
-    """A budget that raises NoSpaceError for a guess (the disk at its floor): the
-    read-ahead made so far still runs, and a reader waiting for it is served."""
+@pytest.mark.parametrize("failure", ["full", "eio"])
+def test_no_room_for_read_ahead_is_not_an_error(tmp_path: Path, failure: str) -> None:
+    """A budget that raises for a guess: NoSpaceError (the disk at its floor), or an
+    OSError of the eviction that was to make room (an index append or a punch that
+    failed). The read-ahead made so far still runs, and a reader waiting for it is
+    served (with the OSError, the flights made before it were never started, and
+    the reader waited for ever)."""
     client, cache, store, data = _memory_store(tmp_path, 8 * PART)
 
     class FullForGuesses:
@@ -232,6 +237,8 @@ def test_no_room_for_read_ahead_is_not_an_error(tmp_path: Path) -> None:
         def admit(self, *args: object, readahead: bool, wait: bool = False) -> bool:
             if readahead:
                 if self.guesses <= 0:
+                    if failure == "eio":
+                        raise OSError(errno.EIO, "Input/output error")
                     raise NoSpaceError("the cache disk is full", path=str(tmp_path))
                 self.guesses -= 1
             return True
