@@ -991,32 +991,39 @@ class CacheDir:
         fd = entry.store.fileno()
         if isinstance(entry.store, SmallStore):
             return self._evict_small(entry)
-        try:
-            # Upgrade our shared lock: it works only if no other process has the store.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            # A failed conversion has already dropped the shared lock (flock(2) converts
-            # by unlocking first): take it back, or another process could evict the
-            # store while this one reads it.
-            fcntl.flock(fd, fcntl.LOCK_SH)
+        # One process at a time tries to upgrade (`PartStore.try_lock_upgrade`): one that
+        # finds another trying has the store shared, so it is not its alone.
+        if not entry.store.try_lock_upgrade():
             return False
         try:
-            entry.store.drop(parts)  # the record goes first: then the bytes
-            for p in parts:
-                first, end = entry.store.layout.bounds(p)
-                try:
-                    punch_hole(fd, first, end - first)
-                except OSError as e:
-                    if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
-                        log.warning(
-                            "cache: the file system cannot punch holes; parts stay "
-                            "allocated until the object is evicted"
-                        )
-                        return True
-                    raise
-            self.evicted_bytes += sum(entry.store.layout.part_length(p) for p in parts)
+            try:
+                # Upgrade our shared lock: it works only if no other process has the store.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                # A failed conversion has already dropped the shared lock (flock(2)
+                # converts by unlocking first): take it back, or another process could
+                # evict the store while this one reads it.
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                return False
+            try:
+                entry.store.drop(parts)  # the record goes first: then the bytes
+                for p in parts:
+                    first, end = entry.store.layout.bounds(p)
+                    try:
+                        punch_hole(fd, first, end - first)
+                    except OSError as e:
+                        if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                            log.warning(
+                                "cache: the file system cannot punch holes; parts stay "
+                                "allocated until the object is evicted"
+                            )
+                            return True
+                        raise
+                self.evicted_bytes += sum(entry.store.layout.part_length(p) for p in parts)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_SH)
         finally:
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            entry.store.unlock_upgrade()
         return True
 
     def _evict_small(self, entry: _Open) -> bool:

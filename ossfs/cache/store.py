@@ -510,6 +510,14 @@ class PartStore:
         first, end = self.layout.bounds(part)
         _ofd_lock(self._fd, first - self.identity.start, end - first, fcntl.F_UNLCK)
 
+    def try_lock_upgrade(self) -> bool:
+        """Claim the right to try to take the store for this process alone (see
+        `CacheDir._evict_parts`); False when another process is trying now."""
+        return _ofd_lock(self._fd, UPGRADE_BYTE, 1, fcntl.F_WRLCK)
+
+    def unlock_upgrade(self) -> None:
+        _ofd_lock(self._fd, UPGRADE_BYTE, 1, fcntl.F_UNLCK)
+
     def sync(self) -> None:
         os.fsync(self._fd)
 
@@ -529,6 +537,14 @@ class PartStore:
 
 # struct flock on Linux x86_64/aarch64: l_type, l_whence, l_start, l_len, l_pid.
 _FLOCK = struct.Struct("hhxxxxqqixxxx")
+
+
+# A byte far past the end of any object: its OFD lock serializes the attempts of
+# processes to turn their shared flock of a store into an exclusive one. A failed
+# conversion drops the shared lock for a moment (flock(2) unlocks first); without
+# this, a second process could convert in that moment and punch parts the first one
+# is reading.
+UPGRADE_BYTE = 1 << 62
 
 
 def _ofd_lock(fd: int, start: int, length: int, kind: int) -> bool:

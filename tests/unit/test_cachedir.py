@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ossfs.cache.cachedir import CacheDir, identity_for
-from ossfs.cache.store import PartStore
+from ossfs.cache.store import UPGRADE_BYTE, PartStore, _ofd_lock
 from ossfs.crc import crc64
 
 PART = 64 * 1024
@@ -136,3 +136,31 @@ def test_failed_part_eviction_keeps_our_shared_lock(tmp_path: Path) -> None:
             fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(probe)
+
+
+def test_a_store_is_not_evicted_while_another_process_tries_to_take_it(tmp_path: Path) -> None:
+    """Two processes share a store (two caches of one directory: their locks are as
+    two processes' are). The first tries to take it for itself to evict parts, and
+    fails, which drops its shared lock for a moment (flock(2) converts by unlocking
+    first). In that moment the second must not take it and punch parts the first is
+    reading: it sees the first one's claim (an OFD lock on a byte far past the end)."""
+    a = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    b = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    ident = identity_for("b", "k", "E", 4 * PART, PART)
+    sa, sb = a.acquire(ident), b.acquire(ident)
+    put(a, sa, [0, 1, 2, 3])
+    sb.refresh()
+    # The first process, in the middle of its failed conversion:
+    assert _ofd_lock(sa.fileno(), UPGRADE_BYTE, 1, fcntl.F_WRLCK)
+    fcntl.flock(sa.fileno(), fcntl.LOCK_UN)
+    assert not b._evict_parts(b._by_store[id(sb)], [1])
+    assert set(sb.parts) == {0, 1, 2, 3}
+    fcntl.flock(sa.fileno(), fcntl.LOCK_SH)
+    _ofd_lock(sa.fileno(), UPGRADE_BYTE, 1, fcntl.F_UNLCK)
+    a.release(sa)
+    # Alone now, the second one may.
+    assert b._evict_parts(b._by_store[id(sb)], [1])
+    assert set(sb.parts) == {0, 2, 3}
+    b.release(sb)
+    a.close()
+    b.close()
