@@ -55,8 +55,10 @@ from ossfs.errors import (
 from ossfs.escape import printable
 from ossfs.fetcher import Fetcher
 from ossfs.fsutil import (
+    NAME_MAX,
     UnsafeFileError,
     disk_full_reason,
+    fitted_name,
     fsync_dir,
     is_disk_full,
     open_private_file,
@@ -153,8 +155,13 @@ class DownloadResult:
     elapsed: float
 
 
+# What `write_atomically` adds to a name for its temporary (".tmp-PID-8hex", at most).
+_ATOMIC_TEMP = 24
+
+
 def temp_path_for(file_path: str) -> str:
-    return file_path + TEMP_SUFFIX
+    directory, name = os.path.split(file_path)
+    return os.path.join(directory, fitted_name(name, NAME_MAX - len(TEMP_SUFFIX)) + TEMP_SUFFIX)
 
 
 def checkpoint_path_for(request: DownloadRequest, file_path: str) -> str:
@@ -170,7 +177,9 @@ def checkpoint_path_for(request: DownloadRequest, file_path: str) -> str:
         ]
     )
     digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
-    return os.path.join(directory, f"{os.path.basename(file_path)}.{digest}{CHECKPOINT_SUFFIX}")
+    room = NAME_MAX - len(f".{digest}{CHECKPOINT_SUFFIX}") - _ATOMIC_TEMP
+    name = fitted_name(os.path.basename(file_path), room)
+    return os.path.join(directory, f"{name}.{digest}{CHECKPOINT_SUFFIX}")
 
 
 def _resolve_range(request: DownloadRequest, meta: ObjectMeta) -> tuple[int, int]:
@@ -214,7 +223,7 @@ class _Lock:
     it points to).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, dest: str) -> None:
         try:
             self.fd = open_private_file(path, os.O_RDWR | os.O_CREAT, 0o666)
         except UnsafeFileError as e:
@@ -226,9 +235,7 @@ class _Lock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise UsageError(
-                f"another download to {path[: -len(TEMP_SUFFIX)]} is running"
-            ) from None
+            raise UsageError(f"another download to {dest} is running") from None
 
     def same_file(self, fd: int) -> bool:
         """Whether *fd* is the locked temp file (and not what a swapped name points to)."""
@@ -324,7 +331,7 @@ async def download(client: ObjectClient, request: DownloadRequest) -> DownloadRe
         say(printable(message))
 
     temp_existed = os.path.lexists(temp)
-    lock = _Lock(temp)  # creates the temp file when it is missing
+    lock = _Lock(temp, path)  # creates the temp file when it is missing
     ok = False
     try:
         if ckpt is not None:

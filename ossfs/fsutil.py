@@ -16,11 +16,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import os
 import stat
 from typing import Any
 
 __all__ = [
+    "NAME_MAX",
+    "fitted_name",
     "UnsafeFileError",
     "open_private_file",
     "create_exclusive",
@@ -35,6 +38,23 @@ __all__ = [
     "punch_hole",
     "pwrite_all",
 ]
+
+# The longest file name the usual Linux file systems take (bytes).
+NAME_MAX = 255
+
+
+def fitted_name(name: str, room: int) -> str:
+    """*name*, or when its UTF-8 form is longer than *room* bytes, a prefix of it and a
+    digest of the whole. For names made from a user's name plus a suffix (a temp
+    file, a checkpoint): a name near NAME_MAX (70 CJK characters are 210 bytes) must
+    still give names the file system takes."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= room:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    head = raw[: room - len(digest) - 1].decode("utf-8", "ignore")  # (whole characters)
+    return f"{head}~{digest}"
+
 
 _SYNC_FILE_RANGE_WRITE = 2
 _FALLOC_FL_KEEP_SIZE = 0x01

@@ -50,9 +50,11 @@ from ossfs.errors import (
 from ossfs.escape import printable
 from ossfs.fetcher import Fetcher
 from ossfs.fsutil import (
+    NAME_MAX,
     UnsafeFileError,
     create_exclusive,
     disk_full_reason,
+    fitted_name,
     is_disk_full,
     open_subdirectory,
 )
@@ -323,7 +325,7 @@ def _write_out(store: PartStore, meta: ObjectMeta, to_dir: str, parts: list[str]
                 return False
         except FileNotFoundError:
             pass
-        tmp = name + _TEMP_SUFFIX
+        tmp = fitted_name(name, NAME_MAX - len(_TEMP_SUFFIX)) + _TEMP_SUFFIX
         fd = create_exclusive(tmp, 0o666, dir_fd=dir_fd)
         try:
             _copy(store.fileno(), fd, meta.size, meta.key)

@@ -270,6 +270,26 @@ def test_download_is_byte_identical(
     assert settled_stats(srv).bytes_sent == size
 
 
+def test_download_to_a_file_with_a_long_name_resumes(
+    srv: OssTestServer, oss_env: dict[str, str], out: Path
+) -> None:
+    """70 CJK characters are 210 bytes: a name the file system takes, but not with
+    the temp file's and the checkpoint's suffixes added ("File name too long")."""
+    name = "数据" * 35
+    assert len(name.encode()) == 210
+    data = randbytes(3 * PART + 7, seed=8)
+    srv.put(BUCKET, name, data)
+    interrupt_after(srv, oss_env, name, out / name, 2)
+    kept = leftovers(out)
+    assert len(kept) == 2 and all(len(n.encode()) <= 255 for n in kept), kept
+    result = oss_download(
+        srv, oss_env, f"oss://{BUCKET}/{name}", str(out / name), "--part-size", "100KiB"
+    )
+    assert "2 reused from checkpoint" in summary(result)
+    assert (out / name).read_bytes() == data
+    assert leftovers(out) == []
+
+
 def test_download_replaces_existing_file(
     srv: OssTestServer, oss_env: dict[str, str], out: Path
 ) -> None:

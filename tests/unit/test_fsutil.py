@@ -123,3 +123,14 @@ def test_is_disk_full() -> None:
     assert not is_disk_full(ValueError())
     assert disk_full_reason(OSError(errno.EDQUOT, "")) == "disk quota exceeded"
     assert disk_full_reason(OSError(errno.ENOSPC, "")) == "no space left on device"
+
+
+def test_fitted_names_fit_and_stay_apart() -> None:
+    from ossfs.fsutil import fitted_name
+
+    assert fitted_name("short.bin", 100) == "short.bin"
+    a, b = "数据" * 35 + "a", "数据" * 35 + "b"  # 211 bytes each, the same start
+    fa, fb = fitted_name(a, 150), fitted_name(b, 150)
+    assert len(fa.encode()) <= 150 and len(fb.encode()) <= 150
+    assert fa != fb and fa.startswith("数据")
+    assert fitted_name(a, 150) == fa  # the same name each run (a resume finds it)
