@@ -106,10 +106,16 @@ def unlink_quietly(path: str) -> None:
 
 
 def fsync_dir(path: str) -> None:
-    """Make a rename or create in directory *path* durable."""
+    """Make a rename or create in directory *path* durable. A file system that cannot
+    sync a directory (EINVAL on some network and FUSE file systems) is left at that:
+    a download whose file is in place must not fail, and fail again on every run,
+    over it."""
     dir_fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dir_fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
     finally:
         os.close(dir_fd)
 

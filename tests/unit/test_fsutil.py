@@ -134,3 +134,19 @@ def test_fitted_names_fit_and_stay_apart() -> None:
     assert len(fa.encode()) <= 150 and len(fb.encode()) <= 150
     assert fa != fb and fa.startswith("数据")
     assert fitted_name(a, 150) == fa  # the same name each run (a resume finds it)
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.EOPNOTSUPP])
+def test_a_directory_the_file_system_cannot_sync_is_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    from ossfs.fsutil import fsync_dir
+
+    def refuse(fd: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    fsync_dir(str(tmp_path))  # (no error)
+    code = errno.EIO
+    with pytest.raises(OSError):
+        fsync_dir(str(tmp_path))  # a real failure still is one
