@@ -159,6 +159,12 @@ def _parse_header(line: bytes) -> StoreIdentity:
         identity = StoreIdentity(**fields)
     except (ValueError, TypeError) as e:
         raise IndexCorrupt(f"header is unreadable ({e})") from e
+    numbers = (identity.size, identity.part_size, identity.start, identity.length)
+    names = (identity.bucket, identity.key, identity.etag)
+    if not (
+        all(type(n) is int for n in numbers) and all(isinstance(s, str) for s in names)
+    ):  # (a header edited by hand can still carry a right checksum)
+        raise IndexCorrupt("header has values of the wrong type")
     if identity.part_size <= 0 or identity.length < 0 or identity.start < 0:
         raise IndexCorrupt("header has impossible values")
     return identity

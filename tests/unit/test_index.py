@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 from pathlib import Path
@@ -9,10 +10,13 @@ from pathlib import Path
 import pytest
 
 from ossfs.cache.index import (
+    MAGIC,
+    VERSION,
     IndexCorrupt,
     IndexFile,
     PartRecord,
     StoreIdentity,
+    _line,
     format_add,
     format_header,
     parse_index,
@@ -176,3 +180,26 @@ def test_a_record_torn_just_before_its_newline_stays_torn(tmp_path: Path) -> Non
     assert set(other.state.parts) == {1, 3}
     fresh = IndexFile.load(path)
     assert fresh is not None and set(fresh.state.parts) == {1, 3}
+
+
+@pytest.mark.parametrize(
+    "change", [{"part_size": None}, {"size": "10"}, {"start": True}, {"key": 5}]
+)
+def test_a_header_with_a_right_checksum_and_wrong_types_is_corrupt(
+    tmp_path: Path, change: dict[str, object]
+) -> None:
+    # (written by hand, or by another program: no traceback, a clear refusal)
+    fields = {
+        "bucket": "b",
+        "key": "k",
+        "etag": "e",
+        "size": 10,
+        "part_size": 4,
+        "start": 0,
+        "length": 10,
+    }
+    fields.update(change)
+    path = tmp_path / "index"
+    path.write_bytes(_line(f"{MAGIC} {VERSION} " + json.dumps(fields)))
+    with pytest.raises(IndexCorrupt, match="wrong type|unreadable"):
+        IndexFile.load(str(path))
