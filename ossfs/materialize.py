@@ -302,6 +302,23 @@ def _destination(prefix: str, key: str) -> list[str] | None:
 _TEMP_SUFFIX = ".ossfs-tmp"
 
 
+def _output_file(dir_fd: int, tmp: str) -> tuple[int, bool]:
+    """A new file to write an object into, in the directory *dir_fd*: unnamed where the
+    file system has O_TMPFILE, else named *tmp*; (descriptor, whether it is named)."""
+    try:
+        return os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666, dir_fd=dir_fd), False
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+            raise
+    return create_exclusive(tmp, 0o666, dir_fd=dir_fd), True
+
+
+def _failing_parts(store: PartStore) -> list[int]:
+    """The recorded parts not checked yet whose bytes fail their CRC (reads them all:
+    blocking I/O, for a worker thread)."""
+    return [p for p in list(store.parts) if p not in store.verified and not store.verify(p)]
+
+
 def _write_out(store: PartStore, meta: ObjectMeta, to_dir: str, parts: list[str]) -> bool:
     """Copy a complete object from the cache to ``to_dir/parts...`` (temp + rename).
 
@@ -325,12 +342,19 @@ def _write_out(store: PartStore, meta: ObjectMeta, to_dir: str, parts: list[str]
                 return False
         except FileNotFoundError:
             pass
-        tmp = fitted_name(name, NAME_MAX - len(_TEMP_SUFFIX)) + _TEMP_SUFFIX
-        fd = create_exclusive(tmp, 0o666, dir_fd=dir_fd)
+        # The bytes go to a file with no name (O_TMPFILE: nothing is left by a killed
+        # run), which gets a name of its own only to be renamed over NAME. That name
+        # is random: a fixed one ("NAME.ossfs-tmp") was taken over by a second run
+        # writing NAME at the same time (the first then renamed the second's half-
+        # written file into place), or was the finished output of a key so named.
+        tmp = f"{fitted_name(name, NAME_MAX - 28)}.{os.urandom(8).hex()}{_TEMP_SUFFIX}"
+        fd, named = _output_file(dir_fd, tmp)
         try:
             _copy(store.fileno(), fd, meta.size, meta.key)
             os.fsync(fd)
             os.utime(fd, (meta.mtime, meta.mtime))
+            if not named:
+                os.link(f"/proc/self/fd/{fd}", tmp, dst_dir_fd=dir_fd, follow_symlinks=True)
             # rename() replaces whatever has the name (a symlink too), never follows it.
             os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
@@ -532,6 +556,17 @@ class _Run:
             # --to nothing is pinned: the cache keeps its cap and evicts what was
             # fetched first.
             cache.pin(store, range(store.layout.count))
+            # Copied out as they are on disk: a part an earlier run (or another process)
+            # cached is checked against its CRC-64 first, as a reader's first read of it
+            # would (a crash can keep a record whose bytes never reached the disk).
+            bad = await trio.to_thread.run_sync(_failing_parts, store)
+            if bad:
+                log.warning(
+                    "%s: %d cached part(s) failed their CRC check; fetching them again",
+                    printable(self.url(meta.key)),
+                    len(bad),
+                )
+                store.drop(bad)
         have = store.present_bytes
         self.reused += have
         self.done_bytes += have

@@ -184,6 +184,45 @@ def test_cache_first_then_to_dir(
     assert files_under(to) == {k.removeprefix("ds/"): v for k, v in DATASET.items()}
 
 
+def test_to_dir_checks_the_parts_an_earlier_run_cached(
+    srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A cached part whose bytes did not survive (a crash after the index was written,
+    a damaged disk) is copied out by no --to run: each part an earlier run cached is
+    checked against its CRC-64 first, and fetched again when it fails."""
+    cache, to = tmp_path / "cache", tmp_path / "to"
+    succeeded(materialize(srv, oss_env, f"oss://{BUCKET}/ds/sub/big.bin", cache))
+    data_files = [p for p in (cache / "objects").rglob("data") if p.stat().st_size > 0]
+    assert len(data_files) == 1
+    with open(data_files[0], "r+b") as f:
+        f.seek(150 * 1024)  # inside the second 100 KiB part
+        f.write(b"\0" * 1000)
+    before = gets(srv)
+    to.mkdir()
+    succeeded(materialize(srv, oss_env, f"oss://{BUCKET}/ds/sub/big.bin", cache, "--to", str(to)))
+    assert (to / "big.bin").read_bytes() == DATASET["ds/sub/big.bin"]
+    assert gets(srv) == before + 1  # that part alone, fetched again
+
+
+def test_to_dir_temp_files_never_take_a_name_of_the_output(
+    oss_server: OssTestServer, oss_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A key named as a temp file of another key used to be ("foo.ossfs-tmp"): its
+    output, written first (it is small), was taken over and renamed into "foo" when
+    "foo" was written out. Nothing is left beside the outputs either."""
+    objects = {"t/foo": randbytes(20 * PART, seed=21), "t/foo.ossfs-tmp": b"small one"}
+    for key, data in objects.items():
+        oss_server.put(BUCKET, key, data)
+    cache, to = tmp_path / "cache", tmp_path / "to"
+    to.mkdir()
+    succeeded(
+        materialize(
+            oss_server, oss_env, f"oss://{BUCKET}/t/", cache, "--to", str(to), "--threads", "4"
+        )
+    )
+    assert files_under(to) == {k.removeprefix("t/"): v for k, v in objects.items()}
+
+
 def test_single_object(srv: OssTestServer, oss_env: dict[str, str], tmp_path: Path) -> None:
     cache, to = tmp_path / "cache", tmp_path / "to"
     to.mkdir()
