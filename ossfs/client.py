@@ -511,7 +511,11 @@ class HttpObjectClient:
             lambda ep: proto.build_head(ep, bucket, key, now=self._clock()),
             resource,
         )
-        return proto.meta_from_head(key, headers)
+        try:
+            return proto.meta_from_head(key, headers)
+        except ValueError as e:
+            self.stats.errors += 1
+            raise ServiceError(200, "MalformedHead", str(e), _request_id(headers)) from e
 
     async def list_page(
         self,

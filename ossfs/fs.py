@@ -163,6 +163,12 @@ class Operations(pyfuse3.Operations):
             self.errors += 1
             log.error("%s %s failed: %s", what, path, e)
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception as e:
+            # A defect, or an answer nothing here expected: pyfuse3 would end the mount
+            # on it. The request fails (EIO) and the mount goes on; the log has it all.
+            self.errors += 1
+            log.error("%s %s failed unexpectedly: %r", what, path, e, exc_info=True)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     # ---------------------------------------------------------------- attributes
 
@@ -202,20 +208,28 @@ class Operations(pyfuse3.Operations):
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
         return a
 
+    def _no_entry(self) -> pyfuse3.EntryAttributes:
+        """A negative entry, which the kernel may cache for a short while."""
+        neg = pyfuse3.EntryAttributes()
+        neg.st_ino = 0
+        neg.entry_timeout = self.opts.negative_ttl
+        return neg
+
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
         self.requests["lookup"] += 1
         text = os.fsdecode(name)
+        try:
+            name.decode("utf-8")
+        except UnicodeDecodeError:
+            # Object keys are UTF-8: no object has this name (and it cannot be asked for).
+            return self._no_entry()
         async with self._errors("lookup", text):
             try:
                 node = await self.ns.lookup(parent_inode, text)
             except NotFoundError:
-                # A negative entry the kernel may cache for a short while.
-                neg = pyfuse3.EntryAttributes()
-                neg.st_ino = 0
-                neg.entry_timeout = self.opts.negative_ttl
-                return neg
+                return self._no_entry()
         node.lookups += 1
         return self._attrs(node)
 

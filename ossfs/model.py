@@ -83,6 +83,12 @@ class ObjectMeta:
     storage_class: str | None = None
     encryption: str | None = None
 
+    def __post_init__(self) -> None:
+        # A size no file can have (a hostile or broken answer) is refused where it is
+        # read: st_size is a signed 64-bit number, and a negative one has no parts.
+        if not 0 <= self.size < 1 << 63:
+            raise ValueError(f"object size {self.size} is out of range")
+
 
 @dataclass(frozen=True, slots=True)
 class ListPage:

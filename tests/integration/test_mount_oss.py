@@ -213,6 +213,24 @@ def test_big_directory_lists_in_pages(
     assert lists <= 1 + 3 + 3 and heads == 0
 
 
+def test_a_name_that_is_not_utf8_is_not_found_and_the_mount_goes_on(
+    server: OssTestServer, tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Any local user can ask for such a name. In a directory whose listing does not
+    answer at once (more than a page of names), the lookup asks the service, whose
+    request could not be built for it: the error escaped pyfuse3 and ended the mount."""
+    for i in range(1500):
+        server.put(BUCKET, f"many/f{i:05d}", b"x")
+    mnt = tmp_path / "mnt"
+    with mounted(f"oss://{BUCKET}/many", mnt, *opts(server, tmp_path), env=env):
+        with pytest.raises(FileNotFoundError):
+            os.stat(os.path.join(os.fsencode(mnt), b"\xff"))
+        with pytest.raises(FileNotFoundError):
+            os.stat(os.path.join(os.fsencode(mnt), b"f99999\xfe"))
+        assert os.stat(mnt / "f01499").st_size == 1  # still mounted, and answering
+        assert len(os.listdir(mnt)) == 1500
+
+
 def test_sigterm_unmounts_cleanly(
     server: OssTestServer, tmp_path: Path, env: dict[str, str]
 ) -> None:

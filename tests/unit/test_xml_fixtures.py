@@ -14,7 +14,7 @@ import pytest
 
 from ossfs.errors import AccessError, ArchivedObjectError, NotFoundError
 from ossfs.model import ObjectMeta
-from ossfs.protocol.ops import error_from_response
+from ossfs.protocol.ops import error_from_response, meta_from_head
 from ossfs.protocol.xml import ErrorDocument, XmlError, parse_error, parse_list_objects_v2
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "xml"
@@ -289,3 +289,20 @@ def test_a_listing_is_not_an_error_document() -> None:
         parse_error(load("s3-list-objects-v2.xml"))
     with pytest.raises(XmlError, match="expected <ListBucketResult>"):
         parse_list_objects_v2(load("s3-error-no-such-key.xml"))
+
+
+@pytest.mark.parametrize("size", ["-1", str(1 << 63), "9" * 30])
+def test_a_listed_size_no_file_can_have_is_refused(size: str) -> None:
+    # (st_size is a signed 64-bit number: such a size ended the mount in lookup)
+    body = (
+        '<?xml version="1.0"?><ListBucketResult><Name>b</Name><IsTruncated>false</IsTruncated>'
+        f"<Contents><Key>k</Key><Size>{size}</Size><ETag>&quot;e&quot;</ETag></Contents>"
+        "</ListBucketResult>"
+    ).encode()
+    with pytest.raises(XmlError, match="out of range"):
+        parse_list_objects_v2(body)
+
+
+def test_a_head_size_no_file_can_have_is_refused() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        meta_from_head("k", {"Content-Length": str(1 << 63), "ETag": '"e"'})
