@@ -171,7 +171,8 @@ def test_materialize_never_writes_through_planted_links(
     for key, body in files.items():
         oss_server.put(BUCKET, key, body, mtime=1_650_000_000)
     (out / "sub").mkdir()
-    # A link at each temp name, and one at an output name.
+    # A link at each name that was a temp name (temp files now have no fixed name:
+    # these are somebody else's and stay as they are), and one at an output name.
     (out / "a.bin.ossfs-tmp").symlink_to(victim)
     (out / "sub" / "b.txt.ossfs-tmp").symlink_to(victim)
     (out / "c.txt").symlink_to(victim)
@@ -185,10 +186,13 @@ def test_materialize_never_writes_through_planted_links(
     assert not (out / "c.txt").is_symlink() and (out / "c.txt").read_bytes() == b"sea\n"
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
         "a.bin",
+        "a.bin.ossfs-tmp",
         "c.txt",
         "sub",
         "sub/b.txt",
+        "sub/b.txt.ossfs-tmp",
     ]
+    assert (out / "a.bin.ossfs-tmp").is_symlink()
 
 
 def test_materialize_skips_a_directory_that_is_a_link(
