@@ -44,14 +44,15 @@ Must not import: pyfuse3, httpx.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import trio
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from ossfs.client import ObjectClient
 from ossfs.errors import (
@@ -197,6 +198,11 @@ class _Listing:
     dir_positions: dict[str, int] | None = None
 
 
+# Ties in `DirReader._pending` (one key twice, from a server that repeats) never compare
+# entries.
+_ORDER = itertools.count()
+
+
 @dataclass(slots=True)
 class DirReader:
     """One open directory: the entries found so far and how to get more.
@@ -222,7 +228,14 @@ class DirReader:
     background: bool = False
     # Listed ahead of a walk (`Namespace._walk_ahead`), not because someone asked.
     ahead: bool = False
-    _pending: deque[tuple[str, _Entry]] = field(default_factory=deque)
+    # Files waiting until no directory prefix of the same name can follow: a heap by
+    # ``key + "/"`` (each leaves as soon as the listing passes it), and the live ones
+    # by name (a prefix of the same name takes one out: then it is not in the heap's
+    # dict any more, and is skipped when it comes up).
+    _pending: list[tuple[str, int, _Entry]] = field(default_factory=list)
+    _pending_names: dict[str, _Entry] = field(default_factory=dict)
+    # Keys listed so far, entries or not (the cap counts them all).
+    listed: int = 0
 
 
 class Namespace:
@@ -259,7 +272,9 @@ class Namespace:
         # Directory walks: the position of the subdirectory opened last, per parent.
         self._walks: dict[str, int] = {}
         self._walk_limiter = trio.CapacityLimiter(_WALK_LISTINGS)
-        self._warned: set[str] = set()
+        # Keys warned about (bounded: a listing of millions of bad names must not grow
+        # it without end; a key forgotten is warned about again).
+        self._warned: LRUCache[str, bool] = LRUCache(maxsize=4096)
         self.list_requests = 0
 
     def attach(self, nursery: trio.Nursery) -> None:
@@ -276,7 +291,7 @@ class Namespace:
 
     def _warn_once(self, key: str, why: str) -> None:
         if key not in self._warned:
-            self._warned.add(key)
+            self._warned[key] = True
             log.warning("skipping %s://%s/%s: %s", self.scheme, self.bucket, key, why)
 
     # ---------------------------------------------------------------- inodes
@@ -397,7 +412,9 @@ class Namespace:
             if entry is not None:
                 return entry
             if reader.done or (reader.last_key is not None and reader.last_key > key + "/"):
-                return None  # the sorted listing went past both "name" and "name/"
+                # The sorted listing went past both "name" and "name/": a file still
+                # waiting behind another one (`_accept`) is decided too.
+                return reader._pending_names.get(name)
             if waited:
                 self._continue_in_background(reader)
                 return _UNKNOWN
@@ -593,8 +610,10 @@ class Namespace:
             self.bucket, prefix=prefix, delimiter="/", continuation_token=sent
         )
         reader.guard.check(page, sent)
-        held = len(reader.entries) + len(reader._pending)
-        if held + len(page.objects) + len(page.prefixes) > self.max_dir_entries:
+        # Every key counts, also those that give no entry (invalid names): a listing
+        # of nothing but such keys must end too.
+        reader.listed += len(page.objects) + len(page.prefixes)
+        if reader.listed > self.max_dir_entries:
             raise ListingError(
                 f"{self._resource(reader.path)} has more than "
                 f"{self.max_dir_entries} entries, the most one directory of "
@@ -621,8 +640,11 @@ class Namespace:
         reader.pages += 1
         reader.token = page.next_token
         if reader.token is None:
-            while reader._pending:
-                self._emit(reader, reader._pending.popleft()[1])
+            for _, _, pending in sorted(reader._pending):
+                if reader._pending_names.get(pending.name) is pending:
+                    self._emit(reader, pending)
+            reader._pending.clear()
+            reader._pending_names.clear()
             reader.done = True
             self._listings[reader.path] = _Listing(reader.by_name, True)
         else:
@@ -632,21 +654,25 @@ class Namespace:
 
     def _accept(self, reader: DirReader, key: str, entry: _Entry) -> None:
         # A file "x" waits until no "x/" prefix can follow: keys sort, and "x/" comes
-        # after every "x<c>" with c < "/". Usually the very next item settles it.
-        while reader._pending and reader._pending[0][0] + "/" < key:
-            self._emit(reader, reader._pending.popleft()[1])
+        # after every "x<c>" with c < "/". Usually the very next item settles it; files
+        # "x-1", "x.json" that sort before "x/" wait too, each until the listing passes
+        # its own "x-1/" (not behind "x").
+        while reader._pending and reader._pending[0][0] < key:
+            _, _, pending = heapq.heappop(reader._pending)
+            if reader._pending_names.get(pending.name) is pending:
+                del reader._pending_names[pending.name]
+                self._emit(reader, pending)
         if not valid_name(entry.name):
             self._warn_once(key, "the name is not a valid file name")
             return
         if entry.is_dir:
-            for i, (pkey, pending) in enumerate(reader._pending):
-                if pending.name == entry.name:
-                    del reader._pending[i]
-                    self._warn_once(pkey, "it is also a directory prefix; the directory is shown")
-                    break
+            shadowed = reader._pending_names.pop(entry.name, None)
+            if shadowed is not None:  # (its heap item is skipped when it comes up)
+                self._warn_once(key[:-1], "it is also a directory prefix; the directory is shown")
             self._emit(reader, entry)
         else:
-            reader._pending.append((key, entry))
+            heapq.heappush(reader._pending, (key + "/", next(_ORDER), entry))
+            reader._pending_names[entry.name] = entry
 
     def _emit(self, reader: DirReader, entry: _Entry) -> None:
         if entry.name in reader.by_name:

@@ -9,7 +9,7 @@ import trio
 
 from ossfs.client import HttpObjectClient
 from ossfs.crc import crc64
-from ossfs.errors import NotFoundError, ObjectChangedError
+from ossfs.errors import ListingError, NotFoundError, ObjectChangedError
 from ossfs.namespace import ROOT_INODE, Namespace
 from ossfs.testing import OssTestServer
 
@@ -262,3 +262,43 @@ async def test_the_crc64_of_a_version_replaced_since_is_an_error_not_none(
             await ns.object_crc64(node)
         server.put(BUCKET, "obj", b"first version")  # (the same ETag: the same bytes)
         assert await ns.object_crc64(node) == crc64(b"first version")
+
+
+async def test_files_whose_names_extend_another_files_name_are_found(
+    server: OssTestServer,
+) -> None:
+    """ "ckpt" and "ckpt-1" ... "ckpt-1999" (README and README.md, data and data.json):
+    "ckpt" waits until no "ckpt/" can follow, and every name sorting before "ckpt/"
+    used to wait behind it, so a lookup once the listing had passed them said ENOENT."""
+    server.put(BUCKET, "d/ckpt", b"c")
+    for i in range(2000):
+        server.put(BUCKET, f"d/ckpt-{i}", b"x")
+    async with _client(server) as client:
+        ns = Namespace(client, BUCKET, "")
+        d = await ns.lookup(ROOT_INODE, "d")
+        for name in ("ckpt-1", "ckpt-1500", "ckpt", "ckpt-999"):
+            node = await ns.lookup(d.inode, name)
+            assert not node.is_dir and node.meta is not None and node.meta.size == 1, name
+        with pytest.raises(NotFoundError):
+            await ns.lookup(d.inode, "ckpt-1x")
+        names = await _all_names(ns, d.inode)
+        assert len(names) == len(set(names)) == 2001
+
+
+async def test_the_entry_cap_counts_the_names_that_are_skipped(server: OssTestServer) -> None:
+    """Keys that give no entry (names over 255 bytes) still count against the cap: a
+    listing of nothing but such keys ended never."""
+    for i in range(30):
+        server.put(BUCKET, f"w/{i:03d}" + "x" * 300, b"x")
+    async with _client(server) as client:
+        ns = Namespace(client, BUCKET, "", max_dir_entries=20)
+        w = await ns.lookup(ROOT_INODE, "w")
+        original = client.list_page
+
+        async def pages_of_10(*args: object, **kwargs: object) -> object:
+            kwargs["max_keys"] = 10  # each page alone is under the cap
+            return await original(*args, **kwargs)  # type: ignore[arg-type]
+
+        client.list_page = pages_of_10  # type: ignore[method-assign]
+        with pytest.raises(ListingError, match="more than 20"):
+            await _all_names(ns, w.inode)
