@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from ossfs.cache.cachedir import CacheDir, identity_for, object_identity
-from ossfs.cache.index import IndexFile
+from ossfs.cache.index import IndexFile, StoreIdentity
 from ossfs.cache.memory import KEPT, PARTIAL, MemoryBudget
 from ossfs.cache.store import PartStore, _ofd_lock
 from ossfs.client import ClientConfig, HttpObjectClient
@@ -432,6 +432,27 @@ def test_two_checks_of_the_same_parts_count_and_drop_once(tmp_path: Path) -> Non
     cache.release(store)
 
 
+def _two_processes(
+    tmp_path: Path,
+) -> tuple[bytes, list[int], StoreIdentity, CacheDir, CacheDir]:
+    """A random 4-part object (its bytes, its parts' CRCs, its identity) and two caches
+    of one directory, whose locks and views of the index are as two processes' are."""
+    data = os.urandom(4 * PART)
+    crcs = [crc64(data[p * PART : (p + 1) * PART]) for p in range(4)]
+    ident = identity_for(BUCKET, "obj", '"e"', len(data), PART)
+    here = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    there = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    return data, crcs, ident, here, there
+
+
+def _record_part_1_damaged(store: PartStore, data: bytes) -> None:
+    """Record part 1 of *data* in *store* with one byte flipped (as it arrived)."""
+    bad = bytearray(data[PART : 2 * PART])
+    bad[5] ^= 1
+    store.write(PART, bytes(bad))
+    store.commit(1, crc64(bytes(bad)))
+
+
 @pytest.mark.parametrize("seen_by", ["refresh", "commit"])
 def test_a_record_another_process_makes_of_a_part_served_from_memory_is_checked(
     tmp_path: Path, seen_by: str
@@ -440,11 +461,7 @@ def test_a_record_another_process_makes_of_a_part_served_from_memory_is_checked(
     cache of the same directory) then records part 1 with other, damaged bytes. Once
     this process sees that record (a look at the index, or its own commit of part 3
     with the bytes it served), the pass no longer holds: the whole does not match."""
-    data = os.urandom(4 * PART)
-    crcs = [crc64(data[p * PART : (p + 1) * PART]) for p in range(4)]
-    ident = identity_for(BUCKET, "obj", '"e"', len(data), PART)
-    here = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
-    there = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    data, crcs, ident, here, there = _two_processes(tmp_path)
     store = here.acquire(ident)
     for p in (0, 2):
         store.write(p * PART, data[p * PART : (p + 1) * PART])
@@ -454,10 +471,7 @@ def test_a_record_another_process_makes_of_a_part_served_from_memory_is_checked(
     store.server_crc64 = crc64(data)
     assert store.crc_known and store.whole_crc_mismatch() is None and store.crc_checked
     other = there.acquire(ident)
-    bad = bytearray(data[PART : 2 * PART])
-    bad[5] ^= 1
-    other.write(PART, bytes(bad))
-    other.commit(1, crc64(bytes(bad)))
+    _record_part_1_damaged(other, data)
     if seen_by == "refresh":
         store.refresh()
     else:
@@ -476,11 +490,7 @@ def test_a_part_another_process_drops_and_records_anew_is_checked_again_here(
     drops part 1 and records it anew with damaged bytes (and dies before checking
     them). Once this process sees that record, neither its pass nor its check of
     part 1 holds: the part is checked on its next read here, and the whole again."""
-    data = os.urandom(4 * PART)
-    crcs = [crc64(data[p * PART : (p + 1) * PART]) for p in range(4)]
-    ident = identity_for(BUCKET, "obj", '"e"', len(data), PART)
-    here = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
-    there = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    data, crcs, ident, here, there = _two_processes(tmp_path)
     store = here.acquire(ident)
     for p in range(4):
         store.write(p * PART, data[p * PART : (p + 1) * PART])
@@ -490,10 +500,7 @@ def test_a_part_another_process_drops_and_records_anew_is_checked_again_here(
     assert store.whole_crc_mismatch() is None and store.crc_checked
     other = there.acquire(ident)
     other.drop([1])
-    bad = bytearray(data[PART : 2 * PART])
-    bad[5] ^= 1
-    other.write(PART, bytes(bad))
-    other.commit(1, crc64(bytes(bad)))
+    _record_part_1_damaged(other, data)
     store.refresh()
     assert 1 not in store.verified and {0, 2, 3} <= store.verified
     assert not store.crc_checked
@@ -507,14 +514,11 @@ def test_a_part_another_process_records_anew_while_the_store_is_closed_here(
 ) -> None:
     """As above, with the store closed here meanwhile: the whole-object check this
     process remembers for the store no longer holds when it opens it again."""
-    data = os.urandom(4 * PART)
-    ident = identity_for(BUCKET, "obj", '"e"', len(data), PART)
-    here = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
-    there = CacheDir(str(tmp_path / "c"), max_bytes=1 << 30, min_free_fraction=0.0)
+    data, crcs, ident, here, there = _two_processes(tmp_path)
     store = here.acquire(ident)
     for p in range(4):
         store.write(p * PART, data[p * PART : (p + 1) * PART])
-        store.commit(p, crc64(data[p * PART : (p + 1) * PART]))
+        store.commit(p, crcs[p])
     store.server_crc64 = crc64(data)
     assert store.whole_crc_mismatch() is None and store.crc_checked
     here.release(store)
@@ -523,10 +527,7 @@ def test_a_part_another_process_records_anew_while_the_store_is_closed_here(
     here.release(again)
     other = there.acquire(ident)
     other.drop([1])
-    bad = bytearray(data[PART : 2 * PART])
-    bad[5] ^= 1
-    other.write(PART, bytes(bad))
-    other.commit(1, crc64(bytes(bad)))
+    _record_part_1_damaged(other, data)
     there.release(other)
     again = here.acquire(ident)
     assert not again.crc_checked
