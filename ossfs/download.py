@@ -56,6 +56,7 @@ from ossfs.escape import printable
 from ossfs.fetcher import Fetcher
 from ossfs.fsutil import (
     NAME_MAX,
+    WRITE_TEMP_EXTRA,
     UnsafeFileError,
     disk_full_reason,
     fitted_name,
@@ -155,10 +156,6 @@ class DownloadResult:
     elapsed: float
 
 
-# What `write_atomically` adds to a name for its temporary (".tmp-PID-8hex", at most).
-_ATOMIC_TEMP = 24
-
-
 def temp_path_for(file_path: str) -> str:
     directory, name = os.path.split(file_path)
     return os.path.join(directory, fitted_name(name, NAME_MAX - len(TEMP_SUFFIX)) + TEMP_SUFFIX)
@@ -177,7 +174,7 @@ def checkpoint_path_for(request: DownloadRequest, file_path: str) -> str:
         ]
     )
     digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
-    room = NAME_MAX - len(f".{digest}{CHECKPOINT_SUFFIX}") - _ATOMIC_TEMP
+    room = NAME_MAX - len(f".{digest}{CHECKPOINT_SUFFIX}") - WRITE_TEMP_EXTRA
     name = fitted_name(os.path.basename(file_path), room)
     return os.path.join(directory, f"{name}.{digest}{CHECKPOINT_SUFFIX}")
 
@@ -467,7 +464,7 @@ async def _reuse_checked(store: PartStore, notice: Callable[[str], None]) -> lis
     are dropped (to be fetched again); the others are reused."""
     reused = sorted(store.parts)
     if reused:
-        bad = await trio.to_thread.run_sync(_find_bad_parts, store, reused)
+        bad = await trio.to_thread.run_sync(store.failing_parts, reused)
         if bad:
             notice(f"{len(bad)} recorded part(s) failed their CRC check and will be fetched again")
             store.drop(bad)
@@ -500,10 +497,6 @@ class _Counts:
         self.parts_done += 1
         if self.on_part is not None:
             self.on_part(self.parts_done, self.parts)
-
-
-def _find_bad_parts(store: PartStore, parts: list[int]) -> list[int]:
-    return [p for p in parts if not store.verify(p)]
 
 
 def _check_space(temp: str, needed: int) -> None:

@@ -417,8 +417,7 @@ class Fetcher:
                 await self._download(store, part, flight, on_bytes)
         finally:
             store.unlock_part(part)
-        if store.crc_known:
-            self.check_whole(store, store.server_crc64)
+        self.check_whole(store, store.server_crc64)
 
     def check_whole(self, store: PartStore, service_crc64: int | None) -> None:
         """Compare a store whose every part's CRC is known with the service's CRC-64 of
@@ -704,7 +703,7 @@ class Fetcher:
                 # reader that needs the part starts a flight of its own.
                 self._land(store, part, flight, error)
             try:
-                if error is None and store.crc_known:
+                if error is None:
                     # While the flight still counts: the store stays open for it.
                     self.check_whole(store, store.server_crc64)
             finally:

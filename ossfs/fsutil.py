@@ -23,6 +23,7 @@ from typing import Any
 
 __all__ = [
     "NAME_MAX",
+    "WRITE_TEMP_EXTRA",
     "fitted_name",
     "UnsafeFileError",
     "open_private_file",
@@ -118,6 +119,10 @@ def fsync_dir(path: str) -> None:
             raise
     finally:
         os.close(dir_fd)
+
+
+# The most `write_temp` adds to a name for its temporary (".tmp-PID-8hex").
+WRITE_TEMP_EXTRA = 24
 
 
 def write_temp(path: str, data: bytes, mode: int, *, durable: bool = True) -> str:

@@ -313,12 +313,6 @@ def _output_file(dir_fd: int, tmp: str) -> tuple[int, bool]:
     return create_exclusive(tmp, 0o666, dir_fd=dir_fd), True
 
 
-def _failing_parts(store: PartStore) -> list[int]:
-    """The recorded parts not checked yet whose bytes fail their CRC (reads them all:
-    blocking I/O, for a worker thread)."""
-    return [p for p in list(store.parts) if p not in store.verified and not store.verify(p)]
-
-
 def _write_out(store: PartStore, meta: ObjectMeta, to_dir: str, parts: list[str]) -> bool:
     """Copy a complete object from the cache to ``to_dir/parts...`` (temp + rename).
 
@@ -347,7 +341,8 @@ def _write_out(store: PartStore, meta: ObjectMeta, to_dir: str, parts: list[str]
         # is random: a fixed one ("NAME.ossfs-tmp") was taken over by a second run
         # writing NAME at the same time (the first then renamed the second's half-
         # written file into place), or was the finished output of a key so named.
-        tmp = f"{fitted_name(name, NAME_MAX - 28)}.{os.urandom(8).hex()}{_TEMP_SUFFIX}"
+        tail = f".{os.urandom(8).hex()}{_TEMP_SUFFIX}"
+        tmp = fitted_name(name, NAME_MAX - len(tail)) + tail
         fd, named = _output_file(dir_fd, tmp)
         try:
             _copy(store.fileno(), fd, meta.size, meta.key)
@@ -559,7 +554,8 @@ class _Run:
             # Copied out as they are on disk: a part an earlier run (or another process)
             # cached is checked against its CRC-64 first, as a reader's first read of it
             # would (a crash can keep a record whose bytes never reached the disk).
-            bad = await trio.to_thread.run_sync(_failing_parts, store)
+            unchecked = [p for p in store.parts if p not in store.verified]
+            bad = await trio.to_thread.run_sync(store.failing_parts, unchecked)
             if bad:
                 log.warning(
                     "%s: %d cached part(s) failed their CRC check; fetching them again",

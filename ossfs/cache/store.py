@@ -405,6 +405,11 @@ class PartStore:
             self.verified.add(part)
         return ok
 
+    def failing_parts(self, parts: Iterable[int]) -> list[int]:
+        """The recorded parts of *parts* whose bytes fail their CRC (`verify`: reads
+        them all, blocking I/O, for a worker thread)."""
+        return [p for p in parts if not self.verify(p)]
+
     def combined_crc(self) -> int:
         """CRC-64 of the whole range; every part's must be known (`crc_known`)."""
         if not self.crc_known:
